@@ -1,0 +1,17 @@
+"""``edge-agent run``: placeholder until its issue lands."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    """Add the ``run`` verb."""
+    p = sub.add_parser("run", help="(not implemented yet)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Not implemented yet."""
+    raise NotImplementedError

