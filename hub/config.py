@@ -1,0 +1,171 @@
+"""The hub's one typed settings object, built once in ``main()`` and passed down.
+
+Sources, highest first: environment (``EDGE_HUB_`` prefix, nested keys joined by ``__``), the
+YAML config file (``--config``), field defaults. Unknown keys are rejected. Secrets (the API
+token, MQTT password) come from files. Every field says its unit, default and why.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from edge_agent.protocol import DEFAULT_LABEL_PREFIX, DEFAULT_TOPIC_PREFIX
+from hub.errors import HubError
+
+
+class ConfigError(HubError):
+    """A config that cannot be used. ``errors`` holds (field path, message, offending value)."""
+
+    code = "bad_config"
+    exit_code = 2
+
+    def __init__(self, errors: list[tuple[str, str, Any]]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(f"{p}: {m} (got {v!r})" for p, m, v in errors))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ApiSettings(_Section):
+    #: Listen address. Default 127.0.0.1: nothing listens beyond loopback unless configured
+    #: (the k3s manifest sets 0.0.0.0 inside the pod).
+    host: str = "127.0.0.1"
+    #: Port. Default 8081 (the agent's HTTP port is 8080 on the same box in the demo).
+    port: int = Field(8081, ge=0, le=65535)
+    #: File holding the bearer token required by mutating endpoints. None with ``token`` unset
+    #: refuses every mutating request (fail closed).
+    token_file: Path | None = None
+    #: The token itself (prefer token_file; env EDGE_HUB_API__TOKEN for tests and the demo).
+    token: str | None = None
+    #: Whether reads (list, show, download) need the token too. Default false: agents on the
+    #: site network fetch artifacts, which are verified by sha256 anyway.
+    read_requires_token: bool = False
+    #: Largest model upload, bytes. Default 1 GiB (the largest edge models are ~300 MB).
+    max_upload_bytes: int = Field(1024**3, ge=1024)
+    #: Base URL agents use to reach this hub (artifact URLs in desired state). Default derived
+    #: from host and port, which is only right on one machine.
+    public_url: str | None = None
+
+
+class StorageSettings(_Section):
+    #: Folder for artifacts (content-addressed by sha256) and the SQLite database (a PVC).
+    data_dir: Path = Path("/var/lib/edge-hub")
+
+
+class SigningSettings(_Section):
+    #: Refuse uploads without a valid ed25519 signature. Default false (opt-in).
+    require_signed: bool = False
+    #: PEM public keys that signatures are checked against.
+    public_key_files: list[Path] = []
+
+
+class MqttSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    topic_prefix: str = DEFAULT_TOPIC_PREFIX
+    username: str | None = None
+    password_file: Path | None = None
+    tls: bool = False
+    ca_file: Path | None = None
+    #: Seconds between keepalives. Default 15 s.
+    keepalive_s: int = Field(15, ge=5, le=3600)
+
+
+class ClusterSettings(_Section):
+    #: Where nodes and labels come from: the Kubernetes API, or a static inventory file for
+    #: sites without Kubernetes.
+    backend: Literal["kubernetes", "static"] = "static"
+    #: Static inventory (YAML: nodes with labels), for backend=static.
+    inventory_file: Path | None = None
+    #: kubeconfig for backend=kubernetes outside a cluster; None = in-cluster config.
+    kubeconfig: Path | None = None
+    label_prefix: str = DEFAULT_LABEL_PREFIX
+    #: Retries of a Kubernetes API call on 409/429/5xx/timeouts, with exponential backoff.
+    api_retries: int = Field(5, ge=0, le=20)
+    #: Seconds one Kubernetes API request may take. Default 10 s.
+    api_timeout_s: float = Field(10.0, gt=0)
+
+
+class TelemetrySettings(_Section):
+    #: Sliding window over which per-node metrics are aggregated, seconds. Default 300 s.
+    window_s: float = Field(300.0, gt=0)
+    #: A node silent for this long is offline (the last will says so sooner). Default 60 s =
+    #: six missed 10 s telemetry messages.
+    offline_after_s: float = Field(60.0, gt=0)
+
+
+class LogSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    json_lines: bool | None = None
+
+
+class HubSettings(BaseSettings):
+    """Everything the hub is configured with. See docs/configuration.md."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EDGE_HUB_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    log: LogSettings = LogSettings()
+    api: ApiSettings = ApiSettings()
+    storage: StorageSettings = StorageSettings()
+    signing: SigningSettings = SigningSettings()
+    mqtt: MqttSettings = MqttSettings()
+    cluster: ClusterSettings = ClusterSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (env_settings, init_settings)
+
+    def api_token(self) -> str | None:
+        """The bearer token for mutating endpoints (file wins over the inline value)."""
+        if self.api.token_file is not None:
+            return self.api.token_file.read_text(encoding="utf-8").strip() or None
+        return self.api.token
+
+    def public_url(self) -> str:
+        """Base URL agents use to reach this hub."""
+        if self.api.public_url:
+            return self.api.public_url.rstrip("/")
+        host = "127.0.0.1" if self.api.host in ("0.0.0.0", "") else self.api.host  # noqa: S104
+        return f"http://{host}:{self.api.port}"
+
+
+def load_settings(path: Path | str | None = None, **overrides: Any) -> HubSettings:
+    """Build the hub settings; raise ConfigError listing each (field path, message, value)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except OSError as exc:
+            raise ConfigError([("(file)", f"cannot read config: {exc.strerror}", str(p))]) from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError([("(file)", f"not valid YAML: {exc}", str(p))]) from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError([("(root)", "config must be a mapping", type(loaded).__name__)])
+        data = loaded
+    data.update(overrides)
+    try:
+        return HubSettings(**data)
+    except ValidationError as exc:
+        errs = []
+        for e in exc.errors():
+            msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+            errs.append((".".join(str(x) for x in e["loc"]) or "(root)", msg, e.get("input")))
+        raise ConfigError(errs) from exc
