@@ -167,6 +167,49 @@ class HubClientSettings(_Section):
     #: Cache budget in bytes; least recently used versions beyond it are pruned (never the
     #: active or previous one). Default 2 GiB.
     cache_max_bytes: int = Field(2 * 1024**3, ge=1024 * 1024)
+    #: Previous versions per model that pruning never removes, so a rollback needs no download.
+    #: Default 1 (the version before the active one); more costs disk, not memory.
+    keep_previous: int = Field(1, ge=0, le=10)
+    #: Seconds one artifact fetch may take in total, retries and backoff included. Default 600 s:
+    #: a 300 MB model over a 5 MB/s site uplink with a few retries.
+    download_timeout_s: float = Field(600.0, gt=0)
+    #: Seconds to connect, or to wait for the next bytes of a response, before the attempt is
+    #: abandoned and retried (resuming with Range). Default 30 s: a stalled link, not a slow one.
+    stall_timeout_s: float = Field(30.0, gt=0)
+    #: Retries after the first attempt for temporary failures (connection errors, timeouts, HTTP
+    #: 408/429/5xx). Default 5: with the backoff below, rides out about a minute of hub outage.
+    download_retries: int = Field(5, ge=0, le=100)
+    #: Backoff before retry k is uniform in [0, min(retry_max_s, retry_min_s * 2**k)] seconds
+    #: (exponential with full jitter, so a fleet does not retry in lockstep). Defaults 0.5/30 s.
+    retry_min_s: float = Field(0.5, gt=0)
+    retry_max_s: float = Field(30.0, gt=0)
+
+
+class ModelSyncSettings(_Section):
+    """How a new model version is validated, switched in, watched and rolled back."""
+
+    #: Validation inferences on a synthetic frame before the switch. Default 3: the first run
+    #: after warm-up can still be slow; the median of three is judged against the budget.
+    validation_runs: int = Field(3, ge=1, le=100)
+    #: Median latency budget of one validation inference, milliseconds. Default 2000 ms: generous
+    #: for the largest edge models on a small ARM CPU; it catches a pathological model, not a
+    #: slightly slower one (the rollout's latency gates judge that).
+    validation_latency_ms: float = Field(2000.0, gt=0)
+    #: Inferences after the switch during which the previous version stays loaded for an instant
+    #: switch back. Default 20 (under a second at camera rates).
+    probation_frames: int = Field(20, ge=1, le=100_000)
+    #: Failed inferences within the probation window that switch back to the previous version.
+    #: Default 3: one transient error does not roll back, a broken model does within 3 frames.
+    probation_failures: int = Field(3, ge=1, le=100_000)
+    #: Seconds the probation lasts at most (no frames flowing, e.g. a model no camera uses);
+    #: after it, the previous session is released. Default 60 s.
+    probation_timeout_s: float = Field(60.0, gt=0)
+    #: Seconds to wait for in-flight inferences on a replaced session before closing it anyway.
+    #: Default 10 s: far above one inference, below the pod's termination grace period.
+    drain_timeout_s: float = Field(10.0, gt=0)
+    #: Seconds between checks of the config file for changes (a reload applies model and camera
+    #: changes without a restart; SIGHUP does the same at once). 0 disables the watch. Default 2 s.
+    reload_poll_s: float = Field(2.0, ge=0)
 
 
 class LogSettings(_Section):
@@ -200,6 +243,7 @@ class AgentSettings(BaseSettings):
     outbox: OutboxSettings = OutboxSettings()
     http: HttpSettings = HttpSettings()
     hub: HubClientSettings = HubClientSettings()
+    model_sync: ModelSyncSettings = ModelSyncSettings()
     #: Seconds SIGTERM waits for in-flight work and the outbox to drain before exiting. Default
     #: 20 s: below the pod's 30 s terminationGracePeriodSeconds, so we exit before SIGKILL.
     shutdown_timeout_s: float = Field(20.0, gt=0, le=600)

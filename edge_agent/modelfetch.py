@@ -1,0 +1,276 @@
+"""Downloads of model artifacts from the hub: resumable, bounded, and honest about failures.
+
+A site uplink drops, a hub restarts during a rollout, and a 300 MB model must not start over
+each time. So an artifact is streamed into a ``.part`` file named by the sha256 it must have; a
+retry (or an agent restart) resumes it with ``Range``. Retries are bounded, spaced by exponential
+backoff with full jitter (a fleet must not retry in lockstep), and the whole fetch has a total
+timeout. Errors are typed: ``TemporaryError`` when retries ran out on something that may heal
+(connection, timeout, 5xx), ``ModelError`` when retrying is pointless (404, 401, too large).
+
+The digest is computed while the bytes arrive; nothing here decides whether the bytes are a model
+(``modelcache`` verifies the digest and signature, the engine the rest).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import structlog
+
+from edge_agent.errors import ModelError, TemporaryError
+
+log = structlog.get_logger(__name__)
+
+#: Bytes buffered before one write+hash step runs in a worker thread.
+_WRITE_CHUNK = 1024 * 1024
+#: Statuses worth retrying: the hub is restarting, overloaded or a proxy timed out.
+_RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+#: Longest foreign error body quoted in an error message.
+_BODY_QUOTE = 200
+
+Sleep = Callable[[float], Awaitable[None]]
+_T = TypeVar("_T")
+
+
+@dataclass
+class FetchPolicy:
+    """Limits of one fetch; built from ``HubClientSettings``."""
+
+    total_timeout_s: float = 600.0
+    stall_timeout_s: float = 30.0
+    retries: int = 5
+    retry_min_s: float = 0.5
+    retry_max_s: float = 30.0
+    max_bytes: int = 2 * 1024**3
+    token: str | None = None
+
+
+@dataclass
+class FetchStats:
+    """What a fetch did, for logs and tests: attempts, resumed bytes, backoff waits."""
+
+    attempts: int = 0
+    resumed_from: list[int] = field(default_factory=list)
+    waits: list[float] = field(default_factory=list)
+
+
+class _RetryError(Exception):
+    """An attempt failed in a way worth retrying; ``reason`` says how."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def backoff_delay(attempt: int, policy: FetchPolicy, rng: random.Random) -> float:
+    """Full-jitter exponential backoff before retry ``attempt`` (0-based)."""
+    cap = min(policy.retry_max_s, policy.retry_min_s * (2**attempt))
+    return rng.uniform(0.0, cap)
+
+
+class Fetcher:
+    """Fetches manifests (small, in memory) and artifacts (streamed to disk) over HTTP.
+
+    ``sleep`` and ``rng`` are injectable so the backoff is tested without wall-clock waits.
+    """
+
+    def __init__(
+        self,
+        policy: FetchPolicy,
+        *,
+        sleep: Sleep = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.policy = policy
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+
+    def _headers(self) -> dict[str, str]:
+        if self.policy.token:
+            return {"Authorization": f"Bearer {self.policy.token}"}
+        return {}
+
+    def _session(self) -> aiohttp.ClientSession:
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=self.policy.stall_timeout_s,
+            sock_read=self.policy.stall_timeout_s,
+        )
+        return aiohttp.ClientSession(timeout=timeout, headers=self._headers())
+
+    async def fetch_bytes(self, url: str, max_bytes: int = 1024 * 1024) -> bytes:
+        """GET a small document (a manifest) with the same retries and total timeout."""
+
+        async def attempt(session: aiohttp.ClientSession) -> bytes:
+            async with session.get(url) as resp:
+                await _check_status(resp, url)
+                if resp.content_length is not None and resp.content_length > max_bytes:
+                    raise ModelError(f"{url}: document of {resp.content_length} bytes is too big")
+                body = await resp.content.read(max_bytes + 1)
+                if len(body) > max_bytes:
+                    raise ModelError(f"{url}: document is larger than {max_bytes} bytes")
+                return body
+
+        return await self._with_retries(url, attempt, FetchStats())
+
+    async def fetch_file(self, url: str, part: Path, stats: FetchStats | None = None) -> str:
+        """Download ``url`` into ``part`` (resuming what it holds); return the file's sha256.
+
+        The caller compares the digest and renames the file; on any exception the partial file
+        stays for the next attempt to resume (the caller deletes it when it proves wrong).
+        """
+        stats = stats if stats is not None else FetchStats()
+        part.parent.mkdir(parents=True, exist_ok=True)
+
+        async def attempt(session: aiohttp.ClientSession) -> str:
+            return await self._attempt_file(session, url, part, stats)
+
+        return await self._with_retries(url, attempt, stats)
+
+    async def _with_retries(
+        self,
+        url: str,
+        attempt: Callable[[aiohttp.ClientSession], Awaitable[_T]],
+        stats: FetchStats,
+    ) -> _T:
+        async def loop() -> _T:
+            async with self._session() as session:
+                last = ""
+                for n in range(self.policy.retries + 1):
+                    if n:
+                        delay = backoff_delay(n - 1, self.policy, self._rng)
+                        stats.waits.append(delay)
+                        log.info("model_fetch_retry", url=url, attempt=n, wait_s=round(delay, 3),
+                                 reason=last)
+                        await self._sleep(delay)
+                    stats.attempts += 1
+                    try:
+                        return await attempt(session)
+                    except _RetryError as exc:
+                        last = exc.reason
+                    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+                        last = f"{type(exc).__name__}: {exc}"[:_BODY_QUOTE]
+                    except asyncio.TimeoutError:
+                        last = "stalled (no bytes within stall_timeout_s)"
+                raise TemporaryError(
+                    f"{url}: giving up after {stats.attempts} attempts: {last}"
+                )
+
+        try:
+            return await asyncio.wait_for(loop(), self.policy.total_timeout_s)
+        except asyncio.TimeoutError as exc:
+            raise TemporaryError(
+                f"{url}: not fetched within {self.policy.total_timeout_s:g} s"
+            ) from exc
+
+    async def _attempt_file(
+        self, session: aiohttp.ClientSession, url: str, part: Path, stats: FetchStats
+    ) -> str:
+        have = await asyncio.to_thread(_size_or_zero, part)
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        async with session.get(url, headers=headers) as resp:
+            if resp.status == 416 and have:
+                # what we hold is not a prefix of what the server has: start over
+                await asyncio.to_thread(part.unlink, True)
+                raise _RetryError("range not satisfiable; restarting from byte 0")
+            await _check_status(resp, url)
+            resuming = have > 0 and resp.status == 206
+            if resuming and not _range_starts_at(resp.headers.get("Content-Range"), have):
+                await asyncio.to_thread(part.unlink, True)
+                raise _RetryError("server answered a different range; restarting from byte 0")
+            start = have if resuming else 0
+            length = resp.content_length
+            expected_total = start + length if length is not None else None
+            if expected_total is not None and expected_total > self.policy.max_bytes:
+                raise ModelError(
+                    f"{url}: artifact of {expected_total} bytes exceeds the cache budget "
+                    f"({self.policy.max_bytes})"
+                )
+            if resuming:
+                stats.resumed_from.append(start)
+                log.info("model_fetch_resume", url=url, offset=start)
+            digest = await asyncio.to_thread(_hash_prefix, part, start)
+            fh = await asyncio.to_thread(open, part, "r+b" if start else "wb")
+            try:
+                await asyncio.to_thread(fh.seek, start)
+                written = start
+                buf = bytearray()
+                async for chunk in resp.content.iter_chunked(256 * 1024):
+                    buf += chunk
+                    if written + len(buf) > self.policy.max_bytes:
+                        raise ModelError(f"{url}: artifact exceeds {self.policy.max_bytes} bytes")
+                    if len(buf) >= _WRITE_CHUNK:
+                        written += await asyncio.to_thread(_write_hash, fh, digest, bytes(buf))
+                        buf.clear()
+                if buf:
+                    written += await asyncio.to_thread(_write_hash, fh, digest, bytes(buf))
+                await asyncio.to_thread(_truncate_sync, fh, written)
+            finally:
+                await asyncio.to_thread(fh.close)
+            if expected_total is not None and written != expected_total:
+                raise _RetryError(f"short body: {written} of {expected_total} bytes")
+            return str(digest.hexdigest())
+
+
+def _range_starts_at(content_range: str | None, offset: int) -> bool:
+    # "bytes 100-199/200"
+    if not content_range or not content_range.startswith("bytes "):
+        return False
+    try:
+        first = int(content_range[6:].split("-", 1)[0])
+    except ValueError:
+        return False
+    return first == offset
+
+
+async def _check_status(resp: aiohttp.ClientResponse, url: str) -> None:
+    if resp.status in (200, 206):
+        return
+    try:
+        body = (await resp.text(errors="replace"))[:_BODY_QUOTE]
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        body = ""
+    if resp.status in _RETRY_STATUSES:
+        raise _RetryError(f"HTTP {resp.status}: {body}")
+    if resp.status in (401, 403):
+        raise ModelError(f"{url}: HTTP {resp.status} (check hub.token_file): {body}")
+    raise ModelError(f"{url}: HTTP {resp.status}: {body}")
+
+
+def _size_or_zero(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _hash_prefix(path: Path, length: int) -> Any:
+    digest = hashlib.sha256()
+    if length:
+        with path.open("rb") as fh:
+            left = length
+            while left:
+                block = fh.read(min(left, _WRITE_CHUNK))
+                if not block:
+                    break
+                digest.update(block)
+                left -= len(block)
+    return digest
+
+
+def _write_hash(fh: Any, digest: Any, data: bytes) -> int:
+    fh.write(data)
+    digest.update(data)
+    return len(data)
+
+
+def _truncate_sync(fh: Any, size: int) -> None:
+    fh.truncate(size)
+    fh.flush()
