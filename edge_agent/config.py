@@ -92,6 +92,22 @@ class CameraSettings(_Section):
     fps_cap: float = Field(0.0, ge=0.0, le=1000.0)
     #: Restart a video file at its end (demo and soak tests). Default false: a file ends.
     loop: bool = False
+    #: How a video file is read (live sources always run at their own rate): ``native`` plays it
+    #: at the file's frame rate like a camera (frames inference cannot keep up with are dropped
+    #: and counted); ``max`` reads each frame only when inference took the previous one (no
+    #: drops; replays and benchmarks). Default ``native``: a file stands in for a camera.
+    rate: Literal["native", "max"] = "native"
+    #: Seconds without a frame before a connected camera counts as stalled; it is also the
+    #: FFmpeg read timeout that ends a blocked read so the camera reconnects. Default 10 s:
+    #: several keyframe intervals of a typical RTSP camera, short enough to notice a dead link.
+    stall_timeout_s: float = Field(10.0, gt=0, le=3600)
+    #: Seconds to wait for a stream to open (FFmpeg open timeout). Default 10 s.
+    open_timeout_s: float = Field(10.0, gt=0, le=3600)
+    #: Reconnect backoff bounds, seconds: attempt k waits in [d/2, d], d = min(max, min * 2**k)
+    #: (half fixed, half jitter). Defaults 0.5 s and 30 s: quick after a blip, gentle on a
+    #: camera that is down for long.
+    reconnect_min_s: float = Field(0.5, gt=0, le=3600)
+    reconnect_max_s: float = Field(30.0, gt=0, le=3600)
 
     @field_validator("name")
     @classmethod
@@ -99,6 +115,46 @@ class CameraSettings(_Section):
         if not is_valid_name(v):
             raise ValueError("must be lowercase letters, digits and '-' (max 63)")
         return v
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        from edge_agent.capture import parse_source  # noqa: PLC0415 - avoids an import cycle
+
+        parse_source(v)  # raises ValueError naming the accepted forms
+        return v
+
+
+class PipelineSettings(_Section):
+    """How frames from all cameras are scheduled onto inference and where results go."""
+
+    #: Inference worker threads shared by all cameras (each runs one ``session.run`` at a time).
+    #: 0 = measured at startup: 1..CPU count workers (and batch sizes, below) are timed on each
+    #: model and the fastest is kept. Default 0, because the best value depends on the machine
+    #: and model (on 2 CPU cores, two concurrent runs with one ORT thread each win).
+    workers: int = Field(0, ge=0, le=64)
+    #: Largest batch of frames from different cameras run in one ``session.run`` when the model
+    #: has a dynamic batch axis. 0 = measured with ``workers``; 1 = never batch. Batching only
+    #: takes frames that are already waiting, so it never delays a frame. Default 0.
+    max_batch: int = Field(0, ge=0, le=64)
+    #: Seconds the startup measurement spends per candidate configuration. Default 0.4 s: a
+    #: few inferences of a YOLOv8n-sized model, so startup grows by about 2-3 s per model.
+    calibrate_s: float = Field(0.4, gt=0, le=60)
+    #: Results waiting for the event loop before new ones are dropped (counted). Default 1000:
+    #: ~20 s of one camera at 50 fps; only reached when the loop itself is stuck.
+    max_pending_results: int = Field(1000, ge=1)
+    #: ``/healthz`` fails when one inference has run longer than this, seconds. Default 60 s:
+    #: far above any sane inference, so only a wedged runtime trips it.
+    stuck_after_s: float = Field(60.0, gt=0)
+    #: A camera counts as delivering (``/readyz``) when a frame arrived within this, seconds.
+    #: Default 5 s.
+    ready_frame_age_s: float = Field(5.0, gt=0)
+    #: Where results go: ``mqtt`` = the durable outbox drained to the broker in ``mqtt``;
+    #: ``jsonl`` = append JSON lines to ``jsonl_path`` (no broker needed: tests, demos, sites
+    #: without MQTT). Default ``mqtt``, the production path.
+    sink: Literal["mqtt", "jsonl"] = "mqtt"
+    #: File for ``sink: jsonl``; per-camera seqs resume after those already in it.
+    jsonl_path: Path = Path("/var/lib/edge-agent/results.jsonl")
 
 
 class MqttSettings(_Section):
@@ -243,6 +299,7 @@ class AgentSettings(BaseSettings):
     outbox: OutboxSettings = OutboxSettings()
     http: HttpSettings = HttpSettings()
     hub: HubClientSettings = HubClientSettings()
+    pipeline: PipelineSettings = PipelineSettings()
     model_sync: ModelSyncSettings = ModelSyncSettings()
     #: Seconds SIGTERM waits for in-flight work and the outbox to drain before exiting. Default
     #: 20 s: below the pod's 30 s terminationGracePeriodSeconds, so we exit before SIGKILL.
