@@ -1,0 +1,132 @@
+"""The post-processing unit interface, its registry, and helpers shared by the units."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from edge_agent.errors import ModelError
+
+if TYPE_CHECKING:
+    from edge_agent.inference.manifest import ModelManifest
+    from edge_agent.inference.preprocess import FrameMeta
+
+
+class NonFiniteOutputError(ModelError):
+    """A model produced NaN or infinite outputs: its results cannot be trusted (counted as an
+    inference error, so rollout gates on the error rate see a broken model version)."""
+
+
+class Params(BaseModel):
+    """Base of every unit's parameter model: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PostprocessUnit(ABC):
+    """Decodes raw outputs of one task into JSON-ready result dicts (one per frame)."""
+
+    #: The manifest ``task`` value this unit serves.
+    task: ClassVar[str]
+    #: The model validating the manifest's ``postprocess`` section.
+    params_model: ClassVar[type[Params]]
+    #: How many graph outputs the unit reads (the manifest's ``outputs``, in that order).
+    num_outputs: ClassVar[int] = 1
+
+    def __init__(self, manifest: ModelManifest) -> None:
+        self.manifest = manifest
+        self.params: Any = self.params_model.model_validate(manifest.postprocess)
+        self.labels = list(manifest.labels)
+
+    @classmethod
+    def validate_params(cls, manifest: ModelManifest) -> None:
+        """Raise ``ValueError`` when the manifest does not suit this unit."""
+        try:
+            cls.params_model.model_validate(manifest.postprocess)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+            raise ValueError(f"postprocess.{where}: {msg}") from None
+        if len(manifest.outputs) != cls.num_outputs:
+            raise ValueError(
+                f"task {cls.task!r} reads {cls.num_outputs} output(s), "
+                f"manifest lists {len(manifest.outputs)}"
+            )
+
+    def label(self, cls_id: int) -> str:
+        """The label of class ``cls_id`` (its number when the manifest has no labels)."""
+        return self.labels[cls_id] if 0 <= cls_id < len(self.labels) else str(cls_id)
+
+    @abstractmethod
+    def __call__(self, outputs: Sequence[np.ndarray], metas: Sequence[FrameMeta]) -> list[
+        dict[str, Any]
+    ]:
+        """One result dict per frame; ``outputs`` are batched ``[B, ...]`` arrays."""
+
+
+_REGISTRY: dict[str, type[PostprocessUnit]] = {}
+_U = TypeVar("_U", bound=type[PostprocessUnit])
+
+
+def register(unit: _U) -> _U:
+    """Class decorator: make ``unit`` serve manifests whose task is ``unit.task``."""
+    if unit.task in _REGISTRY and _REGISTRY[unit.task] is not unit:
+        raise RuntimeError(f"task {unit.task!r} is already registered")
+    _REGISTRY[unit.task] = unit
+    return unit
+
+
+def registered() -> dict[str, type[PostprocessUnit]]:
+    """The registry (task name -> unit class)."""
+    return _REGISTRY
+
+
+def check_finite(outputs: Sequence[np.ndarray]) -> None:
+    """Raise ``NonFiniteOutputError`` when any output holds NaN or infinity."""
+    for i, out in enumerate(outputs):
+        if out.dtype.kind == "f" and not np.isfinite(out).all():
+            raise NonFiniteOutputError(f"model output {i} contains NaN or infinite values")
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, limit: int) -> np.ndarray:
+    """Greedy non-maximum suppression on ``[N, 4]`` xyxy boxes; indices kept, best first.
+
+    A box is suppressed when its IoU with a kept, higher-scoring box exceeds
+    ``iou_threshold``. Ties keep the lower index (stable sort), so results are deterministic.
+    """
+    order = np.argsort(-scores, kind="stable")
+    x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+    areas = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)
+    keep: list[int] = []
+    while order.size and len(keep) < limit:
+        i = int(order[0])
+        keep.append(i)
+        rest = order[1:]
+        iw = np.maximum(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]), 0)
+        ih = np.maximum(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]), 0)
+        inter = iw * ih
+        union = areas[i] + areas[rest] - inter
+        iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+        order = rest[iou <= iou_threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def detection(
+    cls_id: int, label: str, score: float, box: Sequence[float],
+    landmarks: Sequence[Sequence[float]] | None = None,
+) -> dict[str, Any]:
+    """One detection as plain JSON types (``protocol.Detection`` fields), rounded to 1e-6."""
+    d: dict[str, Any] = {
+        "cls": int(cls_id),
+        "label": label,
+        "score": round(float(score), 6),
+        "box": [round(float(v), 6) for v in box],
+    }
+    if landmarks is not None:
+        d["landmarks"] = [[round(float(x), 6), round(float(y), 6)] for x, y in landmarks]
+    return d

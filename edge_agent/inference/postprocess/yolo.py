@@ -1,0 +1,95 @@
+"""``yolo``: YOLOv5 (``[B, N, 5+C]``) and YOLOv8 (``[B, 4+C, N]``) output decoding.
+
+Boxes are centre-x, centre-y, width, height in model-input pixels. The unit keeps candidates
+whose score reaches ``conf_threshold`` (v5: objectness x class score; v8: class score), runs
+class-wise NMS (boxes of different classes never suppress each other unless
+``class_agnostic``), and maps the kept boxes back through the letterbox to normalized xyxy of
+the original frame.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from edge_agent.inference.postprocess.base import (
+    Params,
+    PostprocessUnit,
+    detection,
+    nms,
+    register,
+)
+
+if TYPE_CHECKING:
+    from edge_agent.inference.preprocess import FrameMeta
+
+
+class YoloParams(Params):
+    #: ``v8``: ``[B, 4+C, N]``, no objectness; ``v5``: ``[B, N, 5+C]`` with objectness.
+    layout: Literal["v5", "v8"] = "v8"
+    #: Minimum score kept. Default 0.25 (the Ultralytics default for prediction).
+    conf_threshold: float = Field(0.25, ge=0.0, le=1.0)
+    #: IoU above which a lower-scoring box of the same class is suppressed. Default 0.45.
+    iou_threshold: float = Field(0.45, ge=0.0, le=1.0)
+    #: Detections reported per frame at most, best first.
+    max_detections: int = Field(300, ge=1, le=10_000)
+    #: Candidates entering NMS at most (best first): bounds NMS time on noisy frames.
+    max_candidates: int = Field(10_000, ge=1)
+    #: Suppress overlapping boxes across classes too.
+    class_agnostic: bool = False
+
+
+@register
+class Yolo(PostprocessUnit):
+    """YOLO-style box decoding with class-wise NMS."""
+
+    task = "yolo"
+    params_model = YoloParams
+
+    def __call__(
+        self, outputs: Sequence[np.ndarray], metas: Sequence[FrameMeta]
+    ) -> list[dict[str, Any]]:
+        p: YoloParams = self.params
+        out = outputs[0]
+        if out.ndim != 3:
+            raise ValueError(f"yolo output must be 3-D, got shape {out.shape}")
+        return [{"detections": self._one(out[b], metas[b], p)} for b in range(len(metas))]
+
+    def _one(self, raw: np.ndarray, meta: FrameMeta, p: YoloParams) -> list[dict[str, Any]]:
+        if p.layout == "v8":
+            pred = raw.T  # [N, 4+C]
+            cls_scores = pred[:, 4:]
+        else:
+            pred = raw  # [N, 5+C]
+            cls_scores = pred[:, 5:] * pred[:, 4:5]
+        if cls_scores.shape[1] == 0:
+            return []
+        cls_ids = cls_scores.argmax(axis=1)
+        scores = cls_scores[np.arange(cls_scores.shape[0]), cls_ids]
+        mask = scores >= p.conf_threshold
+        if not mask.any():
+            return []
+        idx = np.nonzero(mask)[0]
+        if idx.size > p.max_candidates:
+            idx = idx[np.argsort(-scores[idx], kind="stable")[: p.max_candidates]]
+        cxcywh = pred[idx, :4].astype(np.float64)
+        boxes = np.empty_like(cxcywh)
+        boxes[:, :2] = cxcywh[:, :2] - cxcywh[:, 2:] / 2
+        boxes[:, 2:] = cxcywh[:, :2] + cxcywh[:, 2:] / 2
+        sc = scores[idx].astype(np.float64)
+        cl = cls_ids[idx]
+        if p.class_agnostic:
+            shifted = boxes
+        else:
+            # offset each class into its own region so one NMS pass never mixes classes
+            span = float(np.abs(boxes).max()) * 2 + 1
+            shifted = boxes + (cl.astype(np.float64) * span)[:, None]
+        keep = nms(shifted, sc, p.iou_threshold, p.max_detections)
+        norm = meta.to_normalized(boxes[keep])
+        return [
+            detection(int(cl[k]), self.label(int(cl[k])), sc[k], norm[j])
+            for j, k in enumerate(keep)
+        ]
