@@ -1,0 +1,194 @@
+"""Model slots: the one place the pipeline reads "which model serves name X right now".
+
+A hot swap must happen *between* frames and must never close a session that a worker thread is
+still running. So the pipeline does not hold a ``LoadedModel`` for long: for each frame (or
+batch) it leases the slot's current model, and returns the lease when the frame is done, saying
+whether it succeeded. Model sync replaces the slot's model with one reference assignment under a
+lock (frames already in flight finish on the old model, the next frame gets the new one), and
+closes the old session only after its last lease came back.
+
+The lease also feeds the probation of a freshly switched-in version: the first N outcomes are
+counted, and too many failures call back into model sync, which switches back to the previous
+version (still loaded during probation, so the switch back is as instant as the switch).
+
+Leases are taken and returned from the event loop or from worker threads; they cost a lock and
+a dict update (microseconds), nothing per frame touches the disk or the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from edge_agent.errors import ModelError
+
+
+class ServingModel(Protocol):
+    """What a slot holds: ``inference.engine.LoadedModel`` (only these attributes are used)."""
+
+    name: str
+    version: str
+
+    def close(self) -> None:
+        """Release the session."""
+
+
+@dataclass
+class Probation:
+    """Counts the first ``frames`` outcomes of a new version; ``failures`` of them fail it."""
+
+    model: Any
+    frames: int
+    failures: int
+    #: Called (on the event loop) with the last error when the failure limit is reached.
+    on_fail: Callable[[str], None]
+    #: Called (on the event loop) when ``frames`` outcomes came back with fewer failures.
+    on_pass: Callable[[], None]
+    seen: int = 0
+    failed: int = 0
+    done: bool = False
+    errors: list[str] = field(default_factory=list)
+
+
+class ModelSlot:
+    """Holds the model serving one model name; see the module docstring."""
+
+    def __init__(self, name: str, model: Any | None = None) -> None:
+        self.name = name
+        self._model: Any | None = model
+        self._lock = threading.Lock()
+        #: In-flight leases per model object (by id), so a replaced model is closed only idle.
+        self._inflight: dict[int, int] = {}
+        self._idle: dict[int, asyncio.Event] = {}
+        self._probation: Probation | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: Number of switches (tests and metrics).
+        self.swaps = 0
+
+    # ---------------------------------------------------------------------- pipeline side
+
+    @property
+    def model(self) -> Any | None:
+        """The model serving now (None before one was loaded). Do not keep it across frames."""
+        return self._model
+
+    @property
+    def version(self) -> str | None:
+        """The version serving now."""
+        m = self._model
+        return None if m is None else str(m.version)
+
+    def acquire(self) -> Any:
+        """Lease the current model for one frame or batch; pair with ``release``."""
+        with self._lock:
+            m = self._model
+            if m is None:
+                raise ModelError(f"model {self.name!r} is not loaded")
+            key = id(m)
+            self._inflight[key] = self._inflight.get(key, 0) + 1
+            return m
+
+    def release(self, model: Any, ok: bool = True, error: str | None = None) -> None:
+        """Return a lease taken with ``acquire`` and say whether the frame succeeded."""
+        fire: tuple[Callable[..., None], tuple[Any, ...]] | None = None
+        with self._lock:
+            key = id(model)
+            left = self._inflight.get(key, 0) - 1
+            if left <= 0:
+                self._inflight.pop(key, None)
+                ev = self._idle.pop(key, None)
+                if ev is not None:
+                    fire = (ev.set, ())
+            else:
+                self._inflight[key] = left
+            p = self._probation
+            if p is not None and p.model is model and not p.done:
+                fire_p = self._count(p, ok, error)
+                if fire_p is not None:
+                    self._call_soon(*fire_p)
+        if fire is not None:
+            self._call_soon(*fire)
+
+    @contextmanager
+    def lease(self) -> Iterator[Any]:
+        """``with slot.lease() as model:`` one frame; an exception counts as a failed frame."""
+        m = self.acquire()
+        try:
+            yield m
+        except BaseException as exc:
+            self.release(m, ok=False, error=f"{type(exc).__name__}: {exc}")
+            raise
+        self.release(m, ok=True)
+
+    # -------------------------------------------------------------------- model sync side
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The loop callbacks (probation outcome, idle events) are delivered on."""
+        self._loop = loop
+
+    def swap(self, new: Any | None, probation: Probation | None = None) -> Any | None:
+        """Make ``new`` serve from the next lease on; return the model it replaced."""
+        with self._lock:
+            old, self._model = self._model, new
+            self._probation = probation
+            self.swaps += 1
+        return old
+
+    def end_probation(self) -> None:
+        """Stop counting outcomes (probation passed, timed out or was superseded)."""
+        with self._lock:
+            if self._probation is not None:
+                self._probation.done = True
+            self._probation = None
+
+    def inflight(self, model: Any) -> int:
+        """Leases of ``model`` not yet returned."""
+        with self._lock:
+            return self._inflight.get(id(model), 0)
+
+    async def wait_idle(self, model: Any, timeout: float) -> bool:
+        """Wait until no lease of ``model`` is out (True) or ``timeout`` passed (False)."""
+        with self._lock:
+            if not self._inflight.get(id(model)):
+                return True
+            ev = self._idle.setdefault(id(model), asyncio.Event())
+        try:
+            await asyncio.wait_for(ev.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    # ------------------------------------------------------------------------- internals
+
+    @staticmethod
+    def _count(p: Probation, ok: bool, error: str | None) -> tuple[Callable[..., None],
+                                                                    tuple[Any, ...]] | None:
+        p.seen += 1
+        if not ok:
+            p.failed += 1
+            p.errors.append(error or "inference failed")
+            if p.failed >= p.failures:
+                p.done = True
+                return (p.on_fail, (p.errors[-1],))
+        if p.seen >= p.frames:
+            p.done = True
+            return (p.on_pass, ())
+        return None
+
+    def _call_soon(self, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+        loop = self._loop
+        if loop is None:
+            fn(*args)
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            loop.call_soon(fn, *args)
+        elif not loop.is_closed():
+            loop.call_soon_threadsafe(fn, *args)
