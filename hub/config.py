@@ -91,6 +91,24 @@ class ClusterSettings(_Section):
     api_retries: int = Field(5, ge=0, le=20)
     #: Seconds one Kubernetes API request may take. Default 10 s.
     api_timeout_s: float = Field(10.0, gt=0)
+    #: First retry delay after a 409/429/5xx/timeout, seconds; doubles per attempt (with
+    #: jitter) up to ``api_backoff_max_s``. Default 0.2 s: a conflict usually clears at once.
+    api_backoff_s: float = Field(0.2, gt=0)
+    #: Largest retry delay, seconds (a 429's Retry-After is capped to it). Default 5 s.
+    api_backoff_max_s: float = Field(5.0, gt=0)
+    #: Label patches in flight at once (one worker thread each). Default 8: enough to patch a
+    #: wave of thousands of nodes in seconds without hammering the API server.
+    api_concurrency: int = Field(8, ge=1, le=64)
+    #: Server-side length of one watch request, seconds; the watch is renewed after it.
+    #: Default 300 s (the API server's own default is 30-60 min; shorter bounds stale state).
+    watch_timeout_s: int = Field(300, ge=1)
+    #: Only nodes labelled ``{label_prefix}/camera-node=true`` are visible to the hub (the
+    #: DaemonSet runs agents only there). Default true: a rollout never assigns a model to a
+    #: node without an agent.
+    camera_nodes_only: bool = True
+    #: How often the static inventory file is checked for edits made by hand, seconds.
+    #: Default 2 s.
+    inventory_poll_s: float = Field(2.0, gt=0)
 
 
 class TelemetrySettings(_Section):
