@@ -92,8 +92,11 @@ class ModelSlot:
             self._inflight[key] = self._inflight.get(key, 0) + 1
             return m
 
-    def release(self, model: Any, ok: bool = True, error: str | None = None) -> None:
-        """Return a lease taken with ``acquire`` and say whether the frame succeeded."""
+    def release(self, model: Any, ok: bool | None = True, error: str | None = None) -> None:
+        """Return a lease taken with ``acquire`` and say whether the frame succeeded.
+
+        ``ok=None`` returns the lease without an outcome (a frame dropped before inference).
+        """
         fire: tuple[Callable[..., None], tuple[Any, ...]] | None = None
         with self._lock:
             key = id(model)
@@ -105,11 +108,24 @@ class ModelSlot:
                     fire = (ev.set, ())
             else:
                 self._inflight[key] = left
-            p = self._probation
-            if p is not None and p.model is model and not p.done:
-                fire_p = self._count(p, ok, error)
-                if fire_p is not None:
-                    self._call_soon(*fire_p)
+        if fire is not None:
+            self._call_soon(*fire)
+        if ok is not None:
+            self.report(model, 1, None if ok else (error or "inference failed"))
+
+    def report(self, model: Any, frames: int = 1, error: BaseException | str | None = None) -> None:
+        """Count the outcome of ``frames`` frames run on ``model`` (any thread, no lease needed).
+
+        The pipeline calls this once per batch; only the outcomes of a version on probation
+        matter, the call is a lock and a comparison otherwise.
+        """
+        p = self._probation
+        if p is None or p.model is not model or p.done:
+            return
+        with self._lock:
+            if p.done:
+                return
+            fire = self._count(p, frames, error)
         if fire is not None:
             self._call_soon(*fire)
 
@@ -165,12 +181,14 @@ class ModelSlot:
     # ------------------------------------------------------------------------- internals
 
     @staticmethod
-    def _count(p: Probation, ok: bool, error: str | None) -> tuple[Callable[..., None],
-                                                                    tuple[Any, ...]] | None:
-        p.seen += 1
-        if not ok:
-            p.failed += 1
-            p.errors.append(error or "inference failed")
+    def _count(
+        p: Probation, frames: int, error: BaseException | str | None
+    ) -> tuple[Callable[..., None], tuple[Any, ...]] | None:
+        p.seen += frames
+        if error is not None:
+            p.failed += frames
+            text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+            p.errors.append(text[:300])
             if p.failed >= p.failures:
                 p.done = True
                 return (p.on_fail, (p.errors[-1],))
