@@ -1,0 +1,220 @@
+"""A small asyncio HTTP client for the hub's API, used by the ``edge-hub`` CLI verbs.
+
+It turns the hub's JSON errors back into the same ``HubError`` classes the server raised (so a
+refused push exits non-zero with the server's message), streams uploads from disk with a
+progress callback, and never reads an artifact whole into memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import hdrs
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.payload import Payload
+
+from hub.errors import (
+    ArtifactRejected,
+    Conflict,
+    HubError,
+    InvalidRequest,
+    NotFound,
+    TooLarge,
+    Unauthorized,
+)
+
+DEFAULT_HUB_URL = "http://127.0.0.1:8081"
+#: Bytes per read when streaming a file up or down.
+CHUNK = 1024 * 1024
+
+_BY_STATUS: dict[int, type[HubError]] = {
+    400: InvalidRequest,
+    401: Unauthorized,
+    404: NotFound,
+    409: Conflict,
+    413: TooLarge,
+    422: ArtifactRejected,
+}
+
+Progress = Callable[[int], None]
+
+
+class UnreachableError(HubError):
+    """The hub did not answer (connection refused, DNS, timeout)."""
+
+    code = "unreachable"
+    exit_code = 3
+
+
+def add_connection_args(p: argparse.ArgumentParser) -> None:
+    """``--hub``, ``--token-file``, ``--timeout`` and ``--json`` for a client verb."""
+    p.add_argument(
+        "--hub", metavar="URL", default=None,
+        help=f"hub base URL (env EDGE_HUB_URL; default {DEFAULT_HUB_URL})",
+    )
+    p.add_argument(
+        "--token-file", metavar="FILE", type=Path, default=None,
+        help="file holding the API bearer token (env EDGE_HUB_TOKEN holds the token itself)",
+    )
+    p.add_argument(
+        "--timeout", metavar="S", type=float, default=30.0,
+        help="seconds to wait for the hub to answer a request (default 30)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def client_from_args(args: argparse.Namespace) -> HubClient:
+    """A client configured from the common arguments and the environment."""
+    url = args.hub or os.environ.get("EDGE_HUB_URL") or DEFAULT_HUB_URL
+    if not url.startswith(("http://", "https://")):
+        raise InvalidRequest(f"--hub must be an http(s) URL, got {url!r}")
+    token: str | None
+    if args.token_file is not None:
+        try:
+            token = args.token_file.read_text(encoding="utf-8").strip() or None
+        except OSError as exc:
+            raise InvalidRequest(f"cannot read --token-file {args.token_file}: {exc.strerror}") \
+                from exc
+    else:
+        token = os.environ.get("EDGE_HUB_TOKEN") or None
+    return HubClient(url, token=token, timeout_s=args.timeout)
+
+
+class FilePayload(Payload):
+    """A file streamed from disk in 1 MiB reads (in a thread), reporting progress."""
+
+    def __init__(self, path: Path, size: int, progress: Progress | None = None) -> None:
+        super().__init__(path, content_type="application/octet-stream", filename=path.name)
+        self._size = size
+        self._path = path
+        self._progress = progress
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        f = await asyncio.to_thread(open, self._path, "rb")
+        try:
+            while chunk := await asyncio.to_thread(f.read, CHUNK):
+                await writer.write(chunk)
+                if self._progress is not None:
+                    self._progress(len(chunk))
+        finally:
+            await asyncio.to_thread(f.close)
+
+    async def write_with_length(
+        self, writer: AbstractStreamWriter, content_length: int | None
+    ) -> None:
+        await self.write(writer)
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        raise TypeError("a model file is binary")
+
+
+def _json_or_none(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _error_from(status: int, body: Any, reason: str) -> HubError:
+    cls = _BY_STATUS.get(status, HubError)
+    code, message = "", reason
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        code = str(body["error"].get("code", ""))
+        message = str(body["error"].get("message", reason))
+    return cls(f"{message} ({code or status})")
+
+
+class HubClient:
+    """Requests to one hub. Use as ``async with HubClient(url, token=...) as hub:``."""
+
+    def __init__(self, base_url: str, *, token: str | None = None, timeout_s: float = 30.0):
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.timeout_s = timeout_s
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> HubClient:
+        # no total timeout: a large upload or download may take long; each read may not
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=self.timeout_s, sock_read=self.timeout_s
+        )
+        self._session = aiohttp.ClientSession(timeout=timeout, raise_for_status=False)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        h = dict(extra or {})
+        if self.token:
+            h[hdrs.AUTHORIZATION] = f"Bearer {self.token}"
+        return h
+
+    async def request(self, method: str, path: str, **kw: Any) -> tuple[int, bytes]:
+        """Send a request; return (status, body bytes) or raise the mapped HubError."""
+        assert self._session is not None, "use 'async with'"
+        headers = self._headers(kw.pop("headers", None))
+        try:
+            async with self._session.request(
+                method, self.base_url + path, headers=headers, **kw
+            ) as resp:
+                raw = await resp.read()
+                if resp.status >= 400:
+                    raise _error_from(resp.status, _json_or_none(raw), resp.reason or "")
+                return resp.status, raw
+        except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+            raise UnreachableError(f"cannot reach the hub at {self.base_url}: {exc or 'timeout'}") \
+                from exc
+
+    async def request_json(self, method: str, path: str, **kw: Any) -> tuple[int, Any]:
+        """Send a request; return (status, JSON body) or raise the mapped HubError."""
+        status, raw = await self.request(method, path, **kw)
+        body = _json_or_none(raw)
+        if body is None:
+            raise HubError(f"the hub answered {status} without a JSON body")
+        return status, body
+
+    async def download(
+        self,
+        path: str,
+        dest: Path,
+        *,
+        headers: dict[str, str] | None = None,
+        append: bool = False,
+        progress: Progress | None = None,
+        on_start: Callable[[aiohttp.ClientResponse], bool] | None = None,
+    ) -> aiohttp.ClientResponse:
+        """GET ``path`` into ``dest`` in 1 MiB pieces (written in a thread).
+
+        ``on_start(response)`` may inspect the status and headers and return True to write
+        in append mode (a 206 that continues ``dest``) or False to truncate. 4xx raise.
+        """
+        assert self._session is not None, "use 'async with'"
+        try:
+            async with self._session.get(
+                self.base_url + path, headers=self._headers(headers)
+            ) as resp:
+                if resp.status >= 400:
+                    raw = await resp.read()
+                    raise _error_from(resp.status, _json_or_none(raw), resp.reason or "")
+                mode = "ab" if (on_start(resp) if on_start else append) else "wb"
+                f = await asyncio.to_thread(open, dest, mode)
+                try:
+                    async for chunk in resp.content.iter_chunked(CHUNK):
+                        await asyncio.to_thread(f.write, chunk)
+                        if progress is not None:
+                            progress(len(chunk))
+                finally:
+                    await asyncio.to_thread(f.close)
+                return resp
+        except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+            raise UnreachableError(f"download from {self.base_url} failed: {exc or 'timeout'}") \
+                from exc
