@@ -23,7 +23,7 @@ from edge_agent.inference.postprocess import get_unit, tasks
 from edge_agent.protocol import SHA256_PATTERN, is_valid_name, is_valid_version
 
 #: Manifest format this code reads and writes.
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT: Literal[1] = 1
 
 #: The file name ``models/build.py`` and ``models/generate.py`` give every manifest.
 MANIFEST_NAME = "manifest.json"

@@ -1,0 +1,300 @@
+"""One model version, loaded and verified, ready to serve frames from several threads at once.
+
+``LoadedModel.load`` is the only way in: it reads the manifest, verifies the artifact's sha256
+(against the manifest and, from the hub, the expected digest), creates the ONNX Runtime session
+on the best provider available (``providers``), checks the graph's input and outputs against
+the manifest and warms up. Anything wrong raises ``ModelRejectedError``/``ModelError`` before a
+single frame is served, so a bad artifact never replaces a good one.
+
+After that, ``preprocess``, ``run`` and ``postprocess`` are thread-safe and may run concurrently
+in worker threads (``InferenceSession.run`` is thread-safe; the rest holds no mutable state).
+With ``intra_op_threads=1``, N concurrent calls use N cores with no thread-pool handoffs, which
+measured faster than one call using N threads (docs/engine.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import structlog
+
+from edge_agent.config import EngineSettings
+from edge_agent.errors import ModelError, ModelRejectedError
+from edge_agent.inference import providers as prov
+from edge_agent.inference.manifest import ModelManifest, load_manifest, model_path
+from edge_agent.inference.postprocess import get_unit
+from edge_agent.inference.postprocess.base import check_finite
+from edge_agent.inference.preprocess import FrameMeta, Preprocessor
+
+log = structlog.get_logger(__name__)
+
+#: Longest foreign (onnxruntime) error text kept in our messages and logs.
+_MAX_ERR = 300
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= _MAX_ERR else text[: _MAX_ERR - 3] + "..."
+
+
+@dataclass(frozen=True, slots=True)
+class InferOutput:
+    """One frame's result and where its time went."""
+
+    #: ``{"classes": [...]}`` or ``{"detections": [...]}``, plain JSON types.
+    output: dict[str, Any]
+    preprocess_ms: float
+    inference_ms: float
+    postprocess_ms: float
+
+
+class LoadedModel:
+    """A verified, warmed-up ONNX Runtime session with its manifest's pre/post-processing."""
+
+    def __init__(
+        self,
+        manifest: ModelManifest,
+        session: ort.InferenceSession,
+        providers: list[str],
+        concurrency: int,
+    ) -> None:
+        self.manifest = manifest
+        self.name = manifest.name
+        self.version = manifest.version
+        self.sha256 = manifest.sha256
+        self.task = manifest.task
+        #: Providers the session runs on, short names, preferred first (e.g. ``["cpu"]``).
+        self.providers = providers
+        self.batch_dynamic = manifest.input.batch == "dynamic"
+        #: Fixed batch size of the graph, or None when dynamic.
+        self.fixed_batch: int | None = (
+            None if isinstance(manifest.input.batch, str) else manifest.input.batch
+        )
+        #: Concurrent ``run`` calls worth making (``EngineSettings.concurrency``, 0 = cores).
+        self.concurrency = concurrency
+        self._session: ort.InferenceSession | None = session
+        self._input_name = manifest.input.name
+        self._output_names = [o.name for o in manifest.outputs]
+        self._pre = Preprocessor(manifest.input)
+        self._post = get_unit(manifest.task)(manifest)
+
+    # ---------------------------------------------------------------------------- loading
+
+    @classmethod
+    def load(
+        cls,
+        manifest_path: str | Path,
+        settings: EngineSettings,
+        *,
+        expected_sha256: str | None = None,
+    ) -> LoadedModel:
+        """Load, verify and warm up a model; raise ``ModelRejectedError``/``ModelError``."""
+        t0 = time.perf_counter()
+        manifest = load_manifest(manifest_path)
+        path = model_path(manifest_path, manifest)
+        try:
+            data = path.read_bytes()  # verified bytes are the bytes loaded: no swap in between
+        except FileNotFoundError as exc:
+            raise ModelRejectedError(f"{path}: model file not found") from exc
+        except OSError as exc:
+            raise ModelRejectedError(f"{path}: cannot read model file: {exc.strerror}") from exc
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != manifest.sha256:
+            raise ModelRejectedError(
+                f"{path}: sha256 does not match the manifest (corrupt or replaced file)", digest
+            )
+        if expected_sha256 is not None and digest != expected_sha256:
+            raise ModelRejectedError(f"{path}: sha256 is not the expected one", digest)
+        session, used = _create_session(data, manifest, settings)
+        _check_io(session, manifest)
+        model = cls(manifest, session, used, settings.concurrency or (os.cpu_count() or 1))
+        try:
+            model._warm_up(max(1, settings.warmup_runs))
+        except BaseException:
+            model.close()
+            raise
+        log.info("model_loaded", model=model.name, version=model.version,
+                 sha256=digest[:12], providers=used,
+                 load_ms=round((time.perf_counter() - t0) * 1000.0, 1))
+        return model
+
+    def _warm_up(self, runs: int) -> None:
+        """Run zeros through the graph: allocates arenas, and checks the real output shapes.
+
+        Output values are not judged here (a model may legitimately output anything for a
+        blank image); non-finite values fail each real inference instead.
+        """
+        spec = self.manifest.input
+        n = self.fixed_batch or 1
+        shape = (n, 3, spec.height, spec.width) if spec.layout == "NCHW" else (
+            n, spec.height, spec.width, 3)
+        x = np.zeros(shape, dtype=np.float32)
+        for _ in range(runs):
+            outputs = self.run(x)
+        for out, want in zip(outputs, self.manifest.outputs, strict=True):
+            if not _dims_match(want.shape, out.shape):
+                raise ModelRejectedError(
+                    f"model output {want.name!r} has shape {list(out.shape)}, manifest says "
+                    f"{want.shape}", self.sha256,
+                )
+
+    # --------------------------------------------------------------------------- serving
+
+    def preprocess(self, frame_bgr: np.ndarray) -> tuple[np.ndarray, FrameMeta]:
+        """A ``[1, ...]`` input tensor for one BGR frame, and the geometry to undo it."""
+        return self._pre(frame_bgr)
+
+    def run(self, batch_tensor: np.ndarray) -> list[np.ndarray]:
+        """Run a batch (``[B, ...]``) through the session; outputs in the manifest's order.
+
+        A graph with a fixed batch size gets the batch in chunks of that size (the last one
+        padded), so callers may always pass any ``B``.
+        """
+        session = self._session
+        if session is None:
+            raise ModelError(f"model {self.name} {self.version} is closed")
+        n = self.fixed_batch
+        b = batch_tensor.shape[0]
+        try:
+            if n is None or b == n:
+                return list(session.run(self._output_names, {self._input_name: batch_tensor}))
+            parts: list[list[np.ndarray]] = []
+            for start in range(0, b, n):
+                chunk = batch_tensor[start : start + n]
+                real = chunk.shape[0]
+                if real < n:
+                    pad = np.zeros((n - real, *chunk.shape[1:]), dtype=chunk.dtype)
+                    chunk = np.concatenate([chunk, pad])
+                outs = session.run(self._output_names, {self._input_name: chunk})
+                parts.append([o[:real] for o in outs])
+            return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+        except Exception as exc:  # onnxruntime's own types; a bad frame shape among them
+            raise ModelError(f"inference failed: {_one_line(exc)}") from exc
+
+    def postprocess(
+        self, outputs: Sequence[np.ndarray], metas: Sequence[FrameMeta]
+    ) -> list[dict[str, Any]]:
+        """One result dict per frame; raises ``NonFiniteOutputError`` on NaN/Inf outputs."""
+        check_finite(outputs)
+        return self._post(outputs, metas)
+
+    def infer(self, frame_bgr: np.ndarray) -> InferOutput:
+        """Preprocess, run and postprocess one frame, timing each stage."""
+        t0 = time.perf_counter()
+        x, meta = self.preprocess(frame_bgr)
+        t1 = time.perf_counter()
+        outputs = self.run(x)
+        t2 = time.perf_counter()
+        result = self.postprocess(outputs, [meta])[0]
+        t3 = time.perf_counter()
+        return InferOutput(result, (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
+
+    def close(self) -> None:
+        """Release the session (its memory goes once in-flight ``run`` calls return)."""
+        self._session = None
+
+    def __repr__(self) -> str:
+        return f"<LoadedModel {self.name} {self.version} {self.providers}>"
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def _session_options(settings: EngineSettings) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = settings.intra_op_threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3  # errors only: ORT's warnings are about graphs we do not own
+    return so
+
+
+def _create_session(
+    data: bytes, manifest: ModelManifest, settings: EngineSettings
+) -> tuple[ort.InferenceSession, list[str]]:
+    """A session on the best provider that initialises; fallbacks are logged and counted."""
+    chain, missing = prov.plan(settings.providers, prov.available_providers())
+    for p in missing:
+        prov.record_fallback(p, "unavailable", model=manifest.name, fallback_to=chain[0])
+    failed: list[tuple[str, str]] = []
+    while True:
+        wanted = [(prov.ORT_NAMES[p], prov.provider_options(p, settings, manifest.sha256))
+                  for p in chain]
+        try:
+            session = ort.InferenceSession(data, _session_options(settings), providers=wanted)
+            break
+        except Exception as exc:  # onnxruntime raises several unrelated types
+            if len(chain) == 1:
+                # even the CPU refused the graph: the artifact is bad, not the device
+                raise ModelRejectedError(
+                    f"cannot load model {manifest.name} {manifest.version}: {_one_line(exc)}",
+                    manifest.sha256,
+                ) from exc
+            failed.append((chain[0], _one_line(exc)))
+            chain = chain[1:]
+    used = [prov.short_name(p) for p in session.get_providers()]
+    # onnxruntime may also drop a provider silently (e.g. CUDA libraries missing)
+    for p in chain:
+        if prov.ORT_NAMES[p] not in session.get_providers():
+            failed.append((p, "provider did not initialise"))
+    for p, err in failed:
+        prov.record_fallback(p, "init_failed", model=manifest.name, fallback_to=used[0],
+                             error=err)
+    return session, used
+
+
+def _dims_match(want: Sequence[int | str], got: Sequence[Any]) -> bool:
+    """Same rank, and every dimension fixed on both sides is equal."""
+    if len(want) != len(got):
+        return False
+    return all(
+        not (isinstance(w, int) and isinstance(g, int)) or w == g
+        for w, g in zip(want, got, strict=True)
+    )
+
+
+def _check_io(session: ort.InferenceSession, manifest: ModelManifest) -> None:
+    """Refuse a graph whose input or outputs disagree with its manifest."""
+    spec = manifest.input
+    sha = manifest.sha256
+    inputs = {i.name: i for i in session.get_inputs()}
+    if spec.name not in inputs:
+        raise ModelRejectedError(
+            f"model has no input {spec.name!r} (inputs: {sorted(inputs)})", sha)
+    if len(inputs) != 1:
+        raise ModelRejectedError(f"model has {len(inputs)} inputs, the engine feeds one", sha)
+    graph_in = inputs[spec.name]
+    if graph_in.type != "tensor(float)":
+        raise ModelRejectedError(f"model input type {graph_in.type} is not tensor(float)", sha)
+    batch: int | str = spec.batch if isinstance(spec.batch, int) else "batch"
+    want: list[int | str] = (
+        [batch, 3, spec.height, spec.width] if spec.layout == "NCHW"
+        else [batch, spec.height, spec.width, 3]
+    )
+    got = list(graph_in.shape)
+    if not _dims_match(want, got):
+        raise ModelRejectedError(
+            f"model input {spec.name!r} has shape {got}, manifest says {spec.layout} "
+            f"{spec.width}x{spec.height} (batch {spec.batch})", sha,
+        )
+    if spec.batch == "dynamic" and isinstance(got[0], int):
+        raise ModelRejectedError(
+            f"model input batch is fixed at {got[0]}, manifest says dynamic", sha)
+    outputs = {o.name: o for o in session.get_outputs()}
+    for o in manifest.outputs:
+        if o.name not in outputs:
+            raise ModelRejectedError(
+                f"model has no output {o.name!r} (outputs: {sorted(outputs)})", sha)
+        shape = list(outputs[o.name].shape)
+        if not _dims_match(o.shape, shape):
+            raise ModelRejectedError(
+                f"model output {o.name!r} has shape {shape}, manifest says {o.shape}", sha)
