@@ -227,12 +227,14 @@ def open_source(
 class Frame:
     """One captured frame on its way to inference.
 
-    ``tensor``, ``meta`` and ``model`` are filled by the ``prepare`` hook in the capture thread
-    (the model that preprocessed a frame is the one that must run it, even across a hot swap);
-    without a hook ``image`` keeps the BGR frame.
+    ``image`` is the BGR frame; ``tensor``, ``meta`` and ``model`` are filled by the ``prepare``
+    hook in the capture thread. The scheduler runs the frame on ``model`` when it still serves,
+    and preprocesses ``image`` again when a hot swap replaced it in between.
     """
 
     camera: str
+    #: Name of the model that serves this camera (``CameraSettings.model``).
+    model_name: str
     #: Frames grabbed from the source before this one (since the camera started).
     index: int
     #: Capture time, Unix seconds (the result's ``ts``).
@@ -487,7 +489,15 @@ class Camera:
                     return "stopped"
                 if self.spec.kind == "file" and got_any:
                     return "ended"
-                self.last_error = "read failed" if got_any else "no frame from source"
+                silent = time.monotonic() - (self.last_frame_at or t0)
+                if got_any and silent >= s.stall_timeout_s * 0.9:
+                    # the FFmpeg read timeout ended a read that waited for a frame in vain
+                    if self.state != "stalled":
+                        self.stalls += 1
+                        self._set_state("stalled", silent_s=round(silent, 2))
+                    self.last_error = f"stalled: no frame for {silent:.1f} s"
+                else:
+                    self.last_error = "read failed" if got_any else "no frame from source"
                 return "failed"
             n += 1
             now = time.monotonic()
@@ -524,10 +534,9 @@ class Camera:
     def _deliver(self, img: np.ndarray, backpressure: bool) -> None:
         h, w = img.shape[:2]
         t_read = time.perf_counter()
-        frame = Frame(self.name, self.frames_read - 1, time.time(), t_read, w, h)
-        if self._prepare is None:
-            frame.image = img
-        else:
+        frame = Frame(self.name, self.settings.model, self.frames_read - 1, time.time(), t_read,
+                      w, h, img)
+        if self._prepare is not None:
             try:
                 self._prepare(frame, img)
             except Exception as exc:
