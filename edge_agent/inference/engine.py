@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,7 +231,11 @@ def _create_session(
         wanted = [(prov.ORT_NAMES[p], prov.provider_options(p, settings, manifest.sha256))
                   for p in chain]
         try:
-            session = ort.InferenceSession(data, _session_options(settings), providers=wanted)
+            # onnxruntime warns (Python warning) and carries on without a provider it cannot
+            # use; keep the text for our own fallback record instead of printing it
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                session = ort.InferenceSession(data, _session_options(settings), providers=wanted)
             break
         except Exception as exc:  # onnxruntime raises several unrelated types
             if len(chain) == 1:
@@ -245,7 +250,9 @@ def _create_session(
     # onnxruntime may also drop a provider silently (e.g. CUDA libraries missing)
     for p in chain:
         if prov.ORT_NAMES[p] not in session.get_providers():
-            failed.append((p, "provider did not initialise"))
+            why = [str(w.message) for w in caught if prov.ORT_NAMES[p] in str(w.message)]
+            failed.append((p, " ".join(why[0].split())[:_MAX_ERR] if why
+                           else "provider did not initialise"))
     for p, err in failed:
         prov.record_fallback(p, "init_failed", model=manifest.name, fallback_to=used[0],
                              error=err)
