@@ -201,6 +201,17 @@ class ModelCache:
                         out.append(e)
         return out
 
+    def remove(self, name: str, version: str) -> bool:
+        """Delete one version (a refused artifact must not take cache space); True if it was."""
+        d = self.entry_dir(name, version)
+        if not d.exists():
+            return False
+        # rename first so a crash in rmtree leaves debris that prune removes, never a half entry
+        tmp = d.parent / f".{version}.{uuid.uuid4().hex[:8]}.tmp"
+        os.replace(d, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return True
+
     def touch(self, entry: CacheEntry) -> None:
         """Mark an entry as just used (pruning removes the least recently used first)."""
         p = entry.path / ENTRY_NAME
