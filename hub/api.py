@@ -267,7 +267,7 @@ async def put_version(request: web.Request) -> web.Response:
     name, version = _ref(request)
     _check_upload_headers(request)
     registry = request.app[REGISTRY_KEY]
-    staged = registry.stage()
+    staged = await registry.stage()
     try:
         fields = await _read_upload(request, staged)
         v, created = await registry.push(

@@ -179,8 +179,9 @@ class Registry:
 
     # ----------------------------------------------------------------------------- writes
 
-    def stage(self) -> StagedArtifact:
+    async def stage(self) -> StagedArtifact:
         """A temporary file for an incoming artifact, limited to ``api.max_upload_bytes``."""
+        await self.open()
         return self.artifacts.stage(self.max_upload_bytes)
 
     async def push(
