@@ -198,6 +198,10 @@ class OutboxSettings(_Section):
     max_age_s: float = Field(7 * 24 * 3600, gt=0)
     #: When full: drop the oldest queued results, or refuse new ones. Both are counted.
     policy: Literal["drop-oldest", "reject-new"] = "drop-oldest"
+    #: Bytes of accepted results held in memory while they cannot be committed (disk full,
+    #: file unopenable); beyond it the policy drops (counted as ``disk_full``/``db_error``).
+    #: Default 16 MiB: ~30,000 results, minutes of a busy node, small next to the agent's RSS.
+    max_pending_bytes: int = Field(16 * 1024 * 1024, ge=64 * 1024)
 
 
 class HttpSettings(_Section):

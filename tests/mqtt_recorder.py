@@ -1,0 +1,100 @@
+"""An independent MQTT subscriber for tests: plain paho, none of the agent's code.
+
+It records every message that arrives (topic, payload, retain flag) so a test can check what a
+downstream subscriber really saw: missing results, duplicates, order. It reconnects by itself
+(clean session, subscriptions renewed on every connect) and can wait on conditions with a
+timeout instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+import orjson
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+
+class Recorder:
+    """Subscribes to ``filters`` on a broker and records what arrives."""
+
+    def __init__(self, port: int, filters: list[str], *, qos: int = 1,
+                 host: str = "127.0.0.1") -> None:
+        self.port = port
+        self.filters = filters
+        self.qos = qos
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.subscribed_count = 0
+        self._cond = threading.Condition()
+        self._client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=f"recorder-{uuid.uuid4().hex[:8]}",
+            protocol=MQTTProtocolVersion.MQTTv5,
+        )
+        self._client.reconnect_delay_set(0.05, 0.2)  # type: ignore[arg-type]
+        self._client.on_connect = self._on_connect
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_message = self._on_message
+        self._host = host
+
+    def start(self, timeout: float = 10.0) -> Recorder:
+        """Connect and wait until the subscription is acknowledged."""
+        self._client.connect_async(self._host, self.port, keepalive=5)
+        self._client.loop_start()
+        self.wait(lambda: self.subscribed_count > 0, timeout, "recorder subscribed")
+        return self
+
+    def stop(self) -> None:
+        """Disconnect and stop paho's thread."""
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def _on_connect(self, client: paho.Client, _u: object, _f: object, rc: object,
+                    _p: object) -> None:
+        client.subscribe([(f, self.qos) for f in self.filters])
+
+    def _on_subscribe(self, _c: object, _u: object, _mid: int, _codes: object,
+                      _p: object) -> None:
+        with self._cond:
+            self.subscribed_count += 1
+            self._cond.notify_all()
+
+    def _on_message(self, _c: object, _u: object, msg: paho.MQTTMessage) -> None:
+        with self._cond:
+            self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
+            self._cond.notify_all()
+
+    def wait(self, pred: Callable[[], bool], timeout: float, what: str = "condition") -> None:
+        """Wait until ``pred()`` (checked on every message) or fail after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not pred():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"timed out after {timeout}s waiting for {what} "
+                                         f"({len(self.messages)} messages so far)")
+                self._cond.wait(min(left, 0.2))
+
+    def count(self) -> int:
+        """Messages received so far."""
+        with self._cond:
+            return len(self.messages)
+
+    def results(self) -> list[dict[str, object]]:
+        """Decoded JSON payloads of the messages so far, in arrival order."""
+        with self._cond:
+            msgs = list(self.messages)
+        return [orjson.loads(p) for _, p, _ in msgs]
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, what: str = "condition",
+               poll: float = 0.01) -> None:
+    """Poll ``pred`` until true or raise AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(poll)
