@@ -119,6 +119,18 @@ class TelemetrySettings(_Section):
     offline_after_s: float = Field(60.0, gt=0)
 
 
+class RolloutSettings(_Section):
+    #: How often active rollouts are stepped even when no node state changed, seconds.
+    #: Default 1 s: bake times and deadlines are minutes, a second of slack is nothing.
+    tick_s: float = Field(1.0, gt=0)
+    #: Nodes whose labels are patched per step of a wave. Default 500: a wave of thousands
+    #: goes out in a few steps while pause/abort commands still get in between them.
+    apply_batch: int = Field(500, ge=1)
+    #: Seconds after start-up before rollouts are stepped, so the agents' retained states
+    #: have arrived (otherwise every node would look offline and be skipped). Default 3 s.
+    startup_grace_s: float = Field(3.0, ge=0)
+
+
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     json_lines: bool | None = None
@@ -138,6 +150,7 @@ class HubSettings(BaseSettings):
     mqtt: MqttSettings = MqttSettings()
     cluster: ClusterSettings = ClusterSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
+    rollouts: RolloutSettings = RolloutSettings()
 
     @classmethod
     def settings_customise_sources(
