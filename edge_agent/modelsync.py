@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import json
 import time
@@ -228,9 +229,9 @@ class ModelSync:
         self._wake.set()
         log.info("desired_received", generation=msg.generation, models=sorted(msg.models))
 
-    def request_local(self, name: str, manifest: Path, version: str | None = None) -> None:
+    def request_local(self, name: str, manifest: Path) -> None:
         """Serve ``name`` from a local manifest (a config reload); applied by the task."""
-        self._local[name] = Target(version or "?", "config", manifest=manifest)
+        self._local[name] = Target("?", "config", manifest=manifest)
         self.idle.clear()
         self._wake.set()
 
@@ -285,6 +286,9 @@ class ModelSync:
             slot = self.slots[name] = ModelSlot(name)
             slot.bind_loop(self._loop)
         serving = slot.version
+        if target.source == "config" and target.manifest is not None:
+            version, _ = await asyncio.to_thread(_manifest_facts, target.manifest)
+            target = dataclasses.replace(target, version=version or "?")
         self._set_status(ModelState(name=name, version=serving, status="loading",
                                     target_version=target.version))
         t0 = time.monotonic()

@@ -185,6 +185,28 @@ class Pipeline:
             for cam in self.cameras.values():
                 cam.check_stall(now)
 
+    async def add_camera(self, cs: CameraSettings) -> None:
+        """Start one more camera while running (a config reload, ``edge_agent.reload``)."""
+        slot = self.slots.get(cs.model)
+        if slot is None:
+            raise ValueError(f"camera {cs.name!r} uses unknown model {cs.model!r}")
+        if cs.name in self.cameras:
+            raise ValueError(f"camera {cs.name!r} is already running")
+        cam = Camera(cs, self.scheduler, self._prepare_hook(slot))
+        self.cameras[cs.name] = cam
+        if self._started:
+            cam.start()
+
+    async def remove_camera(self, name: str, timeout: float = 5.0) -> bool:
+        """Stop one camera while the others keep streaming; False if it was not running."""
+        cam = self.cameras.pop(name, None)
+        if cam is None:
+            return False
+        cam.stop()
+        if not await asyncio.to_thread(cam.join, timeout):
+            log.warning("camera_stop_incomplete", camera=name)
+        return True
+
     async def stop(self, timeout: float = 10.0) -> None:
         """Stop the cameras, run what is already waiting, and hand every result to the sink."""
         if not self._started:

@@ -249,13 +249,14 @@ async def test_restart_without_hub_serves_the_last_good_version_from_cache(
 async def test_config_change_is_applied_through_the_same_checks(h: Harness) -> None:
     assert h.sync is not None
     v3 = ms.version_of(h.tmp / "art", "det", "3", anchors=66)
-    h.sync.request_local("det", v3.manifest_path, "3")
+    h.sync.request_local("det", v3.manifest_path)
     await h.settled()
     assert h.slot.version == "3"
     bad = ms.nan_outputs(h.tmp / "art", "det", "4")
-    h.sync.request_local("det", bad.manifest_path, "4")
+    h.sync.request_local("det", bad.manifest_path)
     await h.settled()
-    assert h.slot.version == "3" and h.last_model_state().status == "failed"
+    st = h.last_model_state()
+    assert h.slot.version == "3" and (st.status, st.target_version) == ("failed", "4")
 
 
 async def test_urls_outside_the_configured_hub_are_refused(h: Harness) -> None:
