@@ -17,6 +17,7 @@ import collections
 import concurrent.futures
 import contextlib
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,9 +63,13 @@ class Agent:
         *,
         sink: ResultSink | None = None,
         registry: CollectorRegistry | None = None,
+        config_path: Path | None = None,
     ) -> None:
         check_settings(settings)
         self.settings = settings
+        #: The YAML file a reload (SIGHUP or file change) re-reads; None disables reloads.
+        self.config_path = config_path
+        self.reloader: Any = None
         self.metrics = AgentMetrics(registry)
         self.metrics.watch_provider_fallbacks()
         self.slots: dict[str, ModelSlot] = {}
@@ -153,6 +158,11 @@ class Agent:
         sup.spawn("loop-lag", self.lag.run())
         if self.sync is not None and hasattr(self.sync, "run"):
             sup.spawn("model-sync", self.sync.run())
+        if self.config_path is not None:
+            from edge_agent.reload import ConfigReloader  # noqa: PLC0415
+
+            self.reloader = ConfigReloader(self, self.config_path)
+            sup.spawn("config-reload", self.reloader.run(), root=False)
         if s.http.port:
             app = build_app(self, max_upload_bytes=s.http.max_upload_bytes)
             self.http = HttpServer(app, s.http.host, s.http.port)
@@ -186,6 +196,8 @@ class Agent:
             raise
         if install_signals:
             self.supervisor.install_signal_handlers()
+            if self.reloader is not None:
+                self.reloader.install_sighup()
         return await self.supervisor.run()
 
     async def stop(self) -> None:
@@ -297,9 +309,9 @@ def _infer_leased(slot: ModelSlot, image: np.ndarray) -> tuple[Any, Any]:
     return model, out
 
 
-async def run_agent(settings: AgentSettings) -> int:
+async def run_agent(settings: AgentSettings, config_path: Path | None = None) -> int:
     """Run an agent until it is told to stop; return the process exit status."""
-    agent = Agent(settings)
+    agent = Agent(settings, config_path=config_path)
     try:
         return await agent.run()
     finally:

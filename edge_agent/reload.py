@@ -67,6 +67,8 @@ class ConfigReloader:
         #: reloads, refused, unchanged, restart_required (tests and logs).
         self.counters: Counter[str] = Counter()
         self._lock = asyncio.Lock()
+        #: Set once ``run`` has recorded the file the agent started with.
+        self.primed = asyncio.Event()
 
     async def prime(self) -> None:
         """Remember the file and manifests the agent started with (call after startup)."""
@@ -88,6 +90,7 @@ class ConfigReloader:
     async def run(self) -> None:
         """The ``config-reload`` task: reload on SIGHUP, or when the file's content changes."""
         await self.prime()
+        self.primed.set()
         poll = self.agent.settings.model_sync.reload_poll_s
         while True:
             with contextlib.suppress(asyncio.TimeoutError):

@@ -68,16 +68,14 @@ async def running(tmp_path: Path) -> AsyncIterator[Running]:
     path = _config(tmp_path, {"det": v1.manifest_path}, {"cam0": "det"})
     settings = load_settings(path)
     sink = await JsonLinesSink(tmp_path / "results.jsonl", flush_interval_s=0.05).open()
-    agent = Agent(settings, sink=sink)
+    agent = Agent(settings, sink=sink, config_path=path)
     await agent.start()
-    reloader = ConfigReloader(agent, path)
-    task = asyncio.create_task(reloader.run(), name="config-reload")
-    await reloader.prime()
+    reloader = agent.reloader
+    assert isinstance(reloader, ConfigReloader)
+    await asyncio.wait_for(reloader.primed.wait(), 10)
     try:
         yield Running(agent, sink, reloader)
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
         await agent.stop()
         await sink.aclose()
 

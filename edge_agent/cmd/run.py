@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 from typing import Any
 
 from edge_agent.config import ConfigError, load_settings
@@ -44,4 +45,4 @@ def run(args: argparse.Namespace) -> int:
     from edge_agent.logs import configure_logging  # noqa: PLC0415
 
     configure_logging(settings.log.level, settings.log.json_lines)
-    return asyncio.run(run_agent(settings))
+    return asyncio.run(run_agent(settings, Path(args.config) if args.config else None))
