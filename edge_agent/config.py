@@ -52,7 +52,7 @@ class EngineSettings(_Section):
     providers: list[Provider] = ["tensorrt", "cuda", "cpu"]
     #: Threads inside one ``session.run`` (ORT intra-op). Default 1: on small edge CPUs, several
     #: concurrent runs with 1 thread each beat one run with all threads (measured ~1.45x on 2
-    #: cores with a YOLOv8n-sized model, see docs/benchmarks.md).
+    #: cores with a YOLOv8n-sized model, docs/engine.md, bench/engine.py).
     intra_op_threads: int = Field(1, ge=1, le=64)
     #: Concurrent ``session.run`` calls per model. 0 = one per CPU core (the measured optimum).
     concurrency: int = Field(0, ge=0, le=64)
