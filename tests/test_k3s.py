@@ -422,6 +422,9 @@ def test_agent_config_loads_and_matches_the_pod(
         if "value" in e:
             monkeypatch.setenv(e["name"], e["value"])
     s = agent_config.load_settings(tmp_path / "config.yaml")
+    from edge_agent.agent import check_settings  # noqa: PLC0415 - heavy import, this test only
+
+    check_settings(s)  # the cross-field checks the agent makes before it starts
     assert s.node == "box-1"
     assert s.http.port == 8080 and s.http.host == "0.0.0.0"
     svc = find(objs, "Service", "mosquitto")
