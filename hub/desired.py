@@ -97,6 +97,7 @@ class Dispatcher:
         self._task = asyncio.create_task(self._run(), name="desired-dispatch")
 
     async def aclose(self) -> None:
+        self.mqtt.on_ack = None  # acknowledgements after this are re-sent on the next start
         for task in (self._task, self._flush_task):
             if task is not None:
                 task.cancel()

@@ -167,7 +167,7 @@ class Verdict:
     limit: float | None = None
     node: str | None = None
     baseline: float | None = None
-    reason: str = ""
+    message: str = ""
 
     def as_cause(self) -> dict[str, object]:
         """The record stored as a rollout's cause."""
@@ -186,24 +186,24 @@ def judge(
             base = baseline.get(gate.metric)
             value = group.get(gate.metric)
             if base is None or (base <= 0 and gate.op == "<="):
-                return Verdict(None, str(gate), gate.metric, reason="no baseline to compare with")
+                return Verdict(None, str(gate), gate.metric, message="no baseline to compare with")
             if value is None:
-                return Verdict(None, str(gate), gate.metric, reason="no telemetry yet")
+                return Verdict(None, str(gate), gate.metric, message="no telemetry yet")
             if not gate.holds(value, base):
                 return Verdict(False, str(gate), gate.metric, round(value, 4),
                                round(gate.limit(base) or 0.0, 4), None, round(base, 4),
-                               reason=f"{gate.metric}={value:.4g} breaks {gate} "
+                               message=f"{gate.metric}={value:.4g} breaks {gate} "
                                       f"(baseline {base:.4g})")
             continue
         worst: tuple[str, float] | None = None
         for node, m in sorted(per_node.items()):
             value = m.get(gate.metric)
             if value is None:
-                return Verdict(None, str(gate), gate.metric, node=node, reason="no telemetry yet")
+                return Verdict(None, str(gate), gate.metric, node=node, message="no telemetry yet")
             if worst is None or (value > worst[1] if gate.op == "<=" else value < worst[1]):
                 worst = (node, value)
         if worst is not None and not gate.holds(worst[1]):
             return Verdict(False, str(gate), gate.metric, round(worst[1], 4), gate.threshold,
-                           worst[0], reason=f"{gate.metric}={worst[1]:.4g} on {worst[0]} "
+                           worst[0], message=f"{gate.metric}={worst[1]:.4g} on {worst[0]} "
                                             f"breaks {gate}")
     return Verdict(True)

@@ -30,7 +30,7 @@ from hub.config import HubSettings
 from hub.desired import Catalog, Dispatcher
 from hub.errors import Conflict, HubError, InvalidRequest, NotFound
 from hub.fleet import Fleet, combine
-from hub.gates import Metrics, judge, parse_gates
+from hub.gates import Metrics, Verdict, judge, parse_gates
 from hub.rollout_model import NodeEntry, Rollout, RolloutSpec, plan_waves
 from hub.rollout_store import RolloutStore
 from hub.selectors import parse_selector
@@ -324,10 +324,12 @@ class RolloutController:
                                                since=max(since, e.active_at or since))
                     for e in judged}
         gates = parse_gates(spec.gates)
-        group = combine(per_node.values())
+        # a node is judged once it sent min_samples messages: one noisy window decides nothing
+        ready = {n: m for n, m in per_node.items() if m.samples >= spec.min_samples}
         live = self._baseline(spec.model, spec.version, since, exclude=set(per_node))
         baseline = {m: (live.get(m) if live.samples else r.baseline.get(m)) for m in _METRICS}
-        verdict = judge(gates, per_node, group, baseline)
+        verdict = judge(gates, ready, combine(ready.values()), baseline) if ready else \
+            Verdict(None, message="too few telemetry samples yet")
         if verdict.ok is False:
             await self._rollback(r, {"reason": "gate", **verdict.as_cause()})
             return
@@ -335,9 +337,10 @@ class RolloutController:
         if elapsed < spec.bake_s:
             r.message = "baking"
             return
-        enough = all(m.samples >= spec.min_samples for m in per_node.values())
+        enough = len(ready) == len(per_node)
+        group = combine(per_node.values())
         if gates and not (verdict.ok and enough and judged):
-            r.message = f"waiting for telemetry to judge: {verdict.reason or 'too few samples'}"
+            r.message = f"waiting for telemetry to judge: {verdict.message or 'too few samples'}"
             if elapsed > spec.bake_s + spec.deadline_s:
                 r.state, r.paused_from = "paused", "baking"
                 await self._save(r, event="paused", reason=r.message)
