@@ -397,7 +397,13 @@ class Camera:
     def current_fps(self) -> float:
         """Frames read per second over the last window; 0 when no frame came for 2 s."""
         age = self.frame_age()
-        return 0.0 if age is None or age > 2.0 else self.fps
+        if age is None or age > 2.0:
+            return 0.0
+        if self.fps == 0.0:  # the first window is not complete yet: estimate from it
+            start, count = self._fps_window
+            elapsed = time.monotonic() - start
+            return count / elapsed if count >= 2 and elapsed > 0 else 0.0
+        return self.fps
 
     def snapshot(self) -> dict[str, Any]:
         """Plain-JSON state for ``/v1/cameras`` and telemetry."""

@@ -20,7 +20,7 @@ def agent_settings(
     *,
     models: tuple[str, ...] = ("yolov8-head",),
     pipeline: dict[str, Any] | None = None,
-    http: bool = True,
+    http: bool | dict[str, Any] = True,
     **overrides: Any,
 ) -> AgentSettings:
     """Settings for an agent on generated models, a JSON-lines sink in ``tmp_path``."""
@@ -33,7 +33,8 @@ def agent_settings(
                    for m in models],
         "cameras": cameras,
         "pipeline": pipe,
-        "http": {"host": "127.0.0.1", "port": free_port() if http else 0},
+        "http": (http if isinstance(http, dict)
+                 else {"host": "127.0.0.1", "port": free_port() if http else 0}),
         "hub": {"cache_dir": str(tmp_path / "model-cache")},
         "engine": {"warmup_runs": 1},
         "shutdown_timeout_s": 10,
