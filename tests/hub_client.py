@@ -143,4 +143,4 @@ def hub_process(tmp_path: Path, *extra: str) -> Iterator[HubProcess]:
         yield hub
     finally:
         rc = hub.stop()
-        assert rc == 0, "hub exited with %s:\n%s" % (rc, hub.log_text()[-3000:])
+        assert rc == 0, f"hub exited with {rc}:\n{hub.log_text()[-3000:]}"

@@ -257,9 +257,8 @@ async def test_traversal_names_are_refused(
 
 
 async def test_oversize_uploads_are_refused(
-    hub: InProcessHub, http: aiohttp.ClientSession, tmp_path: Path, model: tuple[Path, Path]
+    hub: InProcessHub, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    _, manifest_path = model
     # over the limit but under the Content-Length pre-check: refused while streaming
     big = make_classifier(tmp_path / "big.onnx", pad_bytes=LIMIT + 4096)
     man = _json(make_manifest(big))

@@ -24,11 +24,11 @@ from tests.hub_models import write_model
 
 async def _push(reg: Registry, onnx: Path, manifest: Path, name: str = "tiny",
                 version: str = "1", **kw: str) -> tuple[object, bool]:
+    data, mbytes = await asyncio.to_thread(lambda: (onnx.read_bytes(), manifest.read_bytes()))
     staged = await reg.stage()
-    await staged.write(onnx.read_bytes())
+    await staged.write(data)
     await staged.finish()
-    return await reg.push(name, version, manifest_bytes=manifest.read_bytes(), staged=staged,
-                          **kw)
+    return await reg.push(name, version, manifest_bytes=mbytes, staged=staged, **kw)
 
 
 @pytest.fixture
