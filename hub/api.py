@@ -10,11 +10,12 @@ file and hashed as it arrives, never held whole in memory. Downloads stream from
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import contextlib
 import datetime as dt
 from typing import Any
 
+import structlog
 from aiohttp import BodyPartReader, hdrs, web
 
 from hub.errors import HubError, InvalidRequest, TooLarge
@@ -39,8 +40,10 @@ from hub.registry import (
     manifest_path,
     version_path,
 )
-from hub.storage import StagedArtifact
+from hub.storage import StagedArtifact, read_range
 from hub.validation import MAX_MANIFEST_BYTES
+
+log = structlog.get_logger(__name__)
 
 REGISTRY_KEY = web.AppKey("hub_registry", Registry)
 
@@ -159,14 +162,20 @@ async def get_artifact(request: web.Request) -> web.StreamResponse:
     resp.content_length = last - first + 1
     headers_disposition = f'attachment; filename="{v.name}-{v.version}.onnx"'
     resp.headers[hdrs.CONTENT_DISPOSITION] = headers_disposition
-    await resp.prepare(request)
     if request.method == "HEAD":
+        await resp.prepare(request)
         return resp
-    async with contextlib.aclosing(
-        registry.artifacts.read_range(v.sha256, first, last - first + 1)
-    ) as chunks:
-        async for chunk in chunks:
+    try:
+        blob = await registry.artifacts.open_blob(v.sha256)
+    except FileNotFoundError:
+        log.error("artifact_missing", model=v.name, version=v.version, sha256=v.sha256)
+        return error_response(500, "artifact_missing", "the artifact file is missing on the hub")
+    try:
+        await resp.prepare(request)
+        async for chunk in read_range(blob, first, last - first + 1):
             await resp.write(chunk)  # waits for the socket to drain: memory stays flat
+    finally:
+        await asyncio.to_thread(blob.close)
     await resp.write_eof()
     return resp
 

@@ -189,21 +189,26 @@ class ArtifactStore:
             log.info("storage_swept", removed=removed)
         return removed
 
-    async def read_range(self, sha256: str, start: int, length: int) -> AsyncGenerator[bytes, None]:
-        """Yield ``length`` bytes of a blob from ``start``, reading in a worker thread.
+    async def open_blob(self, sha256: str) -> BinaryIO:
+        """Open a blob for reading (in a thread). Raises FileNotFoundError when it is gone.
 
-        The file is opened once; a blob deleted meanwhile stays readable through the open
-        handle (POSIX), so a download in flight is never cut by a concurrent delete.
+        Open it before sending response headers; a blob deleted afterwards stays readable
+        through the open handle (POSIX), so a download in flight is never cut by a delete.
         """
-        f = await asyncio.to_thread(open, self.path(sha256), "rb")
-        try:
-            await asyncio.to_thread(f.seek, start)
-            left = length
-            while left > 0:
-                chunk = await asyncio.to_thread(f.read, min(READ_CHUNK, left))
-                if not chunk:
-                    raise OSError("artifact shorter than its recorded size")
-                left -= len(chunk)
-                yield chunk
-        finally:
-            await asyncio.to_thread(f.close)
+        f: BinaryIO = await asyncio.to_thread(open, self.path(sha256), "rb")
+        return f
+
+
+async def read_range(f: BinaryIO, start: int, length: int) -> AsyncGenerator[bytes, None]:
+    """Yield ``length`` bytes of an open file from ``start`` in 256 KiB worker-thread reads.
+
+    The caller owns (and closes) the file.
+    """
+    await asyncio.to_thread(f.seek, start)
+    left = length
+    while left > 0:
+        chunk = await asyncio.to_thread(f.read, min(READ_CHUNK, left))
+        if not chunk:
+            raise OSError("artifact shorter than its recorded size")
+        left -= len(chunk)
+        yield chunk

@@ -456,3 +456,17 @@ async def test_openapi_document_validates_and_covers_every_route(
     }
     documented = {(m, p) for p, ops in doc["paths"].items() for m in ops if m != "parameters"}
     assert routes == documented
+
+
+async def test_a_lost_artifact_file_is_a_json_error_not_a_broken_stream(
+    hub: InProcessHub, http: aiohttp.ClientSession, model: tuple[Path, Path]
+) -> None:
+    onnx_path, manifest_path = model
+    assert (await push(http, v_url(hub), onnx_path, manifest_path))[0] == 201
+    (blob,) = (hub.data_dir / p for p in stored_files(hub.data_dir))
+    blob.unlink()  # someone cleaned the volume by hand
+    async with http.get(v_url(hub, tail="/artifact")) as r:
+        assert r.status == 500
+        assert (await r.json())["error"]["code"] == "artifact_missing"
+    async with http.get(f"{hub.url}/healthz") as r:
+        assert r.status == 200
