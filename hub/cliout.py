@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import io
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -28,11 +29,16 @@ from rich.table import Table
 from hub.client import Progress as ProgressCallback
 
 
-def _console(file: Any = None) -> Console:
-    out = file or sys.stdout
-    tty = out.isatty()
+def _print(renderable: Any) -> None:
+    """Print to stdout: styled on a terminal; plain, unwrapped, right-trimmed off it."""
+    if sys.stdout.isatty():
+        Console(highlight=False).print(renderable)
+        return
     # off a terminal rich assumes 80 columns and wraps cells; a pipe has no width limit
-    return Console(file=out, width=None if tty else 200, no_color=not tty, highlight=False)
+    buf = io.StringIO()
+    Console(file=buf, width=200, no_color=True, highlight=False).print(renderable)
+    sys.stdout.write("\n".join(line.rstrip() for line in buf.getvalue().splitlines()) + "\n")
+    sys.stdout.flush()
 
 
 def print_json(obj: Any) -> None:
@@ -48,7 +54,7 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: st
         table.add_column(c, overflow="fold")
     for r in rows:
         table.add_row(*("" if v is None else str(v) for v in r))
-    _console().print(table)
+    _print(table)
 
 
 def print_fields(fields: Sequence[tuple[str, Any]]) -> None:
@@ -58,7 +64,7 @@ def print_fields(fields: Sequence[tuple[str, Any]]) -> None:
     table.add_column(overflow="fold")
     for k, v in fields:
         table.add_row(k, "" if v is None else str(v))
-    _console().print(table)
+    _print(table)
 
 
 def say(line: str) -> None:

@@ -43,6 +43,9 @@ from hub.registry import (
     version_path,
 )
 
+#: The manifest's name beside the model file, as models/build.py and the agent lay them out.
+MANIFEST_FILE = "manifest.json"
+
 
 class DigestMismatchError(HubError):
     """Downloaded bytes whose sha256 is not the one the hub announced."""
@@ -90,12 +93,14 @@ def register(sub: Any) -> None:
 
     pull = acts.add_parser(
         "pull", help="download a version (resumable) and verify it",
-        description="Download the artifact and manifest of NAME VERSION into DIR, resuming "
+        description="Download the artifact and manifest.json of NAME VERSION into DIR, resuming "
         "a partial download, checking the sha256 and, with --verify-key, the signature.",
     )
     pull.add_argument("name")
     pull.add_argument("version")
-    pull.add_argument("-o", "--output-dir", type=Path, default=Path("."), metavar="DIR")
+    pull.add_argument("-o", "--output-dir", type=Path, default=None, metavar="DIR",
+                      help="where to write the model file and manifest.json "
+                      "(default ./NAME-VERSION)")
     pull.add_argument("--verify-key", type=Path, metavar="PUB", help="ed25519 public key (PEM)")
     add_connection_args(pull)
     pull.set_defaults(func=lambda a: asyncio.run(_pull(a)))
@@ -280,13 +285,13 @@ def _partial_size(part: Path, size: int) -> int:
 
 def _install(part: Path, target: Path, manifest_bytes: bytes) -> None:
     os.replace(part, target)
-    target.with_suffix(".json").write_bytes(manifest_bytes)
+    (target.parent / MANIFEST_FILE).write_bytes(manifest_bytes)
 
 
 async def _pull(args: argparse.Namespace) -> int:
     check_ref(args.name, args.version)
     pub = signing.load_public_key(args.verify_key) if args.verify_key else None
-    out: Path = args.output_dir
+    out: Path = args.output_dir or Path(f"{args.name}-{args.version}")
     async with client_from_args(args) as hub:
         _, v = await hub.request_json("GET", version_path(args.name, args.version))
         file_name = str(v["manifest"].get("file") or f"{args.name}-{args.version}.onnx")
@@ -330,7 +335,7 @@ async def _pull(args: argparse.Namespace) -> int:
             raise SignatureRejected("the signature does not verify with the given key")
         verified = True
     await asyncio.to_thread(_install, part, target, manifest_bytes)
-    result = {"path": str(target), "manifest": str(target.with_suffix(".json")),
+    result = {"path": str(target), "manifest": str(target.parent / MANIFEST_FILE),
               "sha256": sha, "size": n, "resumed": resumed, "signature_verified": verified}
     if args.json:
         print_json(result)
