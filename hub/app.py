@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from hub import api
+from hub import api, api_fleet
 from hub.config import ConfigError, HubSettings
 from hub.httputil import SETTINGS_KEY, TOKEN_KEY, error_middleware
 from hub.openapi import OPENAPI_PATH, build_document
@@ -52,6 +52,7 @@ def build_app(
     ``registry`` defaults to one on ``storage.data_dir``; ``is_assigned`` (rollouts) tells it
     whether a version may be deleted. Other ``components`` are for the APIs that hook in here.
     """
+    control = components.pop("control", None)  # a ControlPlane for api_fleet (tests)
     if components:
         raise TypeError(f"unknown components: {sorted(components)}")
     try:
@@ -69,6 +70,8 @@ def build_app(
     reg = registry or Registry(settings, is_assigned=is_assigned)
     api.setup(app, reg)
     # hook: the rollout/fleet API adds its routes and paths here (hub/api_fleet.py, issue 7)
+    api_fleet.setup(app, reg, control=control, openapi=app[OPENAPI_KEY],
+                    set_is_assigned=registry is None and is_assigned is None)
     app.router.add_get(OPENAPI_PATH, _openapi)
     app.router.add_get("/healthz", _health)
 

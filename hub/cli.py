@@ -15,7 +15,7 @@ from hub import __version__
 from hub.errors import HubError
 
 #: Verb modules, in the order ``--help`` lists them.
-_VERBS: tuple[str, ...] = ("serve", "models", "keygen", "results")
+_VERBS: tuple[str, ...] = ("serve", "models", "keygen", "results", "rollout", "nodes")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -261,9 +261,9 @@ class StaticCluster(Cluster):
 
     def __init__(self, settings: ClusterSettings) -> None:
         super().__init__(settings)
-        if settings.inventory_file is None:
-            raise ClusterError("cluster.backend=static needs cluster.inventory_file")
-        self.path = Path(settings.inventory_file)
+        #: None: no inventory configured, so no nodes (the registry still works; rollouts
+        #: refuse with "matches no camera nodes").
+        self.path = Path(settings.inventory_file) if settings.inventory_file else None
         self._lock = threading.Lock()  # serializes read-modify-write of the file
         self._rv = 0
         self._stamp: tuple[int, int, int] | None = None
@@ -272,16 +272,21 @@ class StaticCluster(Cluster):
         self.invalid_reads = 0
 
     def _stat(self) -> tuple[int, int, int] | None:
+        if self.path is None:
+            return None
         try:
             st = self.path.stat()
         except FileNotFoundError:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
+    def _load(self) -> dict[str, dict[str, str]]:
+        return load_inventory(self.path) if self.path is not None else {}
+
     def _read(self) -> list[Node]:
         with self._lock:
             stamp = self._stat()
-            raw = load_inventory(self.path)
+            raw = self._load()
             self._stamp = stamp
             self._rv += 1
             return [Node(n, labels, str(self._rv)) for n, labels in raw.items()]
@@ -291,6 +296,9 @@ class StaticCluster(Cluster):
         nodes = await asyncio.to_thread(self._read)
         self._replace_all(nodes)
         self.ready.set()
+        if self.path is None:
+            log.warning("inventory_missing", effect="no nodes; set cluster.inventory_file")
+            return
         self._task = asyncio.create_task(self._poll(), name="cluster-static-poll")
         log.info("cluster_started", backend="static", nodes=len(self._cache), path=str(self.path))
 
@@ -327,7 +335,7 @@ class StaticCluster(Cluster):
         self, patches: Mapping[str, LabelPatch], expect: Mapping[str, LabelPatch]
     ) -> tuple[list[Node], dict[str, HubError]]:
         with self._lock:
-            raw = load_inventory(self.path)
+            raw = self._load()
             changed: list[Node] = []
             errors: dict[str, HubError] = {}
             dirty = False
@@ -354,7 +362,7 @@ class StaticCluster(Cluster):
                         labels[k] = v
                 dirty = True
                 changed.append(Node(name, dict(labels), str(self._rv)))
-            if dirty:
+            if dirty and self.path is not None:
                 write_inventory(self.path, raw)
             self._stamp = self._stat()
             return changed, errors

@@ -51,7 +51,7 @@ class ControlPlane:
         )
         self._started: list[str] = []
 
-    async def start(self, *, mqtt_wait_s: float = 5.0) -> None:
+    async def start(self, *, mqtt_wait_s: float = 0.0) -> None:
         """Start every part; on failure, stop what was started and re-raise."""
         try:
             await self.store.open()
@@ -62,13 +62,19 @@ class ControlPlane:
             self._started.append("mqtt")
             await self.dispatcher.start()
             self._started.append("dispatcher")
-            await self.controller.start()
+            await self.controller.start(connected=self._connected)
             self._started.append("controller")
         except BaseException:
             await self.aclose()
             raise
         log.info("control_plane_started", nodes=len(self.cluster.nodes()),
                  active_rollouts=sum(r.active for r in self.controller.rollouts.values()))
+
+    async def _connected(self) -> None:
+        """Wait (as long as it takes, logging) for the broker connection."""
+        while not await self.mqtt.wait_connected(10.0):
+            log.warning("rollouts_waiting_for_mqtt", host=self.settings.mqtt.host,
+                        port=self.settings.mqtt.port)
 
     async def aclose(self) -> None:
         """Stop in reverse order (idempotent)."""

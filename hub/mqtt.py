@@ -103,7 +103,7 @@ class HubMqtt:
         self._client.connect_async(s.host, s.port, keepalive=s.keepalive_s, clean_start=True)
         self._client.loop_start()
         if wait_s > 0:
-            await asyncio.to_thread(self._connected.wait, wait_s)
+            await self.wait_connected(wait_s)
         log.info("mqtt_starting", host=s.host, port=s.port, connected=self.connected)
 
     async def aclose(self) -> None:
@@ -121,8 +121,16 @@ class HubMqtt:
         await self.aclose()
 
     async def wait_connected(self, timeout: float) -> bool:
-        """Wait until connected (True) or ``timeout`` seconds pass (False)."""
-        return await asyncio.to_thread(self._connected.wait, timeout)
+        """Wait until connected (True) or ``timeout`` seconds pass (False).
+
+        Polls instead of blocking a thread, so a cancelled wait leaves nothing behind.
+        """
+        deadline = time.monotonic() + timeout
+        while not self.connected:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
 
     # ---------------------------------------------------------------------- paho callbacks
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -68,13 +68,14 @@ class RolloutController:
         return model_label(model, self.settings.cluster.label_prefix)
 
     # ---------------------------------------------------------------------------- lifecycle
-    async def start(self, *, grace_s: float | None = None) -> None:
-        """Load active rollouts; start stepping after ``grace_s`` (retained states arrive)."""
+    async def start(self, *, connected: Callable[[], Awaitable[object]] | None = None) -> None:
+        """Load active rollouts; step them once ``connected()`` returned and the start-up
+        grace passed (so the agents' retained states are in)."""
         for r in await self.store.load(active_only=True, limit=10_000):
             self.rollouts[r.id] = r
             log.info("rollout_resumed", rollout=r.id, state=r.state, wave=r.wave)
         self.fleet.on_state_change.append(lambda _node: self.wake())
-        self._task = asyncio.create_task(self._run(grace_s), name="rollouts")
+        self._task = asyncio.create_task(self._run(connected), name="rollouts")
 
     async def aclose(self) -> None:
         if self._task is not None:
@@ -86,11 +87,13 @@ class RolloutController:
         """Step soon (a node's state changed, a command arrived)."""
         self._wake.set()
 
-    async def _run(self, grace_s: float | None) -> None:
+    async def _run(self, connected: Callable[[], Awaitable[object]] | None) -> None:
         # until the retained states are in, every node would look offline and be skipped
-        await asyncio.sleep(self.settings.rollouts.startup_grace_s if grace_s is None
-                            else grace_s)
+        if connected is not None:
+            await connected()
+        await asyncio.sleep(self.settings.rollouts.startup_grace_s)
         self.ready.set()
+        log.info("rollouts_ready", active=sum(r.active for r in self.rollouts.values()))
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.settings.rollouts.tick_s)

@@ -221,5 +221,10 @@ def test_static_invalid_inventory(tmp_path: Path) -> None:
     p.write_text("nodes:\n  - name: a\n  - name: a\n")
     with pytest.raises(ClusterError, match="twice"):
         load_inventory(p)
-    with pytest.raises(ClusterError, match=r"needs cluster\.inventory_file"):
-        StaticCluster(ClusterSettings(backend="static"))
+
+
+async def test_static_without_inventory_has_no_nodes() -> None:
+    async with StaticCluster(ClusterSettings(backend="static")) as c:
+        assert c.nodes() == {}
+        out = await c.patch_many({"a": {DET: "v1"}})
+        assert isinstance(out["a"], ClusterError)
