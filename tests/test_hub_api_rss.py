@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -81,11 +82,14 @@ def test_100mb_download_keeps_hub_rss_flat(tmp_path: Path) -> None:
         download({"Range": "bytes=0-1048575"})  # warm up the download path
         before = psutil.Process(hub.proc.pid).memory_info().rss
         with RssSampler(hub.proc.pid) as rss:
+            t0 = time.monotonic()
             digest, n = download()
+            took = time.monotonic() - t0
             _, tail = download({"Range": f"bytes={n // 2}-"})
         assert digest == sha and n == onnx.stat().st_size and tail == n - n // 2
         growth = rss.peak - before
         print(f"hub rss before={before / 2**20:.1f} MiB peak={rss.peak / 2**20:.1f} MiB "
-              f"growth={growth / 2**20:.1f} MiB over {rss.samples} samples")
+              f"growth={growth / 2**20:.1f} MiB over {rss.samples} samples; "
+              f"download {n / 2**20 / took:.0f} MiB/s")
         assert rss.samples > 10
         assert growth <= MAX_RSS_GROWTH, f"hub RSS grew by {growth / 2**20:.1f} MiB"
