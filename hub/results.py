@@ -67,7 +67,8 @@ class ResultsUnavailableError(HubError):
 
     code = "broker_unavailable"
     http_status = 503
-    exit_code = 1
+    #: as the hub client's "unreachable" (3): scripts tell "no broker" from "no results" (1)
+    exit_code = 3
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,8 @@ def register(sub: Any) -> None:
         description="Subscribe to results, drop duplicates by (node, camera, seq), report gaps "
         "on stderr, and print each result (a line per result, or JSON lines with --json or "
         "--output). Ends after --count results or --timeout seconds, or on Ctrl-C, with a "
-        "summary on stderr. Exit 1 when --count results did not arrive within --timeout.",
+        "summary on stderr. Exit 1 when --count results did not arrive within --timeout, "
+        "3 when the broker is unreachable or refuses the login or the subscription.",
     )
     t.add_argument("--config", type=Path, help="hub config file (its mqtt section is used)")
     t.add_argument("--host", help="broker host (default: mqtt.host of the config)")
