@@ -119,3 +119,117 @@ async def control_plane(settings: HubSettings, registry: Registry,
     await cp.start()
     await cp.controller.ready.wait()
     return cp
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_hub_config(path: Path, *, data_dir: Path, port: int, token_file: Path, mqtt_port: int,
+                     prefix: str, kubeconfig: Path) -> Path:
+    """A YAML config for ``edge-hub serve`` in a subprocess (fast ticks, short retries)."""
+    import yaml
+
+    cfg = {
+        "log": {"level": "info", "json_lines": True},
+        "api": {"host": "127.0.0.1", "port": port, "token_file": str(token_file),
+                "public_url": "http://hub.test:8081"},
+        "storage": {"data_dir": str(data_dir)},
+        "mqtt": {"host": "127.0.0.1", "port": mqtt_port, "topic_prefix": prefix},
+        "cluster": {"backend": "kubernetes", "kubeconfig": str(kubeconfig),
+                    "api_timeout_s": 0.5, "api_backoff_s": 0.01, "api_backoff_max_s": 0.05,
+                    "watch_timeout_s": 5},
+        "telemetry": {"window_s": 60, "offline_after_s": 30},
+        "rollouts": {"tick_s": 0.05, "startup_grace_s": 0.3},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+class HubProc:
+    """``edge-hub serve --config`` as a child process that tests can ``kill -9``."""
+
+    def __init__(self, config: Path, port: int, log_path: Path) -> None:
+        self.config, self.port, self.log_path = config, port, log_path
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: Any = None
+
+    def start(self) -> HubProc:
+        import os
+        import subprocess
+        import sys
+
+        from tests.broker import wait_port
+
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "hub", "serve", "--config", str(self.config)],
+                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                wait_port(self.port, timeout=0.2)
+                break
+            except TimeoutError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("hub did not start:\n" + self.log_text()[-3000:]) \
+                        from None
+        return self
+
+    def kill9(self) -> None:
+        """A crash: SIGKILL, no shutdown at all."""
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return 0 if self.proc is None else int(self.proc.returncode)
+        self.proc.terminate()
+        try:
+            return int(self.proc.wait(25))
+        except Exception:
+            self.proc.kill()
+            return int(self.proc.wait(10))
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def cli(hub_url: str, *args: str, timeout: float = 60) -> Any:
+    """Run ``edge-hub ARGS`` in a subprocess against ``hub_url``; the CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGE_HUB_URL": hub_url,
+           "EDGE_HUB_TOKEN": TOKEN}
+    return subprocess.run([sys.executable, "-m", "hub", *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=timeout, check=False)
+
+
+def cli_inproc(hub_url: str, *args: str) -> Any:
+    """``edge-hub ARGS`` in this process (same code path as the console script, minus the
+    interpreter start-up); returns an object with returncode, stdout and stderr."""
+    import contextlib
+    import io
+    import os
+    import types
+
+    from hub.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.get(k) for k in ("EDGE_HUB_URL", "EDGE_HUB_TOKEN")}
+    os.environ.update({"EDGE_HUB_URL": hub_url, "EDGE_HUB_TOKEN": TOKEN})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main(list(args))
+            except SystemExit as exc:  # argparse usage errors
+                rc = int(exc.code or 0)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return types.SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
