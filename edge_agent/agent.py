@@ -141,6 +141,11 @@ class Agent:
         """Load models, measure, open the sink, start cameras and HTTP, spawn the tasks."""
         t0 = time.perf_counter()
         s = self.settings
+        import cv2  # noqa: PLC0415 - heavy; only a running agent needs it
+
+        # parallelism comes from one thread per camera and per worker; OpenCV's own pool
+        # inside each resize would only oversubscribe the cores those threads already use
+        cv2.setNumThreads(1)
         await self._load_models()
         workers, limits = await asyncio.to_thread(self._choose_concurrency)
         if self.sink is None:

@@ -95,26 +95,29 @@ def parse_source(url: str) -> SourceSpec:
     if scheme == "test":
         if parts.netloc != "pattern":
             raise ValueError("test:// supports only test://pattern")
-        query = parse_qs(parts.query, strict_parsing=False)
-        params: dict[str, float] = {}
-        for key, values in query.items():
-            if key not in _TEST_PARAMS:
-                raise ValueError(f"test://pattern: unknown parameter {key!r}")
-            lo, hi, _ = _TEST_PARAMS[key]
-            try:
-                val = float(values[-1])
-            except ValueError:
-                raise ValueError(f"test://pattern: {key} must be a number") from None
-            if not lo <= val <= hi:
-                raise ValueError(f"test://pattern: {key} must be in [{lo}, {hi}]")
-            params[key] = val
-        for key, (_, _, default) in _TEST_PARAMS.items():
-            params.setdefault(key, float(default))
-        return SourceSpec("test", "pattern", params)
+        return SourceSpec("test", "pattern", _pattern_params(parts.query))
     raise ValueError(
         f"unsupported source scheme {scheme!r}: use a file path, file://, rtsp://, "
         "http(s)://, rtmp://, usb://N or test://pattern"
     )
+
+
+def _pattern_params(query: str) -> dict[str, float]:
+    params: dict[str, float] = {}
+    for key, values in parse_qs(query, strict_parsing=False).items():
+        if key not in _TEST_PARAMS:
+            raise ValueError(f"test://pattern: unknown parameter {key!r}")
+        lo, hi, _ = _TEST_PARAMS[key]
+        try:
+            val = float(values[-1])
+        except ValueError:
+            raise ValueError(f"test://pattern: {key} must be a number") from None
+        if not lo <= val <= hi:
+            raise ValueError(f"test://pattern: {key} must be in [{lo}, {hi}]")
+        params[key] = val
+    for key, (_, _, default) in _TEST_PARAMS.items():
+        params.setdefault(key, float(default))
+    return params
 
 
 class Reader(Protocol):
@@ -281,7 +284,7 @@ class Backoff:
 
     def next_delay(self) -> float:
         """The delay before the next attempt (and count the attempt)."""
-        d = min(self.max_s, self.min_s * (2 ** min(self.attempt, 30)))
+        d = min(self.max_s, self.min_s * 2.0 ** min(self.attempt, 30))
         self.attempt += 1
         return d / 2 + self._rng.uniform(0, d / 2)
 
@@ -491,20 +494,7 @@ class Camera:
                 elif delay < -1.0:
                     t0 = time.monotonic() - n * period  # far behind: do not burst to catch up
             if not reader.grab():
-                if self._stop.is_set():
-                    return "stopped"
-                if self.spec.kind == "file" and got_any:
-                    return "ended"
-                silent = time.monotonic() - (self.last_frame_at or t0)
-                if got_any and silent >= s.stall_timeout_s * 0.9:
-                    # the FFmpeg read timeout ended a read that waited for a frame in vain
-                    if self.state != "stalled":
-                        self.stalls += 1
-                        self._set_state("stalled", silent_s=round(silent, 2))
-                    self.last_error = f"stalled: no frame for {silent:.1f} s"
-                else:
-                    self.last_error = "read failed" if got_any else "no frame from source"
-                return "failed"
+                return self._read_failed(got_any, t0)
             n += 1
             now = time.monotonic()
             self.frames_read += 1
@@ -527,6 +517,23 @@ class Camera:
                 continue
             self._deliver(img, backpressure)
         return "stopped"
+
+    def _read_failed(self, got_any: bool, t0: float) -> Literal["stopped", "ended", "failed"]:
+        """Classify a failed read: a stop, the end of a file, a stall or a failure."""
+        if self._stop.is_set():
+            return "stopped"
+        if self.spec.kind == "file" and got_any:
+            return "ended"
+        silent = time.monotonic() - (self.last_frame_at or t0)
+        if got_any and silent >= self.settings.stall_timeout_s * 0.9:
+            # the FFmpeg read timeout ended a read that waited for a frame in vain
+            if self.state != "stalled":
+                self.stalls += 1
+                self._set_state("stalled", silent_s=round(silent, 2))
+            self.last_error = f"stalled: no frame for {silent:.1f} s"
+        else:
+            self.last_error = "read failed" if got_any else "no frame from source"
+        return "failed"
 
     def _count_fps(self, now: float) -> None:
         start, count = self._fps_window

@@ -148,7 +148,11 @@ class AgentMetrics:
                 if obs is None:
                     h = self.stage
                     obs = StageObservers(
-                        *(h.labels(model, version, s) for s in STAGES),
+                        capture_to_start=h.labels(model, version, "capture_to_start"),
+                        preprocess=h.labels(model, version, "preprocess"),
+                        inference=h.labels(model, version, "inference"),
+                        postprocess=h.labels(model, version, "postprocess"),
+                        end_to_end=h.labels(model, version, "end_to_end"),
                         frames=self.frames.labels(model, version),
                         errors=self.errors.labels(model, version),
                         batch=self.batch.labels(model, version),

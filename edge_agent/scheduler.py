@@ -206,9 +206,9 @@ class Scheduler:
             error = f"{type(exc).__name__}: {exc}"[:300]
             self._count_error(model, len(batch), error)
         finally:
-            slot.release(model, None)  # type: ignore[union-attr]
+            slot.release(model, None)
         # one outcome per frame, for the probation of a freshly swapped-in version
-        slot.report(model, len(batch), error)  # type: ignore[union-attr]
+        slot.report(model, len(batch), error)
 
     def _infer(self, model: Any, frames: list[Frame]) -> None:
         perf = time.perf_counter

@@ -65,7 +65,9 @@ class Supervisor:
             self._stop = asyncio.Event()
         return self._stop
 
-    def spawn(self, name: str, coro: Coroutine[Any, Any, Any], *, root: bool = True) -> asyncio.Task[Any]:
+    def spawn(
+        self, name: str, coro: Coroutine[Any, Any, Any], *, root: bool = True
+    ) -> asyncio.Task[Any]:
         """Start ``coro`` as the task ``name``; ``root`` tasks stop the agent when they end."""
         if name in self._tasks and not self._tasks[name].done():
             coro.close()

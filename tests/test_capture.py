@@ -1,4 +1,4 @@
-"""Capture: URL parsing, backoff, real video files, real MJPEG streams that die, come back, stall."""
+"""Capture: URL parsing, backoff, real video files, real MJPEG streams that die and stall."""
 
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def test_backoff_grows_with_jitter_is_capped_and_resets() -> None:
     b = Backoff(0.5, 8.0, random.Random(1))
     delays = [b.next_delay() for _ in range(8)]
     caps = [min(8.0, 0.5 * 2**k) for k in range(8)]
-    for d, cap in zip(delays, caps):
+    for d, cap in zip(delays, caps, strict=True):
         assert cap / 2 <= d <= cap
     assert delays[-1] <= 8.0 and delays[3] > delays[0]
     assert len({round(d, 6) for d in delays}) == len(delays)  # jittered, not lockstep
@@ -136,7 +136,8 @@ def test_file_at_max_rate_delivers_every_frame_then_ends(tmp_path: Path,
     assert len(slot.taken) == 25 and c.dropped == 0
     assert [f.index for f in slot.taken] == list(range(25))
     f = slot.taken[0]
-    assert (f.width, f.height) == (320, 240) and f.image is not None and f.image.shape == (240, 320, 3)
+    assert (f.width, f.height) == (320, 240)
+    assert f.image is not None and f.image.shape == (240, 320, 3)
     assert c.source_fps == pytest.approx(30.0, rel=0.01)
 
 

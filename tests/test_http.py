@@ -51,7 +51,7 @@ async def _get(url: str) -> tuple[int, Any]:
 
 
 async def test_probes_models_and_cameras(running: tuple[Agent, str]) -> None:
-    agent, base = running
+    _, base = running
 
     async def ready() -> bool:
         return (await _get(base + "/readyz"))[0] == 200

@@ -12,7 +12,8 @@ import psutil
 import pytest
 
 from edge_agent.agent import Agent
-from edge_agent.config import ConfigError
+from edge_agent.config import ConfigError, EngineSettings
+from edge_agent.inference.engine import LoadedModel
 from edge_agent.protocol import decode_result, encode_dict
 from edge_agent.scheduler import calibrate
 from edge_agent.sinks import JsonLinesSink
@@ -140,9 +141,6 @@ async def test_batching_across_cameras_runs_waiting_frames_together(
 
 
 def test_calibration_times_every_candidate(models_dir: Path) -> None:
-    from edge_agent.config import EngineSettings
-    from edge_agent.inference.engine import LoadedModel
-
     model = LoadedModel.load(models_dir / "yolov8-head" / "manifest.json",
                              EngineSettings(warmup_runs=1))
     try:
@@ -164,8 +162,10 @@ async def test_jsonl_sink_resumes_each_cameras_seq_after_a_restart(
         s = agent_settings(tmp_path, models_dir, [pattern("cam-a", fps=30)], http=False)
         agent = Agent(s)
         await agent.start()
+        pipeline = agent.pipeline
+        assert pipeline is not None
         try:
-            await wait_until(lambda: sum(agent.pipeline.published.values()) >= 5,  # type: ignore[union-attr]
+            await wait_until(lambda p=pipeline: sum(p.published.values()) >= 5,  # type: ignore[misc]
                              what="results")
         finally:
             await agent.stop()

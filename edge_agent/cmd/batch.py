@@ -89,6 +89,7 @@ def _frame_count(path: Path) -> int | None:
 
 
 def _progress(total: int | None) -> Any:
+    from rich.console import Console  # noqa: PLC0415
     from rich.progress import (  # noqa: PLC0415
         BarColumn,
         MofNCompleteColumn,
@@ -96,8 +97,6 @@ def _progress(total: int | None) -> Any:
         TextColumn,
         TimeRemainingColumn,
     )
-
-    from rich.console import Console  # noqa: PLC0415
 
     console = Console(file=sys.stderr)
     return Progress(TextColumn("batch"), BarColumn(), MofNCompleteColumn(),

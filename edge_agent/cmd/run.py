@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         check_settings(settings)
     except ConfigError as exc:
         for path, msg, value in exc.errors:
-            print(f"edge-agent: config error: {path}: {msg} (got {value!r})", file=sys.stderr)
+            sys.stderr.write(f"edge-agent: config error: {path}: {msg} (got {value!r})\n")
         return 2
     from edge_agent.agent import run_agent  # noqa: PLC0415
     from edge_agent.logs import configure_logging  # noqa: PLC0415
