@@ -96,9 +96,9 @@ class SimAgent:
         c.will_set(protocol.state_topic(self.prefix, self.node), will, qos=1, retain=True)
         c.on_connect = self._on_connect
         c.on_message = self._on_message
+        self._client = c  # before connecting: on_connect publishes the state through it
         c.connect("127.0.0.1", self.port, keepalive=5)
         c.loop_start()
-        self._client = c
         if not self._connected.wait(10):
             raise RuntimeError(f"sim agent {self.node} could not connect")
         self._stop.clear()
