@@ -53,6 +53,7 @@ from edge_agent.protocol import (
     ProtocolError,
     StateMessage,
     decode_desired,
+    desired_topic,
 )
 
 log = structlog.get_logger(__name__)
@@ -193,6 +194,18 @@ class ModelSync:
         return None, error
 
     # --------------------------------------------------------------------------- desired in
+
+    def attach(self, link: Any) -> None:
+        """Take desired state from, and publish state through, the agent's ``MqttLink``.
+
+        Subscribes to this node's retained desired topic (the broker sends the retained message
+        on every (re)subscribe; repeats are ignored by generation) and publishes the current
+        state, which the link re-sends on every reconnect.
+        """
+        self.publish_cb = link.publish_state
+        link.subscribe(desired_topic(link.topic_prefix, self.settings.node), self.on_desired,
+                       qos=1)
+        self.publish_state()
 
     def on_desired(self, topic: str, payload: bytes) -> None:
         """MQTT callback for the retained desired topic (event loop or client thread)."""
