@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 from aiohttp import BodyPartReader, hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from hub.errors import HubError, InvalidRequest, TooLarge
 from hub.httputil import (
@@ -253,8 +254,11 @@ async def _read_upload(request: web.Request, staged: StagedArtifact) -> dict[str
                     f"unknown part {name!r}; expected artifact, manifest, signature, notes, "
                     "pushed_by"
                 )
-    except (ValueError, LookupError, AssertionError, EOFError) as exc:
-        raise InvalidRequest(f"malformed multipart body: {exc}") from exc
+    except (ValueError, LookupError, AssertionError, EOFError, HttpProcessingError) as exc:
+        # the parser's ways of saying "not well-formed": bad framing, part headers, encodings
+        text = exc.message if isinstance(exc, HttpProcessingError) else str(exc)
+        detail = text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
+        raise InvalidRequest(f"malformed multipart body: {detail}") from exc
     for required in ("artifact", "manifest"):
         if required not in fields:
             raise InvalidRequest(f"the upload has no {required!r} part")

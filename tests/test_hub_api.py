@@ -327,6 +327,13 @@ async def test_malformed_upload_requests(
     async with http.put(v_url(hub), data=broken, headers={
             **AUTH, "Content-Type": "multipart/form-data; boundary=xyz"}) as r:
         assert 400 <= r.status < 500
+    # a NUL in a part header (found by the fuzzer: the parser raised a non-ValueError)
+    nul = (b"--xyz\r\nContent-Disposition: form-data; name=\"a\x00b\"\r\n\r\n{}\r\n"
+           b"--xyz--\r\n")
+    async with http.put(v_url(hub), data=nul, headers={
+            **AUTH, "Content-Type": "multipart/form-data; boundary=xyz"}) as r:
+        assert r.status == 400
+        assert "malformed multipart" in (await r.json())["error"]["message"]
     assert stored_files(hub.data_dir) == set()
 
 
