@@ -18,13 +18,20 @@ a dict update (microseconds), nothing per frame touches the disk or the loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import structlog
+
 from edge_agent.errors import ModelError
+
+log = structlog.get_logger(__name__)
 
 
 class ServingModel(Protocol):
@@ -177,6 +184,45 @@ class ModelSlot:
         except asyncio.TimeoutError:
             return False
         return True
+
+    async def retire(self, box: list[Any], timeout: float) -> str | None:
+        """Release a replaced model (popped from ``box``) once no frame uses it any more.
+
+        Frames the old model already preprocessed still hold it (the scheduler re-preprocesses
+        them for the new one when it takes them), so the session is released when the last
+        reference goes: leases first, then every other reference, watched with a weak
+        reference whose callback fires in whichever thread drops the last one. The model
+        travels in a one-element list so no caller's variable keeps it alive. If something
+        still holds it after ``timeout`` its session is closed anyway, so a stray reference
+        cannot keep a session's memory forever. Returns ``released``,
+        ``closed_while_referenced`` or None (nothing to retire).
+        """
+        model = box.pop() if box else None
+        if model is None:
+            return None
+        deadline = time.monotonic() + timeout
+        version = str(model.version)
+        await self.wait_idle(model, timeout)
+        loop = asyncio.get_running_loop()
+        gone = asyncio.Event()
+        try:
+            ref = weakref.ref(model, lambda _r: loop.call_soon_threadsafe(gone.set))
+        except TypeError:  # not weak-referenceable: close once the leases came back
+            await asyncio.to_thread(model.close)
+            log.info("model_released", model=self.name, version=version)
+            return "released"
+        del model
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(gone.wait(), max(0.0, deadline - time.monotonic()))
+        leftover = ref()
+        if leftover is None:
+            log.info("model_released", model=self.name, version=version)
+            return "released"
+        # frames that still reach it fail and are counted; memory does not grow per swap
+        await asyncio.to_thread(leftover.close)
+        log.warning("model_closed_while_referenced", model=self.name, version=version,
+                    inflight=self.inflight(leftover))
+        return "closed_while_referenced"
 
     # ------------------------------------------------------------------------- internals
 

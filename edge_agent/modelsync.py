@@ -26,12 +26,10 @@ config file is shadow-loaded, validated and switched in exactly like a hub versi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import inspect
 import json
 import time
-import weakref
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -111,11 +109,11 @@ class ModelSync:
         self._loader: Loader = loader or (
             lambda path, sha: load_checked(path, settings.engine, settings.model_sync, sha)
         )
-        self._record: dict[str, Any] = self.cache.load_state()
-        self._record.setdefault("models", {})
+        #: The persisted sync state (read by ``load_startup``).
+        self._record: dict[str, Any] = {"models": {}}
         #: The desired generation applied last (persisted, so a restart ignores a repeat).
-        self.generation = int(self._record.get("generation", 0))
-        self._seen_generation = self.generation
+        self.generation = 0
+        self._seen_generation = 0
         self._pending: DesiredMessage | None = None
         self._local: dict[str, Target] = {}
         self._wake = asyncio.Event()
@@ -142,6 +140,9 @@ class ModelSync:
         ``failed``.
         """
         self._loop = asyncio.get_running_loop()
+        self._record = await asyncio.to_thread(self.cache.load_state)
+        self._record.setdefault("models", {})
+        self.generation = self._seen_generation = int(self._record.get("generation", 0))
         specs = self._config_specs()
         names = sorted(set(specs) | set(self._record["models"]))
         for name in names:
@@ -433,45 +434,9 @@ class ModelSync:
         return ("pass", "timeout")
 
     async def _retire(self, slot: ModelSlot, box: list[Any]) -> None:
-        """Release a replaced session once no frame uses it any more.
-
-        Frames already prepared by the old model still hold it (they must run on the model
-        that preprocessed them), so the session is released when the last reference goes:
-        explicit leases first, then every other reference (checked with a weak reference).
-        If something still holds it after ``drain_timeout_s`` it is closed explicitly, so a
-        stray reference cannot keep a session's memory forever.
-        """
-        model = box.pop() if box else None
-        if model is None:
-            return
-        timeout = self.settings.model_sync.drain_timeout_s
-        deadline = time.monotonic() + timeout
-        version = str(model.version)
-        await slot.wait_idle(model, timeout)
-        loop = asyncio.get_running_loop()
-        gone = asyncio.Event()
-        try:
-            # the callback runs in whichever thread drops the last reference
-            ref = weakref.ref(model, lambda _r: loop.call_soon_threadsafe(gone.set))
-        except TypeError:  # not weak-referenceable: close after the leases came back
-            await asyncio.to_thread(model.close)
-            self.counters["released"] += 1
-            log.info("model_released", model=slot.name, version=version)
-            return
-        del model
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(gone.wait(), max(0.0, deadline - time.monotonic()))
-        leftover = ref()
-        if leftover is None:
-            self.counters["released"] += 1
-            log.info("model_released", model=slot.name, version=version)
-            return
-        self.counters["closed_while_referenced"] += 1
-        # something still holds the old model: close its session anyway (frames that still
-        # reach it fail and are counted, memory does not grow with every swap)
-        await asyncio.to_thread(leftover.close)
-        log.warning("model_closed_while_referenced", model=slot.name, version=version,
-                    inflight=slot.inflight(leftover))
+        outcome = await slot.retire(box, self.settings.model_sync.drain_timeout_s)
+        if outcome is not None:
+            self.counters[outcome] += 1
 
     # ------------------------------------------------------------------------- persistence
 
@@ -519,9 +484,14 @@ class ModelSync:
         self.publish_state()
 
     def model_states(self) -> list[ModelState]:
-        """Per model: serving version and status, for ``state`` and ``/v1/models``."""
-        return [self._status.get(n, ModelState(name=n, version=s.version, status="active"))
-                for n, s in sorted(self.slots.items())]
+        """Per model: serving version and status, for ``state`` and ``/v1/models``.
+
+        A slot with nothing loaded and no attempt yet (a camera's model that only the hub can
+        provide) is ``loading``: it waits for a desired version.
+        """
+        return [self._status.get(n, ModelState(
+            name=n, version=s.version, status="active" if s.version else "loading"))
+            for n, s in sorted(self.slots.items())]
 
     def providers(self) -> list[str]:
         """Execution providers in use by the loaded models (first seen first)."""
