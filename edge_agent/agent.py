@@ -84,6 +84,8 @@ class Agent:
         self.pipeline: Pipeline | None = None
         self.http: HttpServer | None = None
         self.sync: Any = None
+        #: The outbox, MQTT link, drain and telemetry (``pipeline.sink: mqtt``).
+        self.mqtt: MqttParts | None = None
         #: Startup measurement figures (frames per second per candidate, per model).
         self.calibration: dict[str, dict[str, float]] = {}
         self._infer_pool = concurrent.futures.ThreadPoolExecutor(1, "http-infer")
@@ -95,7 +97,8 @@ class Agent:
     async def _load_models(self) -> None:
         from edge_agent.modelsync import ModelSync  # noqa: PLC0415 - keeps import cheap
 
-        self.sync = ModelSync(self.settings, self.slots)
+        # its constructor reads the sync state file: not on the event loop
+        self.sync = await asyncio.to_thread(ModelSync, self.settings, self.slots)
         await self.sync.load_startup()  # raises ModelError for a config model that cannot load
         loaded = [s.model for s in self.slots.values() if s.model is not None]
         self.metrics.set_model_info(loaded)
@@ -132,8 +135,8 @@ class Agent:
         p = self.settings.pipeline
         if p.sink == "jsonl":
             return await JsonLinesSink(p.jsonl_path, append=True).open()
-        raise ConfigError([("pipeline.sink", "the MQTT link is not available in this build; "
-                            "use sink: jsonl", p.sink)])
+        self.mqtt = await MqttParts.open(self.settings, self.metrics)
+        return self.mqtt.outbox
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -168,16 +171,23 @@ class Agent:
 
             self.reloader = ConfigReloader(self, self.config_path)
             sup.spawn("config-reload", self.reloader.run(), root=False)
+        if self.mqtt is not None:
+            self.mqtt.attach(self, sup)
         if s.http.port:
             app = build_app(self, max_upload_bytes=s.http.max_upload_bytes)
             self.http = HttpServer(app, s.http.host, s.http.port)
             await self.http.start()
         # shutdown steps, in order (the supervisor bounds them all together)
         pipeline = self.pipeline
-        sup.on_shutdown("pipeline", lambda: pipeline.stop(s.shutdown_timeout_s * 0.6))
+        sup.on_shutdown("pipeline", lambda: pipeline.stop(s.shutdown_timeout_s * 0.5))
+        if self.mqtt is not None:
+            mqtt = self.mqtt
+            sup.on_shutdown("outbox-drain", lambda: mqtt.drain.aclose(s.shutdown_timeout_s * 0.2))
         if self._own_sink:
             sink = self.sink
             sup.on_shutdown("sink", sink.aclose)
+        if self.mqtt is not None:
+            sup.on_shutdown("mqtt", self.mqtt.link.aclose)
         if self.http is not None:
             sup.on_shutdown("http", self.http.aclose)
         sup.on_shutdown("models", self._close_models)
@@ -298,6 +308,53 @@ class Agent:
         }
         result.update(out.output)
         return result
+
+
+class MqttParts:
+    """The durable outbox, the MQTT link, the outbox drain and telemetry, wired together."""
+
+    def __init__(self, settings: AgentSettings, outbox: Any, link: Any, drain: Any) -> None:
+        self.settings = settings
+        self.outbox = outbox
+        self.link = link
+        self.drain = drain
+
+    @classmethod
+    async def open(cls, settings: AgentSettings, metrics: AgentMetrics) -> MqttParts:
+        """Open the outbox (in a thread) and start connecting (the broker may be down)."""
+        from edge_agent import __version__, metrics_outbox  # noqa: PLC0415
+        from edge_agent.drain import Drain  # noqa: PLC0415
+        from edge_agent.mqtt import MqttLink  # noqa: PLC0415
+        from edge_agent.outbox import Outbox  # noqa: PLC0415
+
+        outbox = await Outbox(settings.outbox, topic_prefix=settings.mqtt.topic_prefix,
+                              cameras=[c.name for c in settings.cameras]).aopen()
+        link = MqttLink(settings.mqtt, settings.node, agent_version=__version__)
+        await link.start()
+        drain = Drain(outbox, link)
+        metrics_outbox.register(metrics.registry, outbox, link, drain)
+        return cls(settings, outbox, link, drain)
+
+    def attach(self, agent: Agent, sup: Supervisor) -> None:
+        """Spawn the drain and telemetry; route desired state to model sync and state back."""
+        from edge_agent import __version__  # noqa: PLC0415
+        from edge_agent.protocol import desired_topic  # noqa: PLC0415
+        from edge_agent.telemetry import TelemetryPublisher  # noqa: PLC0415
+
+        s = self.settings
+        pipeline = agent.pipeline
+        assert pipeline is not None
+        telemetry = TelemetryPublisher(
+            self.link, s.node, s.mqtt.telemetry_interval_s,
+            models=pipeline.telemetry_models, cameras=pipeline.telemetry_cameras,
+            outbox=self.outbox.snapshot, agent_version=__version__)
+        sup.spawn("outbox-drain", self.drain.run(), drained=True)
+        sup.spawn("telemetry", telemetry.run())
+        sync = agent.sync
+        if sync is not None:
+            sync.publish_cb = self.link.publish_state
+            self.link.subscribe(desired_topic(s.mqtt.topic_prefix, s.node), sync.on_desired)
+            sync.publish_state()
 
 
 def _infer_leased(slot: ModelSlot, image: np.ndarray) -> tuple[Any, Any]:

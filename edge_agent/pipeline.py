@@ -26,6 +26,7 @@ from edge_agent.capture import Camera, Frame, PrepareHook
 from edge_agent.config import CameraSettings
 from edge_agent.metrics import AgentMetrics
 from edge_agent.modelslot import ModelSlot
+from edge_agent.protocol import CameraTelemetry, LatencySummary, ModelTelemetry
 from edge_agent.scheduler import Scheduler
 from edge_agent.sinks import ResultSink
 
@@ -33,6 +34,18 @@ log = structlog.get_logger(__name__)
 
 #: Seconds between stall checks of the cameras.
 MONITOR_INTERVAL_S = 0.5
+#: Latency samples per model version kept per telemetry window (the newest ones).
+WINDOW_SAMPLES = 4096
+
+
+def _snapshot(counter: Mapping[tuple[str, str], int]) -> dict[tuple[str, str], int]:
+    """A copy of a dict that worker threads may grow meanwhile."""
+    for _ in range(10):
+        try:
+            return dict(counter)
+        except RuntimeError:  # "changed size during iteration": a new key; try again
+            continue
+    return {}
 
 
 class ResultRelay:
@@ -55,6 +68,9 @@ class ResultRelay:
         self._e2e: dict[tuple[str, str], Any] = {}
         #: Results handed to the sink, per camera.
         self.published: collections.Counter[str] = collections.Counter()
+        #: Per (model, version) since the last ``take_window``: results and their end-to-end
+        #: latencies in ms (the newest ``WINDOW_SAMPLES``), for telemetry percentiles.
+        self._window: dict[tuple[str, str], tuple[list[int], collections.deque[float]]] = {}
         #: Results dropped because the loop fell behind.
         self.dropped = 0
 
@@ -89,6 +105,7 @@ class ResultRelay:
         perf = time.perf_counter
         published = self.published
         e2e_children = self._e2e
+        window = self._window
         while True:
             try:
                 t_read, res = pop()
@@ -102,6 +119,11 @@ class ResultRelay:
             if child is None:
                 child = e2e_children[key] = self._metrics.observers(*key).end_to_end
             child.observe(e2e)
+            win = window.get(key)
+            if win is None:
+                win = window[key] = ([0], collections.deque(maxlen=WINDOW_SAMPLES))
+            win[0][0] += 1
+            win[1].append(e2e * 1000.0)
             publish(res)
             published[res["camera"]] += 1
 
@@ -109,6 +131,11 @@ class ResultRelay:
     def pending(self) -> int:
         """Results waiting for the loop."""
         return len(self._queue)
+
+    def take_window(self) -> dict[tuple[str, str], tuple[int, list[float]]]:
+        """Results and end-to-end latencies (ms) per model version since the last call."""
+        window, self._window = self._window, {}  # both on the event loop thread: no lock
+        return {k: (n[0], list(lat)) for k, (n, lat) in window.items()}
 
 
 class Pipeline:
@@ -147,6 +174,8 @@ class Pipeline:
         metrics.watch_cameras(lambda: list(self.cameras.values()))
         metrics.workers.set(workers)
         self._started = False
+        self._errors_seen: dict[tuple[str, str], int] = {}
+        self._drops_seen: dict[str, int] = {}
 
     @staticmethod
     def _prepare_hook(slot: ModelSlot) -> PrepareHook:
@@ -246,6 +275,36 @@ class Pipeline:
     def stuck(self) -> bool:
         """An inference has run longer than ``stuck_after_s``."""
         return self.scheduler.stuck_for() > self.stuck_after_s
+
+    def telemetry_models(self) -> list[ModelTelemetry]:
+        """Per model version since the previous call: frames, errors, latency percentiles."""
+        window = self._relay.take_window() if self._relay is not None else {}
+        errors = _snapshot(self.scheduler.errors_by_model)
+        keys = set(window) | {k for k, v in errors.items() if v != self._errors_seen.get(k, 0)}
+        out = []
+        for key in sorted(keys):
+            n, lat = window.get(key, (0, []))
+            errs = errors.get(key, 0) - self._errors_seen.get(key, 0)
+            summary = LatencySummary()
+            if lat:
+                p50, p95, p99 = np.percentile(np.asarray(lat), [50, 95, 99])
+                summary = LatencySummary(p50=round(float(p50), 3), p95=round(float(p95), 3),
+                                         p99=round(float(p99), 3))
+            out.append(ModelTelemetry(name=key[0], version=key[1], frames=n, errors=errs,
+                                      latency_ms=summary))
+        self._errors_seen = errors
+        return out
+
+    def telemetry_cameras(self) -> list[CameraTelemetry]:
+        """Per camera: connected, fps, and frames dropped since the previous call."""
+        out = []
+        for cam in list(self.cameras.values()):
+            dropped = cam.dropped
+            out.append(CameraTelemetry(camera=cam.name, connected=cam.state == "connected",
+                                       fps=round(cam.current_fps(), 2),
+                                       drops=dropped - self._drops_seen.get(cam.name, 0)))
+            self._drops_seen[cam.name] = dropped
+        return out
 
     def camera_snapshots(self) -> list[dict[str, Any]]:
         """Each camera's state plus the results it produced."""

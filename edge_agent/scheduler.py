@@ -81,6 +81,8 @@ class Scheduler:
         self.frames = 0
         self.batches = 0
         self.errors = 0
+        #: Failed frames per (model, version); only ever incremented (telemetry takes deltas).
+        self.errors_by_model: collections.Counter[tuple[str, str]] = collections.Counter()
 
     # ------------------------------------------------------------------ FrameConsumer
 
@@ -263,6 +265,7 @@ class Scheduler:
 
     def _count_error(self, model: Any, n: int, error: str) -> None:
         self.errors += n
+        self.errors_by_model[(model.name, model.version)] += n
         self._metrics.observers(model.name, model.version).errors.inc(n)
         self._errors_since_log += n
         now = time.monotonic()

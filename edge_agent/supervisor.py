@@ -5,8 +5,9 @@ outbox stops draining, and the pod looks healthy. So every long-lived task is sp
 a name (``pipeline``, ``http``, ``outbox-drain``...). A task that ends with an exception is
 logged; when it is a *root* task (the agent cannot work without it) the supervisor stops
 everything else within ``shutdown_timeout_s`` and the process exits non-zero, so Kubernetes
-restarts it. SIGTERM and SIGINT only set an event; the shutdown then runs the registered steps
-in order (drain the pipeline, close the sink, stop HTTP) within the same bound and exits 0.
+restarts it. SIGTERM and SIGINT only set an event; the shutdown then cancels the tasks, runs the
+registered steps in order (drain the pipeline, close the sink, stop HTTP), all within the same
+bound, and exits 0.
 
 ``LoopLagProbe`` measures how late the event loop wakes up, which is how ``/healthz`` knows the
 loop is not stuck and how a test proves nothing blocks it.
@@ -52,6 +53,7 @@ class Supervisor:
         self.shutdown_timeout_s = shutdown_timeout_s
         self._tasks: dict[str, asyncio.Task[Any]] = {}
         self._roots: set[str] = set()
+        self._drained: set[str] = set()
         self._steps: list[_Step] = []
         self._stop: asyncio.Event | None = None
         self._stop_reason: str | None = None
@@ -66,15 +68,25 @@ class Supervisor:
         return self._stop
 
     def spawn(
-        self, name: str, coro: Coroutine[Any, Any, Any], *, root: bool = True
+        self, name: str, coro: Coroutine[Any, Any, Any], *, root: bool = True,
+        drained: bool = False,
     ) -> asyncio.Task[Any]:
-        """Start ``coro`` as the task ``name``; ``root`` tasks stop the agent when they end."""
+        """Start ``coro`` as the task ``name``; ``root`` tasks stop the agent when they end.
+
+        At shutdown tasks are cancelled before the shutdown steps run, except ``drained`` ones:
+        they keep running while the steps run (a step closes what they serve, e.g. the outbox
+        drain finishing its in-flight messages) and are cancelled only after the steps.
+        """
         if name in self._tasks and not self._tasks[name].done():
             coro.close()
             raise ValueError(f"a task named {name!r} is already running")
         self._event()
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks[name] = task
+        if drained:
+            self._drained.add(name)
+        else:
+            self._drained.discard(name)
         if root:
             self._roots.add(name)
         else:
@@ -150,12 +162,8 @@ class Supervisor:
         deadline = loop.time() + self.shutdown_timeout_s
         t0 = time.monotonic()
         timed_out: list[str] = []
-        pending = [t for t in self._tasks.values() if not t.done()]
-        for t in pending:
-            t.cancel()
-        if pending:
-            _, still = await asyncio.wait(pending, timeout=max(0.0, deadline - loop.time()))
-            timed_out += [t.get_name() for t in still]
+        await self._cancel([n for n in self._tasks if n not in self._drained], deadline,
+                           timed_out)
         for step in self._steps:
             left = deadline - loop.time()
             if left <= 0:
@@ -168,6 +176,7 @@ class Supervisor:
             except Exception as exc:
                 log.error("shutdown_step_failed", step=step.name, error=repr(exc)[:500],
                           exc_info=exc)
+        await self._cancel(list(self._drained), deadline, timed_out)
         with contextlib.suppress(RuntimeError, NotImplementedError):
             self._remove_signal_handlers()
         took = round(time.monotonic() - t0, 3)
@@ -176,6 +185,16 @@ class Supervisor:
                       bound_s=self.shutdown_timeout_s)
         else:
             log.info("shutdown_done", took_s=took, reason=self._stop_reason)
+
+
+    async def _cancel(self, names: list[str], deadline: float, timed_out: list[str]) -> None:
+        pending = [t for n, t in self._tasks.items() if n in names and not t.done()]
+        for t in pending:
+            t.cancel()
+        if pending:
+            loop = asyncio.get_running_loop()
+            _, still = await asyncio.wait(pending, timeout=max(0.0, deadline - loop.time()))
+            timed_out += [t.get_name() for t in still]
 
 
 class LoopLagProbe:
