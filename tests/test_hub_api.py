@@ -1,11 +1,18 @@
 """The registry's REST API over real HTTP on loopback: push, list, show, resumable download,
-and every refusal (4xx JSON, nothing stored)."""
+and every refusal (4xx JSON, nothing stored).
+
+Most tests share one ``edge-hub serve`` child process (each under a model name of its own, and
+"nothing stored" means no file appeared during the test); those that need other settings run
+the app in this process.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +22,12 @@ from openapi_spec_validator import validate
 from yarl import URL
 
 from hub import signing
+from hub.app import build_app
 from tests.hub_client import (
     AUTH,
+    HubProcess,
     InProcessHub,
+    hub_process,
     hub_settings,
     running_hub,
     stored_files,
@@ -28,10 +38,29 @@ from tests.hub_models import make_classifier, make_manifest, sha256_file, write_
 LIMIT = 64 * 1024
 
 
-@pytest.fixture
-async def hub(tmp_path: Path) -> AsyncIterator[InProcessHub]:
-    async with running_hub(hub_settings(tmp_path / "data", max_upload_bytes=LIMIT)) as h:
+@dataclass
+class Hub:
+    url: str
+    data_dir: Path
+    #: A model name of the test's own.
+    name: str
+    #: The files the hub had stored when the test started.
+    before: set[str]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
+    tmp = tmp_path_factory.mktemp("api")
+    config = tmp / "hub.yaml"
+    config.write_text(f"api:\n  max_upload_bytes: {LIMIT}\n")
+    with hub_process(tmp, "--config", str(config)) as h:
         yield h
+
+
+@pytest.fixture
+def hub(served: HubProcess) -> Hub:
+    return Hub(served.url, served.data_dir, "t" + uuid.uuid4().hex[:10],
+               stored_files(served.data_dir))
 
 
 @pytest.fixture
@@ -41,11 +70,20 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest.fixture
-def model(tmp_path: Path) -> tuple[Path, Path]:
+def model(hub: Hub, tmp_path: Path) -> tuple[Path, Path]:
+    """A model (and manifest) named after the test's model name."""
+    # unique weights too, so no other test's blob can hide a file this test stored
+    return write_model(tmp_path / "m", name=hub.name, seed=int(hub.name[1:], 16) % 2**32)
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> tuple[Path, Path]:
+    """A model named ``tiny``, for the tests that run a hub of their own."""
     return write_model(tmp_path / "m")
 
 
-def v_url(hub: InProcessHub, name: str = "tiny", version: str = "1", tail: str = "") -> str:
+def v_url(hub: Hub | InProcessHub, version: str = "1", tail: str = "") -> str:
+    name = hub.name if isinstance(hub, Hub) else "tiny"
     return f"{hub.url}/v1/models/{name}/versions/{version}{tail}"
 
 
@@ -59,7 +97,7 @@ async def push(
 
 
 async def test_push_list_show_and_resumed_download(
-    hub: InProcessHub, http: aiohttp.ClientSession, model: tuple[Path, Path]
+    hub: Hub, http: aiohttp.ClientSession, model: tuple[Path, Path]
 ) -> None:
     onnx_path, manifest_path = model
     sha = sha256_file(onnx_path)
@@ -70,7 +108,10 @@ async def test_push_list_show_and_resumed_download(
 
     async with http.get(f"{hub.url}/v1/models") as r:
         listed = (await r.json())["versions"]
-    assert [(v["name"], v["version"], v["sha256"]) for v in listed] == [("tiny", "1", sha)]
+    assert [(v["version"], v["sha256"]) for v in listed if v["name"] == hub.name] == [
+        ("1", sha)]
+    async with http.get(f"{hub.url}/v1/models", params={"name": hub.name}) as r:
+        assert [v["name"] for v in (await r.json())["versions"]] == [hub.name]
     async with http.get(f"{hub.url}/v1/models", params={"name": "other"}) as r:
         assert (await r.json())["versions"] == []
 
@@ -100,7 +141,7 @@ async def test_push_list_show_and_resumed_download(
 
 
 async def test_conditional_and_range_edge_cases(
-    hub: InProcessHub, http: aiohttp.ClientSession, model: tuple[Path, Path]
+    hub: Hub, http: aiohttp.ClientSession, model: tuple[Path, Path]
 ) -> None:
     onnx_path, manifest_path = model
     data = onnx_path.read_bytes()
@@ -200,7 +241,7 @@ def _json(obj: Any) -> bytes:
     ],
 )
 async def test_bad_uploads_are_refused_and_nothing_is_stored(
-    hub: InProcessHub, http: aiohttp.ClientSession, tmp_path: Path,
+    hub: Hub, http: aiohttp.ClientSession, tmp_path: Path,
     model: tuple[Path, Path], case: Any, code: str,
 ) -> None:
     onnx_path, manifest_path = model
@@ -208,18 +249,18 @@ async def test_bad_uploads_are_refused_and_nothing_is_stored(
     status, body = await push(http, v_url(hub), artifact, manifest)
     assert status == 422, body
     assert body["error"]["code"] == code and body["error"]["message"]
-    assert stored_files(hub.data_dir) == set()
-    async with http.get(f"{hub.url}/v1/models") as r:
+    assert stored_files(hub.data_dir) == hub.before
+    async with http.get(f"{hub.url}/v1/models", params={"name": hub.name}) as r:
         assert (await r.json())["versions"] == []
 
 
 async def test_duplicate_version_with_other_bytes_is_refused(
-    hub: InProcessHub, http: aiohttp.ClientSession, tmp_path: Path, model: tuple[Path, Path]
+    hub: Hub, http: aiohttp.ClientSession, tmp_path: Path, model: tuple[Path, Path]
 ) -> None:
     onnx_path, manifest_path = model
     assert (await push(http, v_url(hub), onnx_path, manifest_path))[0] == 201
     before = stored_files(hub.data_dir)
-    other_onnx, other_manifest = write_model(tmp_path / "other", seed=7)
+    other_onnx, other_manifest = write_model(tmp_path / "other", name=hub.name, seed=7)
     status, body = await push(http, v_url(hub), other_onnx, other_manifest)
     assert status == 409 and body["error"]["code"] == "conflict"
     assert stored_files(hub.data_dir) == before
@@ -242,7 +283,7 @@ async def test_duplicate_version_with_other_bytes_is_refused(
     ],
 )
 async def test_traversal_names_are_refused(
-    hub: InProcessHub, http: aiohttp.ClientSession, model: tuple[Path, Path],
+    hub: Hub, http: aiohttp.ClientSession, model: tuple[Path, Path],
     path: str, statuses: set[int],
 ) -> None:
     onnx_path, manifest_path = model
@@ -252,16 +293,16 @@ async def test_traversal_names_are_refused(
         assert "code" in (await r.json())["error"]
     async with http.get(url) as r:
         assert r.status in statuses
-    assert stored_files(hub.data_dir) == set()
+    assert stored_files(hub.data_dir) == hub.before
     assert not list(hub.data_dir.parent.glob("x*"))
 
 
 async def test_oversize_uploads_are_refused(
-    hub: InProcessHub, http: aiohttp.ClientSession, tmp_path: Path
+    hub: Hub, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     # over the limit but under the Content-Length pre-check: refused while streaming
     big = make_classifier(tmp_path / "big.onnx", pad_bytes=LIMIT + 4096)
-    man = _json(make_manifest(big))
+    man = _json(make_manifest(big, name=hub.name))
     status, body = await push(http, v_url(hub), big, man)
     assert status == 413 and body["error"]["code"] == "too_large"
     # far over: refused from Content-Length, before the body (Expect: 100-continue)
@@ -281,7 +322,7 @@ async def test_oversize_uploads_are_refused(
     form.append(chunks()).set_content_disposition("form-data", name="artifact")
     async with http.put(v_url(hub), data=form, headers=AUTH) as r:
         assert r.status == 413
-    assert stored_files(hub.data_dir) == set()
+    assert stored_files(hub.data_dir) == hub.before
 
 
 @pytest.mark.parametrize(
@@ -291,7 +332,7 @@ async def test_oversize_uploads_are_refused(
     ids=["missing", "wrong", "basic", "empty"],
 )
 async def test_writes_need_the_token(
-    hub: InProcessHub, http: aiohttp.ClientSession, model: tuple[Path, Path],
+    hub: Hub, http: aiohttp.ClientSession, model: tuple[Path, Path],
     headers: dict[str, str],
 ) -> None:
     onnx_path, manifest_path = model
@@ -301,7 +342,7 @@ async def test_writes_need_the_token(
     async with http.put(v_url(hub), data=upload_form(onnx_path, manifest_path),
                         headers=headers, expect100=True) as r:
         assert r.status == 401 and r.headers["WWW-Authenticate"].startswith("Bearer")
-    assert stored_files(hub.data_dir) == set()
+    assert stored_files(hub.data_dir) == hub.before
     assert (await push(http, v_url(hub), onnx_path, manifest_path))[0] == 201
     async with http.delete(v_url(hub), headers=headers) as r:
         assert r.status == 401
@@ -310,7 +351,7 @@ async def test_writes_need_the_token(
 
 
 async def test_malformed_upload_requests(
-    hub: InProcessHub, http: aiohttp.ClientSession, model: tuple[Path, Path]
+    hub: Hub, http: aiohttp.ClientSession, model: tuple[Path, Path]
 ) -> None:
     onnx_path, manifest_path = model
     async with http.put(v_url(hub), data=onnx_path.read_bytes(), headers=AUTH) as r:
@@ -334,11 +375,11 @@ async def test_malformed_upload_requests(
             **AUTH, "Content-Type": "multipart/form-data; boundary=xyz"}) as r:
         assert r.status == 400
         assert "malformed multipart" in (await r.json())["error"]["message"]
-    assert stored_files(hub.data_dir) == set()
+    assert stored_files(hub.data_dir) == hub.before
 
 
 async def test_delete_refused_while_assigned(
-    tmp_path: Path, http: aiohttp.ClientSession, model: tuple[Path, Path]
+    tmp_path: Path, http: aiohttp.ClientSession, tiny: tuple[Path, Path]
 ) -> None:
     assigned = {("tiny", "1"): ["node-a", "node-b"]}
 
@@ -347,7 +388,7 @@ async def test_delete_refused_while_assigned(
 
     settings = hub_settings(tmp_path / "data")
     async with running_hub(settings, is_assigned=is_assigned) as hub:
-        onnx_path, manifest_path = model
+        onnx_path, manifest_path = tiny
         assert (await push(http, v_url(hub), onnx_path, manifest_path))[0] == 201
         async with http.delete(v_url(hub), headers=AUTH) as r:
             body = await r.json()
@@ -380,16 +421,16 @@ async def test_reads_can_require_the_token(
 
 
 async def test_hub_without_token_refuses_writes(
-    tmp_path: Path, http: aiohttp.ClientSession, model: tuple[Path, Path]
+    tmp_path: Path, http: aiohttp.ClientSession, tiny: tuple[Path, Path]
 ) -> None:
     settings = hub_settings(tmp_path / "data", token=None)
     async with running_hub(settings) as hub:
-        status, body = await push(http, v_url(hub), *model)
+        status, body = await push(http, v_url(hub), *tiny)
         assert status == 401 and "no API token" in body["error"]["message"]
 
 
 async def test_signed_uploads(
-    tmp_path: Path, http: aiohttp.ClientSession, model: tuple[Path, Path]
+    tmp_path: Path, http: aiohttp.ClientSession, tiny: tuple[Path, Path]
 ) -> None:
     priv, pub = signing.generate_keypair()
     (tmp_path / "k.pub").write_bytes(pub)
@@ -398,7 +439,7 @@ async def test_signed_uploads(
     settings = hub_settings(tmp_path / "data")
     settings.signing = settings.signing.model_validate(
         {"require_signed": True, "public_key_files": [tmp_path / "k.pub"]})
-    onnx_path, manifest_path = model
+    onnx_path, manifest_path = tiny
     sha, msha = sha256_file(onnx_path), hashlib.sha256(manifest_path.read_bytes()).hexdigest()
     async with running_hub(settings) as hub:
         status, body = await push(http, v_url(hub), onnx_path, manifest_path)
@@ -436,7 +477,7 @@ def _write(path: Path, data: bytes) -> Path:
     return path
 
 
-async def test_errors_are_json(hub: InProcessHub, http: aiohttp.ClientSession) -> None:
+async def test_errors_are_json(hub: Hub, http: aiohttp.ClientSession) -> None:
     for method, path, status in [
         ("GET", "/nope", 404),
         ("POST", "/v1/models", 405),
@@ -451,14 +492,15 @@ async def test_errors_are_json(hub: InProcessHub, http: aiohttp.ClientSession) -
 
 
 async def test_openapi_document_validates_and_covers_every_route(
-    hub: InProcessHub, http: aiohttp.ClientSession
+    hub: Hub, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     async with http.get(f"{hub.url}/v1/openapi.json") as r:
         doc = await r.json()
     validate(doc)
+    app = build_app(hub_settings(tmp_path / "data"))  # built, not started: only its routes
     routes = {
         (route.method.lower(), route.resource.canonical)
-        for route in hub.app.router.routes()
+        for route in app.router.routes()
         if route.resource is not None and route.method != "HEAD"
     }
     documented = {(m, p) for p, ops in doc["paths"].items() for m in ops if m != "parameters"}
@@ -466,11 +508,12 @@ async def test_openapi_document_validates_and_covers_every_route(
 
 
 async def test_a_lost_artifact_file_is_a_json_error_not_a_broken_stream(
-    hub: InProcessHub, http: aiohttp.ClientSession, model: tuple[Path, Path]
+    hub: Hub, http: aiohttp.ClientSession, model: tuple[Path, Path]
 ) -> None:
     onnx_path, manifest_path = model
-    assert (await push(http, v_url(hub), onnx_path, manifest_path))[0] == 201
-    (blob,) = (hub.data_dir / p for p in stored_files(hub.data_dir))
+    status, body = await push(http, v_url(hub), onnx_path, manifest_path)
+    assert status == 201
+    blob = hub.data_dir / "artifacts" / "sha256" / body["sha256"][:2] / body["sha256"]
     blob.unlink()  # someone cleaned the volume by hand
     async with http.get(v_url(hub, tail="/artifact")) as r:
         assert r.status == 500
