@@ -121,7 +121,7 @@ async def list_rollouts(request: web.Request) -> web.Response:
     raw = request.query.get("limit", "50")
     if not raw.isdigit() or not 1 <= int(raw) <= 1000:
         raise InvalidRequest("limit must be an integer in [1, 1000]")
-    rollouts = await request.app[CONTROL_KEY].controller.list(int(raw))
+    rollouts = await request.app[CONTROL_KEY].controller.recent(int(raw))
     return _json({"rollouts": [r.summary() for r in rollouts]})
 
 

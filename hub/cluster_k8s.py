@@ -16,6 +16,7 @@ the server refuses it with 409 when anyone changed the node in between.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -88,12 +89,15 @@ def load_api_client(settings: ClusterSettings) -> client.ApiClient:
     cfg = client.Configuration()
     try:
         if settings.kubeconfig is not None:
-            config.load_kube_config(config_file=str(settings.kubeconfig), client_configuration=cfg)
+            config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=str(settings.kubeconfig), client_configuration=cfg)
         else:
             try:
-                config.load_incluster_config(client_configuration=cfg)
+                config.load_incluster_config(  # type: ignore[no-untyped-call]
+                    client_configuration=cfg)
             except config.ConfigException:
-                config.load_kube_config(client_configuration=cfg)
+                config.load_kube_config(  # type: ignore[no-untyped-call]
+                    client_configuration=cfg)
     except (config.ConfigException, OSError, TypeError, ValueError) as exc:
         raise ClusterError(
             f"cannot configure the Kubernetes client: {exc} (set cluster.kubeconfig, or run "
@@ -140,10 +144,8 @@ class KubernetesCluster(Cluster):
         delay = min(s.api_backoff_max_s, s.api_backoff_s * 2 ** max(0, attempt - 1))
         delay *= 0.5 + random.random() / 2
         if isinstance(exc, ApiException) and exc.status == 429 and exc.headers:
-            try:
+            with contextlib.suppress(TypeError, ValueError):
                 delay = max(delay, float(exc.headers.get("Retry-After", 0)))
-            except (TypeError, ValueError):
-                pass
         return float(min(delay, s.api_backoff_max_s))
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -175,7 +177,7 @@ class KubernetesCluster(Cluster):
 
     # ------------------------------------------------------------------------ raw API calls
     def _list_raw(self, selector: str) -> tuple[list[Node], str]:
-        resp = self.api.list_node(
+        resp: Any = self.api.list_node(
             label_selector=selector or None, _preload_content=False,
             _request_timeout=self._timeout,
         )
@@ -185,12 +187,12 @@ class KubernetesCluster(Cluster):
         return [node_from(o) for o in items], rv
 
     def _get_raw(self, name: str) -> Node:
-        resp = self.api.read_node(name, _preload_content=False, _request_timeout=self._timeout)
+        resp: Any = self.api.read_node(name, _preload_content=False, _request_timeout=self._timeout)
         return node_from(orjson.loads(resp.data))
 
     def _patch_raw(self, name: str, body: dict[str, Any]) -> Node:
         self.patch_requests += 1
-        resp = self.api.patch_node(
+        resp: Any = self.api.patch_node(
             name, body, _content_type=_MERGE_PATCH, _preload_content=False,
             _request_timeout=self._timeout,
         )
@@ -217,7 +219,7 @@ class KubernetesCluster(Cluster):
         if resp is not None:
             try:
                 resp.shutdown()  # wakes the watch thread blocked in a read
-            except Exception:  # noqa: BLE001 - best effort on an already closed socket
+            except Exception:  # best effort on an already closed socket
                 log.debug("watch_shutdown_failed")
         if self._watch_thread is not None:
             await asyncio.to_thread(self._watch_thread.join, self.settings.api_timeout_s + 1)

@@ -111,6 +111,10 @@ class HubMqtt:
         with contextlib.suppress(Exception):
             self._client.disconnect()
         await asyncio.to_thread(self._client.loop_stop)
+        # paho closes its wake-up socket pair only when the client is garbage collected;
+        # close it now so no descriptor outlives the link
+        with contextlib.suppress(Exception):
+            self._client._reset_sockets()
         self._connected.clear()
 
     async def __aenter__(self) -> HubMqtt:
@@ -153,9 +157,9 @@ class HubMqtt:
             node, kind, _ = protocol.parse_topic(self.prefix, msg.topic)
             obj: StateMessage | TelemetryMessage
             if kind == "state":
-                obj = protocol.decode_state(msg.payload)
+                obj = protocol.decode_state(bytes(msg.payload))
             elif kind == "telemetry":
-                obj = protocol.decode_telemetry(msg.payload)
+                obj = protocol.decode_telemetry(bytes(msg.payload))
             else:
                 return
             if obj.node != node:
@@ -178,9 +182,8 @@ class HubMqtt:
             due = now - self._invalid_logged >= _INVALID_LOG_EVERY_S
             if due:
                 self._invalid_logged = now
-        if self._loop is not None:
-            if self._on_invalid is not None:
-                self._call_soon(self._on_invalid)
+        if self._loop is not None and self._on_invalid is not None:
+            self._call_soon(self._on_invalid)
         if due:
             log.warning("mqtt_invalid_payload", topic=topic, error=str(exc)[:200],
                         invalid_total=self.invalid)

@@ -17,6 +17,7 @@ returned yet; they are upgraded and judged when they do, for up to ``offline_wai
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -94,7 +95,7 @@ class RolloutSpec(BaseModel):
             raise ValueError("at least one wave is needed (the last must be 100)")
         if any(not 0 < p <= 100 for p in v):
             raise ValueError("wave percentages must be in (0, 100]")
-        if any(b <= a for a, b in zip(v, v[1:], strict=False)):
+        if any(b <= a for a, b in itertools.pairwise(v)):
             raise ValueError("wave percentages must increase")
         if v[-1] != 100:
             raise ValueError("the last wave must be 100 (every selected node)")

@@ -127,7 +127,7 @@ class RolloutStore:
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=5000")
             conn.executescript(_SCHEMA)
-            conn.isolation_level = ""  # back to implicit transactions for ``with conn``
+            conn.isolation_level = "DEFERRED"  # implicit transactions again, for ``with conn``
             return conn
 
         self._conn = await asyncio.get_running_loop().run_in_executor(self._pool, op)

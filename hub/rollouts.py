@@ -220,73 +220,15 @@ class RolloutController:
         return None
 
     async def _applying(self, r: Rollout) -> None:
-        now, w, spec = self.clock(), r.wave, r.spec
-        key = self.label(spec.model)
-        changed = self._returning(r, w)
-        # 1. start the planned nodes: previous version recorded before any label is touched
-        planned = [e for e in r.nodes.values() if e.status == "planned" and e.wave <= w]
-        starting: list[NodeEntry] = []
-        for e in planned[: self.settings.rollouts.apply_batch]:
-            node = self.cluster.get(e.node)
-            if node is None:
-                e.status, e.error = "gone", "no longer selected or deleted"
-            elif not self.fleet.online(e.node):
-                e.status, e.error = "skipped", "offline when its wave came"
-            else:
-                if not e.prev_recorded:
-                    e.prev_version, e.prev_recorded = node.labels.get(key), True
-                e.status, e.applied_at = "applying", now
-                starting.append(e)
-            changed.append(e)
-        if changed:
-            await self._save(r, changed)
-            changed = []
-        # 2. labels (idempotent; also re-done after a restart or a failed patch)
+        now, w = self.clock(), r.wave
+        await self._start_planned(r, now)
         applying = [e for e in r.nodes.values() if e.status == "applying"]
-        todo = {e.node: {key: spec.version} for e in applying
-                if (n := self.cluster.get(e.node)) is not None and n.labels.get(key) != spec.version}
-        if todo:
-            results = await self.cluster.patch_many(todo)
-            for name, res in results.items():
-                if isinstance(res, HubError):
-                    log.warning("rollout_patch_failed", rollout=r.id, node=name, error=str(res))
-            await self.dispatcher.sync([n for n, res in results.items() if isinstance(res, Node)])
-        # 3. what the nodes say
-        for e in applying:
-            if e.generation == 0:
-                row = self.dispatcher.desired(e.node)
-                if row is not None and row.models.get(spec.model, {}).get("version") == \
-                        spec.version:
-                    e.generation = row.generation
-                    changed.append(e)
-            if e.generation:
-                error = self._failure(r, e)
-                if error is not None:
-                    e.status, e.error = "failed", error
-                    await self._save(r, [*changed, e])
-                    await self._rollback(r, {"reason": "node_failed", "node": e.node,
-                                             "error": error[:500]})
-                    return
-                st = self.fleet.model_state(e.node, spec.model)
-                if (st is not None and st.status == "active" and st.version == spec.version
-                        and self.fleet.generation(e.node) >= e.generation):
-                    e.status, e.active_at = "active", now
-                    changed.append(e)
-                    continue
-            if not self.fleet.online(e.node):
-                e.status, e.error = "skipped", "went offline while applying"
-                changed.append(e)
-            elif e.applied_at is not None and now - e.applied_at > spec.deadline_s:
-                e.error = "not active by the deadline"
-                await self._save(r, [*changed, e])
-                await self._rollback(r, {"reason": "deadline", "node": e.node,
-                                         "metric": "seconds_to_active",
-                                         "value": round(now - e.applied_at, 3),
-                                         "limit": spec.deadline_s})
-                return
-        if changed:
-            await self._save(r, changed)
-        # 4. all settled? then bake
+        await self._ensure_labels(r, applying)
+        cause = await self._observe(r, applying, now)
+        if cause is not None:
+            await self._rollback(r, cause)
+            return
+        # all settled? then bake
         upto = [e for e in r.nodes.values() if e.wave <= w]
         if any(e.status in ("planned", "applying") for e in upto):
             r.message = "applying"
@@ -298,6 +240,80 @@ class RolloutController:
             return
         r.state, r.phase_started_at, r.message = "baking", now, "baking"
         await self._save(r, event="wave_baking", wave_index=w)
+
+    async def _start_planned(self, r: Rollout, now: float) -> None:
+        """Start the next batch of planned nodes (and returning ones). Each node's previous
+        version is written to the database before its label is ever touched."""
+        key = self.label(r.spec.model)
+        changed = self._returning(r, r.wave)
+        planned = [e for e in r.nodes.values() if e.status == "planned" and e.wave <= r.wave]
+        for e in planned[: self.settings.rollouts.apply_batch]:
+            node = self.cluster.get(e.node)
+            if node is None:
+                e.status, e.error = "gone", "no longer selected or deleted"
+            elif not self.fleet.online(e.node):
+                e.status, e.error = "skipped", "offline when its wave came"
+            else:
+                if not e.prev_recorded:
+                    e.prev_version, e.prev_recorded = node.labels.get(key), True
+                e.status, e.applied_at = "applying", now
+            changed.append(e)
+        if changed:
+            await self._save(r, changed)
+
+    async def _ensure_labels(self, r: Rollout, applying: list[NodeEntry]) -> None:
+        """Label every applying node with the new version (idempotent: after a restart or a
+        failed patch only what is missing is sent), then publish their desired state."""
+        key, version = self.label(r.spec.model), r.spec.version
+        todo = {e.node: {key: version} for e in applying
+                if (n := self.cluster.get(e.node)) is not None and n.labels.get(key) != version}
+        if not todo:
+            return
+        results = await self.cluster.patch_many(todo)
+        for name, res in results.items():
+            if isinstance(res, HubError):
+                log.warning("rollout_patch_failed", rollout=r.id, node=name, error=str(res))
+        await self.dispatcher.sync([n for n, res in results.items() if isinstance(res, Node)])
+
+    async def _observe(self, r: Rollout, applying: list[NodeEntry],
+                       now: float) -> dict[str, Any] | None:
+        """What the applying nodes report; the rollback cause when one failed or is late."""
+        spec = r.spec
+        changed: list[NodeEntry] = []
+        cause: dict[str, Any] | None = None
+        for e in applying:
+            if e.generation == 0:
+                row = self.dispatcher.desired(e.node)
+                if row is not None and \
+                        row.models.get(spec.model, {}).get("version") == spec.version:
+                    e.generation = row.generation
+                    changed.append(e)
+            error = self._failure(r, e) if e.generation else None
+            if error is not None:
+                e.status, e.error = "failed", error
+                cause = {"reason": "node_failed", "node": e.node, "error": error[:500]}
+            elif e.generation and self._active(r, e):
+                e.status, e.active_at = "active", now
+            elif not self.fleet.online(e.node):
+                e.status, e.error = "skipped", "went offline while applying"
+            elif e.applied_at is not None and now - e.applied_at > spec.deadline_s:
+                e.error = "not active by the deadline"
+                cause = {"reason": "deadline", "node": e.node, "metric": "seconds_to_active",
+                         "value": round(now - e.applied_at, 3), "limit": spec.deadline_s}
+            else:
+                continue
+            changed.append(e)
+            if cause is not None:
+                break
+        if changed:
+            await self._save(r, changed)
+        return cause
+
+    def _active(self, r: Rollout, e: NodeEntry) -> bool:
+        """The node runs the new version, having applied the desired state that carried it."""
+        st = self.fleet.model_state(e.node, r.spec.model)
+        return (st is not None and st.status == "active" and st.version == r.spec.version
+                and self.fleet.generation(e.node) >= e.generation)
 
     async def _baking(self, r: Rollout) -> None:
         now, w, spec = self.clock(), r.wave, r.spec
@@ -418,53 +434,55 @@ class RolloutController:
         if verb not in VERBS:
             raise InvalidRequest(f"unknown command {verb!r} (one of {', '.join(VERBS)})")
         async with self._lock:
-            r = self.rollouts.get(rid)
-            if r is None:
-                found = await self.store.load(rid=rid)
-                if not found:
-                    raise NotFound(f"rollout {rid} not found")
-                r = found[0]
+            r = self.rollouts.get(rid) or await self.get(rid)
             now = self.clock()
-            entries: list[NodeEntry] = []
             if verb == "pause":
                 if r.state not in ("pending", "applying", "baking", "waiting"):
                     raise Conflict(f"rollout {rid} is {r.state}; only a running one can pause")
-                r.paused_from, r.state, r.message = r.state, "paused", f"paused by {actor or 'api'}"
-            elif verb in ("resume", "promote") and r.state == "paused":
-                r.state, r.paused_from = r.paused_from or "applying", None  # type: ignore[assignment]
-                r.phase_started_at, r.message = now, ""
-                for e in r.nodes.values():
-                    if e.status == "applying":  # the deadline starts again
-                        e.applied_at = now
-                        entries.append(e)
+                r.paused_from, r.state = r.state, "paused"
+                r.message = f"paused by {actor or 'api'}"
+                await self._save(r, event="pause", by=actor)
             elif verb == "resume":
-                raise Conflict(f"rollout {rid} is {r.state}, not paused")
-            if verb == "promote":
-                if r.state in ("applying", "baking"):
-                    await self._save(r, entries, event="promoted", by=actor)
-                    await self._next_wave(r, now, promoted=True)
-                    entries = []
-                elif r.state == "waiting":
-                    await self._finish(r, "succeeded", now, promoted=True)
-                else:
-                    raise Conflict(f"rollout {rid} is {r.state}; nothing to promote")
+                if r.state != "paused":
+                    raise Conflict(f"rollout {rid} is {r.state}, not paused")
+                await self._save(r, self._unpause(r, now), event="resume", by=actor)
+            elif verb == "promote":
+                await self._promote(r, now, actor)
             elif verb == "abort":
                 if not r.active or r.state == "rolling_back":
                     raise Conflict(f"rollout {rid} is {r.state}; it cannot be aborted")
                 r.cause = {"reason": "aborted", "by": actor}
                 await self._finish(r, "aborted", now, by=actor)
-            elif verb == "rollback":
+            else:
                 if r.state in ("rolling_back", "rolled_back"):
                     raise Conflict(f"rollout {rid} is already {r.state.replace('_', ' ')}")
-                if not r.active:
+                if not r.active:  # a finished one comes back to life to roll back
                     self._conflict(r.spec, set(r.nodes))
                 self.rollouts[r.id] = r
-                await self._save(r, entries)
                 await self._rollback(r, {"reason": "manual", "by": actor})
-            else:
-                await self._save(r, entries, event=verb, by=actor)
         self.wake()
         return r.as_dict()
+
+    def _unpause(self, r: Rollout, now: float) -> list[NodeEntry]:
+        """Back to the paused state; the bake and the nodes' deadlines start again."""
+        r.state, r.paused_from = r.paused_from or "applying", None  # type: ignore[assignment]
+        r.phase_started_at, r.message = now, ""
+        applying = [e for e in r.nodes.values() if e.status == "applying"]
+        for e in applying:
+            e.applied_at = now
+        return applying
+
+    async def _promote(self, r: Rollout, now: float, actor: str) -> None:
+        """End the current bake now (a paused rollout is resumed first)."""
+        entries = self._unpause(r, now) if r.state == "paused" else []
+        if r.state in ("pending", "applying", "baking"):
+            await self._save(r, entries, event="promoted", by=actor)
+            await self._next_wave(r, now, promoted=True)
+        elif r.state == "waiting":
+            await self._save(r, entries)
+            await self._finish(r, "succeeded", now, promoted=True)
+        else:
+            raise Conflict(f"rollout {r.id} is {r.state}; nothing to promote")
 
     # ------------------------------------------------------------------------------ queries
     async def get(self, rid: int) -> Rollout:
@@ -476,7 +494,8 @@ class RolloutController:
             raise NotFound(f"rollout {rid} not found")
         return found[0]
 
-    async def list(self, limit: int = 100) -> list[Rollout]:
+    async def recent(self, limit: int = 100) -> list[Rollout]:
+        """The latest rollouts, newest first (finished ones too)."""
         return await self.store.load(limit=limit)
 
     def assigned(self, model: str, version: str) -> list[str]:

@@ -37,11 +37,10 @@ class SelectorError(InvalidRequest):
 def validate_key(key: str) -> None:
     """Raise SelectorError unless ``key`` is a valid label key (``[prefix/]name``)."""
     prefix, slash, name = key.rpartition("/")
-    if slash:
-        if not prefix or len(prefix) > 253 or not _DNS_SUBDOMAIN_RE.match(prefix):
-            raise SelectorError(
-                f"invalid label key {key!r}: prefix must be a DNS subdomain (lowercase, <=253)"
-            )
+    if slash and (not prefix or len(prefix) > 253 or not _DNS_SUBDOMAIN_RE.match(prefix)):
+        raise SelectorError(
+            f"invalid label key {key!r}: prefix must be a DNS subdomain (lowercase, <=253)"
+        )
     if not _NAME_RE.match(name):
         raise SelectorError(
             f"invalid label key {key!r}: name must be 1-63 characters [A-Za-z0-9-_.], "

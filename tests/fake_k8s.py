@@ -15,6 +15,7 @@ node, ``requests`` logs every request, so tests can prove nothing was applied tw
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -240,10 +241,8 @@ class FakeKube:
 
     async def _hang(self) -> None:
         assert self._release is not None
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._release.wait(), self.hang_s)
-        except TimeoutError:
-            pass
 
     def _log(self, request: web.Request, status: int) -> None:
         with self._lock:

@@ -5,15 +5,25 @@ Kubernetes API with camera nodes, a real broker, simulated agents and an in-proc
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
+import os
+import subprocess
+import sys
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from hub.cli import main
 from hub.config import HubSettings
 from hub.control import ControlPlane
 from hub.registry import Registry
+from tests.broker import wait_port
 from tests.fake_k8s import FakeKube
 from tests.sim_agents import Behaviour, SimAgent
 
@@ -127,8 +137,6 @@ ROOT = Path(__file__).resolve().parent.parent
 def write_hub_config(path: Path, *, data_dir: Path, port: int, token_file: Path, mqtt_port: int,
                      prefix: str, kubeconfig: Path) -> Path:
     """A YAML config for ``edge-hub serve`` in a subprocess (fast ticks, short retries)."""
-    import yaml
-
     cfg = {
         "log": {"level": "info", "json_lines": True},
         "api": {"host": "127.0.0.1", "port": port, "token_file": str(token_file),
@@ -154,12 +162,6 @@ class HubProc:
         self.proc: Any = None
 
     def start(self) -> HubProc:
-        import os
-        import subprocess
-        import sys
-
-        from tests.broker import wait_port
-
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "hub", "serve", "--config", str(self.config)],
@@ -197,10 +199,6 @@ class HubProc:
 
 def cli(hub_url: str, *args: str, timeout: float = 60) -> Any:
     """Run ``edge-hub ARGS`` in a subprocess against ``hub_url``; the CompletedProcess."""
-    import os
-    import subprocess
-    import sys
-
     env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGE_HUB_URL": hub_url,
            "EDGE_HUB_TOKEN": TOKEN}
     return subprocess.run([sys.executable, "-m", "hub", *args], capture_output=True, text=True,
@@ -210,13 +208,6 @@ def cli(hub_url: str, *args: str, timeout: float = 60) -> Any:
 def cli_inproc(hub_url: str, *args: str) -> Any:
     """``edge-hub ARGS`` in this process (same code path as the console script, minus the
     interpreter start-up); returns an object with returncode, stdout and stderr."""
-    import contextlib
-    import io
-    import os
-    import types
-
-    from hub.cli import main
-
     out, err = io.StringIO(), io.StringIO()
     saved = {k: os.environ.get(k) for k in ("EDGE_HUB_URL", "EDGE_HUB_TOKEN")}
     os.environ.update({"EDGE_HUB_URL": hub_url, "EDGE_HUB_TOKEN": TOKEN})

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 from paho.mqtt import client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -35,9 +37,6 @@ from edge_agent.protocol import (
 
 def measure_latency_ms(model_path: Path, runs: int = 5) -> float:
     """Median latency of one ONNX Runtime inference of ``model_path`` on this machine."""
-    import numpy as np
-    import onnxruntime as ort
-
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
@@ -116,6 +115,7 @@ class SimAgent:
             c.loop_stop()
             if sock is not None:
                 sock.close()
+            c._reset_sockets()
             self._client = None
         if self._thread is not None:
             self._thread.join(5)
@@ -128,6 +128,7 @@ class SimAgent:
         if c is not None:
             c.disconnect()
             c.loop_stop()
+            c._reset_sockets()
             self._client = None
         if self._thread is not None:
             self._thread.join(5)

@@ -18,7 +18,7 @@ from hub.cluster import (
     make_cluster,
     write_inventory,
 )
-from hub.cluster_k8s import KubernetesCluster
+from hub.cluster_k8s import KubernetesCluster, load_api_client
 from hub.config import ClusterSettings
 from hub.selectors import parse_selector
 from tests.fake_k8s import FakeKube
@@ -143,10 +143,10 @@ async def test_k8s_hanging_patch_not_applied_is_retried(kcluster: KubernetesClus
 async def test_k8s_gives_up_with_clear_error(kcluster: KubernetesCluster,
                                              fake_kube: FakeKube) -> None:
     fake_kube.inject("PATCH", 500, times=100, node="n3")
-    with pytest.raises(ClusterError, match="n3.*after 5 attempts"):
+    with pytest.raises(ClusterError, match=r"n3.*after 5 attempts"):
         await kcluster.patch_labels("n3", {DET: "v1"})
     assert DET not in fake_kube.labels("n3")
-    with pytest.raises(ClusterError, match="does not exist|not found"):
+    with pytest.raises(ClusterError, match=r"does not exist|not found"):
         await kcluster.patch_labels("nope", {DET: "v1"})
     with pytest.raises(ClusterError, match="invalid label"):
         await kcluster.patch_labels("n0", {DET: "bad value!"})
@@ -170,8 +170,6 @@ async def test_k8s_patch_many_concurrently(kcluster: KubernetesCluster,
 
 
 def test_k8s_missing_config_is_clear(tmp_path: Path) -> None:
-    from hub.cluster_k8s import load_api_client
-
     with pytest.raises(ClusterError, match="cannot configure"):
         load_api_client(ClusterSettings(backend="kubernetes", kubeconfig=tmp_path / "none"))
 

@@ -111,7 +111,8 @@ async def test_hub_link_ingests_and_counts_contract_breaks(broker: Broker,
         agent.kill()
         await until(lambda: not fleet.online("n1"))
     finally:
-        raw.loop_stop()
         raw.disconnect()
+        raw.loop_stop()
+        raw._reset_sockets()
         agent.stop()
         await link.aclose()

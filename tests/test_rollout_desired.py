@@ -45,8 +45,9 @@ class Recorder:
             return [(g, m) for n, g, m in self.got if n == node]
 
     def close(self) -> None:
-        self.c.loop_stop()
         self.c.disconnect()
+        self.c.loop_stop()
+        self.c._reset_sockets()
 
 
 @pytest.fixture

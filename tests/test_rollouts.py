@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from hub.control import ControlPlane
 from hub.registry import Registry
 from hub.rollout_model import RolloutSpec
 from tests.broker import Broker

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from hub.client import add_connection_args, client_from_args
 from hub.cliout import print_json
-from hub.cmd.rollout import RolloutRefused
+from hub.cmd.rollout import RolloutRefusedError
 from hub.errors import InvalidRequest, NotFound
 from hub.selectors import parse_selector
 
@@ -64,7 +64,7 @@ async def _nodes(args: argparse.Namespace) -> int:
             _, out = await hub.request_json(
                 "GET", "/v1/nodes?selector=" + quote(args.selector, safe=""))
         except (InvalidRequest, NotFound) as exc:
-            raise RolloutRefused(str(exc)) from exc
+            raise RolloutRefusedError(str(exc)) from exc
     if args.json:
         print_json(out)
         return 0

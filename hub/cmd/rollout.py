@@ -32,7 +32,7 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _COMMANDS = ("pause", "resume", "promote", "abort", "rollback")
 
 
-class RolloutRefused(HubError):
+class RolloutRefusedError(HubError):
     """The hub refused a rollout request (its message says why)."""
 
     code = "refused"
@@ -142,7 +142,7 @@ async def _request(hub: HubClient, method: str, path: str, **kw: Any) -> Any:
     try:
         _, body = await hub.request_json(method, path, **kw)
     except (InvalidRequest, NotFound, Conflict) as exc:
-        raise RolloutRefused(str(exc)) from exc
+        raise RolloutRefusedError(str(exc)) from exc
     return body
 
 
@@ -240,31 +240,37 @@ async def _status(args: argparse.Namespace) -> int:
         if not args.watch:
             _console().print(render(r))
             return 0
-        if sys.stdout.isatty():
-            with Live(render(r), console=_console(), refresh_per_second=4) as live:
-                while r["state"] not in TERMINAL_STATES:
-                    await asyncio.sleep(args.interval)
-                    r = (await _request(hub, "GET", path))["rollout"]
-                    live.update(render(r))
-        else:
-            # off a terminal: one line per change, then the final table
-            last = None
-            while True:
-                key = (r["state"], r["wave"], tuple(sorted(r["node_counts"].items())))
-                if key != last:
-                    say(f"{time.strftime('%H:%M:%S')} rollout {r['id']} {r['state']} wave "
-                        f"{min(r['wave'] + 1, r['waves'])}/{r['waves']} "
-                        + " ".join(f"{k}={v}" for k, v in sorted(r["node_counts"].items())))
-                    last = key
-                if r["state"] in TERMINAL_STATES:
-                    break
+        r = await _watch(hub, path, r, args)
+    return 0 if r["state"] != "rolled_back" else 4
+
+
+async def _watch(hub: HubClient, path: str, r: dict[str, Any],
+                 args: argparse.Namespace) -> dict[str, Any]:
+    """Follow a rollout until it ends: a live table on a terminal, else one line per change."""
+    if sys.stdout.isatty():
+        with Live(render(r), console=_console(), refresh_per_second=4) as live:
+            while r["state"] not in TERMINAL_STATES:
                 await asyncio.sleep(args.interval)
                 r = (await _request(hub, "GET", path))["rollout"]
-            if args.json:
-                print_json(r)
-            else:
-                _console().print(render(r))
-    return 0 if r["state"] != "rolled_back" else 4
+                live.update(render(r))
+        return r
+    last = None
+    while True:
+        key = (r["state"], r["wave"], tuple(sorted(r["node_counts"].items())))
+        if key != last:
+            say(f"{time.strftime('%H:%M:%S')} rollout {r['id']} {r['state']} wave "
+                f"{min(r['wave'] + 1, r['waves'])}/{r['waves']} "
+                + " ".join(f"{k}={v}" for k, v in sorted(r["node_counts"].items())))
+            last = key
+        if r["state"] in TERMINAL_STATES:
+            break
+        await asyncio.sleep(args.interval)
+        r = (await _request(hub, "GET", path))["rollout"]
+    if args.json:
+        print_json(r)
+    else:
+        _console().print(render(r))
+    return r
 
 
 async def _command(args: argparse.Namespace, verb: str) -> int:
