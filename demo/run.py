@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import sys
@@ -155,7 +156,7 @@ class Demo:
         full = [*self.tool("edge-hub"), *argv, "--hub", self.hub_url,
                 "--token-file", str(self.token_file)]
         if show:
-            self.out.step("[bold]$ edge-hub " + " ".join(argv) + "[/bold]")
+            self.out.step("$ edge-hub " + shlex.join(argv), bold=True)
         proc = run_cli(full, env=self.env, timeout=120)
         if proc.returncode != 0:
             raise DemoError(f"edge-hub {' '.join(argv[:3])} exited {proc.returncode}",
@@ -493,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     stream = sys.stderr if args.json else sys.stdout
     out = Display(stream, live=stream.isatty())
+    # Ctrl-C and SIGTERM stop the demo, even when started with SIGINT ignored (a background job)
+    signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         wd, remove = _workdir(args)

@@ -100,15 +100,15 @@ class Display:
     def _stamp(self) -> str:
         return f"[{time.monotonic() - self.t0:6.1f}s]"
 
-    def step(self, text: str, *detail: str) -> None:
+    def step(self, text: str, *detail: str, bold: bool = False) -> None:
         """A progress line (and indented detail lines)."""
         if self.live:
-            self.console.print(Text(self._stamp() + " ", style="dim") + Text.from_markup(text))
+            self.console.print(Text(self._stamp() + " ", style="dim")
+                               + Text(text, style="bold" if bold else ""))
             for d in detail:
                 self.console.print(Text("          " + d, style="dim"))
         else:
-            plain = Text.from_markup(text).plain
-            self.stream.write(f"{self._stamp()} {plain}\n")
+            self.stream.write(f"{self._stamp()} {text}\n")
             for d in detail:
                 self.stream.write(f"          {d}\n")
             self.stream.flush()
