@@ -47,8 +47,9 @@ from demo.procs import (
     run_cli,
     stop_all,
 )
-from demo.view import Display, NodeRow, Snapshot, summary_text
+from demo.view import Display, NodeRow, Snapshot, cause_text, summary_text
 from demo.watch import HubApi, NodeFigures, ResultsWatcher
+from hub.results import ResultsUnavailableError
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_MODEL = ROOT / "models" / "out" / "efficientnet-lite0"
@@ -87,6 +88,7 @@ class Demo:
         self.phase = "starting"
         self.nodes: dict[str, dict[str, Any]] = {}
         self.rollout: dict[str, Any] | None = None
+        self.agent_ports = {name: free_port() for name in NODES}
         self._polled = 0.0
         # the children get a clean environment: EDGE_AGENT_*/EDGE_HUB_* of the caller's shell
         # would override the demo's config files
@@ -205,7 +207,7 @@ class Demo:
                          "telemetry_interval_s": 1.0, "reconnect_min_s": 0.2,
                          "reconnect_max_s": 2.0},
                 "outbox": {"path": str(adir / "outbox.sqlite3")},
-                "http": {"host": "127.0.0.1", "port": free_port()},
+                "http": {"host": "127.0.0.1", "port": self.agent_ports[name]},
                 "hub": {"url": self.hub_url, "cache_dir": str(adir / "models")},
                 "model_sync": {"reload_poll_s": 0},
                 "shutdown_timeout_s": 5.0,
@@ -267,7 +269,10 @@ class Demo:
 
     def start_watcher(self) -> None:
         """Subscribe to every node's results, as a downstream consumer would."""
-        self.watcher = ResultsWatcher(self.broker_port).start()
+        try:
+            self.watcher = ResultsWatcher(self.broker_port).start()
+        except ResultsUnavailableError as exc:
+            raise DemoError(f"cannot subscribe to the results: {exc}") from exc
 
     def push_models(self) -> None:
         """Push v1 and v2 of the model with the CLI."""
@@ -326,7 +331,7 @@ class Demo:
                   and self.rollout["state"] in TERMINAL, self.args.rollout_timeout)
         r = self.rollout
         self.out.step(f"rollout {r['id']}: {r['state']}"
-                      + (f" ({r['cause']})" if r.get("cause") else ""))
+                      + (f" ({cause_text(r['cause'])})" if r.get("cause") else ""))
 
     def settle(self) -> None:
         """Let every node's results show the version it ended on (bounded, never fails)."""
@@ -482,10 +487,14 @@ def _print_after(out: Display, summary: dict[str, Any], args: argparse.Namespace
     if args.exit_after_summary:
         out.step("stopping (--exit-after-summary)")
         return
-    out.step("results keep flowing on MQTT; watch them from another shell:",
-             f"{bin_hint}edge-hub results tail --port {demo.broker_port}   (--json: payloads)",
+    agents = "  ".join(f"{c.name} http://127.0.0.1:{demo.agent_ports[c.name]}"
+                       for c in demo.agents)
+    out.step("results keep flowing on MQTT; from another shell, watch them (--json: payloads):",
+             f"{bin_hint}edge-hub results tail --port {demo.broker_port}",
+             "the fleet and the rollout, as the hub sees them:",
              f"{bin_hint}edge-hub nodes {hub}",
              f"{bin_hint}edge-hub rollout status {summary['rollout']['id']} {hub}",
+             f"each agent's /healthz, /readyz, /metrics, /v1/models: {agents}",
              "Ctrl-C stops everything.")
 
 
@@ -531,9 +540,9 @@ def main(argv: list[str] | None = None) -> int:
         out.step("stopping agents, hub and broker …")
         codes = demo.stop()
         out.step("stopped: " + ", ".join(f"{k} exit {v}" for k, v in codes.items()))
-        if remove:
+        if remove and status != EXIT_FAILED:
             shutil.rmtree(wd, ignore_errors=True)
-        else:
+        else:  # a failed run keeps its logs
             out.step(f"work dir kept: {wd} (configs, logs, databases)")
     return status
 

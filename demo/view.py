@@ -69,8 +69,15 @@ def rollout_line(r: dict[str, Any]) -> str:
     if r.get("message") and r["message"] != r["state"]:
         line += f" [{r['message']}]"
     if r.get("cause"):
-        line += "  cause: " + ", ".join(f"{k}={v}" for k, v in r["cause"].items())
+        line += f" (cause: {cause_text(r['cause'])})"
     return line
+
+
+def cause_text(cause: dict[str, Any]) -> str:
+    """Why a rollout stopped, in words when the hub gave them."""
+    if cause.get("message"):
+        return str(cause["message"])
+    return ", ".join(f"{k}={v}" for k, v in cause.items())
 
 
 def node_line(row: NodeRow) -> str:
@@ -182,7 +189,7 @@ def summary_text(s: dict[str, Any]) -> str:
         + (f" ({r['duration_s']:.0f} s, gates: {', '.join(r['gates']) or 'none'})"),
     ]
     if r.get("cause"):
-        lines.append("  cause: " + ", ".join(f"{k}={v}" for k, v in r["cause"].items()))
+        lines.append(f"  cause: {cause_text(r['cause'])}")
     header = ("NODE", "VERSION", "FPS", "P50 MS", "P99 MS", "RESULTS DELIVERED")
     rows = [header] + [
         (n["node"], n["version"] or "-", f"{n['fps']:.1f}", _ms(n["p50_ms"]),
