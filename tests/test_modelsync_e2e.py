@@ -1,10 +1,11 @@
 """Model sync end to end: a real broker, a real hub (the registry app on a loopback port) and a
 real agent (``edge_agent.agent.Agent`` in this process, its camera a live test pattern).
 
-The test plays the hub's rollout side: it publishes the retained ``desired`` message naming the
-hub's artifact and manifest URLs, as ``hub/desired.py`` does, and watches the agent's retained
-``state`` with an independent MQTT subscriber. Results go to the agent's JSON-lines sink, where
-each one carries the model version that produced it.
+The agent runs its production path (``pipeline.sink: mqtt``): results through the durable
+outbox to the broker, desired state in and state out through its own MQTT link. The test plays
+the hub's rollout side: it publishes the retained ``desired`` message naming the hub's artifact
+and manifest URLs, as ``hub/desired.py`` does, and watches the agent's retained ``state`` and
+its results with independent MQTT subscribers.
 
 Bad artifacts the hub refuses at push (not ONNX, wrong input shape, outputs not matching the
 manifest) are planted in the hub's own storage and database, bypassing its validation, as a hub
@@ -29,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 import paho.mqtt.client as paho
 import psutil
 import pytest
@@ -37,9 +37,13 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from edge_agent.agent import Agent
 from edge_agent.config import AgentSettings, load_settings
-from edge_agent.mqtt import MqttLink
-from edge_agent.protocol import StateMessage, decode_state, desired_topic, state_topic
-from edge_agent.sinks import JsonLinesSink
+from edge_agent.protocol import (
+    StateMessage,
+    decode_state,
+    desired_topic,
+    results_filter,
+    state_topic,
+)
 from hub.registry import Registry
 from hub.registry_db import ModelVersion
 from tests import modelsync_support as ms
@@ -68,9 +72,8 @@ class World:
         self.hub_url = ""
         self.registry: Registry | None = None
         self.agent: Agent | None = None
-        self.link: MqttLink | None = None
-        self.sink: JsonLinesSink | None = None
         self.states: Recorder | None = None
+        self.results_rec: Recorder | None = None
         self.generation = 0
         self.v1 = ms.version_of(tmp / "art", "det", "1", anchors=64)
         self._pub: paho.Client | None = None
@@ -84,8 +87,8 @@ class World:
             engine={"providers": ["cpu"], "warmup_runs": 1},
             models=[{"name": "det", "manifest": str(self.v1.manifest_path)}],
             cameras=[{"name": "cam0", "url": PATTERN, "model": "det"}],
-            pipeline={"workers": 1, "max_batch": 1, "sink": "jsonl",
-                      "jsonl_path": str(self.tmp / "results.jsonl")},
+            pipeline={"workers": 1, "max_batch": 1, "sink": "mqtt"},
+            outbox={"path": str(self.tmp / "outbox.sqlite3"), "commit_interval_ms": 10},
             http={"port": 0},
             mqtt={"host": "127.0.0.1", "port": self.broker.port, "topic_prefix": self.prefix,
                   "reconnect_min_s": 0.05, "reconnect_max_s": 0.5},
@@ -96,31 +99,25 @@ class World:
         )
 
     async def start_agent(self, hub: dict[str, Any] | None = None, **sync: Any) -> Agent:
-        s = self.settings(hub, **sync)
-        self.sink = await JsonLinesSink(self.tmp / "results.jsonl",
-                                        flush_interval_s=0.02).open()
-        self.agent = Agent(s, sink=self.sink)
+        self.agent = Agent(self.settings(hub, **sync))
         await self.agent.start()
-        if self.agent.sync.publish_cb is None:  # the agent does not wire its MQTT link itself
-            self.link = MqttLink(s.mqtt, s.node)
-            await self.link.start()
-            self.agent.sync.attach(self.link)
         return self.agent
 
     async def stop_agent(self) -> None:
         if self.agent is not None:
             await self.agent.stop()
             self.agent = None
-        if self.link is not None:
-            await self.link.aclose()
-            self.link = None
-        if self.sink is not None:
-            await self.sink.aclose()
-            self.sink = None
 
-    def watch_state(self) -> Recorder:
+    def watch(self) -> None:
+        """Subscribe to the node's state and results (before the agent starts)."""
         self.states = Recorder(self.broker.port, [state_topic(self.prefix, NODE)]).start()
-        return self.states
+        self.results_rec = Recorder(self.broker.port,
+                                    [results_filter(self.prefix, NODE)]).start()
+
+    def stop_watching(self) -> None:
+        for rec in (self.states, self.results_rec):
+            if rec is not None:
+                rec.stop()
 
     # ------------------------------------------------------------------------------ hub
 
@@ -195,9 +192,11 @@ class World:
             await asyncio.sleep(0.01)
 
     def results(self) -> list[dict[str, Any]]:
-        path = self.tmp / "results.jsonl"
-        lines = path.read_bytes().splitlines() if path.exists() else []
-        return [orjson.loads(x) for x in lines if x.strip()]
+        """Results received over MQTT, de-duplicated by (camera, seq), in seq order."""
+        if self.results_rec is None:
+            return []
+        unique = {(r["camera"], r["seq"]): r for r in self.results_rec.results()}
+        return [unique[k] for k in sorted(unique)]
 
 
 @pytest.fixture
@@ -213,8 +212,7 @@ async def world(tmp_path: Path, broker: Broker, topic_prefix: str) -> AsyncItera
         finally:
             await w.stop_agent()
             w.close_publisher()
-            if w.states is not None:
-                w.states.stop()
+            w.stop_watching()
 
 
 def _retained_rss(proc: psutil.Process) -> int:
@@ -236,7 +234,7 @@ async def test_swap_under_a_running_stream(world: World) -> None:
     v2 = ms.version_of(world.tmp / "art", "det", "2", anchors=65)
     await world.push(world.v1)
     await world.push(v2)
-    world.watch_state()
+    world.watch()
     agent = await world.start_agent()
     await world.wait_state(lambda m, d: d.status == "active" and d.version == "1", 10, "v1")
     await wait_for(lambda: len(world.results()) >= FPS, what="a second of v1 results")
@@ -258,7 +256,7 @@ async def test_swap_under_a_running_stream(world: World) -> None:
     # periods of the desired message's arrival plus the (measured) load time
     rows = [r for r in world.results() if r["camera"] == "cam0"]
     seqs = [r["seq"] for r in rows]
-    assert seqs == list(range(len(seqs))), "a result went missing in the sink"
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "a result went missing"
     around = rows[first_v2 - 5 : first_v2 + 5]
     gaps = [b["ts"] - a["ts"] for a, b in itertools.pairwise(around)]
     assert max(gaps) < 3.5 / FPS, f"the stream stalled at the switch: gaps {gaps}"
@@ -273,7 +271,7 @@ async def test_fifty_swaps_do_not_grow_memory(world: World) -> None:
     b = ms.version_of(world.tmp / "art", "det", "3", anchors=40_001)
     await world.push(a)
     await world.push(b)
-    world.watch_state()
+    world.watch()
     agent = await world.start_agent(probation_frames=2)
     proc = psutil.Process()
     rss: list[int] = []
@@ -310,7 +308,7 @@ async def test_bad_artifacts_are_refused_while_the_old_version_serves(world: Wor
     blob = world.registry.artifacts.path(rotten.sha256)
     os.chmod(blob, 0o640)
     blob.write_bytes(rotten.onnx_bytes[: len(rotten.onnx_bytes) // 2])
-    world.watch_state()
+    world.watch()
     # the hub leaves a body it cannot finish hanging: the stall timeout ends each attempt
     agent = await world.start_agent(hub={"stall_timeout_s": 0.5})
     await world.wait_state(lambda m, d: d.version == "1", 10, "v1")
@@ -358,15 +356,28 @@ async def test_restart_with_broker_and_hub_down_serves_the_cached_version(
         await w.stop_agent()
         w.close_publisher()
     own_broker.kill()  # the hub stopped above; now the broker is gone too
-    (tmp_path / "results.jsonl").unlink()
     agent = await w.start_agent()
     try:
         assert agent.slots["det"].version == "2"
-        await wait_for(lambda: len(w.results()) >= 10, what="results while offline")
+        assert agent.mqtt is not None and not agent.mqtt.link.connected
+        assert agent.pipeline is not None
+        frames: dict[str, int] = {}
+
+        def served() -> dict[str, int]:
+            for t in agent.pipeline.telemetry_models():  # per version, since the last call
+                frames[t.version] = frames.get(t.version, 0) + t.frames
+            return frames
+
+        await wait_for(lambda: served().get("2", 0) >= 10, what="frames served offline")
+        assert set(frames) == {"2"}
+        # the broker comes back: what the node serves reaches subscribers, still version 2
+        own_broker.start()
+        w.watch()
+        await wait_for(lambda: len(w.results()) >= 10, what="results after the broker returned")
         assert {r["model"]["version"] for r in w.results()} == {"2"}
-        assert w.link is None or not w.link.connected
     finally:
         await w.stop_agent()
+        w.stop_watching()
 
 
 async def test_stale_and_malformed_desired_messages_change_nothing(world: World) -> None:
@@ -374,7 +385,7 @@ async def test_stale_and_malformed_desired_messages_change_nothing(world: World)
     v3 = ms.version_of(world.tmp / "art", "det", "3", anchors=66)
     for art in (world.v1, v2, v3):
         await world.push(art)
-    world.watch_state()
+    world.watch()
     agent = await world.start_agent()
     world.desire({"det": world.entry(v2)}, generation=7)
     await world.wait_state(lambda m, d: m.generation == 7 and d.version == "2", 10, "gen 7")
