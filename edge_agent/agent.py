@@ -338,7 +338,6 @@ class MqttParts:
     def attach(self, agent: Agent, sup: Supervisor) -> None:
         """Spawn the drain and telemetry; route desired state to model sync and state back."""
         from edge_agent import __version__  # noqa: PLC0415
-        from edge_agent.protocol import desired_topic  # noqa: PLC0415
         from edge_agent.telemetry import TelemetryPublisher  # noqa: PLC0415
 
         s = self.settings
@@ -350,11 +349,8 @@ class MqttParts:
             outbox=self.outbox.snapshot, agent_version=__version__)
         sup.spawn("outbox-drain", self.drain.run(), drained=True)
         sup.spawn("telemetry", telemetry.run())
-        sync = agent.sync
-        if sync is not None:
-            sync.publish_cb = self.link.publish_state
-            self.link.subscribe(desired_topic(s.mqtt.topic_prefix, s.node), sync.on_desired)
-            sync.publish_state()
+        if agent.sync is not None:
+            agent.sync.attach(self.link)  # desired state in, retained state out
 
 
 def _infer_leased(slot: ModelSlot, image: np.ndarray) -> tuple[Any, Any]:
