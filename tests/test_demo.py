@@ -9,6 +9,7 @@ it mid-rollout the way Ctrl-C does. Both check that no process of the demo outli
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import queue
@@ -24,7 +25,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NODES = ["edge-1", "edge-2", "edge-3"]
 
-pytestmark = pytest.mark.slow
+#: What the demo may import from the project: the wire contract and the consumer API. The rest
+#: it reaches only as a user does (command lines, HTTP, MQTT).
+ALLOWED = {"edge_agent.protocol", "hub.results"}
 
 
 def leftovers(workdir: Path) -> list[str]:
@@ -50,6 +53,20 @@ def kill_leftovers(workdir: Path) -> None:
             continue
 
 
+def test_demo_imports_only_public_surfaces() -> None:
+    imported = set()
+    for path in (ROOT / "demo").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imported.add(node.module)
+    ours = {m for m in imported if m.split(".")[0] in ("edge_agent", "hub")}
+    assert ours, "the demo uses hub.results for its subscriber"
+    assert ours <= ALLOWED, ours - ALLOWED
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_demo_runs_to_its_summary(tmp_path: Path) -> None:
     wd = tmp_path / "demo"
@@ -109,6 +126,7 @@ def _reader(stream: subprocess.Popen[str], lines: queue.Queue[str]) -> None:
         lines.put(line)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_ctrl_c_mid_rollout_stops_everything(tmp_path: Path) -> None:
     wd = tmp_path / "demo"
