@@ -113,10 +113,14 @@ class Fetcher:
                 await _check_status(resp, url)
                 if resp.content_length is not None and resp.content_length > max_bytes:
                     raise ModelError(f"{url}: document of {resp.content_length} bytes is too big")
-                body = await resp.content.read(max_bytes + 1)
-                if len(body) > max_bytes:
-                    raise ModelError(f"{url}: document is larger than {max_bytes} bytes")
-                return body
+                body = bytearray()
+                async for chunk in resp.content.iter_chunked(64 * 1024):
+                    body += chunk
+                    if len(body) > max_bytes:
+                        raise ModelError(f"{url}: document is larger than {max_bytes} bytes")
+                if resp.content_length is not None and len(body) != resp.content_length:
+                    raise _RetryError(f"short body: {len(body)} of {resp.content_length} bytes")
+                return bytes(body)
 
         return await self._with_retries(url, attempt, FetchStats())
 

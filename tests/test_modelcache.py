@@ -312,3 +312,16 @@ def test_backoff_delay_is_capped_full_jitter() -> None:
         samples = [backoff_delay(attempt, policy, rng) for _ in range(50)]
         assert all(0 <= s <= cap for s in samples)
         assert max(samples) > cap / 2  # really spread, not a constant
+
+
+async def test_large_manifest_arrives_whole_and_oversize_is_refused(
+    tmp_path: Path, server: FileServer
+) -> None:
+    cache = _cache(tmp_path)
+    labels = [f"label-{i:05d}-" + "x" * 80 for i in range(4000)]  # ~360 kB, many chunks
+    desired, _ = _publish(server, "det", "1", labels=labels)
+    entry = await cache.fetch("det", desired)
+    assert json.loads(entry.manifest_path.read_text())["labels"] == labels
+    huge, _ = _publish(server, "det", "2", labels=labels * 4)  # > 1 MiB
+    with pytest.raises(ModelError, match=r"too big|larger than"):
+        await cache.fetch("det", huge)
