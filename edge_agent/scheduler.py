@@ -280,29 +280,35 @@ class Scheduler:
 
 
 def _throughput(model: Any, x: np.ndarray, workers: int, seconds: float) -> float:
-    """Frames per second of ``workers`` threads running ``model.run(x)`` back to back."""
+    """Frames per second of ``workers`` threads running ``model.run(x)`` back to back.
+
+    Each thread is timed from its first completion to its last, so a short window does not
+    gain or lose a fraction of an inference at its edges (at 0.4 s and 30 ms an inference,
+    plain counting would be off by up to 8 %).
+    """
     stop = threading.Event()
-    counts = [0] * workers
+    stamps: list[list[float]] = [[] for _ in range(workers)]
     n = x.shape[0]
 
     def loop(i: int) -> None:
         model.run(x)  # warm-up for this shape and thread, not timed
         barrier.wait()
+        mine = stamps[i]
+        mine.append(time.perf_counter())
         while not stop.is_set():
             model.run(x)
-            counts[i] += n
+            mine.append(time.perf_counter())
 
     barrier = threading.Barrier(workers + 1)
     threads = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(workers)]
     for t in threads:
         t.start()
     barrier.wait()
-    t0 = time.perf_counter()
     stop.wait(seconds)
     stop.set()
     for t in threads:
         t.join()
-    return sum(counts) / (time.perf_counter() - t0)
+    return sum((len(ts) - 1) * n / (ts[-1] - ts[0]) for ts in stamps if len(ts) >= 2)
 
 
 def calibrate(
@@ -311,27 +317,33 @@ def calibrate(
     workers: Sequence[int],
     batches: Sequence[int] = (1,),
     seconds: float = 0.4,
+    passes: int = 2,
     sample: np.ndarray | None = None,
 ) -> tuple[int, int, dict[str, float]]:
     """Time each (workers, batch) candidate on ``model``; return the best and all figures.
 
-    A larger configuration must beat a smaller one by 3 % to be chosen: more workers and
-    larger batches cost latency and memory, so a tie goes to the smaller one. Runs in the
-    calling thread (startup, in a worker thread of the event loop).
+    Every candidate runs ``passes`` times, interleaved, and keeps its best figure, so a burst
+    of other work on a shared machine does not decide. A larger configuration must beat a
+    smaller one by 3 % to be chosen: more workers and larger batches cost latency and memory,
+    so a tie goes to the smaller one. Runs in the calling thread (startup, off the event loop).
     """
     if sample is None:
         rng = np.random.default_rng(0)
         sample = rng.integers(0, 255, (720, 1280, 3), dtype=np.uint8)
     one, _ = model.preprocess(sample)
+    cands = [(w, b) for b in sorted(set(batches)) for w in sorted(set(workers))]
     figures: dict[str, float] = {}
+    for _ in range(max(1, passes)):
+        for w, b in cands:
+            x = one if b == 1 else np.concatenate([one] * b)
+            key = f"w{w}b{b}"
+            figures[key] = round(max(figures.get(key, 0.0), _throughput(model, x, w, seconds)),
+                                 2)
     best: tuple[float, int, int] | None = None
-    for b in sorted(set(batches)):
-        x = one if b == 1 else np.concatenate([one] * b)
-        for w in sorted(set(workers)):
-            fps = _throughput(model, x, w, seconds)
-            figures[f"w{w}b{b}"] = round(fps, 2)
-            if best is None or fps > best[0] * 1.03:
-                best = (fps, w, b)
+    for w, b in cands:  # smallest first: a larger one must win by 3 %
+        fps = figures[f"w{w}b{b}"]
+        if best is None or fps > best[0] * 1.03:
+            best = (fps, w, b)
     assert best is not None
     return best[1], best[2], figures
 
