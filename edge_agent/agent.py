@@ -150,6 +150,7 @@ class Agent:
         # parallelism comes from one thread per camera and per worker; OpenCV's own pool
         # inside each resize would only oversubscribe the cores those threads already use
         cv2.setNumThreads(1)
+        self._register_shutdown()
         await self._load_models()
         workers, limits = await asyncio.to_thread(self._choose_concurrency)
         if self.sink is None:
@@ -178,20 +179,6 @@ class Agent:
             app = build_app(self, max_upload_bytes=s.http.max_upload_bytes)
             self.http = HttpServer(app, s.http.host, s.http.port)
             await self.http.start()
-        # shutdown steps, in order (the supervisor bounds them all together)
-        pipeline = self.pipeline
-        sup.on_shutdown("pipeline", lambda: pipeline.stop(s.shutdown_timeout_s * 0.5))
-        if self.mqtt is not None:
-            mqtt = self.mqtt
-            sup.on_shutdown("outbox-drain", lambda: mqtt.drain.aclose(s.shutdown_timeout_s * 0.2))
-        if self._own_sink:
-            sink = self.sink
-            sup.on_shutdown("sink", sink.aclose)
-        if self.mqtt is not None:
-            sup.on_shutdown("mqtt", self.mqtt.link.aclose)
-        if self.http is not None:
-            sup.on_shutdown("http", self.http.aclose)
-        sup.on_shutdown("models", self._close_models)
         # everything allocated so far (modules, sessions, settings) lives as long as the
         # process: keep it out of the cyclic GC, so a full collection scans only per-frame
         # garbage and takes microseconds instead of tens of milliseconds of loop and GIL time
@@ -199,6 +186,36 @@ class Agent:
         self._started = True
         log.info("agent_started", node=s.node, cameras=len(s.cameras), workers=workers,
                  batch_limits=limits, startup_s=round(time.perf_counter() - t0, 2))
+
+    def _register_shutdown(self) -> None:
+        """The shutdown steps, in order, registered before anything starts: each closes only
+        what exists, so a start-up that fails half-way still releases what it opened."""
+        t = self.settings.shutdown_timeout_s
+        sup = self.supervisor
+
+        async def pipeline() -> None:
+            if self.pipeline is not None:
+                await self.pipeline.stop(t * 0.5)
+
+        async def drain() -> None:
+            if self.mqtt is not None:
+                await self.mqtt.drain.aclose(t * 0.2)
+
+        async def sink() -> None:
+            if self._own_sink and self.sink is not None:
+                await self.sink.aclose()
+
+        async def mqtt() -> None:
+            if self.mqtt is not None:
+                await self.mqtt.link.aclose()
+
+        async def http() -> None:
+            if self.http is not None:
+                await self.http.aclose()
+
+        for name, fn in (("pipeline", pipeline), ("outbox-drain", drain), ("sink", sink),
+                         ("mqtt", mqtt), ("http", http), ("models", self._close_models)):
+            sup.on_shutdown(name, fn)
 
     async def _close_models(self) -> None:
         self._infer_pool.shutdown(wait=False, cancel_futures=True)

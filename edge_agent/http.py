@@ -22,7 +22,7 @@ import structlog
 from aiohttp import BodyPartReader, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from edge_agent.errors import InputError, ModelError
+from edge_agent.errors import AgentError, InputError, ModelError
 
 log = structlog.get_logger(__name__)
 
@@ -219,9 +219,13 @@ class HttpServer:
         """Listen; return the bound port (useful with port 0 in tests)."""
         runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=2.0)
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port)
-        await site.start()
         self._runner = runner
+        site = web.TCPSite(runner, self.host, self.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise AgentError(f"cannot listen on {self.host}:{self.port}: "
+                             f"{exc.strerror or exc}") from exc
         server = getattr(site, "_server", None)
         if server is not None and server.sockets:
             self.port = server.sockets[0].getsockname()[1]

@@ -221,3 +221,23 @@ def test_a_model_that_cannot_load_exits_1_with_one_line(tmp_path: Path,
                        check=False)
     assert r.returncode == 1
     assert "edge-agent: error:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_port_in_use_exits_1_with_one_line_and_releases_what_started(
+    tmp_path: Path, models_dir: Path
+) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = _config(tmp_path, models_dir, port)
+        t0 = time.monotonic()
+        r = subprocess.run([*_agent_cmd(), str(cfg)], capture_output=True, text=True,
+                           timeout=60, check=False)
+    assert r.returncode == 1, r.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr
+    assert time.monotonic() - t0 < 30  # the cameras and workers it had started were stopped
+    events = [orjson.loads(x)["event"] for x in r.stdout.splitlines() if x.startswith("{")]
+    assert "pipeline_stopped" in events
