@@ -153,12 +153,11 @@ class Demo:
                 raise DemoError(f"timed out after {timeout:g} s waiting for {what}", tails)
             time.sleep(0.25)
 
-    def cli(self, *argv: str, show: bool = True) -> str:
-        """Run an ``edge-hub`` client verb against the demo's hub; its stdout."""
+    def cli(self, *argv: str) -> str:
+        """Run an ``edge-hub`` client verb against the demo's hub (shown); its stdout."""
         full = [*self.tool("edge-hub"), *argv, "--hub", self.hub_url,
                 "--token-file", str(self.token_file)]
-        if show:
-            self.out.step("$ edge-hub " + shlex.join(argv), bold=True)
+        self.out.step("$ edge-hub " + shlex.join(argv), bold=True)
         proc = run_cli(full, env=self.env, timeout=120)
         if proc.returncode != 0:
             raise DemoError(f"edge-hub {' '.join(argv[:3])} exited {proc.returncode}",
@@ -175,8 +174,9 @@ class Demo:
                                 "(it builds models/out)")
         hub_dir = self.wd / "hub"
         hub_dir.mkdir(parents=True)
-        self.token_file.write_text(secrets.token_urlsafe(24) + "\n", encoding="utf-8")
-        self.token_file.chmod(0o600)
+        fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(secrets.token_urlsafe(24) + "\n")
         self.write_inventory(assigned=None)
         _dump(hub_dir / "hub.yaml", {
             "api": {"host": "127.0.0.1", "port": self.hub_port,
