@@ -137,7 +137,8 @@ class Agent:
         if p.sink == "jsonl":
             return await JsonLinesSink(p.jsonl_path, append=True).open()
         self.mqtt = await MqttParts.open(self.settings, self.metrics)
-        return self.mqtt.outbox
+        outbox: ResultSink = self.mqtt.outbox
+        return outbox
 
     # ------------------------------------------------------------------ lifecycle
 

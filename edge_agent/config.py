@@ -119,7 +119,7 @@ class CameraSettings(_Section):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        from edge_agent.capture import parse_source  # noqa: PLC0415 - avoids an import cycle
+        from edge_agent.sources import parse_source  # noqa: PLC0415 - keeps config light
 
         parse_source(v)  # raises ValueError naming the accepted forms
         return v

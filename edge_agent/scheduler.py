@@ -308,7 +308,7 @@ def _throughput(model: Any, x: np.ndarray, workers: int, seconds: float) -> floa
     stop.set()
     for t in threads:
         t.join()
-    return sum((len(ts) - 1) * n / (ts[-1] - ts[0]) for ts in stamps if len(ts) >= 2)
+    return float(sum((len(ts) - 1) * n / (ts[-1] - ts[0]) for ts in stamps if len(ts) >= 2))
 
 
 def calibrate(

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.capture import Backoff, Camera, Frame, parse_source
+from edge_agent.capture import Backoff, Camera, Frame
 from edge_agent.config import CameraSettings
+from edge_agent.sources import parse_source
 from tests.broker import free_port
 from tests.streams import MjpegServer, write_video
 
