@@ -19,10 +19,8 @@ live, a summary closes it, and everything keeps running (results flowing on MQTT
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import secrets
 import shlex
 import shutil
 import signal
@@ -33,11 +31,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-import yaml
-
 if __package__ in (None, ""):  # run as a file (python demo/run.py): make ``demo`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from demo import layout
+from demo.layout import CAMERA, LABEL_PREFIX, MODEL, NODES, VIDEO
 from demo.procs import (
     Child,
     DemoError,
@@ -51,13 +49,6 @@ from demo.view import Display, NodeRow, Snapshot, cause_text, summary_text
 from demo.watch import HubApi, NodeFigures, ResultsWatcher
 from hub.results import ResultsUnavailableError
 
-ROOT = Path(__file__).resolve().parents[1]
-SOURCE_MODEL = ROOT / "models" / "out" / "efficientnet-lite0"
-VIDEO = ROOT / "models" / "out" / "samples" / "bikes.mp4"
-MODEL = "classifier"
-NODES = ("edge-1", "edge-2", "edge-3")
-CAMERA = "cam0"
-LABEL_PREFIX = "edge.ai"
 #: Gates that pass on any healthy machine, loaded or not (the point is the mechanism; try
 #: ``--gate 'p99_ms<=1'`` to watch an automatic rollback).
 DEFAULT_GATES = ("error_rate<=0.01", "p99_ms<=1000")
@@ -167,81 +158,23 @@ class Demo:
     # ------------------------------------------------------------------------------ setup
 
     def prepare(self) -> None:
-        """Folders, the hub's token, config and inventory, the agents' configs, the models."""
-        for required in (SOURCE_MODEL / "model.onnx", SOURCE_MODEL / "manifest.json", VIDEO):
-            if not required.is_file():
-                raise DemoError(f"{required} is missing: run `bash scripts/setup.sh` first "
-                                "(it builds models/out)")
+        """The hub's token, config and inventory, and the agents' configs."""
+        missing = layout.missing_inputs()
+        if missing:
+            raise DemoError(f"{missing[0]} is missing: run `bash scripts/setup.sh` first "
+                            "(it builds models/out)")
         hub_dir = self.wd / "hub"
-        hub_dir.mkdir(parents=True)
-        fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(secrets.token_urlsafe(24) + "\n")
-        self.write_inventory(assigned=None)
-        _dump(hub_dir / "hub.yaml", {
-            "api": {"host": "127.0.0.1", "port": self.hub_port,
-                    "token_file": str(self.token_file)},
-            "storage": {"data_dir": str(hub_dir / "data")},
-            "mqtt": {"host": "127.0.0.1", "port": self.broker_port},
-            "cluster": {"backend": "static", "inventory_file": str(self.inventory),
-                        "label_prefix": LABEL_PREFIX, "inventory_poll_s": 0.5},
-            # a node is offline after 10 s of silence (agents report every second here)
-            "telemetry": {"window_s": 120.0, "offline_after_s": 10.0},
-            "rollouts": {"tick_s": 0.5, "startup_grace_s": 1.0},
-            "log": {"json_lines": True},
-        })
+        layout.write_token(self.token_file)
+        layout.write_inventory(self.inventory, assigned=None)
+        layout.dump(hub_dir / "hub.yaml", layout.hub_config(
+            hub_dir=hub_dir, port=self.hub_port, broker_port=self.broker_port,
+            token_file=self.token_file, inventory=self.inventory))
         for name in NODES:
             adir = self.wd / "agents" / name
             adir.mkdir(parents=True)
-            _dump(adir / "agent.yaml", {
-                "node": name,
-                "log": {"json_lines": True},
-                # CUDA when this machine has it; TensorRT would spend minutes building engines
-                "engine": {"providers": ["cuda", "cpu"], "intra_op_threads": 1,
-                           "warmup_runs": 1},
-                "cameras": [{"name": CAMERA, "url": str(VIDEO), "model": MODEL, "loop": True,
-                             "fps_cap": self.args.fps}],
-                # three agents share this machine: one worker each, no startup measurement
-                "pipeline": {"workers": 1, "max_batch": 1, "sink": "mqtt"},
-                "mqtt": {"host": "127.0.0.1", "port": self.broker_port,
-                         "telemetry_interval_s": 1.0, "reconnect_min_s": 0.2,
-                         "reconnect_max_s": 2.0},
-                "outbox": {"path": str(adir / "outbox.sqlite3")},
-                "http": {"host": "127.0.0.1", "port": self.agent_ports[name]},
-                "hub": {"url": self.hub_url, "cache_dir": str(adir / "models")},
-                "model_sync": {"reload_poll_s": 0},
-                "shutdown_timeout_s": 5.0,
-            })
-        self.prepare_models()
-
-    def prepare_models(self) -> None:
-        """v1: the built model (linked) with its manifest; v2: an optimized re-export."""
-        source = json.loads((SOURCE_MODEL / "manifest.json").read_text(encoding="utf-8"))
-        v1 = self.wd / "models" / MODEL / "1"
-        v1.mkdir(parents=True)
-        (v1 / "model.onnx").symlink_to(SOURCE_MODEL / "model.onnx")
-        _write_manifest(v1, source, "1", source["sha256"])
-        v2 = self.wd / "models" / MODEL / "2"
-        v2.mkdir(parents=True)
-        import onnxruntime as ort  # noqa: PLC0415 - only for the export, after the children
-
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        opts.optimized_model_filepath = str(v2 / "model.onnx")
-        opts.intra_op_num_threads = 1
-        ort.InferenceSession(str(SOURCE_MODEL / "model.onnx"), opts,
-                             providers=["CPUExecutionProvider"])
-        digest = hashlib.sha256((v2 / "model.onnx").read_bytes()).hexdigest()
-        _write_manifest(v2, source, "2", digest)
-
-    def write_inventory(self, assigned: str | None) -> None:
-        """The hub's static inventory; ``assigned`` labels every node with that version."""
-        labels = {f"{LABEL_PREFIX}/camera-node": "true", "site": "demo"}
-        if assigned is not None:
-            labels[f"{LABEL_PREFIX}/model.{MODEL}"] = assigned
-        tmp = self.inventory.with_name(".inventory.tmp")
-        _dump(tmp, {"nodes": [{"name": n, "labels": labels} for n in NODES]})
-        os.replace(tmp, self.inventory)  # the hub polls it: never let it read half a file
+            layout.dump(adir / "agent.yaml", layout.agent_config(
+                name, agent_dir=adir, fps=self.args.fps, broker_port=self.broker_port,
+                http_port=self.agent_ports[name], hub_url=self.hub_url))
 
     # ------------------------------------------------------------------------------ steps
 
@@ -277,9 +210,10 @@ class Demo:
     def push_models(self) -> None:
         """Push v1 and v2 of the model with the CLI."""
         self.phase = "pushing two versions of the model"
+        files = layout.prepare_models(self.wd / "models")
         for version, notes in (("1", "efficientnet-lite0 as built"),
                                ("2", "efficientnet-lite0, ORT graph-optimized re-export")):
-            path = self.wd / "models" / MODEL / version / "model.onnx"
+            path = files[version]
             out = self.cli("models", "push", str(path), "--name", MODEL, "--version", version,
                            "--notes", notes)
             self.out.step("  " + out.strip().splitlines()[-1])
@@ -295,7 +229,7 @@ class Demo:
         self.out.step(f"assign {MODEL} 1: label {LABEL_PREFIX}/model.{MODEL}=1 on every node "
                       "in the hub's inventory",
                       f"(on K3s: kubectl label node --all {LABEL_PREFIX}/model.{MODEL}=1)")
-        self.write_inventory(assigned="1")
+        layout.write_inventory(self.inventory, assigned="1")
         self.wait(f"every node to serve {MODEL} 1", lambda: self.serving_everywhere("1"), 90)
         self.out.step(f"every node serves {MODEL} 1; results flowing")
         self.phase = f"{MODEL} 1 running: collecting baseline telemetry"
@@ -409,17 +343,6 @@ class Demo:
         codes.update(stop_all([self.hub] if self.hub else [], 15.0))
         codes.update(stop_all([self.broker] if self.broker else [], 5.0))
         return codes
-
-
-def _dump(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-
-
-def _write_manifest(folder: Path, source: dict[str, Any], version: str, sha256: str) -> None:
-    manifest = {**source, "name": MODEL, "version": version, "sha256": sha256,
-                "file": "model.onnx"}
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n",
-                                          encoding="utf-8")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
