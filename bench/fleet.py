@@ -1,0 +1,374 @@
+"""Benchmark: the hub's rollout side at fleet scale, against bare paho in the same run.
+
+5,000 simulated nodes (``--nodes``) live in a child process that speaks the wire contract over
+one MQTT connection: each node has a retained state, reports its new version active when it
+gets a desired message, and sends telemetry once every 10 s (500 messages/s for the fleet). The
+fake Kubernetes API server (``tests/fake_k8s.py``) runs in another child with one Node object
+per simulated node; the hub (``ControlPlane``: the real kubernetes client, paho, SQLite) runs in
+this process. A real mosquitto broker carries everything.
+
+Measured:
+
+- **wave dispatch**: a rollout whose single wave covers every node; from ``create`` until the
+  last node received its desired message with the new version (label patches through the
+  Kubernetes API, database writes, desired messages through the broker). Baseline: a bare paho
+  client publishing the same desired payloads (retained, QoS 1) to the same simulated nodes.
+- **ingest lag**: while that rollout bakes (gates evaluated over all nodes every tick),
+  receipt-minus-sent time of every telemetry message, p99, at one message per node every 10 s.
+  Baseline: a bare paho subscriber in this process timing the same messages.
+
+Figures go to ``bench/out/fleet.json``; the last line is ``nodes=… wave_dispatch_s=…
+ingest_lag_p99_s=…`` followed by the baselines and ratios. ``--quick`` (≤ 60 s) measures ingest
+for 15 s instead of 45 s; the fleet is the same size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+from paho.mqtt import client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from edge_agent import protocol  # noqa: E402
+from hub.config import HubSettings  # noqa: E402
+from hub.control import ControlPlane  # noqa: E402
+from hub.logs import configure_logging  # noqa: E402
+from hub.registry import Registry  # noqa: E402
+from hub.rollout_model import RolloutSpec  # noqa: E402
+from tests.broker import Broker, free_port  # noqa: E402
+from tests.fake_k8s import FakeKube  # noqa: E402
+
+MODEL = "det"
+CAM = "edge.ai/camera-node"
+LABEL = f"edge.ai/model.{MODEL}"
+INTERVAL_S = 10.0
+
+
+def node_name(i: int) -> str:
+    return f"node-{i:05d}"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+# ------------------------------------------------------------------------- child: Kubernetes
+def run_fake_kube(port: int, nodes: int, ready: Any, stop: Any) -> None:
+    kube = FakeKube(port=port, history_limit=10 * nodes + 1000).start()
+    for i in range(nodes):
+        kube.add_node(node_name(i), {CAM: "true", LABEL: "1.0", "site": "bench"})
+    ready.set()
+    stop.wait()
+    kube.stop()
+
+
+# ----------------------------------------------------------------------- child: the agents
+class Simulator:
+    """Thousands of nodes over one paho connection (no per-node will: offline is not tested)."""
+
+    def __init__(self, port: int, prefix: str, base_prefix: str, nodes: int,
+                 conn: Any) -> None:
+        self.prefix, self.base_prefix, self.nodes, self.conn = prefix, base_prefix, nodes, conn
+        self.version: dict[str, str] = {node_name(i): "1.0" for i in range(nodes)}
+        self.generation: dict[str, int] = {}
+        self.got_new: set[str] = set()
+        self.got_base: set[str] = set()
+        self.got_initial: set[str] = set()
+        self.lock = threading.Lock()
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sim-{prefix}")
+        self.c.max_inflight_messages_set(1000)
+        self.c.max_queued_messages_set(0)
+        self.c.on_message = self.on_message
+        self.c.connect("127.0.0.1", port, keepalive=30)
+        self.c.subscribe([(f"{prefix}/+/desired", 1), (f"{base_prefix}/+/desired", 1)])
+        self.c.loop_start()
+
+    def state(self, node: str) -> bytes:
+        return protocol.encode_dict({
+            "v": 1, "node": node, "online": True, "ts": time.time(),
+            "generation": self.generation.get(node, 0), "agent_version": "sim",
+            "models": [{"name": MODEL, "version": self.version[node], "status": "active"}]})
+
+    def on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        now = time.time()
+        data = orjson.loads(msg.payload)
+        node, version = data["node"], data["models"][MODEL]["version"]
+        if msg.topic.startswith(self.base_prefix + "/"):
+            with self.lock:
+                self.got_base.add(node)
+                if len(self.got_base) == self.nodes:
+                    self.conn.send(("baseline_done", now))
+            return
+        with self.lock:
+            if data["generation"] <= self.generation.get(node, 0):
+                return
+            self.generation[node] = data["generation"]
+            if version == "1.0":
+                self.got_initial.add(node)
+                if len(self.got_initial) == self.nodes:
+                    self.conn.send(("initial_done", now))
+            else:
+                self.got_new.add(node)
+                if len(self.got_new) == self.nodes:
+                    self.conn.send(("wave_done", now))
+            self.version[node] = version
+        client.publish(f"{self.prefix}/{node}/state", self.state(node), qos=1, retain=True)
+
+    def publish_states(self) -> None:
+        for i in range(self.nodes):
+            node = node_name(i)
+            self.c.publish(f"{self.prefix}/{node}/state", self.state(node), qos=1, retain=True)
+
+    def telemetry(self, seconds: float) -> int:
+        """One message per node every INTERVAL_S, spread evenly; returns messages sent."""
+        per_s = self.nodes / INTERVAL_S
+        start = time.monotonic()
+        sent = 0
+        while (elapsed := time.monotonic() - start) < seconds:
+            due = int(elapsed * per_s) + 1
+            while sent < due:
+                node = node_name(sent % self.nodes)
+                payload = protocol.encode_dict({
+                    "v": 1, "node": node, "ts": time.time(), "interval_s": INTERVAL_S,
+                    "agent_version": "sim",
+                    "models": [{"name": MODEL, "version": self.version[node], "frames": 100,
+                                "errors": 0, "latency_ms": {"p50": 20.0, "p95": 28.0,
+                                                            "p99": 31.0}}],
+                    "cameras": [{"camera": "cam0", "connected": True, "fps": 10.0}],
+                    "outbox": {"depth": 0}, "rss_bytes": 123456789})
+                self.c.publish(f"{self.prefix}/{node}/telemetry", payload, qos=0)
+                sent += 1
+            time.sleep(0.005)
+        return sent
+
+
+def run_simulator(port: int, prefix: str, base_prefix: str, nodes: int, conn: Any) -> None:
+    sim = Simulator(port, prefix, base_prefix, nodes, conn)
+    sim.publish_states()
+    conn.send(("states_sent", time.time()))
+    while True:
+        cmd = conn.recv()
+        if cmd[0] == "telemetry":
+            conn.send(("telemetry_done", sim.telemetry(cmd[1])))
+        elif cmd[0] == "stop":
+            break
+    sim.c.disconnect()
+    sim.c.loop_stop()
+
+
+# ------------------------------------------------------------------------------ the hub side
+def wait_for(conn: Any, kind: str, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if conn.poll(0.05):
+            msg = conn.recv()
+            if msg[0] == kind:
+                return msg[1]
+    raise TimeoutError(f"no {kind} within {timeout}s")
+
+
+async def async_wait_for(conn: Any, kind: str, timeout: float) -> Any:
+    return await asyncio.to_thread(wait_for, conn, kind, timeout)
+
+
+class LagProbe:
+    """The baseline subscriber: bare paho + orjson, receipt minus sent time."""
+
+    def __init__(self, port: int, prefix: str) -> None:
+        self.lags: list[float] = []
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"probe-{prefix}")
+        self.c.on_message = self.on_message
+        self.c.connect("127.0.0.1", port)
+        self.c.subscribe(f"{prefix}/+/telemetry", qos=0)
+        self.c.loop_start()
+
+    def on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        self.lags.append(time.time() - orjson.loads(msg.payload)["ts"])
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+def bare_publish(port: int, prefix: str, payloads: list[tuple[str, bytes]]) -> None:
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bare-{prefix}")
+    c.max_inflight_messages_set(1000)
+    c.max_queued_messages_set(0)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    infos = [c.publish(f"{prefix}/{node}/desired", p, qos=1, retain=True) for node, p in payloads]
+    for info in infos:
+        info.wait_for_publish(60)
+    c.disconnect()
+    c.loop_stop()
+
+
+async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    n = args.nodes
+    ctx = mp.get_context("spawn")
+    (tmp / "broker").mkdir()
+    broker = Broker(tmp / "broker", persistence=False)
+    broker.start()
+    kport = free_port()
+    kready, kstop = ctx.Event(), ctx.Event()
+    kproc = ctx.Process(target=run_fake_kube, args=(kport, n, kready, kstop), daemon=True)
+    kproc.start()
+    prefix, base_prefix = "bench", "bare"
+    parent, child = ctx.Pipe()
+    sproc = ctx.Process(target=run_simulator, args=(broker.port, prefix, base_prefix, n, child),
+                        daemon=True)
+    figures: dict[str, Any] = {"nodes": n}
+    cp: ControlPlane | None = None
+    reg: Registry | None = None
+    try:
+        sproc.start()
+        await async_wait_for(parent, "states_sent", 60)
+        if not await asyncio.to_thread(kready.wait, 120):
+            raise TimeoutError("fake Kubernetes API did not start")
+        kube = FakeKube(port=kport)
+        settings = HubSettings(
+            storage={"data_dir": tmp / "data"},
+            api={"public_url": "http://hub.bench:8081"},
+            mqtt={"port": broker.port, "topic_prefix": prefix},
+            cluster={"backend": "kubernetes", "api_timeout_s": 10,
+                     "kubeconfig": kube.write_kubeconfig(tmp / "kubeconfig"),
+                     "watch_timeout_s": 300},
+            telemetry={"window_s": 300, "offline_after_s": 120},
+            rollouts={"tick_s": 1.0, "startup_grace_s": 1.0},
+        )
+        reg = Registry(settings)
+        for version in ("1.0", "2.0"):
+            folder = ROOT / "models" / "out" / "tiny-classifier"
+            manifest = json.loads((folder / "manifest.json").read_text())
+            manifest["name"], manifest["version"] = MODEL, version
+            staged = await reg.stage()
+            await staged.write((folder / manifest["file"]).read_bytes())
+            await staged.finish()
+            await reg.push(MODEL, version, manifest_bytes=json.dumps(manifest).encode(),
+                           staged=staged)
+        t0 = time.time()
+        cp = ControlPlane(settings, reg)
+        await cp.start()
+        await async_wait_for(parent, "initial_done", 120)
+        figures["startup_s"] = round(time.time() - t0, 3)
+        await cp.controller.ready.wait()
+        deadline = time.monotonic() + 60
+        while sum(cp.fleet.online(node_name(i)) for i in range(n)) < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError("not every node is online at the hub")
+            await asyncio.sleep(0.2)
+        print(f"setup: {n} nodes online, initial desired sent in {figures['startup_s']}s",
+              flush=True)
+
+        # ---- wave dispatch: hub vs bare paho
+        spec = RolloutSpec(model=MODEL, version="2.0", selector="site=bench", canary=0,
+                           waves=[100], bake_s=3600, gates=["p99_ms<=1000", "error_rate<=0.01"],
+                           deadline_s=600)
+        t0 = time.time()
+        await cp.controller.create(spec)
+        t_done = await async_wait_for(parent, "wave_done", 600)
+        figures["wave_dispatch_s"] = round(t_done - t0, 3)
+        print(f"wave: {n} nodes sent 2.0 in {figures['wave_dispatch_s']}s", flush=True)
+        payloads = []
+        for i in range(n):
+            row = cp.dispatcher.desired(node_name(i))
+            assert row is not None
+            payloads.append((node_name(i), protocol.encode_dict(
+                {"v": 1, "node": node_name(i), "generation": row.generation,
+                 "models": row.models})))
+        t0 = time.time()
+        await asyncio.to_thread(bare_publish, broker.port, base_prefix, payloads)
+        t_base = await async_wait_for(parent, "baseline_done", 120)
+        figures["baseline_dispatch_s"] = round(t_base - t0, 3)
+        figures["dispatch_ratio"] = round(figures["wave_dispatch_s"]
+                                          / figures["baseline_dispatch_s"], 2)
+
+        # ---- ingest lag while the rollout bakes over every node
+        rid = max(cp.controller.rollouts)
+        deadline = time.monotonic() + 120
+        while cp.controller.rollouts[rid].state != "baking":
+            if time.monotonic() > deadline:
+                raise TimeoutError("the rollout did not reach baking")
+            await asyncio.sleep(0.2)
+        probe = LagProbe(broker.port, prefix)
+        cp.fleet.lags.clear()
+        parent.send(("telemetry", args.ingest_s))
+        sent = await async_wait_for(parent, "telemetry_done", args.ingest_s + 60)
+        await asyncio.sleep(1.0)  # the last messages in flight
+        probe.close()
+        hub_lags = list(cp.fleet.lags)
+        figures.update({
+            "telemetry_sent": sent, "telemetry_ingested": len(hub_lags),
+            "telemetry_rate_per_s": round(sent / args.ingest_s, 1),
+            "ingest_lag_p50_s": round(percentile(hub_lags, 0.5), 4),
+            "ingest_lag_p99_s": round(percentile(hub_lags, 0.99), 4),
+            "baseline_lag_p50_s": round(percentile(probe.lags, 0.5), 4),
+            "baseline_lag_p99_s": round(percentile(probe.lags, 0.99), 4),
+            "rollout_state": cp.controller.rollouts[rid].state,
+        })
+        figures["lag_ratio"] = round(figures["ingest_lag_p99_s"]
+                                     / max(figures["baseline_lag_p99_s"], 1e-4), 2)
+        parent.send(("stop",))
+    finally:
+        if cp is not None:
+            await cp.aclose()
+        if reg is not None:
+            await reg.aclose()
+        kstop.set()
+        for p in (sproc, kproc):
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+        broker.stop()
+    return figures
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--nodes", type=int, default=5000)
+    ap.add_argument("--ingest-s", type=float, default=None,
+                    help="seconds of telemetry to measure (default 45, --quick 15)")
+    ap.add_argument("--quick", action="store_true", help="a run under a minute")
+    args = ap.parse_args()
+    if args.ingest_s is None:
+        args.ingest_s = 15.0 if args.quick else 45.0
+    if not (ROOT / "models" / "out" / "tiny-classifier" / "manifest.json").exists():
+        print("models are not built: run `python models/build.py` first", file=sys.stderr)
+        return 2
+    configure_logging("warning", json=False)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
+        figures = asyncio.run(bench(args, Path(tmp)))
+    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() \
+        else []
+    figures.update({"quick": args.quick, "ingest_s": args.ingest_s, "cores": os.cpu_count(),
+                    "loadavg": load, "total_s": round(time.monotonic() - started, 1)})
+    out = ROOT / "bench" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fleet.json").write_text(json.dumps(figures, indent=1) + "\n")
+    print(f"nodes={figures['nodes']} wave_dispatch_s={figures['wave_dispatch_s']} "
+          f"ingest_lag_p99_s={figures['ingest_lag_p99_s']} "
+          f"baseline_dispatch_s={figures['baseline_dispatch_s']} "
+          f"dispatch_ratio={figures['dispatch_ratio']} "
+          f"baseline_lag_p99_s={figures['baseline_lag_p99_s']} "
+          f"lag_ratio={figures['lag_ratio']} loadavg={'/'.join(load)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
