@@ -86,6 +86,8 @@ class ClusterSettings(_Section):
     inventory_file: Path | None = None
     #: kubeconfig for backend=kubernetes outside a cluster; None = in-cluster config.
     kubeconfig: Path | None = None
+    #: Prefix of the node labels the hub reads and writes: ``{prefix}/camera-node`` and one
+    #: ``{prefix}/model.<name>`` per model. Default ``edge.ai`` (the wire contract's).
     label_prefix: str = DEFAULT_LABEL_PREFIX
     #: Retries of a Kubernetes API call on 409/429/5xx/timeouts, with exponential backoff.
     api_retries: int = Field(5, ge=0, le=20)
