@@ -456,19 +456,28 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(rounds):
             for cams in CAMERA_COUNTS:
                 cfg = best[cams]
-                cells[cams]["bare"].append(run_bare(sessions, tensors, cfg, warm, secs))
-                cells[cams]["tuned"].append(
-                    run_tuned(sessions, model.preprocess, cfg, cams, warm, secs))
-                cells[cams]["naive"].append(
-                    run_naive(naive_model, cams, warm, secs, tmp / "naive.jsonl"))
-                w, b = agent_cfg.get(cams, (0, 0))
-                res = asyncio.run(run_agent(cams, tmp, warm_s=warm + 0.6, secs=secs, workers=w,
-                                            max_batch=b, calibrate_s=0.25 if quick else 0.5))
-                if cams not in agent_cfg:  # measured once, reused in later rounds
-                    agent_cfg[cams] = (res.workers, res.limits.get("yolov8n-like", 1))
-                    agent_meta[cams] = {"workers": res.workers, "batch_limits": res.limits,
-                                        "calibration": res.calibration}
-                cells[cams]["agent"].append(res.fps)
+                # the order rotates each round, so a load change during a cell does not
+                # always hit the same variant
+                order = MODES[rnd % len(MODES):] + MODES[: rnd % len(MODES)]
+                for mode in order:
+                    if mode == "bare":
+                        fps = run_bare(sessions, tensors, cfg, warm, secs)
+                    elif mode == "tuned":
+                        fps = run_tuned(sessions, model.preprocess, cfg, cams, warm, secs)
+                    elif mode == "naive":
+                        fps = run_naive(naive_model, cams, warm, secs, tmp / "naive.jsonl")
+                    else:
+                        w, b = agent_cfg.get(cams, (0, 0))
+                        res = asyncio.run(run_agent(cams, tmp, warm_s=warm + 0.6, secs=secs,
+                                                    workers=w, max_batch=b,
+                                                    calibrate_s=0.25 if quick else 0.5))
+                        if cams not in agent_cfg:  # measured once, reused in later rounds
+                            agent_cfg[cams] = (res.workers, res.limits.get("yolov8n-like", 1))
+                            agent_meta[cams] = {"workers": res.workers,
+                                                "batch_limits": res.limits,
+                                                "calibration": res.calibration}
+                        fps = res.fps
+                    cells[cams][mode].append(fps)
                 row = " ".join(f"{m}={cells[cams][m][-1]:.1f}" for m in MODES)
                 print(f"round {rnd + 1} cameras={cams}: {row} (fps)", flush=True)
         # 2. the latency the agent adds, one camera at the video's own frame rate

@@ -279,6 +279,11 @@ class Scheduler:
 # ------------------------------------------------------------------------- calibration
 
 
+#: How much faster than the default (one worker per CPU, no batching) another configuration
+#: must measure at start-up to be chosen.
+MARGIN = 0.05
+
+
 def _throughput(model: Any, x: np.ndarray, workers: int, seconds: float) -> float:
     """Frames per second of ``workers`` threads running ``model.run(x)`` back to back.
 
@@ -323,9 +328,12 @@ def calibrate(
     """Time each (workers, batch) candidate on ``model``; return the best and all figures.
 
     Every candidate runs ``passes`` times, interleaved, and keeps its best figure, so a burst
-    of other work on a shared machine does not decide. A larger configuration must beat a
-    smaller one by 3 % to be chosen: more workers and larger batches cost latency and memory,
-    so a tie goes to the smaller one. Runs in the calling thread (startup, off the event loop).
+    of other work on a shared machine does not decide. The default, one worker per CPU
+    (``max(workers)``) without batching, is what single-threaded sessions are built for; any
+    other candidate must beat it by ``MARGIN`` to be chosen, so noise at start-up (another pod
+    loading, a neighbour's burst) cannot talk the agent out of it, while a model or device that
+    really prefers fewer workers (a GPU) or batches still gets them. Runs in the calling thread
+    (startup, off the event loop).
     """
     if sample is None:
         rng = np.random.default_rng(0)
@@ -339,12 +347,12 @@ def calibrate(
             key = f"w{w}b{b}"
             figures[key] = round(max(figures.get(key, 0.0), _throughput(model, x, w, seconds)),
                                  2)
-    best: tuple[float, int, int] | None = None
-    for w, b in cands:  # smallest first: a larger one must win by 3 %
+    w0, b0 = max(workers), min(batches)
+    best = (figures[f"w{w0}b{b0}"], w0, b0)
+    for w, b in cands:
         fps = figures[f"w{w}b{b}"]
-        if best is None or fps > best[0] * 1.03:
+        if fps > best[0] * (1.0 + MARGIN) and fps > figures[f"w{w0}b{b0}"] * (1.0 + MARGIN):
             best = (fps, w, b)
-    assert best is not None
     return best[1], best[2], figures
 
 

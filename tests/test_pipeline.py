@@ -152,9 +152,10 @@ def test_calibration_times_every_candidate(models_dir: Path) -> None:
         model.close()
     assert set(figures) == {"w1b1", "w2b1", "w1b2", "w2b2"}
     assert all(v > 0 for v in figures.values())
-    assert f"w{w}b{b}" in figures
-    best = max(figures.values())
-    assert figures[f"w{w}b{b}"] * 1.03 >= best or figures[f"w{w}b{b}"] == best
+    chosen = figures[f"w{w}b{b}"]
+    if (w, b) != (2, 1):  # anything but the default must have beaten it by the margin
+        assert chosen > figures["w2b1"] * 1.05
+    assert all(chosen * 1.05 >= v for v in figures.values())
 
 
 async def test_jsonl_sink_resumes_each_cameras_seq_after_a_restart(
