@@ -7,9 +7,12 @@ coroutine the supervisor owns (task ``outbox-drain``): it ends when the thread d
 
 Order and duplicates: rows are sent in id order (per camera, that is seq order) over the one
 connection, with at most ``window`` unacknowledged at a time. When the link drops, paho resends
-exactly those in-flight messages, in order, on reconnect; so a broker crash duplicates at most
-``window`` results and never reorders the first arrival of any. A new process sends every row
-not yet acknowledged, from the oldest.
+exactly those in-flight messages, in order, right after the next CONNACK; so a broker crash
+duplicates at most ``window`` results. paho lets another thread publish between our connect
+callback and that resend, which would overtake the resent messages; so after a reconnect the
+drain sends nothing new until every message of the previous connection is acknowledged (one
+round trip). The first arrival of every result is thus in seq order. A new process sends every
+row not yet acknowledged, from the oldest.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class Drain:
         self._thread: threading.Thread | None = None
         self._done: asyncio.Future[None] | None = None
         self._buf: collections.deque[Row] = collections.deque()
+        self._gen = 0  # the link generation our in-flight messages were sent on
         self._rejected_logged = 0.0
         #: Messages acknowledged by the broker / refused by it since start.
         self.acked = 0
@@ -168,25 +172,42 @@ class Drain:
                 if not buf:
                     continue
             for _ in range(min(free, len(buf))):
-                rid, topic, payload = buf[0]
-                token = (rid, len(topic) + len(payload))
-                with self._cond:
-                    self._inflight += 1
-                try:
-                    queued = link.publish(topic, payload, qos=1, on_ack=self._on_ack,
-                                          token=token)
-                except ValueError as exc:
-                    # paho can never send it (e.g. larger than MQTT allows): drop, counted
-                    buf.popleft()
-                    self._release()
-                    self.outbox.reject(rid, token[1], "invalid")
-                    log.error("outbox_row_unsendable", id=rid, error=str(exc)[:200])
-                    continue
-                if not queued:
-                    self._release()
+                outcome = self._send(buf[0])
+                if outcome == "resend":
+                    # paho is resending the previous connection's messages: let them land
+                    with self._cond:
+                        if self._inflight > 0:
+                            self._cond.wait(0.5)
+                    break
+                if outcome == "not_queued":
                     link.wait_connected_sync(0.1)
                     break
                 buf.popleft()
+
+    def _send(self, row: Row) -> str:
+        """Publish one row: ``sent``, ``invalid`` (dropped), ``not_queued`` or ``resend``."""
+        rid, topic, payload = row
+        token = (rid, len(topic) + len(payload))
+        link = self.link
+        with link.send_lock:
+            if link.generation != self._gen:
+                if self._inflight > 0:
+                    return "resend"
+                self._gen = link.generation
+            with self._cond:
+                self._inflight += 1
+            try:
+                queued = link.publish(topic, payload, qos=1, on_ack=self._on_ack, token=token)
+            except ValueError as exc:
+                # paho can never send it (e.g. larger than MQTT allows): drop, counted
+                self._release()
+                self.outbox.reject(rid, token[1], "invalid")
+                log.error("outbox_row_unsendable", id=rid, error=str(exc)[:200])
+                return "invalid"
+        if not queued:
+            self._release()
+            return "not_queued"
+        return "sent"
 
     def _release(self) -> None:
         with self._cond:

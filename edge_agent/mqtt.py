@@ -126,6 +126,11 @@ class MqttLink:
         self._tasks: set[asyncio.Task[Any]] = set()
         #: The broker's Receive Maximum (MQTT 5 CONNACK), else 65535.
         self.receive_maximum = 65535
+        #: Bumped (under ``send_lock``) on every accepted connection, *before* paho resends
+        #: the messages left unacknowledged by the previous one. A sender that needs order
+        #: holds ``send_lock`` while it checks ``generation`` and publishes (see drain.py).
+        self.generation = 0
+        self.send_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -330,6 +335,8 @@ class MqttLink:
         client.reconnect_delay_set(d0, d0)  # type: ignore[arg-type]
         rm = getattr(props, "ReceiveMaximum", None) if props is not None else None
         self.receive_maximum = int(rm) if rm else 65535
+        with self.send_lock:
+            self.generation += 1
         self.stats.connects += 1
         if self._subs:
             self._subscribe(client, list(self._subs.values()))

@@ -32,6 +32,9 @@ from pathlib import Path
 #: real page use it observes, so this only needs to be close.
 ROW_OVERHEAD = 24
 
+#: Seconds ``open`` waits for another process's exclusive lock on the file.
+OPEN_BUSY_S = 5.0
+
 # Primary result codes (the low byte of the extended code).
 SQLITE_IOERR = 10
 SQLITE_CORRUPT = 11
@@ -113,8 +116,10 @@ class OutboxDB:
         once at start, in a thread. A file that fails it would fail later, mid-run.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # timeout: wait this long for the exclusive lock of a predecessor that is still
+        # exiting (a restarted pod on the same host path) before reporting SQLITE_BUSY
         conn = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=0.0
+            self.path, isolation_level=None, check_same_thread=False, timeout=OPEN_BUSY_S
         )
         try:
             # The first statements read the header: "file is not a database" surfaces here.

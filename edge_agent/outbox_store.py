@@ -67,7 +67,11 @@ class Cam:
     durable: int
     block: int = SEQ_BLOCK_MIN
     #: ``next`` at the previous commit round (the rate that sizes the next block).
-    at_round: int = 0
+    at_round: int = -1
+
+    def __post_init__(self) -> None:
+        if self.at_round < 0:
+            self.at_round = self.next
 
 
 class StoreOps:

@@ -27,6 +27,8 @@ class Recorder:
         self.filters = filters
         self.qos = qos
         self.messages: list[tuple[str, bytes, bool]] = []
+        #: Distinct payloads so far (a redelivery has the same bytes).
+        self.payloads: set[bytes] = set()
         self.subscribed_count = 0
         self._cond = threading.Condition()
         self._client = paho.Client(
@@ -64,7 +66,9 @@ class Recorder:
 
     def _on_message(self, _c: object, _u: object, msg: paho.MQTTMessage) -> None:
         with self._cond:
-            self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
+            payload = bytes(msg.payload)
+            self.messages.append((msg.topic, payload, bool(msg.retain)))
+            self.payloads.add(payload)
             self._cond.notify_all()
 
     def wait(self, pred: Callable[[], bool], timeout: float, what: str = "condition") -> None:
@@ -82,6 +86,16 @@ class Recorder:
         """Messages received so far."""
         with self._cond:
             return len(self.messages)
+
+    def distinct(self) -> int:
+        """Distinct payloads received so far."""
+        with self._cond:
+            return len(self.payloads)
+
+    def has_all(self, payloads: set[bytes]) -> bool:
+        """True when every payload in ``payloads`` has arrived."""
+        with self._cond:
+            return payloads <= self.payloads
 
     def results(self) -> list[dict[str, object]]:
         """Decoded JSON payloads of the messages so far, in arrival order."""
