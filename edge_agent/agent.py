@@ -135,7 +135,12 @@ class Agent:
     async def _open_sink(self) -> ResultSink:
         p = self.settings.pipeline
         if p.sink == "jsonl":
-            return await JsonLinesSink(p.jsonl_path, append=True).open()
+            try:
+                return await JsonLinesSink(p.jsonl_path, append=True).open()
+            except OSError as exc:
+                raise ConfigError([("pipeline.jsonl_path",
+                                    f"cannot open for appending: {exc.strerror or exc}",
+                                    str(p.jsonl_path))]) from exc
         self.mqtt = await MqttParts.open(self.settings, self.metrics)
         outbox: ResultSink = self.mqtt.outbox
         return outbox

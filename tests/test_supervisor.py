@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -226,8 +227,6 @@ def test_a_model_that_cannot_load_exits_1_with_one_line(tmp_path: Path,
 def test_a_port_in_use_exits_1_with_one_line_and_releases_what_started(
     tmp_path: Path, models_dir: Path
 ) -> None:
-    import socket
-
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -241,3 +240,17 @@ def test_a_port_in_use_exits_1_with_one_line_and_releases_what_started(
     assert time.monotonic() - t0 < 30  # the cameras and workers it had started were stopped
     events = [orjson.loads(x)["event"] for x in r.stdout.splitlines() if x.startswith("{")]
     assert "pipeline_stopped" in events
+
+
+def test_an_unwritable_results_file_exits_2_naming_the_field(tmp_path: Path,
+                                                            models_dir: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where a folder should be")
+    cfg = _config(tmp_path, models_dir, free_port())
+    cfg.write_text(cfg.read_text().replace(str(tmp_path / "results.jsonl"),
+                                           str(blocker / "results.jsonl")))
+    r = subprocess.run([*_agent_cmd(), str(cfg)], capture_output=True, text=True, timeout=60,
+                       check=False)
+    assert r.returncode == 2, r.stderr
+    assert "pipeline.jsonl_path: cannot open for appending" in r.stderr
+    assert "Traceback" not in r.stderr
