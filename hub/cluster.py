@@ -387,12 +387,3 @@ class StaticCluster(Cluster):
         out: dict[str, Node | HubError] = {n.name: n for n in nodes}
         out.update(errors)
         return out
-
-
-def make_cluster(settings: ClusterSettings) -> Cluster:
-    """The backend ``settings.backend`` names."""
-    if settings.backend == "kubernetes":
-        from hub.cluster_k8s import KubernetesCluster  # noqa: PLC0415 - optional backend
-
-        return KubernetesCluster(settings)
-    return StaticCluster(settings)

@@ -14,8 +14,9 @@ from collections.abc import Callable
 
 import structlog
 
-from hub.cluster import Cluster, make_cluster
-from hub.config import HubSettings
+from hub.cluster import Cluster, StaticCluster
+from hub.cluster_k8s import KubernetesCluster
+from hub.config import ClusterSettings, HubSettings
 from hub.desired import Catalog, Dispatcher
 from hub.fleet import Fleet
 from hub.mqtt import HubMqtt
@@ -23,6 +24,13 @@ from hub.rollout_store import RolloutStore
 from hub.rollouts import RolloutController
 
 log = structlog.get_logger(__name__)
+
+
+def make_cluster(settings: ClusterSettings) -> Cluster:
+    """The backend ``settings.backend`` names."""
+    if settings.backend == "kubernetes":
+        return KubernetesCluster(settings)
+    return StaticCluster(settings)
 
 
 class ControlPlane:

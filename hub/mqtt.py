@@ -101,21 +101,25 @@ class HubMqtt:
             ca = str(s.ca_file) if s.ca_file else None
             await asyncio.to_thread(self._client.tls_set, ca_certs=ca)
         self._client.connect_async(s.host, s.port, keepalive=s.keepalive_s, clean_start=True)
-        self._client.loop_start()
+        # loop_start opens paho's wake-up socket pair with blocking calls: not on the loop
+        await asyncio.to_thread(self._client.loop_start)
         if wait_s > 0:
             await self.wait_connected(wait_s)
         log.info("mqtt_starting", host=s.host, port=s.port, connected=self.connected)
 
     async def aclose(self) -> None:
         """Disconnect cleanly and stop the network thread."""
+        await asyncio.to_thread(self._stop_sync)
+        self._connected.clear()
+
+    def _stop_sync(self) -> None:
         with contextlib.suppress(Exception):
             self._client.disconnect()
-        await asyncio.to_thread(self._client.loop_stop)
+        self._client.loop_stop()
         # paho closes its wake-up socket pair only when the client is garbage collected;
         # close it now so no descriptor outlives the link
         with contextlib.suppress(Exception):
             self._client._reset_sockets()
-        self._connected.clear()
 
     async def __aenter__(self) -> HubMqtt:
         await self.start()

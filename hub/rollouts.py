@@ -95,8 +95,13 @@ class RolloutController:
         self.ready.set()
         log.info("rollouts_ready", active=sum(r.active for r in self.rollouts.values()))
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.rollouts.tick_s)
+            # not asyncio.wait_for: before Python 3.12 it swallows a cancellation that races
+            # with the event being set, and then shutdown would wait for this loop forever
+            waiter = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait({waiter}, timeout=self.settings.rollouts.tick_s)
+            finally:
+                waiter.cancel()
             self._wake.clear()
             try:
                 await self.tick()

@@ -35,21 +35,28 @@ from edge_agent.protocol import (
 )
 
 
-def measure_latency_ms(model_path: Path, runs: int = 5) -> float:
-    """Median latency of one ONNX Runtime inference of ``model_path`` on this machine."""
+def measure_latency_ms(*model_paths: Path, runs: int = 7) -> list[float]:
+    """Median latency of one ONNX Runtime inference of each model, on this machine.
+
+    The models' runs are interleaved, so a busy neighbour slows them all alike.
+    """
+    sessions = []
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-    inp = sess.get_inputs()[0]
-    shape = [d if isinstance(d, int) else 1 for d in inp.shape]
-    x = np.random.default_rng(0).random(shape, dtype=np.float32)
-    sess.run(None, {inp.name: x})
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
+    for path in model_paths:
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        inp = sess.get_inputs()[0]
+        shape = [d if isinstance(d, int) else 1 for d in inp.shape]
+        x = np.random.default_rng(0).random(shape, dtype=np.float32)
         sess.run(None, {inp.name: x})
-        times.append((time.perf_counter() - t0) * 1000)
-    return sorted(times)[len(times) // 2]
+        sessions.append((sess, {inp.name: x}))
+    times: list[list[float]] = [[] for _ in sessions]
+    for _ in range(runs):
+        for i, (sess, feed) in enumerate(sessions):
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            times[i].append((time.perf_counter() - t0) * 1000)
+    return [sorted(t)[len(t) // 2] for t in times]
 
 
 @dataclass

@@ -15,11 +15,11 @@ from hub.cluster import (
     NodeEvent,
     StaticCluster,
     load_inventory,
-    make_cluster,
     write_inventory,
 )
 from hub.cluster_k8s import KubernetesCluster, load_api_client
 from hub.config import ClusterSettings
+from hub.control import make_cluster
 from hub.selectors import parse_selector
 from tests.fake_k8s import FakeKube
 

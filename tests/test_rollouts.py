@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from blockbuster import blockbuster_ctx
 
 from hub.registry import Registry
 from hub.rollout_model import RolloutSpec
@@ -76,6 +77,8 @@ async def test_healthy_rollout_canary_waves_all(tmp_path: Path, broker: Broker, 
     cp = await control_plane(settings_for(tmp_path, broker, topic_prefix, kube), registry)
     try:
         await until(lambda: all(cp.fleet.online(n) for n in NODES))
+        # the initial desired state (the labels at start-up) has reached everyone
+        await until(lambda: all(a.desired_log for a in fleet.agents.values()))
         sent_before = {n: len(a.desired_log) for n, a in fleet.agents.items()}
         r = await cp.controller.create(spec())
         rid = r["id"]
@@ -107,8 +110,8 @@ async def test_slow_version_fails_gate_on_canary_and_rolls_back(
     fleet: Fleet,
 ) -> None:
     # a generated model about 3x slower than the current one, timed for real on this machine
-    fast = measure_latency_ms(models_dir / "yolov8n-like" / "model.onnx")
-    slow = measure_latency_ms(models_dir / "yolov8n-like-slow" / "model.onnx")
+    fast, slow = measure_latency_ms(models_dir / "yolov8n-like" / "model.onnx",
+                                    models_dir / "yolov8n-like-slow" / "model.onnx")
     assert slow / fast > 2.2, f"the slow model is not slow enough here ({fast=:.1f} {slow=:.1f})"
     reg = Registry(hub_settings(tmp_path / "data", mqtt_port=1, prefix="x", inventory=tmp_path))
     await push_version(reg, models_dir, "1.0", source="yolov8n-like")
@@ -120,6 +123,8 @@ async def test_slow_version_fails_gate_on_canary_and_rolls_back(
     cp = await control_plane(settings_for(tmp_path, broker, topic_prefix, kube), reg)
     try:
         await until(lambda: all(cp.fleet.online(n) for n in NODES))
+        # the initial desired state (the labels at start-up) has reached everyone
+        await until(lambda: all(a.desired_log for a in fleet.agents.values()))
         sent_before = {n: len(a.desired_log) for n, a in fleet.agents.items()}
         r = await cp.controller.create(spec(gates=["p99_ms<=2x", "error_rate<=0.01"],
                                             bake_s=5))
@@ -262,3 +267,27 @@ async def test_k8s_faults_during_a_wave_are_retried_once(
             assert fleet.agents[n].versions_sent(MODEL)[-2:] == ["1.0", "2.0"]
     finally:
         await cp.aclose()
+
+
+async def test_nothing_blocks_the_event_loop(tmp_path: Path, broker: Broker, topic_prefix: str,
+                                             kube: FakeKube, registry: Registry,
+                                             fleet: Fleet) -> None:
+    """blockbuster raises in the loop thread on blocking socket, file and sleep calls: the
+    whole control plane (start, a rollout with Kubernetes patches, SQLite, MQTT, a rollback,
+    shutdown) must do its blocking work in threads."""
+    add_camera_nodes(kube, NODES[:3], site="a")
+    for n in NODES[:3]:
+        fleet.add(n)
+    settings = settings_for(tmp_path, broker, topic_prefix, kube)
+    await registry.get(MODEL, "1.0")  # the registry's own start-up is its business
+    with blockbuster_ctx():
+        cp = await control_plane(settings, registry)
+        try:
+            await until(lambda: all(cp.fleet.online(n) for n in NODES[:3]))
+            r = await cp.controller.create(spec(canary=1, waves=[100], bake_s=0.1))
+            await until(lambda: cp.controller.rollouts[r["id"]].state == "succeeded", 30)
+            await cp.controller.command(r["id"], "rollback", actor="test")
+            await until(lambda: cp.controller.rollouts[r["id"]].state == "rolled_back", 30)
+        finally:
+            await cp.aclose()
+    assert all(kube.labels(n)[LABEL] == "1.0" for n in NODES[:3])
