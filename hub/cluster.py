@@ -77,6 +77,12 @@ class NodeEvent:
 Listener = Callable[[list[NodeEvent]], None]
 
 
+def _older(rv: str, than: str) -> bool:
+    """Whether resourceVersion ``rv`` predates ``than``. Kubernetes calls them opaque, but
+    they are etcd revisions (integers) in every real cluster; anything else is never older."""
+    return rv.isdigit() and than.isdigit() and int(rv) < int(than)
+
+
 def validate_patch(patch: LabelPatch) -> None:
     """Refuse label keys or values Kubernetes would reject, before any request is made."""
     for k, v in patch.items():
@@ -175,6 +181,10 @@ class Cluster(abc.ABC):
                     events.append(NodeEvent("delete", node))
                 continue
             old = self._cache.get(node.name)
+            if old is not None and _older(node.resource_version, old.resource_version):
+                # a watch event or relist older than what a patch response already told us:
+                # taking it would briefly undo our own change (and send the old version again)
+                continue
             self._cache[node.name] = node
             if old is None or dict(old.labels) != dict(node.labels):
                 events.append(NodeEvent("upsert", node))

@@ -95,6 +95,18 @@ async def test_k8s_watch_relists_after_410(kcluster: KubernetesCluster,
     await until(lambda: kcluster.nodes()["n1"].labels.get(DET) == "v2")
 
 
+async def test_k8s_stale_events_never_undo_a_patch(kcluster: KubernetesCluster,
+                                                   fake_kube: FakeKube) -> None:
+    before = kcluster.nodes()["n0"]
+    seen: list[NodeEvent] = []
+    kcluster.add_listener(seen.extend)
+    node = await kcluster.patch_labels("n0", {DET: "v2"})
+    # a watch event from before the patch arrives late: ignored
+    kcluster._apply_events([before])
+    assert kcluster.nodes()["n0"] == node and kcluster.nodes()["n0"].labels[DET] == "v2"
+    assert [e.node.labels.get(DET) for e in seen] == ["v2"]
+
+
 async def test_k8s_patch_applies_once(kcluster: KubernetesCluster, fake_kube: FakeKube) -> None:
     node = await kcluster.patch_labels("n0", {DET: "v1"})
     assert node.labels[DET] == "v1"

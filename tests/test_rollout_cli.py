@@ -212,6 +212,9 @@ def test_commands_conflicts_and_views(env: Env) -> None:
     assert env.rollout(1)["cause"] == {"reason": "manual", "by": "api"}
     assert cli_inproc(url, "rollout", "rollback", "1").returncode == 2
     assert cli_inproc(url, "rollout", "pause", "99").returncode == 2
+    # the registry asks the rollout side before deleting: 1.0 runs on the nodes
+    status, out = env.api("DELETE", f"/v1/models/{MODEL}/versions/1.0")
+    assert status == 409 and "a-0" in out["error"]["message"], out
 
 
 @pytest.mark.slow
