@@ -48,7 +48,11 @@ class Drain:
     def __init__(self, outbox: Outbox, link: MqttLink, *, window: int | None = None) -> None:
         self.outbox = outbox
         self.link = link
-        self.window = window if window is not None else link.settings.max_inflight
+        #: Messages handed to paho and not yet acknowledged. paho keeps at most
+        #: ``max_inflight`` of them on the wire and sends the next one from its own thread as
+        #: each PUBACK arrives (as bare paho does); the rest wait in its memory (claimed rows,
+        #: so never dropped). Default 4 x ``max_inflight``: the wire never waits for us.
+        self.window = window if window is not None else 4 * link.settings.max_inflight
         self._cond = threading.Condition()
         self._inflight = 0
         self._stop = False
@@ -57,6 +61,7 @@ class Drain:
         self._done: asyncio.Future[None] | None = None
         self._buf: collections.deque[Row] = collections.deque()
         self._gen = 0  # the link generation our in-flight messages were sent on
+        self._wake_at = 0  # the pump resumes when in-flight falls to this
         self._rejected_logged = 0.0
         #: Messages acknowledged by the broker / refused by it since start.
         self.acked = 0
@@ -157,8 +162,11 @@ class Drain:
             with self._cond:
                 if self._stop:
                     return
-                window = max(1, min(self.window, link.receive_maximum))
-                while (self._inflight >= window or not self._claiming) and not self._stop:
+                window = max(1, min(self.window, 4 * link.receive_maximum))
+                # wake in batches, not per PUBACK: a thread switch per message would cost
+                # more than the message (see docs/outbox.md, figures)
+                self._wake_at = window - max(1, window // 2)
+                while (self._inflight > self._wake_at or not self._claiming) and not self._stop:
                     self._cond.wait(0.5)
                 if self._stop:
                     return
@@ -171,48 +179,49 @@ class Drain:
                 buf.extend(self.outbox.claim(PAGE, timeout=0.5))
                 if not buf:
                     continue
-            for _ in range(min(free, len(buf))):
-                outcome = self._send(buf[0])
-                if outcome == "resend":
-                    # paho is resending the previous connection's messages: let them land
-                    with self._cond:
-                        if self._inflight > 0:
-                            self._cond.wait(0.5)
-                    break
-                if outcome == "not_queued":
-                    link.wait_connected_sync(0.1)
-                    break
-                buf.popleft()
+            outcome = self._send(min(free, len(buf)))
+            if outcome == "resend":
+                # paho is resending the previous connection's messages: let them land
+                with self._cond:
+                    if self._inflight > 0:
+                        self._cond.wait(0.5)
+            elif outcome == "not_queued":
+                link.wait_connected_sync(0.1)
 
-    def _send(self, row: Row) -> str:
-        """Publish one row: ``sent``, ``invalid`` (dropped), ``not_queued`` or ``resend``."""
-        rid, topic, payload = row
-        token = (rid, len(topic) + len(payload))
-        link = self.link
+    def _send(self, n: int) -> str:
+        """Publish up to ``n`` rows from the buffer: ``sent``, ``not_queued`` or ``resend``."""
+        link, buf = self.link, self._buf
         with link.send_lock:
             if link.generation != self._gen:
                 if self._inflight > 0:
                     return "resend"
                 self._gen = link.generation
             with self._cond:
-                self._inflight += 1
-            try:
-                queued = link.publish(topic, payload, qos=1, on_ack=self._on_ack, token=token)
-            except ValueError as exc:
-                # paho can never send it (e.g. larger than MQTT allows): drop, counted
-                self._release()
-                self.outbox.reject(rid, token[1], "invalid")
-                log.error("outbox_row_unsendable", id=rid, error=str(exc)[:200])
-                return "invalid"
-        if not queued:
-            self._release()
-            return "not_queued"
+                self._inflight += n
+            for sent in range(n):
+                rid, topic, payload = buf[0]
+                token = (rid, len(topic) + len(payload))
+                try:
+                    queued = link.publish(topic, payload, qos=1, on_ack=self._on_ack,
+                                          token=token)
+                except ValueError as exc:
+                    # paho can never send it (e.g. larger than MQTT allows): drop, counted
+                    buf.popleft()
+                    self._release()
+                    self.outbox.reject(rid, token[1], "invalid")
+                    log.error("outbox_row_unsendable", id=rid, error=str(exc)[:200])
+                    continue
+                if not queued:
+                    self._release(n - sent)
+                    return "not_queued"
+                buf.popleft()
         return "sent"
 
-    def _release(self) -> None:
+    def _release(self, n: int = 1) -> None:
         with self._cond:
-            self._inflight -= 1
-            self._cond.notify_all()
+            self._inflight -= n
+            if self._inflight <= self._wake_at or self._inflight == 0:
+                self._cond.notify_all()
 
     def _on_ack(self, token: Any, reason: int) -> None:
         """PUBACK (paho's thread): delete the row, or drop it if the broker refused it."""

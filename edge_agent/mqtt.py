@@ -54,8 +54,6 @@ AckCallback = Callable[[Any, int], None]
 
 #: Seconds between repeated log lines about the same connection trouble.
 LOG_INTERVAL_S = 10.0
-#: QoS 1 slots beyond the results window for state and telemetry messages.
-CONTROL_INFLIGHT = 16
 
 
 def backoff_delay(attempt: int, min_s: float, max_s: float,
@@ -124,7 +122,8 @@ class MqttLink:
         self._closing = False
         self._logged: dict[str, float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        #: The broker's Receive Maximum (MQTT 5 CONNACK), else 65535.
+        #: The broker's Receive Maximum (MQTT 5 CONNACK), else 65535 (logged when below
+        #: ``max_inflight``).
         self.receive_maximum = 65535
         #: Bumped (under ``send_lock``) on every accepted connection, *before* paho resends
         #: the messages left unacknowledged by the previous one. A sender that needs order
@@ -180,7 +179,8 @@ class MqttLink:
                 )
             except (OSError, ssl.SSLError) as exc:
                 raise AgentError(f"mqtt TLS files cannot be used: {exc}") from exc
-        client.max_inflight_messages_set(s.max_inflight + CONTROL_INFLIGHT)
+        # at most this many unacknowledged on the wire: what a broker crash can duplicate
+        client.max_inflight_messages_set(s.max_inflight)
         client.max_queued_messages_set(0)
         client.connect_timeout = float(min(10, s.keepalive_s))
         client.suppress_exceptions = True
@@ -335,6 +335,12 @@ class MqttLink:
         client.reconnect_delay_set(d0, d0)  # type: ignore[arg-type]
         rm = getattr(props, "ReceiveMaximum", None) if props is not None else None
         self.receive_maximum = int(rm) if rm else 65535
+        if self.receive_maximum < self.settings.max_inflight:
+            # paho cannot change its window once connected: the broker should allow ours
+            # (mosquitto: max_inflight_messages >= mqtt.max_inflight; it tolerates QoS 1 over)
+            self._log_limited("mqtt_receive_maximum_below_max_inflight",
+                              receive_maximum=self.receive_maximum,
+                              max_inflight=self.settings.max_inflight)
         with self.send_lock:
             self.generation += 1
         self.stats.connects += 1

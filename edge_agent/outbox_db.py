@@ -220,8 +220,17 @@ class OutboxDB:
         )
 
     def delete_ids(self, ids: Sequence[int]) -> None:
-        """Delete rows by id (acknowledged ones)."""
-        self._c().executemany("DELETE FROM results WHERE id = ?", ((i,) for i in ids))
+        """Delete rows by id (acknowledged ones), one statement per run of consecutive ids.
+
+        Acknowledgements come back almost in order, so a round's worth is usually one range.
+        """
+        runs: list[tuple[int, int]] = []
+        for i in sorted(ids):
+            if runs and i == runs[-1][1] + 1:
+                runs[-1] = (runs[-1][0], i)
+            else:
+                runs.append((i, i))
+        self._c().executemany("DELETE FROM results WHERE id >= ? AND id <= ?", runs)
 
     def delete_range(self, after: int, upto: int) -> None:
         """Delete rows with ``after < id <= upto``."""
@@ -239,14 +248,31 @@ class OutboxDB:
         ]
 
     def read_after(self, after: int, limit: int) -> list[tuple[int, str, bytes]]:
-        """(id, topic, payload) of the next rows to send, in id order."""
-        return [
-            (int(i), str(tp), bytes(p))
-            for i, tp, p in self._c().execute(
-                "SELECT id, topic, payload FROM results WHERE id > ? ORDER BY id LIMIT ?",
-                (after, limit),
-            )
-        ]
+        """(id, topic, payload) of the next rows to send, in id order.
+
+        Reads a whole page in one SQLite step (concatenated, then cut by length): Python's
+        sqlite3 releases and re-takes the GIL around every step, and while paho's thread is
+        busy each re-take can wait for the interpreter's switch interval. One row per step
+        made the drain twice as slow as bare paho; one step per page removes that.
+        """
+        ids, tlens, plens, topics, blob = self._c().execute(
+            "SELECT group_concat(id), group_concat(length(topic)), "
+            "group_concat(length(payload)), group_concat(topic, ''), "
+            "CAST(group_concat(payload, '') AS BLOB) "
+            "FROM (SELECT id, topic, payload FROM results WHERE id > ? ORDER BY id LIMIT ?)",
+            (after, limit),
+        ).fetchone()
+        if ids is None:
+            return []
+        out: list[tuple[int, str, bytes]] = []
+        tpos = ppos = 0
+        for i, tl, pl in zip(ids.split(","), tlens.split(","), plens.split(","), strict=True):
+            t_end, p_end = tpos + int(tl), ppos + int(pl)
+            out.append((int(i), topics[tpos:t_end], blob[ppos:p_end]))
+            tpos, ppos = t_end, p_end
+        # group_concat's order is the subquery's in practice, but not promised: sort by id
+        out.sort(key=lambda r: r[0])
+        return out
 
     def oldest_t(self) -> float | None:
         """Accept time of the oldest row, or None when empty."""
