@@ -35,6 +35,9 @@ log = structlog.get_logger(__name__)
 PAGE = 500
 #: Seconds between log lines about broker-refused messages.
 LOG_INTERVAL_S = 10.0
+#: PUBACK reason codes that no retry can fix (not authorized, topic name invalid, packet too
+#: large, payload format invalid): the row is dropped, counted as ``broker_rejected``.
+PERMANENT_REFUSALS = frozenset({0x87, 0x90, 0x95, 0x99})
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
@@ -63,9 +66,11 @@ class Drain:
         self._gen = 0  # the link generation our in-flight messages were sent on
         self._wake_at = 0  # the pump resumes when in-flight falls to this
         self._rejected_logged = 0.0
-        #: Messages acknowledged by the broker / refused by it since start.
+        #: Messages acknowledged by the broker / refused for good (dropped) / refused for now
+        #: (kept in the file for the next process) since start.
         self.acked = 0
         self.refused = 0
+        self.deferred = 0
         self._rate = 0.0
         self._rate_at = time.monotonic()
         self._rate_count = 0
@@ -113,6 +118,17 @@ class Drain:
                 if left <= 0:
                     return False
                 self._cond.wait(left)
+        return True
+
+    def wait_acked(self, count: int, timeout: float) -> bool:
+        """Block until ``count`` messages were acknowledged since start (or ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.acked < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.05))
         return True
 
     # ------------------------------------------------------------------ observation
@@ -224,16 +240,25 @@ class Drain:
                 self._cond.notify_all()
 
     def _on_ack(self, token: Any, reason: int) -> None:
-        """PUBACK (paho's thread): delete the row, or drop it if the broker refused it."""
+        """PUBACK (paho's thread): delete the row; or drop it, or keep it, if refused."""
         rid, size = token
-        if reason >= 0x80:
-            self.outbox.reject(rid, size, "broker_rejected")
-            self.refused += 1
-            now = time.monotonic()
-            if now - self._rejected_logged >= LOG_INTERVAL_S:
-                self._rejected_logged = now
-                log.error("outbox_broker_refused", reason_code=reason, total=self.refused)
-        else:
+        if reason < 0x80:
             self.outbox.ack(rid, size)
             self.acked += 1
+        elif reason in PERMANENT_REFUSALS:
+            self.outbox.reject(rid, size, "broker_rejected")
+            self.refused += 1
+            self._log_refusal(reason, dropped=True)
+        else:
+            # e.g. quota exceeded: not this message's fault; it stays in the file and the
+            # next process sends it again (counted, logged)
+            self.deferred += 1
+            self._log_refusal(reason, dropped=False)
         self._release()
+
+    def _log_refusal(self, reason: int, *, dropped: bool) -> None:
+        now = time.monotonic()
+        if now - self._rejected_logged >= LOG_INTERVAL_S:
+            self._rejected_logged = now
+            log.error("outbox_broker_refused", reason_code=reason, dropped=dropped,
+                      refused=self.refused, deferred=self.deferred)

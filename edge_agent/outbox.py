@@ -83,6 +83,8 @@ class Outbox:
         self.topic_prefix = topic_prefix
         self._clock = clock
         self._interval = settings.commit_interval_ms / 1000.0
+        self._reject_new = settings.policy == "reject-new"
+        self._max_pending = settings.max_pending_bytes
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._db_lock = threading.Lock()
@@ -196,14 +198,16 @@ class Outbox:
                 topic = self._topics[key] = results_topic(self.topic_prefix, key[0], cam)
             payload = encode_dict(result)
             cost = len(payload) + len(topic) + ROW_OVERHEAD
-            reason = self._refuse_reason(cost)
-            if reason is not None:
-                self._count_drop(reason, 1)
-            else:
-                self._pending.append((self._clock(), topic, payload, cost))
-                self._pend_bytes += cost
-                if self._interval == 0:
-                    self._wake.set()
+            # the common case decides with two comparisons; the rest is _refuse_reason's
+            if self._reject_new or self._pend_bytes + cost > self._max_pending:
+                reason = self._refuse_reason(cost)
+                if reason is not None:
+                    self._count_drop(reason, 1)
+                    return seq
+            self._pending.append((self._clock(), topic, payload, cost))
+            self._pend_bytes += cost
+            if self._interval == 0:
+                self._wake.set()
         return seq
 
     def _refuse_reason(self, cost: int) -> str | None:

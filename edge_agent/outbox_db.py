@@ -20,10 +20,11 @@ Durability choices, each for a reason:
 from __future__ import annotations
 
 import contextlib
+import functools
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,16 @@ CREATE TABLE IF NOT EXISTS seqs (
     next_free INTEGER NOT NULL
 );
 """
+
+
+#: Rows per INSERT statement (4 parameters each, well under SQLite's 32,766 limit).
+INSERT_ROWS = 200
+
+
+@functools.lru_cache(maxsize=8)
+def _insert_sql(n: int) -> str:
+    # only placeholders are joined in: no value ever becomes SQL text
+    return "INSERT INTO results (id, t, topic, payload) VALUES " + ",".join(["(?,?,?,?)"] * n)  # noqa: S608
 
 
 class CorruptDatabaseError(Exception):
@@ -213,11 +224,22 @@ class OutboxDB:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
 
-    def insert(self, rows: Iterable[tuple[int, float, str, bytes]]) -> None:
-        """Insert (id, t, topic, payload) rows."""
-        self._c().executemany(
-            "INSERT INTO results (id, t, topic, payload) VALUES (?, ?, ?, ?)", rows
-        )
+    def insert(self, rows: Sequence[tuple[int, float, str, bytes]]) -> None:
+        """Insert (id, t, topic, payload) rows, ``INSERT_ROWS`` per statement.
+
+        One multi-row statement is one SQLite step: as in ``read_after``, fewer steps means
+        fewer GIL hand-offs, which matters while ``publish`` runs on another thread.
+        """
+        c = self._c()
+        full = len(rows) - len(rows) % INSERT_ROWS
+        if full:
+            flat = [v for r in rows[:full] for v in r]
+            n = INSERT_ROWS * 4
+            c.executemany(_insert_sql(INSERT_ROWS),
+                          (flat[i:i + n] for i in range(0, len(flat), n)))
+        if full < len(rows):
+            rest = rows[full:]
+            c.execute(_insert_sql(len(rest)), [v for r in rest for v in r])
 
     def delete_ids(self, ids: Sequence[int]) -> None:
         """Delete rows by id (acknowledged ones), one statement per run of consecutive ids.

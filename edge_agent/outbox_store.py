@@ -345,7 +345,7 @@ class StoreOps:
             drops["max_age"] = n
         kept = self._fit(chunk, rows, size, drops)
         ids = range(ob._next_id, ob._next_id + len(kept))
-        db.insert((k, p[0], p[1], p[2]) for k, p in zip(ids, kept, strict=True))
+        db.insert([(k, p[0], p[1], p[2]) for k, p in zip(ids, kept, strict=True)])
         db.commit()
         return kept
 

@@ -392,3 +392,39 @@ async def test_telemetry_from_providers(broker: Broker, topic_prefix: str) -> No
     finally:
         await link.aclose()
         rec.stop()
+
+
+async def test_results_the_broker_refuses_are_dropped_and_counted(
+    tmp_path: Path, topic_prefix: str
+) -> None:
+    """An ACL that forbids one camera's topic: PUBACK 0x87, rows dropped and counted."""
+    acl = tmp_path / "acl"
+    acl.write_text(f"topic readwrite {topic_prefix}/+/results/cam0\ntopic read #\n")
+    b = Broker(tmp_path, persistence=False)
+    b.conf.write_text(b.conf.read_text() + f"user root\nacl_file {acl}\n")
+    b.start()
+    node = "node-acl"
+    rec = Recorder(b.port, [f"{topic_prefix}/+/results/+"]).start()
+    outbox = await Outbox(OutboxSettings(path=tmp_path / "o.sqlite3", commit_interval_ms=10),
+                          topic_prefix=topic_prefix).aopen()
+    link = MqttLink(settings(b.port, topic_prefix), node)
+    await link.start()
+    drain = Drain(outbox, link)
+    drain.start()
+    try:
+        for i in range(100):
+            outbox.publish(result(node, "cam0" if i % 2 else "cam1", str(i)))
+        await asyncio.to_thread(wait_until, lambda: drain.acked + drain.refused == 100, 20,
+                                "every result answered")
+        rec.wait(lambda: rec.count() >= 50, 10, "the allowed camera")
+        assert {orjson.loads(p)["camera"] for _, p, _ in rec.messages} == {"cam0"}
+        assert await outbox.aflush()
+        assert outbox.depth == 0
+        assert outbox.dropped() == {"broker_rejected": 50}
+        assert drain.deferred == 0
+    finally:
+        await drain.aclose()
+        await link.aclose()
+        await outbox.aclose()
+        rec.stop()
+        b.stop()

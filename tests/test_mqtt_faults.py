@@ -53,7 +53,7 @@ class AckRecordingLink(MqttLink):
         self.acked_keys: set[tuple[str, int]] = set()
         self._acked_lock = threading.Lock()
 
-    def publish(self, topic: str, payload: bytes, **kw: Any) -> bool:  # type: ignore[override]
+    def publish(self, topic: str, payload: bytes, **kw: Any) -> bool:
         on_ack = kw.get("on_ack")
         if on_ack is not None:
             def recording(token: Any, reason: int, _p: bytes = payload) -> None:
@@ -103,8 +103,9 @@ async def test_broker_kill9_mid_stream_loses_nothing(
         in_flight_at_kill = 0
         while not in_flight_at_kill:
             assert n < TOTAL // 2, "found no instant to kill the broker at"
-            await asyncio.to_thread(rec.wait, lambda s=n: rec.count() >= s, 30,
-                                    "the subscriber to keep up")
+            def caught_up(sent: int = n) -> bool:
+                return rec.count() >= sent
+            await asyncio.to_thread(rec.wait, caught_up, 30, "the subscriber to keep up")
             publish(n, n + CHUNK)
             n += CHUNK
             if n >= BEFORE_KILL:

@@ -59,8 +59,9 @@ def test_agent_kill9_at_random_points_loses_nothing_committed(
             pid = zyg.spawn(argv)
             kind = rng.choice(["committed", "issued", "ready"])
             if kind != "ready":
-                zyg.wait(lambda e, k=kind, p=pid: e.get("pid") == p and k in e, 20,
-                         start=start, count=rng.randint(1, 6))
+                def match(e: dict[str, object], k: str = kind, p: int = pid) -> bool:
+                    return e.get("pid") == p and k in e
+                zyg.wait(match, 20, start=start, count=rng.randint(1, 6))
             os.kill(pid, signal.SIGKILL)
         pid = zyg.spawn(argv)  # the survivor delivers what the killed ones left
         events = zyg.snapshot()
