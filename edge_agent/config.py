@@ -190,11 +190,13 @@ class OutboxSettings(_Section):
     #: Milliseconds between commits of appended results. A crash can lose at most this window
     #: of results that were accepted but not yet committed. Default 50 ms.
     commit_interval_ms: int = Field(50, ge=0, le=10_000)
-    #: Disk budget in bytes for queued results. Default 256 MiB (~500k results of ~500 B).
-    max_bytes: int = Field(256 * 1024 * 1024, ge=64 * 1024)
+    #: Disk budget in bytes for queued results: the database file plus its WAL stay within it
+    #: (+10 %). Default 256 MiB (~400k results of ~600 B). At least 1 MiB: below that, SQLite's
+    #: fixed cost (schema pages, the smallest WAL) would be most of the budget.
+    max_bytes: int = Field(256 * 1024 * 1024, ge=1024 * 1024)
     #: Row cap. Default 1,000,000.
     max_rows: int = Field(1_000_000, ge=1)
-    #: Results older than this are dropped (counted as ``expired``). Default 7 days.
+    #: Results older than this are dropped (counted as ``max_age``). Default 7 days.
     max_age_s: float = Field(7 * 24 * 3600, gt=0)
     #: When full: drop the oldest queued results, or refuse new ones. Both are counted.
     policy: Literal["drop-oldest", "reject-new"] = "drop-oldest"

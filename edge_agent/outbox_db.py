@@ -105,8 +105,8 @@ class Loaded:
 
 
 def wal_limit_bytes(max_bytes: int) -> int:
-    """The slice of the disk budget the WAL may use: 1/16, between 64 KiB and 8 MiB."""
-    return max(64 * 1024, min(8 * 1024 * 1024, max_bytes // 16))
+    """The slice of the disk budget the WAL may use: 1/16, within 32 KiB..8 MiB, <= 1/4."""
+    return min(max_bytes // 4, max(32 * 1024, min(8 * 1024 * 1024, max_bytes // 16)))
 
 
 class OutboxDB:
@@ -140,7 +140,7 @@ class OutboxDB:
                 raise sqlite3.OperationalError(f"journal_mode stayed {mode}")
             conn.execute("PRAGMA synchronous=FULL")
             self.page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
-            pages = max(16, self.wal_limit // self.page_size // 2)
+            pages = max(4, self.wal_limit // self.page_size // 2)
             conn.execute(f"PRAGMA wal_autocheckpoint={pages}")
             conn.execute(f"PRAGMA journal_size_limit={self.wal_limit}")
             ok = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
