@@ -39,6 +39,8 @@ log = structlog.get_logger(__name__)
 
 VERBS = ("pause", "resume", "promote", "abort", "rollback")
 _METRICS = ("p50_ms", "p95_ms", "p99_ms", "error_rate", "fps")
+#: Nodes handled between two yields to the event loop when judging a big wave.
+_YIELD_EVERY = 250
 
 
 class UnknownVersion(InvalidRequest):
@@ -125,11 +127,15 @@ class RolloutController:
         return [n.name for n in sorted(nodes, key=lambda n: (not self.fleet.online(n.name),
                                                              n.name))]
 
-    def _baseline(self, model: str, version: str, since: float | None,
-                  exclude: frozenset[str] | set[str] = frozenset()) -> Metrics:
+    async def _baseline(self, model: str, version: str, since: float | None,
+                        exclude: frozenset[str] | set[str] = frozenset()) -> Metrics:
         """The nodes not on ``version`` (online, telemetry for ``model``), combined."""
-        per = [self.fleet.metrics(n, model, since=since, exclude_version=version)
-               for n in list(self.fleet.nodes) if n not in exclude and self.fleet.online(n)]
+        per: list[Metrics] = []
+        for i, n in enumerate(list(self.fleet.nodes)):
+            if i % _YIELD_EVERY == _YIELD_EVERY - 1:
+                await asyncio.sleep(0)  # thousands of nodes: let telemetry in between
+            if n not in exclude and self.fleet.online(n):
+                per.append(self.fleet.metrics(n, model, since=since, exclude_version=version))
         return combine(per)
 
     async def plan(self, spec: RolloutSpec) -> tuple[list[list[str]], dict[str, Node]]:
@@ -172,7 +178,7 @@ class RolloutController:
                                     "online": self.fleet.online(n)} for n in w]
                                   for w in waves]}
             now = self.clock()
-            base = self._baseline(spec.model, spec.version, None)
+            base = await self._baseline(spec.model, spec.version, None)
             r = Rollout(id=0, spec=spec, waves=len(waves), phase_started_at=now,
                         created_at=now, updated_at=now, created_by=actor,
                         baseline={m: base.get(m) for m in _METRICS})
@@ -343,33 +349,46 @@ class RolloutController:
         if changed:
             await self._save(r, changed)
             judged = [e for e in judged if e.status == "active"]
-        since = r.phase_started_at
-        per_node = {e.node: self.fleet.metrics(e.node, spec.model, spec.version,
-                                               since=max(since, e.active_at or since))
-                    for e in judged}
-        gates = parse_gates(spec.gates)
-        # a node is judged once it sent min_samples messages: one noisy window decides nothing
-        ready = {n: m for n, m in per_node.items() if m.samples >= spec.min_samples}
-        live = self._baseline(spec.model, spec.version, since, exclude=set(per_node))
-        baseline = {m: (live.get(m) if live.samples else r.baseline.get(m)) for m in _METRICS}
-        verdict = judge(gates, ready, combine(ready.values()), baseline) if ready else \
-            Verdict(None, message="too few telemetry samples yet")
+        verdict, per_node, ready = await self._judge(r, judged)
         if verdict.ok is False:
             await self._rollback(r, {"reason": "gate", **verdict.as_cause()})
             return
-        elapsed = now - since
+        elapsed = now - r.phase_started_at
         if elapsed < spec.bake_s:
             r.message = "baking"
             return
-        enough = len(ready) == len(per_node)
-        group = combine(per_node.values())
-        if gates and not (verdict.ok and enough and judged):
+        if spec.gates and not (verdict.ok and len(ready) == len(per_node) and judged):
             r.message = f"waiting for telemetry to judge: {verdict.message or 'too few samples'}"
             if elapsed > spec.bake_s + spec.deadline_s:
                 r.state, r.paused_from = "paused", "baking"
                 await self._save(r, event="paused", reason=r.message)
             return
-        await self._next_wave(r, now, judged=len(judged), group=group.as_dict())
+        await self._next_wave(r, now, judged=len(judged),
+                              group=combine(per_node.values()).as_dict())
+
+    async def _judge(self, r: Rollout, judged: list[NodeEntry]
+                     ) -> tuple[Verdict, dict[str, Metrics], dict[str, Metrics]]:
+        """The gates over this bake: (verdict, every judged node's figures, those ready).
+
+        A node counts once it sent ``min_samples`` messages: one noisy window decides nothing.
+        """
+        spec, since = r.spec, r.phase_started_at
+        per_node: dict[str, Metrics] = {}
+        for i, e in enumerate(judged):
+            if i % _YIELD_EVERY == _YIELD_EVERY - 1:
+                await asyncio.sleep(0)  # thousands of nodes: let telemetry in between
+            per_node[e.node] = self.fleet.metrics(e.node, spec.model, spec.version,
+                                                  since=max(since, e.active_at or since))
+        gates = parse_gates(spec.gates)
+        ready = {n: m for n, m in per_node.items() if m.samples >= spec.min_samples}
+        baseline: dict[str, float | None] = dict(r.baseline)
+        if any(g.relative for g in gates):
+            live = await self._baseline(spec.model, spec.version, since, exclude=set(per_node))
+            if live.samples:
+                baseline = {m: live.get(m) for m in _METRICS}
+        if not ready:
+            return Verdict(None, message="too few telemetry samples yet"), per_node, ready
+        return judge(gates, ready, combine(ready.values()), baseline), per_node, ready
 
     async def _next_wave(self, r: Rollout, now: float, **detail: Any) -> None:
         await self._save(r, event="wave_passed", wave_index=r.wave, **detail)
