@@ -261,8 +261,8 @@ async def test_results_flow_in_order_over_mqtt_311(
             assert topic == f"{topic_prefix}/{node}/results/{obj['camera']}"
             got[obj["camera"]].append(obj["seq"])
         assert got == sent
-        await asyncio.to_thread(wait_until, lambda: outbox.depth == 0 or not outbox.flush(), 10,
-                                "acked rows deleted")
+        assert await asyncio.to_thread(drain.wait_acked, 2000, 10)
+        assert await outbox.aflush()
         assert outbox.depth == 0 and outbox.stats.delivered == 2000
         reg = CollectorRegistry()
         register(reg, outbox, link, drain)

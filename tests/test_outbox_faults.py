@@ -120,7 +120,9 @@ async def _drain_to(broker: Broker, outbox: Outbox, prefix: str, node: str,
     drain.start()
     try:
         await asyncio.to_thread(rec.wait, lambda: rec.count() >= expect, 60, "drained results")
-        await outbox.aflush()
+        # the subscriber may have a message before the agent has its PUBACK
+        assert await asyncio.to_thread(drain.wait_acked, expect, 30)
+        assert await outbox.aflush()
         assert outbox.depth == 0
     finally:
         await drain.aclose()
