@@ -44,7 +44,8 @@ import structlog
 
 from edge_agent.config import OutboxSettings
 from edge_agent.outbox_db import ROW_OVERHEAD, CorruptDatabaseError, OutboxDB
-from edge_agent.outbox_store import Cam, Pending, Row, StoreOps, seq_base_us
+from edge_agent.outbox_seq import Cam, seq_base_us
+from edge_agent.outbox_store import Pending, Row, StoreOps
 from edge_agent.protocol import OutboxTelemetry, encode_dict, results_topic
 
 log = structlog.get_logger(__name__)
@@ -127,7 +128,7 @@ class Outbox:
         """Open the file (never raises for disk trouble) and start the commit thread."""
         self._ops.open_db()
         with self._db_lock:
-            self._ops.reserve_known(self._known_cams)
+            self._ops.seqs.reserve_known(self._known_cams)
         self._thread = threading.Thread(target=self._run, name="outbox-commit", daemon=True)
         self._thread.start()
         return self
@@ -185,7 +186,7 @@ class Outbox:
             if st is None or st.next >= st.limit:
                 lock.release()
                 try:
-                    self._ops.reserve(cam)
+                    self._ops.seqs.reserve(cam)
                 finally:
                     lock.acquire()
                 st = self._cams[cam]

@@ -1,9 +1,9 @@
 """The outbox's commit thread side: what each commit round does to the SQLite file.
 
-Split out of ``edge_agent.outbox`` for size; the two are one unit. ``StoreOps`` works on the
-``Outbox``'s state directly and follows its lock order (``_db_lock`` before ``_lock``). Every
-method runs on the commit thread, except ``reserve`` (a ``publish`` whose camera ran out of
-reserved seqs) and ``read_claim`` (the drain), both under ``_db_lock``.
+Split out of ``edge_agent.outbox`` for size (with ``edge_agent.outbox_seq`` for the seq
+blocks); they are one unit. ``StoreOps`` works on the ``Outbox``'s state directly and follows
+its lock order (``_db_lock`` before ``_lock``). Every method runs on the commit thread, except
+``read_claim`` (the drain), under ``_db_lock``.
 
 A round: take the queued results and the acknowledgements, then in one transaction delete the
 acknowledged rows, persist seq reservations, expire old rows, make room (drop-oldest) or trim
@@ -17,12 +17,12 @@ from __future__ import annotations
 import collections
 import sqlite3
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import structlog
 
 from edge_agent.outbox_db import ROW_OVERHEAD, CorruptDatabaseError, Loaded, error_kind
+from edge_agent.outbox_seq import Cam, SeqBlocks
 
 if TYPE_CHECKING:
     from edge_agent.outbox import Outbox
@@ -38,10 +38,6 @@ REOPEN_MAX_S = 30.0
 SCAN = 512
 #: Page-use ratio assumed before the first measurement (B-tree interior pages, slack).
 INITIAL_RATIO = 1.08
-#: Smallest and largest seq block reserved per camera at a time. Blocks adapt to the rate, so
-#: a restart skips at most one block (a 30 fps camera skips a few hundred seqs).
-SEQ_BLOCK_MIN = 256
-SEQ_BLOCK_MAX = 65536
 
 #: One queued result: (accept time, topic, payload, cost in bytes).
 Pending = tuple[float, str, bytes, int]
@@ -49,33 +45,8 @@ Pending = tuple[float, str, bytes, int]
 Row = tuple[int, str, bytes]
 
 
-def seq_base_us() -> int:
-    """The first seq of a camera new to the file: the wall clock in microseconds."""
-    return time.time_ns() // 1000
-
-
-@dataclass
-class Cam:
-    """One camera's seq state."""
-
-    #: The next seq to hand out.
-    next: int
-    #: Seqs below this may be handed out without asking SQLite first.
-    limit: int
-    #: The next-free seq on disk. Normally ``durable >= limit``; only while the file cannot be
-    #: written does ``limit`` run ahead (seqs then handed out unreserved, see docs/outbox.md).
-    durable: int
-    block: int = SEQ_BLOCK_MIN
-    #: ``next`` at the previous commit round (the rate that sizes the next block).
-    at_round: int = -1
-
-    def __post_init__(self) -> None:
-        if self.at_round < 0:
-            self.at_round = self.next
-
-
 class StoreOps:
-    """Commit rounds, (re)opening, seq reservation and claiming for one ``Outbox``."""
+    """Commit rounds, (re)opening and claiming for one ``Outbox`` (seqs: ``self.seqs``)."""
 
     def __init__(self, ob: Outbox) -> None:
         self.ob = ob
@@ -87,6 +58,7 @@ class StoreOps:
         self._err_logged: dict[str, float] = {}
         self._room_rows = 0  # set by _fit: rows in the file after making room, with the insert
         self._room_bytes = 0  # set by _fit: bytes in the file after making room, without it
+        self.seqs = SeqBlocks(ob, self._log_error)
         self._update_limit()
 
     # ------------------------------------------------------------------ helpers
@@ -187,83 +159,6 @@ class StoreOps:
         if loaded.rows:
             log.info("outbox_opened", path=str(ob.path), rows=loaded.rows, bytes=loaded.bytes)
 
-    # ------------------------------------------------------------------ seqs
-
-    def reserve_known(self, cams: list[str]) -> None:
-        """Reserve a block for each camera in memory and in ``cams`` (under ``_db_lock``)."""
-        ob = self.ob
-        want: dict[str, int] = {}
-        with ob._lock:
-            for cam in cams:
-                if cam not in ob._cams:
-                    b = seq_base_us()
-                    ob._cams[cam] = Cam(next=b, limit=b, durable=b)
-            for cam, st in ob._cams.items():
-                if st.limit - st.next < st.block // 2 or st.durable < st.limit:
-                    want[cam] = max(st.limit, st.next + st.block)
-        if want and self._write_seqs(want):
-            with ob._lock:
-                for cam, w in want.items():
-                    st = ob._cams[cam]
-                    st.durable = max(st.durable, w)
-                    st.limit = max(st.limit, w)
-
-    def reserve(self, cam: str) -> None:
-        """``publish`` ran out of reserved seqs for ``cam``: reserve a bigger block now."""
-        ob = self.ob
-        with ob._db_lock:
-            with ob._lock:
-                st = ob._cams.get(cam)
-                if st is None:
-                    b = seq_base_us()
-                    st = ob._cams[cam] = Cam(next=b, limit=b, durable=b)
-                elif st.next < st.limit:
-                    return  # another caller reserved meanwhile
-                else:
-                    st.block = min(SEQ_BLOCK_MAX, st.block * 4)
-                want = st.next + st.block
-            ok = ob.stats.db_open and self._write_seqs({cam: want})
-            with ob._lock:
-                # When the file cannot be written, hand seqs out anyway (a result must get
-                # one); the round that commits them makes the reservation durable.
-                st.limit = max(st.limit, want)
-                if ok:
-                    st.durable = max(st.durable, want)
-
-    def _write_seqs(self, want: dict[str, int]) -> bool:
-        db = self.ob._db
-        if db.conn is None:
-            return False
-        try:
-            db.begin()
-            db.set_seqs(want)
-            db.commit()
-            return True
-        except sqlite3.Error as exc:
-            db.rollback()
-            self._log_error("outbox_seq_reserve_failed", kind=error_kind(exc),
-                            error=str(exc)[:200])
-            return False
-
-    def _seq_targets(self) -> dict[str, int]:
-        """Under ``_lock``: the durable next-free seq each camera needs after this round."""
-        want: dict[str, int] = {}
-        for cam, st in self.ob._cams.items():
-            per_round = st.next - st.at_round
-            st.at_round = st.next
-            if per_round > 0:
-                size = SEQ_BLOCK_MIN
-                while size < 4 * per_round and size < SEQ_BLOCK_MAX:
-                    size *= 2
-                st.block = max(size, st.block // 2, SEQ_BLOCK_MIN)
-            target = st.limit
-            if st.limit - st.next < max(st.block // 2, 2 * per_round):
-                target = st.next + st.block
-            target = max(target, st.next)
-            if target > st.durable:
-                want[cam] = target
-        return want
-
     # ------------------------------------------------------------------ rounds
 
     def round(self) -> bool:
@@ -273,7 +168,7 @@ class StoreOps:
             if time.monotonic() < self._retry_at or not self.open_db():
                 return not ob._pending
             with ob._db_lock:
-                self.reserve_known([])
+                self.seqs.reserve_known([])
         with ob._lock:
             batch = list(ob._pending)
             ob._pending = collections.deque()
@@ -283,7 +178,7 @@ class StoreOps:
             ob._acked = []
             ob._taken_acks, ob._taken_ack_bytes = len(acks), ob._acked_bytes
             ob._acked_bytes = 0
-            seqs = self._seq_targets()
+            seqs = self.seqs.targets()
             rows, size = ob._rows, ob._bytes
         if not batch and not acks and not seqs and not self._expiry_due():
             return True

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from edge_agent.config import OutboxSettings
 from edge_agent.metrics_outbox import register
 from edge_agent.outbox import Outbox
-from edge_agent.outbox_store import SEQ_BLOCK_MAX
+from edge_agent.outbox_seq import SEQ_BLOCK_MAX
 from edge_agent.protocol import decode_result
 
 
