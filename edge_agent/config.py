@@ -67,6 +67,7 @@ class EngineSettings(_Section):
 class ModelSpec(_Section):
     """A model served from a local manifest (the hub's desired state can replace it)."""
 
+    #: Model name, as cameras and the hub refer to it (lowercase letters, digits, '-').
     name: str
     #: Path to the model's manifest JSON (``models/build.py`` writes them).
     manifest: Path
@@ -82,6 +83,7 @@ class ModelSpec(_Section):
 class CameraSettings(_Section):
     """One camera stream."""
 
+    #: Camera name, used in result topics (lowercase letters, digits, '-').
     name: str
     #: Source URL: a file path or ``file://``, ``rtsp://``, ``http(s)://``, ``usb://0`` (device
     #: index), or ``test://pattern?width=640&height=480&fps=30`` (synthetic, for tests).
@@ -158,21 +160,28 @@ class PipelineSettings(_Section):
 
 
 class MqttSettings(_Section):
+    #: Broker host name or address. Default 127.0.0.1 (a broker on the same box).
     host: str = "127.0.0.1"
     #: Broker port. Default 1883 (8883 is conventional with TLS).
     port: int = Field(1883, ge=1, le=65535)
+    #: First topic level of every topic (docs/protocol.md). Default ``edge``.
     topic_prefix: str = DEFAULT_TOPIC_PREFIX
     #: 5 or 3 (3.1.1). Default 5: reason codes and shared subscriptions.
     protocol: Literal[5, 3] = 5
     #: Seconds between keepalive pings; a dead link is detected after 1.5x this. Default 15 s:
     #: fast enough to notice a cut within ~20 s, cheap on metered links.
     keepalive_s: int = Field(15, ge=5, le=3600)
+    #: Broker user name; None = anonymous.
     username: str | None = None
     #: File holding the password (a mounted Secret), never the password itself.
     password_file: Path | None = None
+    #: Connect with TLS (then usually port 8883). Default false: a site-local broker.
     tls: bool = False
+    #: CA bundle (PEM) that verifies the broker; None = the system store.
     ca_file: Path | None = None
+    #: Client certificate (PEM) for mutual TLS; None = no client certificate.
     cert_file: Path | None = None
+    #: Private key (PEM) of ``cert_file``.
     key_file: Path | None = None
     #: QoS 1 messages in flight before waiting for PUBACKs. Default 100: enough to fill a
     #: 50 ms RTT link at ~2,000 msg/s; the duplicates after a broker crash are at most this many.
@@ -275,6 +284,7 @@ class ModelSyncSettings(_Section):
 
 
 class LogSettings(_Section):
+    #: Minimum level of log lines. Default info: one line per event or burst, never per frame.
     level: Literal["debug", "info", "warning", "error"] = "info"
     #: JSON lines (true), console (false), or by TTY (null, default).
     json_lines: bool | None = None

@@ -67,12 +67,18 @@ class SigningSettings(_Section):
 
 
 class MqttSettings(_Section):
+    #: Broker host name or address. Default 127.0.0.1.
     host: str = "127.0.0.1"
     port: int = Field(1883, ge=1, le=65535)
+    #: First topic level, the same as the agents' ``mqtt.topic_prefix``. Default ``edge``.
     topic_prefix: str = DEFAULT_TOPIC_PREFIX
+    #: Broker user name; None = anonymous.
     username: str | None = None
+    #: File holding the broker password (a mounted Secret).
     password_file: Path | None = None
+    #: Connect with TLS. Default false: a site-local broker.
     tls: bool = False
+    #: CA bundle (PEM) that verifies the broker; None = the system store.
     ca_file: Path | None = None
     #: Seconds between keepalives. Default 15 s.
     keepalive_s: int = Field(15, ge=5, le=3600)
@@ -134,7 +140,9 @@ class RolloutSettings(_Section):
 
 
 class LogSettings(_Section):
+    #: Minimum level of log lines. Default info.
     level: Literal["debug", "info", "warning", "error"] = "info"
+    #: JSON lines (true), console (false), or by TTY (null, default).
     json_lines: bool | None = None
 
 
