@@ -52,6 +52,8 @@ log = structlog.get_logger(__name__)
 
 #: Seconds between summary log lines about drops (the first drop is logged at once).
 DROP_LOG_INTERVAL_S = 10.0
+
+
 @dataclass
 class OutboxStats:
     """Counters since the process started (read by metrics and telemetry)."""
@@ -158,12 +160,14 @@ class Outbox:
     def flush(self, timeout: float = 10.0) -> bool:
         """Commit now and wait; True when everything published before the call is on disk."""
         with self._cond:
+            if self._thread is None:  # not opened, or closed
+                return not self._pending
             target = self._rounds_started + 1
             self._wake.set()
             deadline = time.monotonic() + timeout
             while self._rounds_done < target:
                 left = deadline - time.monotonic()
-                if left <= 0 or (self._thread is None and not self._stop):
+                if left <= 0 or self._thread is None:
                     return False
                 self._cond.wait(left)
             return self._round_ok
