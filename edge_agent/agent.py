@@ -25,7 +25,7 @@ import numpy as np
 import structlog
 from prometheus_client import CollectorRegistry
 
-from edge_agent.config import AgentSettings, ConfigError
+from edge_agent.config import AgentSettings, ConfigError, check_settings
 from edge_agent.errors import InputError, ModelError
 from edge_agent.http import BusyError, HttpServer, build_app
 from edge_agent.metrics import AgentMetrics
@@ -41,18 +41,6 @@ log = structlog.get_logger(__name__)
 MAX_HTTP_INFERS = 4
 #: ``/healthz`` fails when the loop-lag probe has not ticked for this long, seconds.
 LOOP_STALL_S = 5.0
-
-
-def check_settings(settings: AgentSettings) -> None:
-    """Cross-field checks the settings model cannot do alone; raise ``ConfigError``."""
-    errors: list[tuple[str, str, Any]] = []
-    models = {m.name for m in settings.models}
-    for i, cam in enumerate(settings.cameras):
-        # a model the hub may still send is fine; without a hub nothing else can provide it
-        if cam.model not in models and settings.hub.url is None:
-            errors.append((f"cameras.{i}.model", "no model of that name in models", cam.model))
-    if errors:
-        raise ConfigError(errors)
 
 
 class Agent:

@@ -385,8 +385,22 @@ def load_settings(path: Path | str | None = None, **overrides: Any) -> AgentSett
         data = loaded
     data.update(overrides)
     try:
-        return AgentSettings(**data)
+        settings = AgentSettings(**data)
     except ValidationError as exc:
         raise ConfigError(_flatten_errors(exc, data)) from exc
     except ValueError as exc:
         raise ConfigError([("(root)", str(exc), None)]) from exc
+    check_settings(settings)
+    return settings
+
+
+def check_settings(settings: AgentSettings) -> None:
+    """Cross-field checks the settings model cannot do alone; raise ``ConfigError``."""
+    errors: list[tuple[str, str, Any]] = []
+    models = {m.name for m in settings.models}
+    for i, cam in enumerate(settings.cameras):
+        # a model the hub may still send is fine; without a hub nothing else can provide it
+        if cam.model not in models and settings.hub.url is None:
+            errors.append((f"cameras.{i}.model", "no model of that name in models", cam.model))
+    if errors:
+        raise ConfigError(errors)

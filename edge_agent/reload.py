@@ -110,9 +110,6 @@ class ConfigReloader:
         digest = await asyncio.to_thread(_file_digest, self.path)
         try:
             new = await asyncio.to_thread(load_settings, self.path)
-            from edge_agent.agent import check_settings  # noqa: PLC0415 - import cycle
-
-            check_settings(new)
         except ConfigError as exc:
             self.counters["refused"] += 1
             self._digest = digest  # do not retry the same bad file every poll

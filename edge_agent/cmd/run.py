@@ -33,10 +33,7 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Load the settings, configure logging, run the agent; return the exit status."""
     try:
-        settings = load_settings(args.config)
-        from edge_agent.agent import check_settings  # noqa: PLC0415 - heavy imports
-
-        check_settings(settings)
+        settings = load_settings(args.config)  # includes the cross-field checks
     except ConfigError as exc:
         for path, msg, value in exc.errors:
             sys.stderr.write(f"edge-agent: config error: {path}: {msg} (got {value!r})\n")
