@@ -6,6 +6,7 @@ same port and persistence file survive a restart, as a real broker's would).
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -45,6 +46,9 @@ class Broker:
         self.log = workdir / "mosquitto.log"
         self.conf = workdir / "mosquitto.conf"
         lines = [
+            # as root, mosquitto drops to user "mosquitto", which cannot write pytest's private
+            # temp folders (no log on failure); stay the user we are
+            *(["user root"] if os.geteuid() == 0 else []),
             f"listener {self.port} 127.0.0.1",
             "allow_anonymous true",
             f"log_dest file {self.log}",

@@ -401,7 +401,7 @@ async def test_results_the_broker_refuses_are_dropped_and_counted(
     acl = tmp_path / "acl"
     acl.write_text(f"topic readwrite {topic_prefix}/+/results/cam0\ntopic read #\n")
     b = Broker(tmp_path, persistence=False)
-    b.conf.write_text(b.conf.read_text() + f"user root\nacl_file {acl}\n")
+    b.conf.write_text(b.conf.read_text() + f"acl_file {acl}\n")
     b.start()
     node = "node-acl"
     rec = Recorder(b.port, [f"{topic_prefix}/+/results/+"]).start()

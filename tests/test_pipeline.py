@@ -213,9 +213,9 @@ async def test_unreachable_camera_is_a_degraded_state_not_a_crash(
 
 def test_camera_naming_an_unknown_model_is_a_config_error(tmp_path: Path,
                                                           models_dir: Path) -> None:
-    s = agent_settings(tmp_path, models_dir, [pattern("cam", model="nope")], http=False)
+    # load_settings makes the cross-field checks (so validate-config reports them too)
     with pytest.raises(ConfigError) as info:
-        Agent(s)
+        agent_settings(tmp_path, models_dir, [pattern("cam", model="nope")], http=False)
     assert info.value.errors[0][:2] == ("cameras.0.model", "no model of that name in models")
 
 
