@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import inspect
 import sys
 import textwrap
@@ -80,10 +81,8 @@ def _render(cls: type[BaseModel], prefix: str, env: str, rows: list[str], seen: 
     comments: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if isinstance(klass, type) and issubclass(klass, BaseModel) and klass is not BaseModel:
-            try:
+            with contextlib.suppress(OSError, TypeError, IndexError):
                 comments.update(_field_comments(klass))
-            except (OSError, TypeError, IndexError):
-                pass
     subsections: list[tuple[str, type[BaseModel], bool]] = []
     for name, field in cls.model_fields.items():
         sub = _section_model(field.annotation)
@@ -100,11 +99,12 @@ def _render(cls: type[BaseModel], prefix: str, env: str, rows: list[str], seen: 
         )
     for path, sub, is_list in subsections:
         label = f"{path}[]" if is_list else path
-        doc = inspect.cleandoc(sub.__dict__.get("__doc__") or "").split("\n\n")[0].replace("\n", " ")
+        doc = inspect.cleandoc(sub.__dict__.get("__doc__") or "").split("\n\n")[0]
+        doc = doc.replace("\n", " ")
         env_hint = "" if is_list else f" (env `{env}{path.upper().replace('.', '__')}__…`)"
         rows.append(f"\n### `{label}`{env_hint}\n\n{doc}\n")
         rows.append("| key | type | default | meaning |\n|---|---|---|---|")
-        _render(sub, (label + ".") if not is_list else (label + "."), env, rows, seen | {sub})
+        _render(sub, label + ".", env, rows, seen | {sub})
 
 
 def render() -> str:

@@ -423,7 +423,7 @@ def test_agent_config_loads_and_matches_the_pod(
         if "value" in e:
             monkeypatch.setenv(e["name"], e["value"])
     s = agent_config.load_settings(tmp_path / "config.yaml")
-    from edge_agent.config import check_settings  # noqa: PLC0415
+    from edge_agent.config import check_settings
 
     check_settings(s)  # the cross-field checks the agent makes before it starts
     assert s.node == "box-1"

@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:  # noqa: PLR0915 - one linear procedur
                 try:
                     yield {"path": str(p)}, read_image(str(p))
                 except InputError as exc:
-                    print(f"edge-agent: error: {exc}", file=sys.stderr, flush=True)  # noqa: T201
+                    print(f"edge-agent: error: {exc}", file=sys.stderr, flush=True)
                     failed += 1
         else:
             for i, frame in _video_frames(src):
@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> int:  # noqa: PLR0915 - one linear procedur
                 try:
                     sink.publish(fut.result())
                 except (InputError, ModelError) as exc:
-                    print(f"edge-agent: error: {source['path']}: {exc}",  # noqa: T201
+                    print(f"edge-agent: error: {source['path']}: {exc}",
                           file=sys.stderr, flush=True)
                     failed += 1
                 done += 1
@@ -192,7 +192,7 @@ def run(args: argparse.Namespace) -> int:  # noqa: PLR0915 - one linear procedur
         sink.close_sync()
         model.close()
     took = time.perf_counter() - t0
-    print(f"edge-agent: batch: {sink.written} results, {failed} failed, "  # noqa: T201
+    print(f"edge-agent: batch: {sink.written} results, {failed} failed, "
           f"{took:.1f} s ({sink.written / max(took, 1e-9):.1f} fps) -> {args.output}",
           file=sys.stderr)
     return 1 if failed else 0

@@ -133,11 +133,11 @@ def run(args: argparse.Namespace) -> int:
                 frame = read_image(image)
                 res = model.infer(frame)
             except InputError as exc:  # the message names the file
-                print(f"edge-agent: error: {exc}", file=sys.stderr, flush=True)  # noqa: T201
+                print(f"edge-agent: error: {exc}", file=sys.stderr, flush=True)
                 failed += 1
                 continue
             except ModelError as exc:  # e.g. NaN outputs for this image
-                print(f"edge-agent: error: {image}: {exc}", file=sys.stderr, flush=True)  # noqa: T201
+                print(f"edge-agent: error: {image}: {exc}", file=sys.stderr, flush=True)
                 failed += 1
                 continue
             obj: dict[str, Any] = {
