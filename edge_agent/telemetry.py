@@ -90,8 +90,8 @@ class TelemetryPublisher:
             ts=self._clock(),
             interval_s=self.interval_s,
             agent_version=self.agent_version,
-            models=self._part("models", self._models, []),
-            cameras=self._part("cameras", self._cameras, []),
+            models=self._part("models", self._models, list[ModelTelemetry]()),
+            cameras=self._part("cameras", self._cameras, list[CameraTelemetry]()),
             outbox=self._part("outbox", self._outbox, OutboxTelemetry()),
             rss_bytes=rss,
         )

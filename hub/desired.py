@@ -35,8 +35,10 @@ log = structlog.get_logger(__name__)
 class CatalogEntry(Protocol):
     """What the dispatcher needs of a registry version (``hub.registry_db.ModelVersion``)."""
 
-    sha256: str
-    signature: str | None
+    @property
+    def sha256(self) -> str: ...
+    @property
+    def signature(self) -> str | None: ...
 
 
 class Catalog(Protocol):
