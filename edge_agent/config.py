@@ -24,7 +24,7 @@ from pydantic_settings import (
 )
 
 from edge_agent.errors import AgentError
-from edge_agent.protocol import DEFAULT_TOPIC_PREFIX, is_valid_name, is_valid_node
+from edge_agent.protocol import DEFAULT_TOPIC_PREFIX, Name, is_valid_node
 
 
 class ConfigError(AgentError):
@@ -68,23 +68,17 @@ class ModelSpec(_Section):
     """A model served from a local manifest (the hub's desired state can replace it)."""
 
     #: Model name, as cameras and the hub refer to it (lowercase letters, digits, '-').
-    name: str
+    name: Name
     #: Path to the model's manifest JSON (``models/build.py`` writes them).
     manifest: Path
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not is_valid_name(v):
-            raise ValueError("must be lowercase letters, digits and '-' (max 63)")
-        return v
 
 
 class CameraSettings(_Section):
     """One camera stream."""
 
     #: Camera name, used in result topics (lowercase letters, digits, '-').
-    name: str
+    name: Name
     #: Source URL: a file path or ``file://``, ``rtsp://``, ``http(s)://``, ``usb://0`` (device
     #: index), or ``test://pattern?width=640&height=480&fps=30`` (synthetic, for tests).
     url: str
@@ -111,12 +105,6 @@ class CameraSettings(_Section):
     reconnect_min_s: float = Field(0.5, gt=0, le=3600)
     reconnect_max_s: float = Field(30.0, gt=0, le=3600)
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not is_valid_name(v):
-            raise ValueError("must be lowercase letters, digits and '-' (max 63)")
-        return v
 
     @field_validator("url")
     @classmethod

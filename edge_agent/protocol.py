@@ -12,10 +12,10 @@ add fields) but reject a payload whose known fields are missing or of the wrong 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 PROTOCOL_VERSION = 1
 DEFAULT_TOPIC_PREFIX = "edge"
@@ -53,6 +53,24 @@ def is_valid_version(version: str) -> bool:
 def is_valid_node(node: str) -> bool:
     """True when ``node`` is a valid node name (a Kubernetes node name)."""
     return bool(_NODE_RE.match(node)) and ".." not in node
+
+
+def _check_name(v: str) -> str:
+    if not is_valid_name(v):
+        raise ValueError("must be lowercase letters, digits and '-' (max 63)")
+    return v
+
+
+def _check_version(v: str) -> str:
+    if not is_valid_version(v):
+        raise ValueError("must be letters, digits, '.', '_' or '-' (max 63, no '..')")
+    return v
+
+
+#: A camera or model name field for pydantic models (validated by NAME_PATTERN).
+Name = Annotated[str, AfterValidator(_check_name)]
+#: A model version field for pydantic models (validated by VERSION_PATTERN, no ``..``).
+Version = Annotated[str, AfterValidator(_check_version)]
 
 
 # --------------------------------------------------------------------------------------- topics
@@ -261,20 +279,13 @@ class StateMessage(_Msg):
 
 
 class DesiredModel(_Msg):
-    version: str
+    version: Version
     sha256: str
     #: Artifact URL (the hub's download endpoint). The manifest is at ``manifest_url``.
     url: str
     manifest_url: str
     #: Optional base64 ed25519 signature over ``signing_payload(manifest_sha256, sha256)``.
     signature: str | None = None
-
-    @field_validator("version")
-    @classmethod
-    def _version(cls, v: str) -> str:
-        if not is_valid_version(v):
-            raise ValueError("invalid version")
-        return v
 
     @field_validator("sha256")
     @classmethod

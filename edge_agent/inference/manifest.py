@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from edge_agent.errors import ModelError
 from edge_agent.inference.postprocess import get_unit, tasks
-from edge_agent.protocol import SHA256_PATTERN, is_valid_name, is_valid_version
+from edge_agent.protocol import SHA256_PATTERN, Name, Version
 
 #: Manifest format this code reads and writes.
 MANIFEST_FORMAT: Literal[1] = 1
@@ -81,8 +81,8 @@ class ModelManifest(_Strict):
     """Everything the engine needs to serve one model version."""
 
     format: Literal[1] = MANIFEST_FORMAT
-    name: str
-    version: str
+    name: Name
+    version: Version
     #: Post-processing unit, by registered task name (``classification``, ``yolo``,
     #: ``centerface``; see ``edge_agent.inference.postprocess``).
     task: str
@@ -100,19 +100,7 @@ class ModelManifest(_Strict):
     source: str = ""
     license: str = ""
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not is_valid_name(v):
-            raise ValueError("must be lowercase letters, digits and '-' (max 63)")
-        return v
 
-    @field_validator("version")
-    @classmethod
-    def _version(cls, v: str) -> str:
-        if not is_valid_version(v):
-            raise ValueError("must be letters, digits, '.', '_' or '-' (max 63, no '..')")
-        return v
 
     @field_validator("sha256")
     @classmethod
