@@ -3,7 +3,8 @@
 5,000 simulated nodes (``--nodes``) live in a child process that speaks the wire contract over
 one MQTT connection: each node has a retained state, reports its new version active when it
 gets a desired message, and sends telemetry once every 10 s (500 messages/s for the fleet). The
-fake Kubernetes API server (``tests/fake_k8s.py``) runs in another child with one Node object
+fake Kubernetes API server (``tests/support/fake_k8s.py``) runs in another child with one Node
+object
 per simulated node; the hub (``ControlPlane``: the real kubernetes client, paho, SQLite) runs in
 this process. A real mosquitto broker carries everything.
 
@@ -43,14 +44,14 @@ from paho.mqtt.enums import CallbackAPIVersion
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge_agent import protocol  # noqa: E402
+from edge_agent.common.logs import configure_logging  # noqa: E402
+from edge_agent.contract import protocol  # noqa: E402
 from hub.config import HubSettings  # noqa: E402
-from hub.control import ControlPlane  # noqa: E402
-from hub.logs import configure_logging  # noqa: E402
-from hub.registry import Registry  # noqa: E402
-from hub.rollout_model import RolloutSpec  # noqa: E402
-from tests.broker import Broker, free_port  # noqa: E402
-from tests.fake_k8s import FakeKube  # noqa: E402
+from hub.registry.service import Registry  # noqa: E402
+from hub.rollouts.model import RolloutSpec  # noqa: E402
+from hub.server.control import ControlPlane  # noqa: E402
+from tests.support.broker import Broker, free_port  # noqa: E402
+from tests.support.fake_k8s import FakeKube  # noqa: E402
 
 MODEL = "det"
 CAM = "edge.ai/camera-node"

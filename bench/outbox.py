@@ -40,11 +40,11 @@ import structlog  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: E402
 
 from edge_agent.config import MqttSettings, OutboxSettings  # noqa: E402
-from edge_agent.drain import Drain  # noqa: E402
-from edge_agent.mqtt import MqttLink  # noqa: E402
-from edge_agent.outbox import Outbox  # noqa: E402
-from edge_agent.protocol import encode_dict, results_topic  # noqa: E402
-from tests.broker import Broker  # noqa: E402
+from edge_agent.contract.protocol import encode_dict, results_topic  # noqa: E402
+from edge_agent.outbox.facade import Outbox  # noqa: E402
+from edge_agent.transport.drain import Drain  # noqa: E402
+from edge_agent.transport.link import MqttLink  # noqa: E402
+from tests.support.broker import Broker  # noqa: E402
 
 CAMERAS = ("cam0", "cam1", "cam2")
 NODE = "bench-node"

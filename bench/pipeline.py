@@ -13,7 +13,7 @@ variant alike:
   per CPU are tried); results thrown away. The ceiling for anything that must also decode.
 - **naive**: one loop ``read -> preprocess -> run -> postprocess -> sink`` on a session with
   ORT's default threading (what one writes first).
-- **agent**: the real ``edge_agent.agent.Agent`` (capture threads, scheduler, workers, relay,
+- **agent**: the real ``edge_agent.app.compose.Agent`` (capture threads, scheduler, workers, relay,
   metrics, HTTP server, the JSON-lines sink) reading the video (``rate: max``, looping) into
   its sink; workers and batch size measured by the agent itself at its first start.
 
@@ -52,12 +52,12 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge_agent.agent import Agent  # noqa: E402
+from edge_agent.app.compose import Agent  # noqa: E402
+from edge_agent.common.logs import configure_logging  # noqa: E402
 from edge_agent.config import EngineSettings, load_settings  # noqa: E402
 from edge_agent.inference.engine import LoadedModel  # noqa: E402
 from edge_agent.inference.manifest import load_manifest, model_path  # noqa: E402
-from edge_agent.logs import configure_logging  # noqa: E402
-from edge_agent.sinks import JsonLinesSink  # noqa: E402
+from edge_agent.streaming.sinks import JsonLinesSink  # noqa: E402
 
 MANIFEST = ROOT / "models" / "out" / "yolov8n-like" / "manifest.json"
 VIDEO = ROOT / "models" / "out" / "samples" / "synthetic-720p.mp4"
@@ -350,7 +350,7 @@ async def run_agent(cams: int, tmp: Path, *, warm_s: float, secs: float, workers
                     latency: bool = False) -> AgentRun:
     cameras = [{"name": f"cam{i}", "url": str(VIDEO), "model": "yolov8n-like", "loop": True,
                 "rate": rate} for i in range(cams)]
-    from tests.broker import free_port  # noqa: PLC0415 - a free loopback port for HTTP
+    from tests.support.broker import free_port  # noqa: PLC0415 - a free loopback port for HTTP
 
     s = load_settings(
         None, node="bench",

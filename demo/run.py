@@ -3,7 +3,7 @@
 ``bash scripts/demo.sh`` sets the project up and runs this. It drives the project only from the
 outside, the way an operator would: ``mosquitto``, ``edge-hub serve`` and three ``edge-agent run``
 as child processes, the ``edge-hub`` client verbs to push models and start the rollout, the hub's
-REST API to follow it, and MQTT (``hub.results``, the consumer API) to watch the results. It
+REST API to follow it, and MQTT (``hub.client.results``, the consumer API) to watch the results. It
 imports nothing from the agent but the wire contract, so it shows what a user gets.
 
 The story: the hub starts with a static inventory of three camera nodes (``edge-1..3``, no
@@ -47,7 +47,7 @@ from demo.procs import (
 )
 from demo.view import Display, NodeRow, Snapshot, cause_text, summary_text
 from demo.watch import HubApi, NodeFigures, ResultsWatcher
-from hub.results import ResultsUnavailableError
+from hub.client.results import ResultsUnavailableError
 
 #: Gates that pass on any healthy machine, loaded or not (the point is the mechanism; try
 #: ``--gate 'p99_ms<=1'`` to watch an automatic rollback).
@@ -387,7 +387,7 @@ def _workdir(args: argparse.Namespace) -> tuple[Path, bool]:
 
 
 def _log_to(path: Path) -> None:
-    """Our own structlog output (hub.results' events) goes to a file, not the terminal."""
+    """Our own structlog output (hub.client.results' events) goes to a file, not the terminal."""
     import structlog  # noqa: PLC0415
 
     structlog.configure(

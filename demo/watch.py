@@ -1,6 +1,6 @@
 """What the demo watches: the results on MQTT (as a subscriber would) and the hub's REST API.
 
-``ResultsWatcher`` is a downstream consumer built on ``hub.results.ResultSubscriber`` (the
+``ResultsWatcher`` is a downstream consumer built on ``hub.client.results.ResultSubscriber`` (the
 de-duplicating subscriber the hub ships for consumers): it counts results per node and keeps a
 short window of end-to-end latencies and arrival times, from which fps and p50/p99 are computed.
 ``HubApi`` reads the fleet and rollouts over the hub's HTTP API, nothing else.
@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from demo.procs import DemoError
-from hub.results import Gap, ResultSubscriber
+from hub.client.results import Gap, ResultSubscriber
 
 
 def percentile(values: list[float], q: float) -> float | None:

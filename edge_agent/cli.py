@@ -1,6 +1,6 @@
 """``edge-agent``: the agent's command line.
 
-Each verb lives in its own module under ``edge_agent.cmd`` with ``register(subparsers)``; heavy
+Each verb lives in its own module under ``edge_agent.commands`` with ``register(subparsers)``; heavy
 imports (onnxruntime, OpenCV) happen inside the verb, so ``--help`` stays fast. Any
 ``AgentError`` becomes one line on stderr and its exit code, never a traceback.
 """
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
     for name in _VERBS:
-        importlib.import_module(f"edge_agent.cmd.{name}").register(sub)
+        importlib.import_module(f"edge_agent.commands.{name}").register(sub)
     return parser
 
 

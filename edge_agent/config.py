@@ -23,8 +23,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from edge_agent.contract.protocol import DEFAULT_TOPIC_PREFIX, Name, is_valid_node
 from edge_agent.errors import AgentError
-from edge_agent.protocol import DEFAULT_TOPIC_PREFIX, Name, is_valid_node
 
 
 class ConfigError(AgentError):
@@ -109,7 +109,7 @@ class CameraSettings(_Section):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        from edge_agent.sources import parse_source  # noqa: PLC0415 - keeps config light
+        from edge_agent.capture.sources import parse_source  # noqa: PLC0415 - keeps config light
 
         parse_source(v)  # raises ValueError naming the accepted forms
         return v

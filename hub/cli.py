@@ -1,6 +1,6 @@
 """``edge-hub``: the hub's command line (server, registry, rollouts, fleet, results).
 
-Each verb group lives in its own module under ``hub.cmd`` with ``register(subparsers)``. Any
+Each verb group lives in its own module under ``hub.commands`` with ``register(subparsers)``. Any
 ``HubError`` becomes one line on stderr and its exit code, never a traceback.
 """
 
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edge-hub {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
     for name in _VERBS:
-        importlib.import_module(f"hub.cmd.{name}").register(sub)
+        importlib.import_module(f"hub.commands.{name}").register(sub)
     return parser
 
 

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from edge_agent.protocol import DEFAULT_LABEL_PREFIX, DEFAULT_TOPIC_PREFIX
+from edge_agent.contract.protocol import DEFAULT_LABEL_PREFIX, DEFAULT_TOPIC_PREFIX
 from hub.errors import HubError
 
 

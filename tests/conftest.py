@@ -7,12 +7,33 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
-from tests.broker import Broker
+from tests.support.broker import Broker
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Where models/build.py writes real and generated models (git-ignored).
 MODELS_OUT = ROOT / "models" / "out"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _structlog_never_caches() -> Iterator[None]:
+    """CLI verbs run in-process configure structlog; loggers must not stay cached past that.
+
+    ``configure_logging`` caches loggers on first use (right for a process, wrong for a test
+    session): a logger cached by one test would ignore ``capture_logs`` in every later test, so
+    which tests pass would depend on their order.
+    """
+    real = structlog.configure
+
+    def configure(**kwargs: object) -> None:
+        kwargs["cache_logger_on_first_use"] = False
+        real(**kwargs)  # type: ignore[arg-type]
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(structlog, "configure", configure)
+    yield
+    mp.undo()
 
 
 @pytest.fixture(scope="session")

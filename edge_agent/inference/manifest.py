@@ -18,9 +18,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from edge_agent.contract.protocol import SHA256_PATTERN, Name, Version
 from edge_agent.errors import ModelError
 from edge_agent.inference.postprocess import get_unit, tasks
-from edge_agent.protocol import SHA256_PATTERN, Name, Version
 
 #: Manifest format this code reads and writes.
 MANIFEST_FORMAT: Literal[1] = 1

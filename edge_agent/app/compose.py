@@ -1,0 +1,394 @@
+"""The composition root: settings → models → cameras → pipeline → result sink → HTTP.
+
+Everything the agent runs is built here, once, from one ``AgentSettings``, and handed to the
+``Supervisor`` as named tasks and ordered shutdown steps. Nothing else in the package reads
+settings globally or starts threads on import, so tests can build several agents in one process
+and the benchmark can drive the same agent the DaemonSet runs, with its own sink.
+
+Shutdown order (SIGTERM): the pipeline stops its cameras and finishes the frames already taken
+(their results reach the sink), then the sink flushes (the outbox commits), then HTTP stops, then
+the sessions are released, all within ``shutdown_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import gc
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+from prometheus_client import CollectorRegistry
+
+from edge_agent.app.http import BusyError, HttpServer, build_app
+from edge_agent.app.supervisor import LoopLagProbe, Supervisor
+from edge_agent.config import AgentSettings, ConfigError, check_settings
+from edge_agent.errors import InputError, ModelError
+from edge_agent.streaming.metrics import AgentMetrics
+from edge_agent.streaming.pipeline import Pipeline
+from edge_agent.streaming.scheduler import calibrate, worker_candidates
+from edge_agent.streaming.sinks import JsonLinesSink, ResultSink
+from edge_agent.streaming.slots import ModelSlot
+
+log = structlog.get_logger(__name__)
+
+#: Uploads to ``/v1/infer`` waiting or running at once; more get 429.
+MAX_HTTP_INFERS = 4
+#: ``/healthz`` fails when the loop-lag probe has not ticked for this long, seconds.
+LOOP_STALL_S = 5.0
+
+
+class Agent:
+    """One agent: build with settings, then ``await run()`` (or ``start``/``stop`` in tests)."""
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        *,
+        sink: ResultSink | None = None,
+        registry: CollectorRegistry | None = None,
+        config_path: Path | None = None,
+    ) -> None:
+        check_settings(settings)
+        self.settings = settings
+        #: The YAML file a reload (SIGHUP or file change) re-reads; None disables reloads.
+        self.config_path = config_path
+        self.reloader: Any = None
+        self.metrics = AgentMetrics(registry)
+        self.metrics.watch_provider_fallbacks()
+        self.slots: dict[str, ModelSlot] = {}
+        for name in sorted({m.name for m in settings.models}
+                           | {c.model for c in settings.cameras}):
+            self.slots[name] = ModelSlot(name)
+        self.sink: ResultSink | None = sink
+        self._own_sink = sink is None
+        self.supervisor = Supervisor(shutdown_timeout_s=settings.shutdown_timeout_s)
+        self.lag = LoopLagProbe()
+        self.lag.observe(self.metrics.loop_lag.observe)
+        self.pipeline: Pipeline | None = None
+        self.http: HttpServer | None = None
+        self.sync: Any = None
+        #: The outbox, MQTT link, drain and telemetry (``pipeline.sink: mqtt``).
+        self.mqtt: MqttParts | None = None
+        #: Startup measurement figures (frames per second per candidate, per model).
+        self.calibration: dict[str, dict[str, float]] = {}
+        self._infer_pool = concurrent.futures.ThreadPoolExecutor(1, "http-infer")
+        self._infers = 0
+        self._started = False
+
+    # ------------------------------------------------------------------ building
+
+    async def _load_models(self) -> None:
+        from edge_agent.modelsync.sync import ModelSync  # noqa: PLC0415 - keeps import cheap
+
+        # its constructor reads the sync state file: not on the event loop
+        self.sync = await asyncio.to_thread(ModelSync, self.settings, self.slots)
+        await self.sync.load_startup()  # raises ModelError for a config model that cannot load
+        loaded = [s.model for s in self.slots.values() if s.model is not None]
+        self.metrics.set_model_info(loaded)
+
+    def _choose_concurrency(self) -> tuple[int, dict[str, int]]:
+        """Workers and per-model batch limits: from the config, else measured (in a thread)."""
+        p = self.settings.pipeline
+        cams = collections.Counter(c.model for c in self.settings.cameras)
+        fixed_workers = p.workers or self.settings.engine.concurrency
+        workers = fixed_workers or 1
+        limits: dict[str, int] = {}
+        for name, slot in self.slots.items():
+            model = slot.model
+            if model is None or cams[name] == 0:
+                continue
+            batches = [1]
+            if model.batch_dynamic and cams[name] > 1:
+                batches = [p.max_batch] if p.max_batch else sorted(
+                    {1, min(2, cams[name]), min(4, cams[name])})
+            if fixed_workers and len(batches) == 1:
+                limits[name] = batches[0]
+                continue
+            cands = [fixed_workers] if fixed_workers else worker_candidates()
+            best_w, best_b, figures = calibrate(model, workers=cands, batches=batches,
+                                                seconds=p.calibrate_s)
+            self.calibration[name] = figures
+            log.info("concurrency_measured", model=name, workers=best_w, max_batch=best_b,
+                     fps=figures)
+            workers = max(workers, best_w)
+            limits[name] = best_b
+        return workers, limits
+
+    async def _open_sink(self) -> ResultSink:
+        p = self.settings.pipeline
+        if p.sink == "jsonl":
+            try:
+                return await JsonLinesSink(p.jsonl_path, append=True).open()
+            except OSError as exc:
+                raise ConfigError([("pipeline.jsonl_path",
+                                    f"cannot open for appending: {exc.strerror or exc}",
+                                    str(p.jsonl_path))]) from exc
+        self.mqtt = await MqttParts.open(self.settings, self.metrics)
+        outbox: ResultSink = self.mqtt.outbox
+        return outbox
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Load models, measure, open the sink, start cameras and HTTP, spawn the tasks."""
+        t0 = time.perf_counter()
+        s = self.settings
+        import cv2  # noqa: PLC0415 - heavy; only a running agent needs it
+
+        # parallelism comes from one thread per camera and per worker; OpenCV's own pool
+        # inside each resize would only oversubscribe the cores those threads already use
+        cv2.setNumThreads(1)
+        self._register_shutdown()
+        await self._load_models()
+        workers, limits = await asyncio.to_thread(self._choose_concurrency)
+        if self.sink is None:
+            self.sink = await self._open_sink()
+        self.pipeline = Pipeline(
+            node=s.node, cameras=s.cameras, slots=self.slots, sink=self.sink,
+            metrics=self.metrics, workers=workers, batch_limits=limits,
+            max_pending_results=s.pipeline.max_pending_results,
+            ready_frame_age_s=s.pipeline.ready_frame_age_s,
+            stuck_after_s=s.pipeline.stuck_after_s,
+        )
+        await self.pipeline.start()
+        sup = self.supervisor
+        sup.spawn("pipeline", self.pipeline.run())
+        sup.spawn("loop-lag", self.lag.run())
+        if self.sync is not None and hasattr(self.sync, "run"):
+            sup.spawn("model-sync", self.sync.run())
+        if self.config_path is not None:
+            from edge_agent.app.reload import ConfigReloader  # noqa: PLC0415
+
+            self.reloader = ConfigReloader(self, self.config_path)
+            sup.spawn("config-reload", self.reloader.run(), root=False)
+        if self.mqtt is not None:
+            self.mqtt.attach(self, sup)
+        if s.http.port:
+            app = build_app(self, max_upload_bytes=s.http.max_upload_bytes)
+            self.http = HttpServer(app, s.http.host, s.http.port)
+            await self.http.start()
+        # everything allocated so far (modules, sessions, settings) lives as long as the
+        # process: keep it out of the cyclic GC, so a full collection scans only per-frame
+        # garbage and takes microseconds instead of tens of milliseconds of loop and GIL time
+        gc.freeze()
+        self._started = True
+        log.info("agent_started", node=s.node, cameras=len(s.cameras), workers=workers,
+                 batch_limits=limits, startup_s=round(time.perf_counter() - t0, 2))
+
+    def _register_shutdown(self) -> None:
+        """The shutdown steps, in order, registered before anything starts: each closes only
+        what exists, so a start-up that fails half-way still releases what it opened."""
+        t = self.settings.shutdown_timeout_s
+        sup = self.supervisor
+
+        async def pipeline() -> None:
+            if self.pipeline is not None:
+                await self.pipeline.stop(t * 0.5)
+
+        async def drain() -> None:
+            if self.mqtt is not None:
+                await self.mqtt.drain.aclose(t * 0.2)
+
+        async def sink() -> None:
+            if self._own_sink and self.sink is not None:
+                await self.sink.aclose()
+
+        async def mqtt() -> None:
+            if self.mqtt is not None:
+                await self.mqtt.link.aclose()
+
+        async def http() -> None:
+            if self.http is not None:
+                await self.http.aclose()
+
+        for name, fn in (("pipeline", pipeline), ("outbox-drain", drain), ("sink", sink),
+                         ("mqtt", mqtt), ("http", http), ("models", self._close_models)):
+            sup.on_shutdown(name, fn)
+
+    async def _close_models(self) -> None:
+        self._infer_pool.shutdown(wait=False, cancel_futures=True)
+        for slot in self.slots.values():
+            old = slot.swap(None)
+            if old is not None:
+                old.close()
+
+    async def run(self, *, install_signals: bool = True) -> int:
+        """Start, serve until SIGTERM/SIGINT or a root task dies; return the exit status."""
+        try:
+            await self.start()
+        except BaseException:
+            await self.supervisor.shutdown()
+            raise
+        if install_signals:
+            self.supervisor.install_signal_handlers()
+            if self.reloader is not None:
+                self.reloader.install_sighup()
+        return await self.supervisor.run()
+
+    async def stop(self) -> None:
+        """Graceful stop (what SIGTERM does), for tests and embedding."""
+        self.supervisor.request_stop("stop() called")
+        await self.supervisor.shutdown()
+
+    # ------------------------------------------------------------------ AgentView (HTTP)
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The Prometheus registry of this agent."""
+        return self.metrics.registry
+
+    def health(self) -> tuple[bool, list[str]]:
+        """Alive: the loop ticks, no inference is wedged, the root tasks run."""
+        reasons: list[str] = []
+        silent = time.monotonic() - self.lag.last_tick
+        if self._started and silent > LOOP_STALL_S:
+            reasons.append(f"event loop did not tick for {silent:.1f} s")
+        if self.pipeline is not None and self.pipeline.stuck():
+            reasons.append(
+                f"an inference has run for {self.pipeline.scheduler.stuck_for():.0f} s")
+        for name, task in self.supervisor.tasks.items():
+            if task.done() and not self.supervisor.stopping:
+                reasons.append(f"task {name} ended")
+        return not reasons, reasons
+
+    def readiness(self) -> tuple[bool, list[str]]:
+        """Ready: a model is loaded and warmed, and a camera delivers (when any is configured)."""
+        reasons: list[str] = []
+        if not self._started:
+            reasons.append("starting")
+        if self.supervisor.stopping:
+            reasons.append("shutting down")
+        if not any(s.model is not None for s in self.slots.values()):
+            reasons.append("no model loaded")
+        if self.settings.cameras and self.pipeline is not None and not self.pipeline.delivering():
+            reasons.append("no camera delivers frames")
+        return not reasons, reasons
+
+    def models_info(self) -> list[dict[str, Any]]:
+        """Each model slot: what serves, its status, providers and batching."""
+        states = {}
+        if self.sync is not None:
+            states = {st.name: st for st in self.sync.model_states()}
+        limits = self.pipeline.scheduler.batch_limits if self.pipeline is not None else {}
+        out = []
+        for name, slot in sorted(self.slots.items()):
+            m = slot.model
+            st = states.get(name)
+            item: dict[str, Any] = {
+                "name": name,
+                "version": None if m is None else m.version,
+                "status": st.status if st is not None else ("active" if m else "failed"),
+                "error": None if st is None else st.error,
+            }
+            if m is not None:
+                item.update(sha256=m.sha256, task=m.task, providers=list(m.providers),
+                            batch_dynamic=m.batch_dynamic, max_batch=limits.get(name, 1))
+            out.append(item)
+        return out
+
+    def cameras_info(self) -> list[dict[str, Any]]:
+        """Each camera's state, counters and results."""
+        return [] if self.pipeline is None else self.pipeline.camera_snapshots()
+
+    async def infer_image(self, image: np.ndarray, model: str | None) -> dict[str, Any]:
+        """Run one uploaded image on ``model`` (or the only model) in the HTTP infer thread."""
+        if model is None:
+            if len(self.slots) != 1:
+                raise LookupError(f"say which model with ?model=NAME (one of {sorted(self.slots)})")
+            model = next(iter(self.slots))
+        slot = self.slots.get(model)
+        if slot is None:
+            raise LookupError(f"unknown model {model!r}")
+        if self._infers >= MAX_HTTP_INFERS:
+            raise BusyError(f"{MAX_HTTP_INFERS} uploads are already being inferred; retry")
+        self._infers += 1
+        try:
+            loop = asyncio.get_running_loop()
+            m, out = await loop.run_in_executor(self._infer_pool, _infer_leased, slot, image)
+        finally:
+            self._infers -= 1
+        h, w = image.shape[:2]
+        result: dict[str, Any] = {
+            "v": 1, "node": self.settings.node, "ts": time.time(),
+            "model": {"name": m.name, "version": m.version}, "task": m.task,
+            "frame": {"width": w, "height": h},
+            "latency_ms": {"preprocess": round(out.preprocess_ms, 3),
+                           "inference": round(out.inference_ms, 3),
+                           "postprocess": round(out.postprocess_ms, 3)},
+        }
+        result.update(out.output)
+        return result
+
+
+class MqttParts:
+    """The durable outbox, the MQTT link, the outbox drain and telemetry, wired together."""
+
+    def __init__(self, settings: AgentSettings, outbox: Any, link: Any, drain: Any) -> None:
+        self.settings = settings
+        self.outbox = outbox
+        self.link = link
+        self.drain = drain
+
+    @classmethod
+    async def open(cls, settings: AgentSettings, metrics: AgentMetrics) -> MqttParts:
+        """Open the outbox (in a thread) and start connecting (the broker may be down)."""
+        from edge_agent import __version__  # noqa: PLC0415
+        from edge_agent.outbox.facade import Outbox  # noqa: PLC0415
+        from edge_agent.transport import metrics as metrics_outbox  # noqa: PLC0415
+        from edge_agent.transport.drain import Drain  # noqa: PLC0415
+        from edge_agent.transport.link import MqttLink  # noqa: PLC0415
+
+        outbox = await Outbox(settings.outbox, topic_prefix=settings.mqtt.topic_prefix,
+                              cameras=[c.name for c in settings.cameras]).aopen()
+        link = MqttLink(settings.mqtt, settings.node, agent_version=__version__)
+        await link.start()
+        drain = Drain(outbox, link)
+        metrics_outbox.register(metrics.registry, outbox, link, drain)
+        return cls(settings, outbox, link, drain)
+
+    def attach(self, agent: Agent, sup: Supervisor) -> None:
+        """Spawn the drain and telemetry; route desired state to model sync and state back."""
+        from edge_agent import __version__  # noqa: PLC0415
+        from edge_agent.transport.telemetry import TelemetryPublisher  # noqa: PLC0415
+
+        s = self.settings
+        pipeline = agent.pipeline
+        assert pipeline is not None
+        telemetry = TelemetryPublisher(
+            self.link, s.node, s.mqtt.telemetry_interval_s,
+            models=pipeline.telemetry_models, cameras=pipeline.telemetry_cameras,
+            outbox=self.outbox.snapshot, agent_version=__version__)
+        sup.spawn("outbox-drain", self.drain.run(), drained=True)
+        sup.spawn("telemetry", telemetry.run())
+        if agent.sync is not None:
+            agent.sync.attach(self.link)  # desired state in, retained state out
+
+
+def _infer_leased(slot: ModelSlot, image: np.ndarray) -> tuple[Any, Any]:
+    model = slot.acquire()  # ModelError when nothing serves this name
+    try:
+        out = model.infer(image)
+    except InputError:
+        slot.release(model, None)  # the upload's fault, not the model's
+        raise
+    except Exception as exc:
+        slot.release(model, False, f"{type(exc).__name__}: {exc}")
+        raise ModelError(f"inference failed: {exc}") from exc
+    slot.release(model, True)
+    return model, out
+
+
+async def run_agent(settings: AgentSettings, config_path: Path | None = None) -> int:
+    """Run an agent until it is told to stop; return the process exit status."""
+    agent = Agent(settings, config_path=config_path)
+    try:
+        return await agent.run()
+    finally:
+        with contextlib.suppress(Exception):
+            agent._infer_pool.shutdown(wait=False, cancel_futures=True)

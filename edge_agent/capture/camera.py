@@ -1,0 +1,381 @@
+"""Camera capture: one thread per camera that keeps only the newest frame.
+
+Cameras are slow, bursty and unreliable, and inference is slower than some of them; a queue
+between them would grow without bound and serve ever older frames. So each camera has one
+thread that reads (and, through the ``prepare`` hook, preprocesses) frames and hands each to a
+``FrameConsumer`` that keeps one frame per camera: the newest wins and the one it replaces is
+counted as dropped. A camera that fails, ends or stalls is reopened with exponential backoff
+and jitter, independently of the others, and its state (connected, fps, drops, last frame age)
+is readable at any time without locks.
+
+Sources are URLs (``edge_agent.capture.sources``); a file can be played at its own frame rate, like
+a camera, or read as fast as the consumer takes frames (no drops), optionally looping.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import structlog
+
+from edge_agent.capture.sources import CaptureError, Reader, open_source, parse_source
+from edge_agent.config import CameraSettings
+
+log = structlog.get_logger(__name__)
+
+CameraState = Literal["connecting", "connected", "stalled", "reconnecting", "ended", "stopped"]
+#: Every state, in the order metrics list them.
+CAMERA_STATES: tuple[CameraState, ...] = (
+    "connecting", "connected", "stalled", "reconnecting", "ended", "stopped",
+)
+
+
+# -------------------------------------------------------------------------------- the camera
+
+
+@dataclass(slots=True)
+class Frame:
+    """One captured frame on its way to inference.
+
+    ``image`` is the BGR frame; ``tensor``, ``meta`` and ``model`` are filled by the ``prepare``
+    hook in the capture thread. The scheduler runs the frame on ``model`` when it still serves,
+    and preprocesses ``image`` again when a hot swap replaced it in between.
+    """
+
+    camera: str
+    #: Name of the model that serves this camera (``CameraSettings.model``).
+    model_name: str
+    #: Frames grabbed from the source before this one (since the camera started).
+    index: int
+    #: Capture time, Unix seconds (the result's ``ts``).
+    ts: float
+    #: Capture time, ``time.perf_counter()`` seconds (latencies are measured from it).
+    t_read: float
+    width: int
+    height: int
+    image: np.ndarray | None = None
+    tensor: Any = None
+    meta: Any = None
+    model: Any = None
+    preprocess_ms: float = 0.0
+
+
+class FrameConsumer(Protocol):
+    """Takes frames from capture threads (the scheduler)."""
+
+    def offer(self, frame: Frame, camera: Camera) -> None:
+        """Keep ``frame`` as the camera's newest; count the frame it replaces as dropped."""
+        ...
+
+    def wait_room(self, camera: Camera, timeout: float) -> bool:
+        """Block until the camera's previous frame was taken (True) or ``timeout`` passed."""
+        ...
+
+
+#: Fills ``frame.tensor``/``meta``/``model`` from the BGR image (runs in the capture thread).
+PrepareHook = Callable[[Frame, np.ndarray], None]
+
+
+class Backoff:
+    """Exponential backoff with jitter: attempt k waits in [d/2, d], d = min(max, min * 2**k).
+
+    Half the delay is fixed so a flapping camera is not hammered, half is random so cameras
+    behind one failed switch do not reconnect in lockstep. ``rng`` is injectable for tests.
+    """
+
+    def __init__(self, min_s: float, max_s: float, rng: random.Random | None = None) -> None:
+        self.min_s = min_s
+        self.max_s = max(max_s, min_s)
+        self.attempt = 0
+        self._rng = rng or random.Random()
+
+    def next_delay(self) -> float:
+        """The delay before the next attempt (and count the attempt)."""
+        d = min(self.max_s, self.min_s * 2.0 ** min(self.attempt, 30))
+        self.attempt += 1
+        return d / 2 + self._rng.uniform(0, d / 2)
+
+    def reset(self) -> None:
+        """Back to the shortest delay (after a connection delivered frames)."""
+        self.attempt = 0
+
+
+class Camera:
+    """A camera's capture thread and state.
+
+    Counters are plain attributes written by one thread and read by others (single int stores
+    are atomic under the GIL); ``dropped`` is written by the consumer under its own lock.
+    """
+
+    def __init__(
+        self,
+        settings: CameraSettings,
+        consumer: FrameConsumer,
+        prepare: PrepareHook | None = None,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.spec = parse_source(settings.url)
+        self._consumer = consumer
+        self._prepare = prepare
+        self._backoff = Backoff(settings.reconnect_min_s, settings.reconnect_max_s, rng)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.state: CameraState = "connecting"
+        self.state_since = time.monotonic()
+        #: Frames grabbed from the source (fps-cap skips included).
+        self.frames_read = 0
+        #: Frames handed to the consumer.
+        self.frames_delivered = 0
+        #: Frames skipped by the fps cap (by design, not a loss).
+        self.frames_skipped = 0
+        #: Frames replaced by a newer one before inference took them, or refused (stale).
+        self.dropped = 0
+        #: Frames that could not be decoded or preprocessed.
+        self.errors = 0
+        self.reconnects = 0
+        self.stalls = 0
+        self.last_error: str | None = None
+        #: ``time.monotonic()`` of the newest frame read, None before the first.
+        self.last_frame_at: float | None = None
+        self.fps = 0.0
+        self.source_fps = 0.0
+        self._fps_window = (time.monotonic(), 0)
+
+    # ------------------------------------------------------------------ control
+
+    def start(self) -> None:
+        """Start the capture thread (a daemon: a read stuck in a driver cannot block exit)."""
+        self._thread = threading.Thread(target=self._run, name=f"capture[{self.name}]",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask the thread to stop; it exits after its current read."""
+        self._stop.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the thread; True when it has ended."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def alive(self) -> bool:
+        """The capture thread is running."""
+        return self._thread is not None and self._thread.is_alive()
+
+    # ------------------------------------------------------------------ state
+
+    def _set_state(self, state: CameraState, **fields: Any) -> None:
+        if state != self.state:
+            self.state = state
+            self.state_since = time.monotonic()
+            log.info("camera_state", camera=self.name, state=state, **fields)
+
+    def frame_age(self, now: float | None = None) -> float | None:
+        """Seconds since the newest frame was read, None before the first frame."""
+        if self.last_frame_at is None:
+            return None
+        return (time.monotonic() if now is None else now) - self.last_frame_at
+
+    def delivering(self, within_s: float) -> bool:
+        """Connected and a frame arrived within ``within_s`` seconds."""
+        age = self.frame_age()
+        return self.state == "connected" and age is not None and age <= within_s
+
+    def check_stall(self, now: float | None = None) -> bool:
+        """Mark the camera stalled when connected but silent for ``stall_timeout_s``.
+
+        Called periodically from the event loop; the capture thread's blocked read is ended by
+        the FFmpeg read timeout (the same duration) and the camera then reconnects.
+        """
+        now = time.monotonic() if now is None else now
+        if self.state != "connected":
+            return False
+        since = self.last_frame_at if self.last_frame_at is not None else self.state_since
+        since = max(since, self.state_since)
+        if now - since <= self.settings.stall_timeout_s:
+            return False
+        self.stalls += 1
+        self._set_state("stalled", silent_s=round(now - since, 2))
+        return True
+
+    def current_fps(self) -> float:
+        """Frames read per second over the last window; 0 when no frame came for 2 s."""
+        age = self.frame_age()
+        if age is None or age > 2.0:
+            return 0.0
+        if self.fps == 0.0:  # the first window is not complete yet: estimate from it
+            start, count = self._fps_window
+            elapsed = time.monotonic() - start
+            return count / elapsed if count >= 2 and elapsed > 0 else 0.0
+        return self.fps
+
+    def snapshot(self) -> dict[str, Any]:
+        """Plain-JSON state for ``/v1/cameras`` and telemetry."""
+        age = self.frame_age()
+        return {
+            "name": self.name,
+            "url": self.settings.url,
+            "model": self.settings.model,
+            "state": self.state,
+            "connected": self.state == "connected",
+            "fps": round(self.current_fps(), 2),
+            "source_fps": self.source_fps,
+            "frames_read": self.frames_read,
+            "frames_delivered": self.frames_delivered,
+            "frames_skipped": self.frames_skipped,
+            "dropped": self.dropped,
+            "errors": self.errors,
+            "reconnects": self.reconnects,
+            "stalls": self.stalls,
+            "last_frame_age_s": None if age is None else round(age, 3),
+            "last_error": self.last_error,
+        }
+
+    # ------------------------------------------------------------------ the thread
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                outcome = self._connect_and_read()
+                if outcome == "stopped" or self._stop.is_set():
+                    break
+                if outcome == "ended":
+                    if not self.settings.loop:
+                        self._set_state("ended")
+                        return
+                    continue  # reopen at once: a loop is not a failure
+                delay = self._backoff.next_delay()
+                self.reconnects += 1
+                self._set_state("reconnecting", delay_s=round(delay, 2), error=self.last_error)
+                if self._stop.wait(delay):
+                    break
+        except Exception as exc:  # a bug, not a camera fault: say so loudly, end the thread
+            self.last_error = repr(exc)
+            log.exception("camera_thread_crashed", camera=self.name)
+            raise
+        finally:
+            if self.state != "ended":
+                self._set_state("stopped")
+
+    def _connect_and_read(self) -> Literal["stopped", "ended", "failed"]:
+        s = self.settings
+        if self.state != "reconnecting":
+            self._set_state("connecting")
+        try:
+            reader = open_source(self.spec, open_timeout_s=s.open_timeout_s,
+                                 read_timeout_s=s.stall_timeout_s, stop=self._stop)
+        except CaptureError as exc:
+            self.last_error = str(exc)
+            return "failed"
+        except Exception as exc:  # OpenCV raises cv2.error for some bad URLs
+            self.last_error = f"cannot open source: {exc}"
+            return "failed"
+        self.source_fps = reader.fps
+        try:
+            return self._read_loop(reader)
+        finally:
+            reader.release()
+
+    def _read_loop(self, reader: Reader) -> Literal["stopped", "ended", "failed"]:
+        s = self.settings
+        paced = self.spec.kind == "file" and s.rate == "native"
+        backpressure = self.spec.kind == "file" and s.rate == "max"
+        period = 1.0 / reader.fps
+        cap_period = 1.0 / s.fps_cap if s.fps_cap > 0 else 0.0
+        t0 = time.monotonic()
+        n = 0
+        next_due = 0.0
+        got_any = False
+        while not self._stop.is_set():
+            if paced:  # a file played like a camera: frame n is due at t0 + n / fps
+                delay = t0 + n * period - time.monotonic()
+                if delay > 0:
+                    if self._stop.wait(delay):
+                        return "stopped"
+                elif delay < -1.0:
+                    t0 = time.monotonic() - n * period  # far behind: do not burst to catch up
+            if not reader.grab():
+                return self._read_failed(got_any, t0)
+            n += 1
+            now = time.monotonic()
+            self.frames_read += 1
+            self.last_frame_at = now
+            if not got_any:
+                got_any = True
+                self._backoff.reset()
+                self._set_state("connected", source_fps=round(reader.fps, 2))
+            elif self.state == "stalled":
+                self._set_state("connected")
+            self._count_fps(now)
+            if cap_period:
+                if now < next_due:
+                    self.frames_skipped += 1
+                    continue
+                next_due = max(next_due + cap_period, now - cap_period)
+            img = reader.retrieve()
+            if img is None:
+                self.errors += 1
+                continue
+            self._deliver(img, backpressure)
+        return "stopped"
+
+    def _read_failed(self, got_any: bool, t0: float) -> Literal["stopped", "ended", "failed"]:
+        """Classify a failed read: a stop, the end of a file, a stall or a failure."""
+        if self._stop.is_set():
+            return "stopped"
+        if self.spec.kind == "file" and got_any:
+            return "ended"
+        silent = time.monotonic() - (self.last_frame_at or t0)
+        if got_any and silent >= self.settings.stall_timeout_s * 0.9:
+            # the FFmpeg read timeout ended a read that waited for a frame in vain
+            if self.state != "stalled":
+                self.stalls += 1
+                self._set_state("stalled", silent_s=round(silent, 2))
+            self.last_error = f"stalled: no frame for {silent:.1f} s"
+        else:
+            self.last_error = "read failed" if got_any else "no frame from source"
+        return "failed"
+
+    def _count_fps(self, now: float) -> None:
+        start, count = self._fps_window
+        count += 1
+        if now - start >= 1.0:
+            self.fps = count / (now - start)
+            self._fps_window = (now, 0)
+        else:
+            self._fps_window = (start, count)
+
+    def _deliver(self, img: np.ndarray, backpressure: bool) -> None:
+        h, w = img.shape[:2]
+        t_read = time.perf_counter()
+        frame = Frame(self.name, self.settings.model, self.frames_read - 1, time.time(), t_read,
+                      w, h, img)
+        if self._prepare is not None:
+            try:
+                self._prepare(frame, img)
+            except Exception as exc:
+                self.errors += 1
+                if self.last_error != str(exc):
+                    self.last_error = str(exc)
+                    log.warning("frame_prepare_failed", camera=self.name, error=str(exc))
+                return
+            frame.preprocess_ms = (time.perf_counter() - t_read) * 1000.0
+        if backpressure:
+            # a file read as fast as inference goes: wait for the slot rather than drop
+            while not self._consumer.wait_room(self, 0.5):
+                if self._stop.is_set():
+                    return
+        self._consumer.offer(frame, self)
+        self.frames_delivered += 1

@@ -1,0 +1,116 @@
+"""Periodic node health on ``{prefix}/{node}/telemetry``: what the hub's rollout gates judge.
+
+The publisher knows nothing about models, cameras or the outbox: it asks *providers*
+(callables the composition root passes in) for their part of ``protocol.TelemetryMessage`` each
+interval, adds the process RSS (psutil), and publishes at QoS 1. A provider that raises costs
+only its own part of one message (logged, rate-limited). While the link is down a message is
+skipped, not queued: telemetry describes now, and the hub judges windows, not backlogs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import psutil
+import structlog
+
+from edge_agent.contract.protocol import (
+    CameraTelemetry,
+    ModelTelemetry,
+    OutboxTelemetry,
+    TelemetryMessage,
+    encode,
+    telemetry_topic,
+)
+from edge_agent.transport.link import MqttLink
+
+log = structlog.get_logger(__name__)
+
+ModelsProvider = Callable[[], list[ModelTelemetry]]
+CamerasProvider = Callable[[], list[CameraTelemetry]]
+OutboxProvider = Callable[[], OutboxTelemetry]
+#: Seconds between log lines about a failing provider.
+LOG_INTERVAL_S = 60.0
+
+_T = TypeVar("_T")
+
+
+class TelemetryPublisher:
+    """Builds and publishes a ``TelemetryMessage`` every ``interval_s`` seconds."""
+
+    def __init__(
+        self,
+        link: MqttLink,
+        node: str,
+        interval_s: float,
+        *,
+        models: ModelsProvider | None = None,
+        cameras: CamerasProvider | None = None,
+        outbox: OutboxProvider | None = None,
+        agent_version: str = "",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.link = link
+        self.node = node
+        self.interval_s = interval_s
+        self.agent_version = agent_version
+        self._models = models
+        self._cameras = cameras
+        self._outbox = outbox
+        self._clock = clock
+        self._proc = psutil.Process()
+        self._logged: dict[str, float] = {}
+        #: Messages published / skipped because the link was down.
+        self.sent = 0
+        self.skipped = 0
+
+    def _part(self, name: str, fn: Callable[[], _T] | None, default: _T) -> _T:
+        if fn is None:
+            return default
+        try:
+            return fn()
+        except Exception as exc:
+            now = time.monotonic()
+            if now - self._logged.get(name, -1e9) >= LOG_INTERVAL_S:
+                self._logged[name] = now
+                log.error("telemetry_provider_failed", part=name, error=repr(exc)[:200])
+            return default
+
+    def build(self) -> TelemetryMessage:
+        """One message from the providers' current answers."""
+        try:
+            rss = int(self._proc.memory_info().rss)
+        except psutil.Error:
+            rss = 0
+        return TelemetryMessage(
+            node=self.node,
+            ts=self._clock(),
+            interval_s=self.interval_s,
+            agent_version=self.agent_version,
+            models=self._part("models", self._models, list[ModelTelemetry]()),
+            cameras=self._part("cameras", self._cameras, list[CameraTelemetry]()),
+            outbox=self._part("outbox", self._outbox, OutboxTelemetry()),
+            rss_bytes=rss,
+        )
+
+    def publish_once(self) -> bool:
+        """Publish one message now; False (counted as skipped) while the link is down."""
+        if not self.link.connected:
+            self.skipped += 1
+            return False
+        topic = telemetry_topic(self.link.topic_prefix, self.node)
+        if self.link.publish(topic, encode(self.build()), qos=1):
+            self.sent += 1
+            return True
+        self.skipped += 1
+        return False
+
+    async def run(self) -> None:
+        """Publish every ``interval_s`` until cancelled (the supervisor's ``telemetry`` task)."""
+        while True:
+            await asyncio.sleep(self.interval_s)
+            self.publish_once()
+

@@ -1,0 +1,7 @@
+"""The hub's REST API (aiohttp handlers) and its OpenAPI document.
+
+- ``registry``: push, list, show, delete model versions; artifact and manifest downloads.
+- ``fleet``: nodes, rollouts and their commands, ``/metrics``.
+- ``openapi``, ``fleet_openapi``: the OpenAPI 3.0 document served at ``/v1/openapi.json``.
+- ``httputil``: JSON errors, bearer auth, ETag and Range.
+"""

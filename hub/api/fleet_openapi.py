@@ -1,0 +1,161 @@
+"""OpenAPI paths and schemas of the rollout side (merged into ``GET /v1/openapi.json``).
+
+Written by hand next to ``hub/api/fleet.py`` because the paths, codes and shapes are a contract
+the ``edge-hub rollout`` / ``nodes`` verbs and operators' scripts rely on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+_READ: list[dict[str, list[str]]] = [{}, {"bearerAuth": []}]
+_WRITE: list[dict[str, list[str]]] = [{"bearerAuth": []}]
+
+
+def _err(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ERROR}}}
+
+
+def _ok(description: str, ref: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
+
+
+_BAD = _err("invalid request: invalid_request, invalid_selector, invalid_gate, "
+            "unknown_model_version")
+_UNAUTH = _err("missing or wrong bearer token (code unauthorized)")
+_ID = {"name": "id", "in": "path", "required": True,
+       "schema": {"type": "string", "pattern": "^[0-9]{1,12}$"}}
+_OBJ: dict[str, Any] = {"type": "object", "additionalProperties": True}
+
+SCHEMAS: dict[str, Any] = {
+    "FleetNode": {
+        "type": "object",
+        "required": ["name", "labels", "assigned", "online", "generation"],
+        "properties": {
+            "name": {"type": "string"},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+            "assigned": {"type": "object", "additionalProperties": {"type": "string"},
+                         "description": "model -> version from the node's labels"},
+            "online": {"type": "boolean"},
+            "last_seen": {"type": "number", "nullable": True},
+            "generation": {"type": "object", "properties": {
+                "desired": {"type": "integer"}, "published": {"type": "boolean"},
+                "applied": {"type": "integer"}}},
+            "agent_version": {"type": "string"},
+            "providers": {"type": "array", "items": {"type": "string"}},
+            "models": {"type": "object", "additionalProperties": _OBJ,
+                       "description": "what the agent reports per model (state message)"},
+            "metrics": {"type": "object", "additionalProperties": _OBJ,
+                        "description": "model@version -> fps, error_rate, p50/p95/p99_ms"},
+        },
+    },
+    "NodeList": {"type": "object", "required": ["nodes"],
+                 "properties": {"nodes": {"type": "array",
+                                          "items": {"$ref": "#/components/schemas/FleetNode"}}}},
+    "RolloutSpec": {
+        "type": "object",
+        "required": ["model", "version"],
+        "additionalProperties": False,
+        "properties": {
+            "model": {"type": "string"},
+            "version": {"type": "string"},
+            "selector": {"type": "string", "example": "site=a,line in (1,2)"},
+            "canary": {"type": "integer", "minimum": 0, "nullable": True},
+            "canary_percent": {"type": "number", "nullable": True},
+            "waves": {"type": "array", "items": {"type": "number"}, "example": [25, 50, 100]},
+            "bake_s": {"type": "number", "minimum": 0},
+            "gates": {"type": "array", "items": {"type": "string"},
+                      "example": ["p99_ms<=80", "error_rate<=0.01", "fps>=0.9x"]},
+            "deadline_s": {"type": "number"},
+            "offline_wait_s": {"type": "number", "minimum": 0},
+            "min_samples": {"type": "integer", "minimum": 1},
+            "dry_run": {"type": "boolean", "description": "only return the plan"},
+        },
+    },
+    "RolloutSummary": {
+        "type": "object",
+        "required": ["id", "model", "version", "state", "wave", "waves"],
+        "properties": {
+            "id": {"type": "integer"}, "model": {"type": "string"},
+            "version": {"type": "string"}, "selector": {"type": "string"},
+            "state": {"type": "string", "enum": [
+                "pending", "applying", "baking", "waiting", "paused", "rolling_back",
+                "succeeded", "aborted", "rolled_back"]},
+            "wave": {"type": "integer"}, "waves": {"type": "integer"},
+            "cause": {"type": "object", "nullable": True, "additionalProperties": True,
+                      "description": "reason (gate, node_failed, deadline, manual, aborted), "
+                                     "metric, value, limit, node"},
+            "message": {"type": "string"},
+        },
+        "additionalProperties": True,
+    },
+    "RolloutList": {"type": "object", "required": ["rollouts"], "properties": {
+        "rollouts": {"type": "array", "items": {"$ref": "#/components/schemas/RolloutSummary"}}}},
+    "RolloutDoc": {"type": "object", "required": ["rollout"], "properties": {
+        "rollout": {"$ref": "#/components/schemas/RolloutSummary"}}},
+    "RolloutPlan": {"type": "object", "required": ["plan"], "properties": {"plan": _OBJ}},
+}
+
+PATHS: dict[str, Any] = {
+    "/v1/nodes": {"get": {
+        "operationId": "listNodes", "summary": "The camera nodes: labels, online, health",
+        "security": _READ,
+        "parameters": [{"name": "selector", "in": "query", "required": False,
+                        "schema": {"type": "string"}}],
+        "responses": {"200": _ok("nodes", "NodeList"), "400": _BAD, "401": _UNAUTH},
+    }},
+    "/v1/nodes/{node}": {"get": {
+        "operationId": "showNode", "summary": "One camera node", "security": _READ,
+        "parameters": [{"name": "node", "in": "path", "required": True,
+                        "schema": {"type": "string"}}],
+        "responses": {"200": _ok("the node", "FleetNode"), "401": _UNAUTH,
+                      "404": _err("not a camera node of this hub")},
+    }},
+    "/v1/rollouts": {
+        "get": {
+            "operationId": "listRollouts", "summary": "Rollouts, newest first",
+            "security": _READ,
+            "parameters": [{"name": "limit", "in": "query", "required": False,
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}],
+            "responses": {"200": _ok("rollouts", "RolloutList"), "400": _BAD,
+                          "401": _UNAUTH},
+        },
+        "post": {
+            "operationId": "startRollout",
+            "summary": "Start a rollout (or, with dry_run, return its plan)",
+            "security": _WRITE,
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/RolloutSpec"}}}},
+            "responses": {"200": _ok("the plan (dry run)", "RolloutPlan"),
+                          "201": _ok("started", "RolloutDoc"), "400": _BAD, "401": _UNAUTH,
+                          "409": _err("another active rollout of the model covers some of "
+                                      "the nodes (code conflict)")},
+        },
+    },
+    "/v1/rollouts/{id}": {"get": {
+        "operationId": "showRollout",
+        "summary": "A rollout: plan, per-node progress and live metrics, events",
+        "security": _READ, "parameters": [_ID],
+        "responses": {"200": _ok("the rollout", "RolloutDoc"), "400": _BAD, "401": _UNAUTH,
+                      "404": _err("no such rollout")},
+    }},
+    "/v1/rollouts/{id}/{command}": {"post": {
+        "operationId": "rolloutCommand",
+        "summary": "pause, resume, promote (skip the rest of the bake), abort (stop, keep "
+                   "versions), rollback (every touched node to its previous version)",
+        "security": _WRITE,
+        "parameters": [_ID, {"name": "command", "in": "path", "required": True, "schema": {
+            "type": "string", "enum": ["pause", "resume", "promote", "abort", "rollback"]}}],
+        "responses": {"200": _ok("the rollout after the command", "RolloutDoc"),
+                      "400": _BAD, "401": _UNAUTH, "404": _err("no such rollout"),
+                      "409": _err("not possible in the rollout's state (code conflict)")},
+    }},
+    "/metrics": {"get": {
+        "operationId": "metrics", "summary": "Prometheus metrics (fleet, rollouts, hub)",
+        "security": _READ,
+        "responses": {"200": {"description": "text exposition format",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}},
+    }},
+}

@@ -1,0 +1,452 @@
+"""A de-duplicating subscriber for the agents' results, for consumers' own code and the CLI.
+
+Results travel at least once (DESIGN.md): after a broker outage or an agent restart the outbox
+re-sends what the broker never acknowledged, so a subscriber sees some results twice. Every
+consumer has to drop those by the key (node, camera, seq), and most also want to know when results
+went missing (an outbox that dropped under its disk budget, a consumer that was away). This module
+does both once, so downstream code only sees each result once, in arrival order.
+
+Design:
+
+- paho-mqtt 2.x in its own network thread; the callback only appends the raw message to a queue.
+  Parsing (``protocol.decode_result``), de-duplication, gap detection and the PUBACK all happen in
+  the consumer's thread, in ``get()``. Acknowledging only when the consumer takes a result
+  (``manual_ack``) together with MQTT 5 *Receive Maximum* makes the broker hold back instead of
+  flooding a slow consumer, and acknowledgements go out in the order messages came in.
+- Per (node, camera) stream it keeps the highest seq seen, the newest frame timestamp and the
+  ranges of seqs still missing. A seq above the highest opens a gap for the seqs skipped; a
+  missing seq that arrives later is delivered (``late``); any other seq at or below the highest is
+  a duplicate, unless its timestamp is newer than anything seen on that stream: then the agent's
+  counter started over (its outbox was wiped) and the stream is reset (a duplicate is a copy of a
+  result already seen, so it can never carry a newer timestamp).
+- With a group, it subscribes with an MQTT 5 shared subscription ``$share/{group}/{filter}`` so
+  several consumers split the load. The broker hands each message to one member, so members see
+  interleaved subsets of each stream: gap reporting is off in a group (every member would see
+  "gaps" that its peers received), and a redelivery may land on another member, so exactly-once
+  across the group needs the key downstream too.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from edge_agent.contract.protocol import (
+    DEFAULT_TOPIC_PREFIX,
+    ProtocolError,
+    ResultMessage,
+    decode_result,
+    parse_topic,
+    results_filter,
+)
+from hub.errors import HubError
+
+log = structlog.get_logger(__name__)
+
+#: Missing-seq ranges remembered per stream. Beyond it the oldest range is forgotten (a result
+#: from it arriving later then counts as a duplicate). 1,024 ranges cover any realistic outage.
+MAX_MISSING_RANGES = 1024
+
+
+class ResultsUnavailableError(HubError):
+    """The broker could not be reached, refused the login, or refused the subscription."""
+
+    code = "broker_unavailable"
+    http_status = 503
+    #: as the hub client's "unreachable" (3): scripts tell "no broker" from "no results" (1)
+    exit_code = 3
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Seqs ``first``..``last`` (inclusive) of one camera that never arrived before ``after``."""
+
+    node: str
+    camera: str
+    first: int
+    last: int
+
+    @property
+    def count(self) -> int:
+        """How many results are missing."""
+        return self.last - self.first + 1
+
+
+@dataclass(frozen=True)
+class Received:
+    """One de-duplicated result: the parsed message, its topic and the payload as sent."""
+
+    topic: str
+    payload: bytes
+    message: ResultMessage
+    #: True when this seq had been reported missing and arrived after all.
+    late: bool = False
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        """The de-duplication key (node, camera, seq)."""
+        return (self.message.node, self.message.camera, self.message.seq)
+
+
+@dataclass
+class SubscriberStats:
+    """Counters since the subscriber started. ``received`` = everything the broker sent."""
+
+    received: int = 0
+    delivered: int = 0
+    duplicates: int = 0
+    malformed: int = 0
+    #: Gap events and the seqs they named.
+    gaps: int = 0
+    missing: int = 0
+    #: Seqs reported missing that arrived later (delivered, and taken off ``missing``' tally).
+    late: int = 0
+    #: Streams whose seq started over (an agent whose outbox was replaced).
+    resets: int = 0
+    #: Messages dropped because the local queue was full (only QoS 0 publishers can cause it).
+    overflow: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters as a plain dict (for logs and ``--json`` summaries)."""
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Stream:
+    """What one (node, camera) stream has delivered so far."""
+
+    high: int
+    max_ts: float
+    #: Sorted, disjoint, inclusive [lo, hi] ranges of seqs below ``high`` not yet seen.
+    missing: list[list[int]] = field(default_factory=list)
+
+    def take_missing(self, seq: int) -> bool:
+        """Remove ``seq`` from the missing ranges; True if it was missing."""
+        for i, (lo, hi) in enumerate(self.missing):
+            if seq < lo:
+                return False
+            if seq <= hi:
+                if lo == hi:
+                    del self.missing[i]
+                elif seq == lo:
+                    self.missing[i][0] = seq + 1
+                elif seq == hi:
+                    self.missing[i][1] = seq - 1
+                else:
+                    self.missing[i : i + 1] = [[lo, seq - 1], [seq + 1, hi]]
+                return True
+        return False
+
+
+class Deduplicator:
+    """The per-stream bookkeeping, without MQTT: feed it (node, camera, seq, ts) in arrival order.
+
+    ``report_gaps=False`` (used in shared-subscription groups, where each member sees only a
+    share of every stream) still remembers which seqs it has not seen, so a redelivery of one of
+    them is not mistaken for a duplicate, but reports neither gaps nor late arrivals.
+    """
+
+    def __init__(self, *, report_gaps: bool = True, max_ranges: int = MAX_MISSING_RANGES) -> None:
+        self.report_gaps = report_gaps
+        self.max_ranges = max_ranges
+        self._streams: dict[tuple[str, str], _Stream] = {}
+
+    def offer(self, node: str, camera: str, seq: int, ts: float) -> tuple[str, Gap | None]:
+        """Classify one result as ``new``, ``late``, ``reset`` or ``duplicate``, with any gap."""
+        st = self._streams.get((node, camera))
+        if st is None:
+            self._streams[(node, camera)] = _Stream(high=seq, max_ts=ts)
+            return "new", None
+        if seq > st.high:
+            gap = None
+            if seq > st.high + 1:
+                st.missing.append([st.high + 1, seq - 1])
+                if len(st.missing) > self.max_ranges:
+                    del st.missing[0]
+                if self.report_gaps:
+                    gap = Gap(node, camera, st.high + 1, seq - 1)
+            st.high = seq
+            st.max_ts = max(st.max_ts, ts)
+            return "new", gap
+        if st.take_missing(seq):
+            st.max_ts = max(st.max_ts, ts)
+            return ("late" if self.report_gaps else "new"), None
+        if ts > st.max_ts:
+            self._streams[(node, camera)] = _Stream(high=seq, max_ts=ts)
+            return "reset", None
+        return "duplicate", None
+
+    def streams(self) -> int:
+        """How many (node, camera) streams have been seen."""
+        return len(self._streams)
+
+
+class _RateLimitedLog:
+    """One warning per ``every_s`` per event, with how many were suppressed in between."""
+
+    def __init__(self, every_s: float = 5.0) -> None:
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warning(self, event: str, **kw: Any) -> None:
+        now = time.monotonic()
+        if now - self._last.get(event, -1e9) >= self.every_s:
+            self._last[event] = now
+            log.warning(event, suppressed=self._suppressed.pop(event, 0), **kw)
+        else:
+            self._suppressed[event] = self._suppressed.get(event, 0) + 1
+
+
+@dataclass
+class _Raw:
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    #: Connection generation the message came on: a packet id is only valid on its connection.
+    gen: int
+
+
+def _log_gap(gap: Gap) -> None:
+    log.warning(
+        "results_gap",
+        node=gap.node,
+        camera=gap.camera,
+        first=gap.first,
+        last=gap.last,
+        missing=gap.count,
+    )
+
+
+class ResultSubscriber:
+    """Subscribe to results, drop duplicates, report gaps. Use as a context manager.
+
+    ``node`` / ``camera`` narrow the subscription (MQTT wildcards otherwise). ``group`` makes it a
+    shared subscription so consumers in the same group split the messages. ``on_gap`` is called in
+    the consumer's thread, in order with the results (default: a ``results_gap`` warning).
+    ``receive_maximum`` bounds the results the broker sends before the consumer takes them.
+    ``session_expiry_s`` > 0 with a fixed ``client_id`` keeps the broker session across restarts
+    (results queued while away are delivered on return).
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 1883,
+        *,
+        topic_prefix: str = DEFAULT_TOPIC_PREFIX,
+        node: str | None = None,
+        camera: str | None = None,
+        group: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        password_file: str | Path | None = None,
+        tls: bool = False,
+        ca_file: str | Path | None = None,
+        client_id: str = "",
+        protocol: int = 5,
+        keepalive_s: int = 15,
+        receive_maximum: int = 1000,
+        session_expiry_s: int = 0,
+        max_queue: int = 100_000,
+        on_gap: Callable[[Gap], None] | None = _log_gap,
+    ) -> None:
+        if group is not None and (not group or any(c in group for c in "/+#")):
+            raise ValueError("group must be non-empty and contain no '/', '+' or '#'")
+        self.prefix = topic_prefix
+        filt = results_filter(topic_prefix, node or "+", camera or "+")
+        self.filter = f"$share/{group}/{filt}" if group else filt
+        self.group = group
+        self.stats = SubscriberStats()
+        self.on_gap = on_gap
+        self._dedup = Deduplicator(report_gaps=group is None)
+        self._host, self._port, self._keepalive = host, port, keepalive_s
+        self._v5 = protocol == 5
+        self._queue: queue.Queue[_Raw] = queue.Queue()
+        self._max_queue = max_queue
+        self._gen = 0
+        self._ready = threading.Event()
+        self._settled = threading.Event()
+        self._error: str | None = None
+        self._bad = _RateLimitedLog()
+        if password is None and password_file is not None:
+            password = Path(password_file).read_text(encoding="utf-8").strip()
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=MQTTProtocolVersion.MQTTv5 if self._v5 else MQTTProtocolVersion.MQTTv311,
+            clean_session=None if self._v5 else session_expiry_s == 0,
+            manual_ack=True,
+        )
+        self._connect_props: Properties | None = None
+        if self._v5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.ReceiveMaximum = receive_maximum
+            if session_expiry_s:
+                props.SessionExpiryInterval = session_expiry_s
+            self._connect_props = props
+        self._clean_start = session_expiry_s == 0
+        if username is not None:
+            self._client.username_pw_set(username, password)
+        if tls:
+            self._client.tls_set(ca_certs=str(ca_file) if ca_file else None)
+        self._client.reconnect_delay_set(1, 30)
+        self._client.on_connect = self._on_connect
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_message = self._on_message
+        self._client.on_disconnect = self._on_disconnect
+
+    # ------------------------------------------------------------------ network thread callbacks
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
+        if rc.is_failure:
+            self._error = f"broker refused the connection: {rc}"
+            self._settled.set()
+            return
+        self._gen += 1
+        if self._v5:
+            client.subscribe(self.filter, options=SubscribeOptions(qos=1))
+        else:
+            client.subscribe(self.filter, qos=1)
+
+    def _on_subscribe(
+        self, _c: mqtt.Client, _u: Any, _mid: int, rcs: list[ReasonCode], _p: Any
+    ) -> None:
+        if any(rc.is_failure for rc in rcs):
+            self._error = f"broker refused the subscription to {self.filter!r}: {rcs[0]}"
+        else:
+            log.info("results_subscribed", filter=self.filter)
+            self._ready.set()
+        self._settled.set()
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if self._queue.qsize() >= self._max_queue:
+            self.stats.overflow += 1
+            self._bad.warning("results_overflow", queue=self._max_queue)
+            self._client.ack(msg.mid, msg.qos)
+            return
+        self._queue.put(_Raw(msg.topic, bytes(msg.payload), msg.mid, msg.qos, self._gen))
+
+    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
+        self._ready.clear()
+        if rc.value != 0:
+            log.warning("results_disconnected", reason=str(rc))
+
+    # ------------------------------------------------------------------------------- lifecycle
+
+    def start(self, timeout: float = 10.0) -> ResultSubscriber:
+        """Connect and subscribe; raise ResultsUnavailableError if that fails within ``timeout``."""
+        try:
+            self._client.connect_async(
+                self._host,
+                self._port,
+                self._keepalive,
+                clean_start=self._clean_start if self._v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+                properties=self._connect_props,
+            )
+        except (OSError, ValueError) as exc:
+            raise ResultsUnavailableError(
+                f"cannot connect to {self._host}:{self._port}: {exc}"
+            ) from exc
+        self._client.loop_start()
+        if not self._settled.wait(timeout) or self._error is not None:
+            self.close()
+            raise ResultsUnavailableError(
+                self._error or f"no connection to {self._host}:{self._port} within {timeout:g} s"
+            )
+        return self
+
+    def close(self) -> None:
+        """Disconnect and stop the network thread (results not yet taken are not acknowledged)."""
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def __enter__(self) -> ResultSubscriber:
+        return self.start()
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def pending(self) -> int:
+        """Messages received from the broker and not yet taken by ``get()``."""
+        return self._queue.qsize()
+
+    @property
+    def connected(self) -> bool:
+        """True while connected and subscribed."""
+        return self._ready.is_set()
+
+    # --------------------------------------------------------------------------- consumption
+
+    def get(self, timeout: float | None = None) -> Received | None:
+        """The next new result, or None when none came within ``timeout`` seconds.
+
+        Duplicates and malformed payloads are acknowledged, counted and skipped here; gaps are
+        passed to ``on_gap`` before the result that revealed them.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                raw = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                return None
+            out = self._process(raw)
+            if raw.gen == self._gen:
+                self._client.ack(raw.mid, raw.qos)
+            if out is not None:
+                return out
+
+    def __iter__(self) -> Iterator[Received]:
+        """Results forever (until the subscriber is closed from another thread)."""
+        while True:
+            r = self.get(timeout=1.0)
+            if r is not None:
+                yield r
+
+    def _process(self, raw: _Raw) -> Received | None:
+        self.stats.received += 1
+        try:
+            msg = decode_result(raw.payload)
+            node, kind, camera = parse_topic(self.prefix, raw.topic)
+            if kind != "results" or (node, camera) != (msg.node, msg.camera):
+                raise ProtocolError(
+                    f"payload names {msg.node}/{msg.camera} but came on {raw.topic!r}"
+                )
+        except ProtocolError as exc:
+            self.stats.malformed += 1
+            self._bad.warning("results_malformed", topic=raw.topic, error=str(exc)[:200])
+            return None
+        verdict, gap = self._dedup.offer(msg.node, msg.camera, msg.seq, msg.ts)
+        if verdict == "duplicate":
+            self.stats.duplicates += 1
+            return None
+        if gap is not None:
+            self.stats.gaps += 1
+            self.stats.missing += gap.count
+            if self.on_gap is not None:
+                self.on_gap(gap)
+        if verdict == "late":
+            self.stats.late += 1
+        elif verdict == "reset":
+            self.stats.resets += 1
+            log.warning("results_stream_reset", node=msg.node, camera=msg.camera, seq=msg.seq)
+        self.stats.delivered += 1
+        return Received(raw.topic, raw.payload, msg, late=verdict == "late")

@@ -1,0 +1,235 @@
+"""Telemetry in: what each node says about itself, kept per node and per model version.
+
+The agents publish a retained ``state`` (online, applied generation, each model's version and
+status; the last will says offline) and periodic ``telemetry`` (per model version frames,
+errors and latency percentiles over the agent's interval). The hub keeps, per node:
+
+* the latest state, and whether the node is online (its state says so and it was heard from
+  within ``telemetry.offline_after_s``; silence makes it offline even without a last will);
+* per (model, version) the telemetry samples of the last ``telemetry.window_s``, from which
+  ``metrics()`` aggregates fps, error rate and latency p50/p95/p99 for any sub-window.
+
+Rollout gates read these aggregates; the API, the CLI and ``/metrics`` show them. Everything
+here runs on the event loop (the MQTT thread hands decoded messages over in batches), so no
+locks are needed; every timestamp is the hub's clock at receipt, so agents' clock skew does not
+matter (the agent's own ``ts`` is only used to measure ingest lag).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge_agent.contract.protocol import ModelState, StateMessage, TelemetryMessage
+from hub.config import TelemetrySettings
+from hub.rollouts.gates import Metrics
+
+Clock = Callable[[], float]
+
+#: Ingest lags kept for the p99 (the most recent ones).
+_LAG_KEEP = 20_000
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One telemetry message's figures for one model version."""
+
+    t: float
+    interval_s: float
+    frames: int
+    errors: int
+    p50: float
+    p95: float
+    p99: float
+
+
+@dataclass
+class NodeHealth:
+    """Everything known about one node."""
+
+    name: str
+    state: StateMessage | None = None
+    #: The last will (or a clean shutdown) said offline; cleared by the next online state.
+    declared_offline: bool = False
+    last_seen: float | None = None
+    last_telemetry: float | None = None
+    telemetry: TelemetryMessage | None = None
+    samples: dict[tuple[str, str], deque[Sample]] = field(default_factory=dict)
+
+
+def aggregate(samples: Iterable[Sample]) -> Metrics:
+    """Frame-weighted latency percentiles, summed counters, fps over the covered time.
+
+    Percentiles of the union of windows cannot be recovered from per-window summaries; the
+    frame-weighted mean of each window's percentile is the usual, documented approximation.
+    """
+    frames = errors = n = 0
+    covered = 0.0
+    w50 = w95 = w99 = 0.0
+    for s in samples:
+        n += 1
+        frames += s.frames
+        errors += s.errors
+        covered += s.interval_s
+        if s.frames > 0:
+            w50 += s.p50 * s.frames
+            w95 += s.p95 * s.frames
+            w99 += s.p99 * s.frames
+    fps = frames / covered if covered > 0 else 0.0
+    if frames == 0:
+        return Metrics(0, errors, fps, None, None, None, n)
+    return Metrics(frames, errors, fps, w50 / frames, w95 / frames, w99 / frames, n)
+
+
+def combine(per_node: Iterable[Metrics]) -> Metrics:
+    """A group's figures: counters summed, latencies frame-weighted, fps averaged per node."""
+    items = [m for m in per_node if m.samples > 0]
+    if not items:
+        return Metrics(0, 0, 0.0, None, None, None, 0)
+    frames = sum(m.frames for m in items)
+    errors = sum(m.errors for m in items)
+    fps = sum(m.fps for m in items) / len(items)
+    samples = sum(m.samples for m in items)
+    if frames == 0:
+        return Metrics(0, errors, fps, None, None, None, samples)
+
+    def wavg(attr: str) -> float:
+        return sum((getattr(m, attr) or 0.0) * m.frames for m in items) / frames
+
+    return Metrics(frames, errors, fps, wavg("p50_ms"), wavg("p95_ms"), wavg("p99_ms"), samples)
+
+
+class Fleet:
+    """The hub's view of every node that ever spoke, fed by ``HubMqtt``."""
+
+    def __init__(self, settings: TelemetrySettings, clock: Clock = time.time) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.nodes: dict[str, NodeHealth] = {}
+        #: Called with the node name when its state changes (the rollout controller wakes up).
+        self.on_state_change: list[Callable[[str], None]] = []
+        self.messages = 0
+        self.invalid = 0
+        self.lags: deque[float] = deque(maxlen=_LAG_KEEP)
+
+    def _node(self, name: str) -> NodeHealth:
+        h = self.nodes.get(name)
+        if h is None:
+            h = self.nodes[name] = NodeHealth(name)
+        return h
+
+    # -------------------------------------------------------------------------------- input
+    def on_state(self, node: str, msg: StateMessage) -> None:
+        """A state message (retained, or the last will) for ``node``."""
+        now = self.clock()
+        self.messages += 1
+        h = self._node(node)
+        if msg.online:
+            h.state = msg
+            h.declared_offline = False
+            h.last_seen = now
+        else:
+            # a last will carries no model list: keep what the node said before
+            h.declared_offline = True
+            if h.state is None or msg.models:
+                h.state = msg
+        for cb in list(self.on_state_change):
+            cb(node)
+
+    def on_telemetry(self, node: str, msg: TelemetryMessage) -> None:
+        """A telemetry message for ``node``: one sample per model version."""
+        now = self.clock()
+        self.messages += 1
+        if msg.ts > 0:
+            self.lags.append(max(0.0, time.time() - msg.ts))
+        h = self._node(node)
+        h.last_seen = h.last_telemetry = now
+        h.telemetry = msg
+        horizon = now - self.settings.window_s
+        for m in msg.models:
+            dq = h.samples.get((m.name, m.version))
+            if dq is None:
+                dq = h.samples[(m.name, m.version)] = deque()
+            dq.append(Sample(now, msg.interval_s, m.frames, m.errors, m.latency_ms.p50,
+                             m.latency_ms.p95, m.latency_ms.p99))
+            while dq and dq[0].t < horizon:
+                dq.popleft()
+
+    def on_invalid(self) -> None:
+        """A payload that broke the wire contract (counted; the MQTT layer logs it)."""
+        self.invalid += 1
+
+    # ------------------------------------------------------------------------------ queries
+    def online(self, node: str) -> bool:
+        """Heard from within ``offline_after_s`` and not declared offline by its last will."""
+        h = self.nodes.get(node)
+        if h is None or h.last_seen is None:
+            return False
+        if h.declared_offline:
+            return False
+        return self.clock() - h.last_seen <= self.settings.offline_after_s
+
+    def model_state(self, node: str, model: str) -> ModelState | None:
+        """What the node last said about ``model``."""
+        h = self.nodes.get(node)
+        if h is None or h.state is None:
+            return None
+        for m in h.state.models:
+            if m.name == model:
+                return m
+        return None
+
+    def generation(self, node: str) -> int:
+        """The desired generation the node says it applied (0 when unknown)."""
+        h = self.nodes.get(node)
+        return h.state.generation if h is not None and h.state is not None else 0
+
+    def metrics(self, node: str, model: str, version: str | None = None,
+                since: float | None = None, exclude_version: str | None = None) -> Metrics:
+        """Aggregate of one node's samples for ``model`` (a version, or all but one)."""
+        h = self.nodes.get(node)
+        if h is None:
+            return aggregate(())
+        horizon = self.clock() - self.settings.window_s
+        start = max(horizon, since) if since is not None else horizon
+        chosen: list[Sample] = []
+        for (name, ver), dq in h.samples.items():
+            if name != model or (version is not None and ver != version):
+                continue
+            if exclude_version is not None and ver == exclude_version:
+                continue
+            chosen.extend(s for s in dq if s.t >= start)
+        return aggregate(chosen)
+
+    def ingest_lag_p99(self) -> float | None:
+        """p99 of (receipt - agent timestamp) over recent telemetry, seconds."""
+        if not self.lags:
+            return None
+        ordered = sorted(self.lags)
+        return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+    def describe(self, node: str) -> dict[str, Any]:
+        """JSON view of a node for the API: online, state, per-version metrics."""
+        h = self.nodes.get(node)
+        out: dict[str, Any] = {"online": self.online(node), "last_seen": None,
+                               "generation": 0, "agent_version": "", "providers": [],
+                               "models": {}, "metrics": {}}
+        if h is None:
+            return out
+        out["last_seen"] = h.last_seen
+        if h.state is not None:
+            out["generation"] = h.state.generation
+            out["agent_version"] = h.state.agent_version
+            out["providers"] = list(h.state.providers)
+            out["models"] = {m.name: m.model_dump(exclude_none=True) for m in h.state.models}
+        for name, ver in sorted(h.samples):
+            m = self.metrics(node, name, ver)
+            if m.samples:
+                out["metrics"][f"{name}@{ver}"] = m.as_dict()
+        if h.telemetry is not None:
+            out["cameras"] = [c.model_dump() for c in h.telemetry.cameras]
+            out["rss_bytes"] = h.telemetry.rss_bytes
+        return out

@@ -1,0 +1,227 @@
+"""What a rollout is: its spec (validated), its plan (which nodes in which wave), its state.
+
+Kept apart from the controller (``hub/rollouts/controller.py``) and the database
+(``hub/rollouts/store.py``)
+so the API can validate a request and print a dry-run plan with no side effect at all.
+
+States::
+
+    pending -> applying(wave i) -> baking(wave i) -> applying(wave i+1) ... -> succeeded
+                                                                        \\-> waiting -> succeeded
+    any active state -> paused -> (resume) the state it was paused in
+    any active state -> rolling_back -> rolled_back        (a gate, a failed node, a deadline)
+    any active state -> aborted                             (stop; nodes keep what they have)
+
+``waiting`` means every wave passed but nodes that were offline when their wave came have not
+returned yet; they are upgraded and judged when they do, for up to ``offline_wait_s``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edge_agent.contract.protocol import is_valid_name, is_valid_version
+from hub.cluster.selectors import parse_selector
+from hub.errors import InvalidRequest
+from hub.rollouts.gates import parse_gates
+
+State = Literal["pending", "applying", "baking", "waiting", "paused", "rolling_back",
+                "succeeded", "aborted", "rolled_back"]
+ACTIVE_STATES: frozenset[str] = frozenset(
+    {"pending", "applying", "baking", "waiting", "paused", "rolling_back"}
+)
+TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "aborted", "rolled_back"})
+
+NodeStatus = Literal["planned", "skipped", "applying", "active", "failed", "rolled_back", "gone"]
+
+
+class RolloutSpec(BaseModel):
+    """A rollout request. Percentages are of the selected nodes; waves are cumulative."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    version: str
+    #: Kubernetes label selector; empty selects every camera node.
+    selector: str = ""
+    #: Canary size as a node count (0: no canary wave).
+    canary: int | None = Field(1, ge=0)
+    #: Canary size as a percentage of the selected nodes (wins over ``canary``).
+    canary_percent: float | None = Field(None, gt=0, le=100)
+    #: Cumulative percentages after the canary; the last must be 100.
+    waves: list[float] = Field(default_factory=lambda: [25.0, 50.0, 100.0])
+    #: How long each wave runs on the new version before it is judged, seconds.
+    bake_s: float = Field(300.0, ge=0)
+    gates: list[str] = Field(default_factory=list)
+    #: How long a node may take to report the new version active, seconds.
+    deadline_s: float = Field(600.0, gt=0)
+    #: After the last wave, how long to wait for skipped (offline) nodes to return, seconds.
+    offline_wait_s: float = Field(3600.0, ge=0)
+    #: Telemetry messages each judged node must send during a bake before gates can pass.
+    min_samples: int = Field(2, ge=1, le=1000)
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        if not is_valid_name(v):
+            raise ValueError("invalid model name: lowercase letters, digits and '-'")
+        return v
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        if not is_valid_version(v):
+            raise ValueError("invalid version: letters, digits, '.', '_' and '-'")
+        return v
+
+    @field_validator("selector")
+    @classmethod
+    def _selector(cls, v: str) -> str:
+        return str(parse_selector(v))
+
+    @field_validator("gates")
+    @classmethod
+    def _gates(cls, v: list[str]) -> list[str]:
+        return [str(g) for g in parse_gates(v)]
+
+    @field_validator("waves")
+    @classmethod
+    def _waves(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("at least one wave is needed (the last must be 100)")
+        if any(not 0 < p <= 100 for p in v):
+            raise ValueError("wave percentages must be in (0, 100]")
+        if any(b <= a for a, b in itertools.pairwise(v)):
+            raise ValueError("wave percentages must increase")
+        if v[-1] != 100:
+            raise ValueError("the last wave must be 100 (every selected node)")
+        return v
+
+    @model_validator(mode="after")
+    def _canary(self) -> RolloutSpec:
+        if self.canary_percent is not None:
+            self.canary = None
+        elif self.canary is None:
+            self.canary = 0
+        return self
+
+
+def parse_spec(data: Any) -> RolloutSpec:
+    """Validate a request body; raise InvalidRequest naming the field.
+
+    Selector and gate errors are not ValueErrors, so pydantic lets them through unchanged
+    with their own codes (``invalid_selector``, ``invalid_gate``).
+    """
+    if not isinstance(data, dict):
+        raise InvalidRequest("a rollout must be a JSON object")
+    try:
+        return RolloutSpec.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(body)"
+        msg = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
+        raise InvalidRequest(f"{where}: {msg}") from exc
+
+
+def plan_waves(spec: RolloutSpec, nodes: list[str]) -> list[list[str]]:
+    """Split ``nodes`` (in rollout order) into the canary and the cumulative waves.
+
+    Empty waves are dropped (25 % of four nodes is the canary already).
+    """
+    total = len(nodes)
+    if spec.canary_percent is not None:
+        canary = max(1, math.ceil(total * spec.canary_percent / 100))
+    else:
+        canary = spec.canary or 0
+    canary = min(canary, total)
+    waves: list[list[str]] = []
+    if canary:
+        waves.append(nodes[:canary])
+    done = canary
+    for pct in spec.waves:
+        upto = max(done, min(total, math.ceil(total * pct / 100 - 1e-9)))
+        if upto > done:
+            waves.append(nodes[done:upto])
+            done = upto
+    return waves
+
+
+@dataclass
+class NodeEntry:
+    """One target node's part in a rollout (persisted in ``rollout_nodes``)."""
+
+    node: str
+    wave: int
+    status: NodeStatus = "planned"
+    #: The version the node had before (None: the model was not assigned). Recorded once,
+    #: before the first label patch, and never overwritten (a restart must not lose it).
+    prev_version: str | None = None
+    prev_recorded: bool = False
+    #: The first desired generation that carried the new version to this node.
+    generation: int = 0
+    applied_at: float | None = None
+    active_at: float | None = None
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Rollout:
+    """A rollout with its live state (persisted in ``rollouts``)."""
+
+    id: int
+    spec: RolloutSpec
+    state: State = "pending"
+    wave: int = 0
+    waves: int = 0
+    paused_from: str | None = None
+    phase_started_at: float = 0.0
+    baseline: dict[str, float | None] = field(default_factory=dict)
+    cause: dict[str, Any] | None = None
+    message: str = ""
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    finished_at: float | None = None
+    created_by: str = ""
+    nodes: dict[str, NodeEntry] = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+    def wave_nodes(self, i: int) -> list[NodeEntry]:
+        return [e for e in self.nodes.values() if e.wave == i]
+
+    def summary(self) -> dict[str, Any]:
+        """The rollout without per-node detail (lists)."""
+        counts: dict[str, int] = {}
+        for e in self.nodes.values():
+            counts[e.status] = counts.get(e.status, 0) + 1
+        return {
+            "id": self.id, "model": self.spec.model, "version": self.spec.version,
+            "selector": self.spec.selector, "state": self.state, "wave": self.wave,
+            "waves": self.waves, "paused_from": self.paused_from,
+            "phase_started_at": self.phase_started_at, "cause": self.cause,
+            "message": self.message, "created_at": self.created_at,
+            "updated_at": self.updated_at, "finished_at": self.finished_at,
+            "created_by": self.created_by, "nodes_total": len(self.nodes),
+            "node_counts": counts,
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        """Everything, for ``GET /v1/rollouts/{id}``."""
+        out = self.summary()
+        out["spec"] = self.spec.model_dump()
+        out["baseline"] = self.baseline
+        out["plan"] = [[e.node for e in sorted(self.wave_nodes(i), key=lambda e: e.node)]
+                       for i in range(self.waves)]
+        out["nodes"] = [e.as_dict() for e in sorted(self.nodes.values(),
+                                                    key=lambda e: (e.wave, e.node))]
+        return out

@@ -1,0 +1,4 @@
+"""The hub's MQTT link.
+
+- ``mqtt``: desired state out (retained), agents' state and telemetry in.
+"""

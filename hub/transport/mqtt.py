@@ -1,0 +1,248 @@
+"""The hub's MQTT link: desired state out (retained, QoS 1), agents' state and telemetry in.
+
+One paho-mqtt 2.x client with its own network thread. Inbound messages are decoded in that
+thread (so the event loop does not pay for JSON parsing and validation) and handed to the loop in
+batches; payloads that break the wire contract are counted and logged at most every
+``_INVALID_LOG_EVERY_S``. Outbound ``desired`` messages are published from the loop; paho keeps
+QoS 1 messages across reconnects, and each broker acknowledgement is reported back on the loop
+(``on_ack(token)``) so the dispatcher can record what the broker holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from paho.mqtt import client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.reasoncodes import ReasonCode
+
+from edge_agent.contract import protocol
+from edge_agent.contract.protocol import ProtocolError, StateMessage, TelemetryMessage
+from hub.config import MqttSettings
+
+log = structlog.get_logger(__name__)
+
+#: QoS 1 messages paho keeps in flight at once. A wave to thousands of nodes goes out in one
+#: burst; paho's default of 20 would make it a round trip per 20 messages.
+MAX_INFLIGHT = 1000
+#: Inbound messages handled per event-loop turn before yielding to other tasks.
+_DRAIN_BATCH = 2000
+_INVALID_LOG_EVERY_S = 10.0
+
+StateHandler = Callable[[str, StateMessage], None]
+TelemetryHandler = Callable[[str, TelemetryMessage], None]
+
+
+class HubMqtt:
+    """Use as ``async with HubMqtt(settings, on_state=..., on_telemetry=...) as link:``."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        *,
+        on_state: StateHandler,
+        on_telemetry: TelemetryHandler,
+        on_invalid: Callable[[], None] | None = None,
+        on_ack: Callable[[Any], None] | None = None,
+        client_id: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.prefix = settings.topic_prefix
+        self._on_state = on_state
+        self._on_telemetry = on_telemetry
+        self._on_invalid = on_invalid
+        self.on_ack = on_ack
+        self.client_id = client_id or f"edge-hub-{os.getpid()}-{int(time.time() * 1000) % 100000}"
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5
+        )
+        self._client.max_inflight_messages_set(MAX_INFLIGHT)
+        self._client.max_queued_messages_set(0)
+        self._client.reconnect_delay_set(1, 30)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._client.on_publish = self._on_publish
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._inbox: deque[tuple[str, str, Any]] = deque()
+        self._acks: deque[int] = deque()
+        self._scheduled = False
+        self._lock = threading.Lock()
+        self._pending: dict[int, Any] = {}
+        self._connected = threading.Event()
+        self.invalid = 0
+        self._invalid_logged = 0.0
+        self.published = 0
+
+    # ---------------------------------------------------------------------------- lifecycle
+    @property
+    def connected(self) -> bool:
+        """Whether the broker connection is up right now."""
+        return self._connected.is_set()
+
+    async def start(self, wait_s: float = 0.0) -> None:
+        """Connect in the background; optionally wait up to ``wait_s`` for the first CONNACK."""
+        self._loop = asyncio.get_running_loop()
+        s = self.settings
+        if s.username:
+            password = None
+            if s.password_file is not None:
+                password = (await asyncio.to_thread(s.password_file.read_text)).strip()
+            self._client.username_pw_set(s.username, password)
+        if s.tls:
+            ca = str(s.ca_file) if s.ca_file else None
+            await asyncio.to_thread(self._client.tls_set, ca_certs=ca)
+        self._client.connect_async(s.host, s.port, keepalive=s.keepalive_s, clean_start=True)
+        # loop_start opens paho's wake-up socket pair with blocking calls: not on the loop
+        await asyncio.to_thread(self._client.loop_start)
+        if wait_s > 0:
+            await self.wait_connected(wait_s)
+        log.info("mqtt_starting", host=s.host, port=s.port, connected=self.connected)
+
+    async def aclose(self) -> None:
+        """Disconnect cleanly and stop the network thread."""
+        await asyncio.to_thread(self._stop_sync)
+        self._connected.clear()
+
+    def _stop_sync(self) -> None:
+        with contextlib.suppress(Exception):
+            self._client.disconnect()
+        self._client.loop_stop()
+        # paho closes its wake-up socket pair only when the client is garbage collected;
+        # close it now so no descriptor outlives the link
+        with contextlib.suppress(Exception):
+            self._client._reset_sockets()
+
+    async def __aenter__(self) -> HubMqtt:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def wait_connected(self, timeout: float) -> bool:
+        """Wait until connected (True) or ``timeout`` seconds pass (False).
+
+        Polls instead of blocking a thread, so a cancelled wait leaves nothing behind.
+        """
+        deadline = time.monotonic() + timeout
+        while not self.connected:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    # ---------------------------------------------------------------------- paho callbacks
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any,
+                    reason: ReasonCode, properties: Any) -> None:
+        if reason.is_failure:
+            log.warning("mqtt_connect_refused", reason=str(reason))
+            return
+        client.subscribe([(protocol.state_filter(self.prefix), 1),
+                          (protocol.telemetry_filter(self.prefix), 1)])
+        self._connected.set()
+        log.info("mqtt_connected", host=self.settings.host, port=self.settings.port)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
+                       reason: ReasonCode, properties: Any) -> None:
+        self._connected.clear()
+        log.warning("mqtt_disconnected", reason=str(reason))
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            node, kind, _ = protocol.parse_topic(self.prefix, msg.topic)
+            obj: StateMessage | TelemetryMessage
+            if kind == "state":
+                obj = protocol.decode_state(bytes(msg.payload))
+            elif kind == "telemetry":
+                obj = protocol.decode_telemetry(bytes(msg.payload))
+            else:
+                return
+            if obj.node != node:
+                raise ProtocolError(f"payload node {obj.node!r} differs from topic {node!r}")
+        except ProtocolError as exc:
+            self._invalid(msg.topic, exc)
+            return
+        self._inbox.append((kind, node, obj))
+        self._kick()
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int,
+                    reason: ReasonCode, properties: Any) -> None:
+        self._acks.append(mid)
+        self._kick()
+
+    def _invalid(self, topic: str, exc: Exception) -> None:
+        with self._lock:
+            self.invalid += 1
+            now = time.monotonic()
+            due = now - self._invalid_logged >= _INVALID_LOG_EVERY_S
+            if due:
+                self._invalid_logged = now
+        if self._loop is not None and self._on_invalid is not None:
+            self._call_soon(self._on_invalid)
+        if due:
+            log.warning("mqtt_invalid_payload", topic=topic, error=str(exc)[:200],
+                        invalid_total=self.invalid)
+
+    def _call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(fn, *args)
+
+    def _kick(self) -> None:
+        with self._lock:
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self._call_soon(self._drain)
+
+    # ----------------------------------------------------------------------- loop side
+    def _drain(self) -> None:
+        with self._lock:
+            self._scheduled = False
+        while self._acks:
+            mid = self._acks.popleft()
+            token = self._pending.pop(mid, None)
+            if token is not None and self.on_ack is not None:
+                try:
+                    self.on_ack(token)
+                except Exception:
+                    log.exception("mqtt_ack_handler_failed")
+        for _ in range(_DRAIN_BATCH):
+            if not self._inbox:
+                return
+            kind, node, obj = self._inbox.popleft()
+            try:
+                if kind == "state":
+                    self._on_state(node, obj)
+                else:
+                    self._on_telemetry(node, obj)
+            except Exception:
+                log.exception("mqtt_handler_failed", node=node, kind=kind)
+        if self._inbox:
+            self._kick()  # more to do: let other tasks run first
+
+    def publish_desired(self, node: str, payload: bytes, token: Any = None) -> None:
+        """Publish a retained QoS 1 desired message; ``on_ack(token)`` when the broker has it.
+
+        Call on the event loop. Never raises for a broken connection: paho keeps the message
+        and sends it after reconnecting.
+        """
+        info = self._client.publish(protocol.desired_topic(self.prefix, node), payload,
+                                    qos=1, retain=True)
+        self.published += 1
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            log.error("mqtt_publish_failed", node=node, rc=int(info.rc))
+            return
+        if token is not None:
+            self._pending[info.mid] = token

@@ -1,0 +1,430 @@
+"""The agent's MQTT link against a real Mosquitto: state and will, subscriptions, bad input,
+MQTT 3.1.1, TLS with a password file, reconnects, telemetry and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import orjson
+import paho.mqtt.client as paho
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from paho.mqtt.enums import CallbackAPIVersion
+from prometheus_client import CollectorRegistry, generate_latest
+
+from edge_agent.config import MqttSettings, OutboxSettings
+from edge_agent.contract.protocol import (
+    CameraTelemetry,
+    DesiredMessage,
+    ModelTelemetry,
+    OutboxTelemetry,
+    ProtocolError,
+    StateMessage,
+    decode_desired,
+    decode_state,
+    decode_telemetry,
+    desired_topic,
+    state_topic,
+    telemetry_topic,
+)
+from edge_agent.errors import AgentError
+from edge_agent.outbox.facade import Outbox
+from edge_agent.transport.drain import Drain
+from edge_agent.transport.link import MqttLink, backoff_delay
+from edge_agent.transport.metrics import register
+from edge_agent.transport.telemetry import TelemetryPublisher
+from tests.support.broker import Broker, free_port
+from tests.support.mqtt_recorder import Recorder, wait_until
+from tests.support.outbox_driver import result
+from tests.support.outbox_faults import ROOT
+
+
+def settings(port: int, prefix: str, **kw: Any) -> MqttSettings:
+    kw.setdefault("reconnect_min_s", 0.05)
+    kw.setdefault("reconnect_max_s", 0.2)
+    return MqttSettings(port=port, topic_prefix=prefix, keepalive_s=5, **kw)
+
+
+def publish_raw(port: int, topic: str, payloads: list[bytes], retain: bool = False) -> None:
+    """Publish with a plain paho client (QoS 1) and wait for every PUBACK."""
+    c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    try:
+        infos = [c.publish(topic, p, qos=1, retain=retain) for p in payloads]
+        for info in infos:
+            info.wait_for_publish(10)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def desired(node: str, generation: int) -> bytes:
+    return orjson.dumps({"v": 1, "node": node, "generation": generation, "models": {
+        "det": {"version": "1.2.0", "sha256": "a" * 64, "url": "http://hub/a",
+                "manifest_url": "http://hub/m"}}})
+
+
+# ------------------------------------------------------------------------------ backoff
+
+
+def test_backoff_delay_grows_with_full_jitter_between_bounds() -> None:
+    assert backoff_delay(0, 0.5, 30.0, rand=lambda: 0.0) == 0.5
+    assert backoff_delay(0, 0.5, 30.0, rand=lambda: 1.0) == 1.0
+    assert backoff_delay(3, 0.5, 30.0, rand=lambda: 1.0) == 8.0
+    assert backoff_delay(3, 0.5, 30.0, rand=lambda: 0.5) == pytest.approx(4.25)
+    assert backoff_delay(50, 0.5, 30.0, rand=lambda: 1.0) == 30.0
+    assert backoff_delay(10_000, 0.5, 30.0, rand=lambda: 1.0) == 30.0
+    assert backoff_delay(5, 2.0, 1.0) == 2.0  # never below the minimum
+
+
+async def test_retries_until_a_broker_appears(tmp_path: Path, topic_prefix: str) -> None:
+    port = free_port()
+    link = MqttLink(settings(port, topic_prefix), "node-r")
+    await link.start()
+    broker = Broker(tmp_path, port=port)
+    try:
+        await asyncio.to_thread(wait_until, lambda: link.stats.connect_failures >= 3, 10,
+                                "repeated attempts")
+        assert not link.connected
+        await asyncio.to_thread(broker.start)
+        assert await link.wait_connected(10)
+        assert link.stats.connects == 1
+    finally:
+        await link.aclose()
+        broker.stop()
+
+
+# ------------------------------------------------------------------------ state and will
+
+
+async def test_state_is_retained_and_clean_close_says_offline(
+    broker: Broker, topic_prefix: str
+) -> None:
+    node = "node-s"
+    link = MqttLink(settings(broker.port, topic_prefix), node, agent_version="1.0")
+    await link.start()
+    assert await link.wait_connected(10)
+    link.publish_state(StateMessage(node=node, online=True, generation=7, agent_version="1.0"))
+    rec = Recorder(broker.port, [state_topic(topic_prefix, node)]).start()
+    try:
+        rec.wait(lambda: rec.count() >= 1, 10, "retained state")
+        _topic, payload, retained = rec.messages[0]
+        st = decode_state(payload)
+        assert st.online and st.generation == 7 and retained
+        await link.aclose()
+        rec.wait(lambda: rec.count() >= 2, 10, "offline state")
+        off = decode_state(rec.messages[-1][1])
+        assert not off.online and off.generation == 7
+    finally:
+        rec.stop()
+    late = Recorder(broker.port, [state_topic(topic_prefix, node)]).start()
+    try:
+        late.wait(lambda: late.count() >= 1, 10, "retained offline state")
+        assert not decode_state(late.messages[0][1]).online
+    finally:
+        late.stop()
+
+
+def test_last_will_says_offline_when_the_agent_is_killed(
+    broker: Broker, topic_prefix: str, tmp_path: Path
+) -> None:
+    node = "node-w"
+    rec = Recorder(broker.port, [state_topic(topic_prefix, node)]).start()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.outbox_driver", "--db", str(tmp_path / "o.sqlite3"),
+         "--port", str(broker.port), "--prefix", topic_prefix, "--node", node,
+         "--max-batches", "1"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        rec.wait(lambda: any(decode_state(p).online for _, p, _ in rec.messages), 20,
+                 "online state")
+        proc.kill()
+        proc.wait(10)
+        rec.wait(lambda: not decode_state(rec.messages[-1][1]).online, 20, "the last will")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+        rec.stop()
+
+
+# ---------------------------------------------------------------------------- subscribing
+
+
+async def test_subscription_runs_on_the_loop_and_survives_a_broker_restart(
+    own_broker: Broker, topic_prefix: str
+) -> None:
+    node = "node-d"
+    got: list[tuple[str, DesiredMessage, int]] = []
+    loop_thread = threading.get_ident()
+    link = MqttLink(settings(own_broker.port, topic_prefix), node)
+    link.subscribe(desired_topic(topic_prefix, node),
+                   lambda t, m: got.append((t, m, threading.get_ident())),
+                   decode=decode_desired)
+    await link.start()
+    try:
+        assert await link.wait_connected(10)
+        await asyncio.to_thread(publish_raw, own_broker.port, desired_topic(topic_prefix, node),
+                                [desired(node, 1)], True)
+        await asyncio.to_thread(wait_until, lambda: len(got) == 1, 10, "desired 1")
+        topic, msg, thread = got[0]
+        assert topic == desired_topic(topic_prefix, node)
+        assert msg.generation == 1 and msg.models["det"].version == "1.2.0"
+        assert thread == loop_thread
+        own_broker.kill()
+        await asyncio.to_thread(own_broker.start)
+        assert await link.wait_connected(10) or await link.wait_connected(10)
+        await asyncio.to_thread(wait_until, lambda: link.stats.connects == 2, 10, "reconnect")
+        await asyncio.to_thread(publish_raw, own_broker.port, desired_topic(topic_prefix, node),
+                                [desired(node, 2)], True)
+        await asyncio.to_thread(wait_until, lambda: any(m.generation == 2 for _, m, _ in got),
+                                10, "desired 2 after the restart")
+    finally:
+        await link.aclose()
+
+
+async def test_malformed_and_oversize_messages_change_nothing(
+    broker: Broker, topic_prefix: str
+) -> None:
+    node = "node-m"
+    applied: list[int] = []
+
+    async def apply(_topic: str, msg: DesiredMessage) -> None:
+        if msg.node != node:
+            raise ProtocolError("desired state for another node")
+        applied.append(msg.generation)
+
+    link = MqttLink(settings(broker.port, topic_prefix), node)
+    link.subscribe(desired_topic(topic_prefix, node), apply, decode=decode_desired)
+    await link.start()
+    try:
+        assert await link.wait_connected(10)
+        bad = [
+            b"\xff\xfe not json",
+            b"[1, 2, 3]",
+            orjson.dumps({"v": 2, "node": node, "generation": 3, "models": {}}),
+            orjson.dumps({"v": 1, "node": node, "generation": "x", "models": {}}),
+            orjson.dumps({"v": 1, "node": node, "generation": 4, "models": {
+                "Bad Name": {"version": "1", "sha256": "a" * 64, "url": "u",
+                             "manifest_url": "m"}}}),
+            desired(node, 5).replace(b"a" * 64, b"z" * 64),  # sha256 not hex
+            desired("other-node", 6),  # decodes, refused by the handler
+            b"{" + b" " * (300 * 1024) + b"}",  # over MAX_PAYLOAD_BYTES
+        ]
+        await asyncio.to_thread(publish_raw, broker.port, desired_topic(topic_prefix, node), bad)
+        await asyncio.to_thread(publish_raw, broker.port, desired_topic(topic_prefix, node),
+                                [desired(node, 9)])
+        await asyncio.to_thread(wait_until, lambda: applied == [9], 10, "the valid message")
+        assert link.stats.received == len(bad) + 1
+        assert link.stats.rejected == {"malformed": 7, "oversize": 1}
+        assert link.connected and link.stats.connects == 1
+    finally:
+        await link.aclose()
+
+
+# ------------------------------------------------------------------------ results flowing
+
+
+async def test_results_flow_in_order_over_mqtt_311(
+    broker: Broker, topic_prefix: str, tmp_path: Path
+) -> None:
+    node = "node-3"
+    rec = Recorder(broker.port, [f"{topic_prefix}/+/results/+"]).start()
+    outbox = await Outbox(OutboxSettings(path=tmp_path / "o.sqlite3", commit_interval_ms=10),
+                          topic_prefix=topic_prefix).aopen()
+    link = MqttLink(settings(broker.port, topic_prefix, protocol=3), node)
+    await link.start()
+    drain = Drain(outbox, link)
+    drain.start()
+    try:
+        sent: dict[str, list[int]] = {"cam0": [], "cam1": [], "cam2": []}
+        for i in range(2000):
+            cam = f"cam{i % 3}"
+            sent[cam].append(outbox.publish(result(node, cam, str(i))))
+        await asyncio.to_thread(rec.wait, lambda: rec.distinct() >= 2000, 30, "all results")
+        got: dict[str, list[int]] = {"cam0": [], "cam1": [], "cam2": []}
+        for topic, payload, _ in rec.messages:
+            obj = orjson.loads(payload)
+            assert topic == f"{topic_prefix}/{node}/results/{obj['camera']}"
+            got[obj["camera"]].append(obj["seq"])
+        assert got == sent
+        assert await asyncio.to_thread(drain.wait_acked, 2000, 10)
+        assert await outbox.aflush()
+        assert outbox.depth == 0 and outbox.stats.delivered == 2000
+        reg = CollectorRegistry()
+        register(reg, outbox, link, drain)
+        text = generate_latest(reg).decode()
+        assert "edge_agent_mqtt_connected 1.0" in text
+        assert "edge_agent_outbox_delivered_total 2000.0" in text
+        assert "edge_agent_outbox_inflight 0.0" in text
+    finally:
+        await drain.aclose()
+        await link.aclose()
+        await outbox.aclose()
+        rec.stop()
+
+
+# ---------------------------------------------------------------------- TLS and password
+
+
+def _tls_material(d: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 (generated, valid for a day)."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test ca")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(1)
+          .not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(2)
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = (d / "ca.pem", d / "server.pem", d / "server.key")
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths
+
+
+@pytest.fixture
+def tls_broker(tmp_path: Path) -> Any:
+    """Mosquitto with a TLS listener that requires a username and password."""
+    ca, cert, key = _tls_material(tmp_path)
+    pwfile = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(pwfile), "agent", "s3cret"],
+                   check=True, capture_output=True)
+    b = Broker(tmp_path, persistence=False)
+    b.conf.write_text("\n".join([
+        # as root, mosquitto would switch to user "mosquitto", who cannot read pytest's
+        # private temporary folders (ignored when not run as root)
+        "user root",
+        f"listener {b.port} 127.0.0.1",
+        f"cafile {ca}", f"certfile {cert}", f"keyfile {key}",
+        "allow_anonymous false", f"password_file {pwfile}",
+        f"log_dest file {b.log}", "log_type error", "log_type warning",
+    ]) + "\n")
+    b.start()
+    yield b, ca
+    b.stop()
+
+
+@pytest.mark.parametrize(("password", "ok"), [("s3cret\n", True), ("wrong\n", False)])
+async def test_tls_with_password_from_file(
+    tls_broker: Any, tmp_path: Path, topic_prefix: str, password: str, ok: bool
+) -> None:
+    b, ca = tls_broker
+    pw = tmp_path / "agent-password"
+    pw.write_text(password)
+    link = MqttLink(settings(b.port, topic_prefix, tls=True, ca_file=ca, username="agent",
+                             password_file=pw), "node-t")
+    await link.start()
+    try:
+        if ok:
+            assert await link.wait_connected(10)
+            assert link.publish(telemetry_topic(topic_prefix, "node-t"), b"{}")
+        else:
+            await asyncio.to_thread(wait_until, lambda: link.stats.connect_failures >= 2, 10,
+                                    "refused attempts")
+            assert not link.connected and link.stats.connects == 0
+    finally:
+        await link.aclose()
+
+
+async def test_unreadable_password_file_is_a_clear_error(tmp_path: Path) -> None:
+    link = MqttLink(settings(free_port(), "p", username="u",
+                             password_file=tmp_path / "missing"), "node-x")
+    with pytest.raises(AgentError, match="password_file"):
+        await link.start()
+
+
+# ------------------------------------------------------------------------------ telemetry
+
+
+async def test_telemetry_from_providers(broker: Broker, topic_prefix: str) -> None:
+    node = "node-tm"
+    link = MqttLink(settings(broker.port, topic_prefix), node)
+
+    def broken() -> list[CameraTelemetry]:
+        raise RuntimeError("camera registry gone")
+
+    tel = TelemetryPublisher(
+        link, node, 10.0, agent_version="1.0",
+        models=lambda: [ModelTelemetry(name="det", version="2", frames=10, errors=1)],
+        cameras=broken,
+        outbox=lambda: OutboxTelemetry(depth=5, bytes=100, dropped={"max_bytes": 2}),
+    )
+    assert not tel.publish_once() and tel.skipped == 1  # not connected: skipped, not queued
+    await link.start()
+    rec = Recorder(broker.port, [telemetry_topic(topic_prefix, node)]).start()
+    try:
+        assert await link.wait_connected(10)
+        assert tel.publish_once()
+        rec.wait(lambda: rec.count() >= 1, 10, "telemetry")
+        msg = decode_telemetry(rec.messages[0][1])
+        assert msg.node == node and msg.interval_s == 10.0 and msg.agent_version == "1.0"
+        assert msg.models[0].name == "det" and msg.models[0].errors == 1
+        assert msg.cameras == []  # the failing provider costs only its part
+        assert msg.outbox.depth == 5 and msg.outbox.dropped == {"max_bytes": 2}
+        assert msg.rss_bytes > 10 * 1024 * 1024
+    finally:
+        await link.aclose()
+        rec.stop()
+
+
+async def test_results_the_broker_refuses_are_dropped_and_counted(
+    tmp_path: Path, topic_prefix: str
+) -> None:
+    """An ACL that forbids one camera's topic: PUBACK 0x87, rows dropped and counted."""
+    acl = tmp_path / "acl"
+    acl.write_text(f"topic readwrite {topic_prefix}/+/results/cam0\ntopic read #\n")
+    b = Broker(tmp_path, persistence=False)
+    b.conf.write_text(b.conf.read_text() + f"acl_file {acl}\n")
+    b.start()
+    node = "node-acl"
+    rec = Recorder(b.port, [f"{topic_prefix}/+/results/+"]).start()
+    outbox = await Outbox(OutboxSettings(path=tmp_path / "o.sqlite3", commit_interval_ms=10),
+                          topic_prefix=topic_prefix).aopen()
+    link = MqttLink(settings(b.port, topic_prefix), node)
+    await link.start()
+    drain = Drain(outbox, link)
+    drain.start()
+    try:
+        for i in range(100):
+            outbox.publish(result(node, "cam0" if i % 2 else "cam1", str(i)))
+        await asyncio.to_thread(wait_until, lambda: drain.acked + drain.refused == 100, 20,
+                                "every result answered")
+        rec.wait(lambda: rec.count() >= 50, 10, "the allowed camera")
+        assert {orjson.loads(p)["camera"] for _, p, _ in rec.messages} == {"cam0"}
+        assert await outbox.aflush()
+        assert outbox.depth == 0
+        assert outbox.dropped() == {"broker_rejected": 50}
+        assert drain.deferred == 0
+    finally:
+        await drain.aclose()
+        await link.aclose()
+        await outbox.aclose()
+        rec.stop()
+        b.stop()

@@ -1,0 +1,81 @@
+"""A tiny real HTTP file server for model-sync tests, with faults on demand.
+
+It serves ``/files/{name}`` from a dict of bytes, honours ``Range`` (206 + Content-Range), records
+every request's headers, and can fail the next N requests with 503 or cut a response after some
+bytes (the connection is aborted mid-body, as a dropped uplink would do).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from tests.support.broker import free_port
+
+
+@dataclass
+class FileServer:
+    files: dict[str, bytes] = field(default_factory=dict)
+    fail_next: int = 0
+    cut_after: int | None = None
+    cut_times: int = 0
+    token: str | None = None
+    requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    port: int = 0
+    _runner: web.AppRunner | None = None
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/files/{name}"
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        self.requests.append((name, dict(request.headers)))
+        auth = request.headers.get("Authorization")
+        if self.token is not None and auth != f"Bearer {self.token}":
+            return web.json_response({"error": {"code": "unauthorized", "message": "no"}},
+                                     status=401)
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            return web.json_response({"error": {"code": "busy", "message": "try later"}},
+                                     status=503)
+        body = self.files.get(name)
+        if body is None:
+            return web.json_response({"error": {"code": "not_found", "message": name}},
+                                     status=404)
+        start, status = 0, 200
+        rng = request.headers.get("Range")
+        resp_headers = {"ETag": '"x"', "Accept-Ranges": "bytes"}
+        if rng and rng.startswith("bytes="):
+            start = int(rng[6:].split("-", 1)[0])
+            if start >= len(body):
+                return web.Response(status=416)
+            status = 206
+            resp_headers["Content-Range"] = f"bytes {start}-{len(body) - 1}/{len(body)}"
+        payload = body[start:]
+        resp = web.StreamResponse(status=status, headers=resp_headers)
+        resp.content_length = len(payload)
+        await resp.prepare(request)
+        if self.cut_times > 0 and self.cut_after is not None and len(payload) > self.cut_after:
+            self.cut_times -= 1
+            await resp.write(payload[: self.cut_after])
+            await resp.drain()
+            assert request.transport is not None
+            request.transport.abort()
+            return resp
+        await resp.write(payload)
+        await resp.write_eof()
+        return resp
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/files/{name}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        self.port = free_port()
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        await site.start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()

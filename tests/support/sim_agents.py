@@ -1,0 +1,252 @@
+"""Lightweight simulated agents that speak the wire contract over a real broker.
+
+A ``SimAgent`` is one node: its own paho connection with the agent's last will (retained
+``online: false`` state), a subscription to its ``desired`` topic, a retained ``state`` that
+follows what it was told (loading, then active, or failed for versions it is told to fail, or
+stuck loading for versions that never come up), and ``telemetry`` every ``interval_s`` with the
+latency, error rate and fps configured per version. Everything it received is kept in
+``desired_log`` so tests can check that no node was sent two versions.
+
+``measure_latency_ms`` times real ONNX Runtime sessions, so "a version 3× slower" can be a real
+generated model rather than a number typed into a test.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from paho.mqtt import client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_agent.contract import protocol
+from edge_agent.contract.protocol import (
+    CameraTelemetry,
+    LatencySummary,
+    ModelState,
+    ModelTelemetry,
+    StateMessage,
+    TelemetryMessage,
+)
+
+
+def measure_latency_ms(*model_paths: Path, runs: int = 7) -> list[float]:
+    """Median latency of one ONNX Runtime inference of each model, on this machine.
+
+    The models' runs are interleaved, so a busy neighbour slows them all alike.
+    """
+    sessions = []
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    for path in model_paths:
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        inp = sess.get_inputs()[0]
+        shape = [d if isinstance(d, int) else 1 for d in inp.shape]
+        x = np.random.default_rng(0).random(shape, dtype=np.float32)
+        sess.run(None, {inp.name: x})
+        sessions.append((sess, {inp.name: x}))
+    times: list[list[float]] = [[] for _ in sessions]
+    for _ in range(runs):
+        for i, (sess, feed) in enumerate(sessions):
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            times[i].append((time.perf_counter() - t0) * 1000)
+    return [sorted(t)[len(t) // 2] for t in times]
+
+
+@dataclass
+class Behaviour:
+    """How a node behaves per model version."""
+
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    default_latency_ms: float = 20.0
+    error_rate: dict[str, float] = field(default_factory=dict)
+    fps: float = 10.0
+    fail: set[str] = field(default_factory=set)
+    stuck: set[str] = field(default_factory=set)
+    load_s: float = 0.02
+
+
+class SimAgent:
+    """One simulated node on the broker at ``port`` under topic ``prefix``."""
+
+    def __init__(self, port: int, prefix: str, node: str, *,
+                 models: dict[str, str] | None = None, behaviour: Behaviour | None = None,
+                 interval_s: float = 0.05) -> None:
+        self.port = port
+        self.prefix = prefix
+        self.node = node
+        self.behaviour = behaviour or Behaviour()
+        self.interval_s = interval_s
+        self.lock = threading.Lock()
+        self.models: dict[str, ModelState] = {
+            m: ModelState(name=m, version=v, status="active") for m, v in (models or {}).items()
+        }
+        self.generation = 0
+        self.desired_log: list[tuple[int, dict[str, str]]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._client: mqtt.Client | None = None
+        self._connected = threading.Event()
+
+    # ---------------------------------------------------------------------------- lifecycle
+    def start(self) -> SimAgent:
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sim-{self.prefix}-{self.node}",
+                        protocol=mqtt.MQTTv311)
+        will = protocol.encode(StateMessage(node=self.node, online=False, ts=time.time()))
+        c.will_set(protocol.state_topic(self.prefix, self.node), will, qos=1, retain=True)
+        c.on_connect = self._on_connect
+        c.on_message = self._on_message
+        self._client = c  # before connecting: on_connect publishes the state through it
+        c.connect("127.0.0.1", self.port, keepalive=5)
+        c.loop_start()
+        if not self._connected.wait(10):
+            raise RuntimeError(f"sim agent {self.node} could not connect")
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._telemetry_loop, daemon=True,
+                                        name=f"sim-{self.node}")
+        self._thread.start()
+        return self
+
+    def kill(self) -> None:
+        """Vanish without a DISCONNECT: the broker publishes the last will."""
+        self._stop.set()
+        c = self._client
+        if c is not None:
+            sock = c.socket()
+            c.loop_stop()
+            if sock is not None:
+                sock.close()
+            c._reset_sockets()
+            self._client = None
+        if self._thread is not None:
+            self._thread.join(5)
+        self._connected.clear()
+
+    def stop(self) -> None:
+        """Disconnect cleanly (tests' teardown)."""
+        self._stop.set()
+        c = self._client
+        if c is not None:
+            c.disconnect()
+            c.loop_stop()
+            c._reset_sockets()
+            self._client = None
+        if self._thread is not None:
+            self._thread.join(5)
+
+    # -------------------------------------------------------------------------------- wire
+    def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, reason: object,
+                    properties: object) -> None:
+        client.subscribe(protocol.desired_topic(self.prefix, self.node), qos=1)
+        self._publish_state()
+        self._connected.set()
+
+    def _publish_state(self) -> None:
+        c = self._client
+        if c is None:
+            return
+        with self.lock:
+            msg = StateMessage(node=self.node, online=True, ts=time.time(),
+                               generation=self.generation, agent_version="sim",
+                               providers=["CPUExecutionProvider"],
+                               models=[m.model_copy() for m in self.models.values()])
+        c.publish(protocol.state_topic(self.prefix, self.node), protocol.encode(msg), qos=1,
+                  retain=True)
+
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        desired = protocol.decode_desired(msg.payload)
+        with self.lock:
+            self.desired_log.append((desired.generation,
+                                     {m: d.version for m, d in desired.models.items()}))
+            if desired.generation <= self.generation:
+                return
+            self.generation = desired.generation
+            loads: list[tuple[str, str]] = []
+            for name in list(self.models):
+                if name not in desired.models:
+                    del self.models[name]
+            for name, d in desired.models.items():
+                cur = self.models.get(name)
+                if cur is not None and cur.version == d.version and cur.status == "active":
+                    continue
+                self.models[name] = ModelState(
+                    name=name, version=cur.version if cur else None, status="loading",
+                    target_version=d.version)
+                loads.append((name, d.version))
+        self._publish_state()
+        for name, version in loads:
+            timer = threading.Timer(self.behaviour.load_s, self._loaded, (name, version))
+            timer.daemon = True
+            timer.start()
+
+    def _loaded(self, name: str, version: str) -> None:
+        b = self.behaviour
+        with self.lock:
+            cur = self.models.get(name)
+            if cur is None or cur.target_version != version or version in b.stuck:
+                return
+            if version in b.fail:
+                self.models[name] = ModelState(name=name, version=cur.version, status="failed",
+                                               target_version=version,
+                                               error="session creation failed (simulated)")
+            else:
+                self.models[name] = ModelState(name=name, version=version, status="active")
+        self._publish_state()
+
+    def telemetry(self) -> TelemetryMessage:
+        """One telemetry message for the current models."""
+        b = self.behaviour
+        frames = max(1, round(b.fps * self.interval_s))
+        models = []
+        with self.lock:
+            for m in self.models.values():
+                if m.status == "loading" and m.version is None:
+                    continue
+                ver = m.version or ""
+                lat = b.latency_ms.get(ver, b.default_latency_ms)
+                errors = round(frames * b.error_rate.get(ver, 0.0))
+                models.append(ModelTelemetry(
+                    name=m.name, version=ver, frames=frames, errors=errors,
+                    latency_ms=LatencySummary(p50=lat * 0.8, p95=lat * 0.95, p99=lat)))
+        return TelemetryMessage(
+            node=self.node, ts=time.time(), interval_s=self.interval_s, agent_version="sim",
+            models=models, cameras=[CameraTelemetry(camera="cam0", connected=True, fps=b.fps)])
+
+    def _telemetry_loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            c = self._client
+            if c is None:
+                return
+            c.publish(protocol.telemetry_topic(self.prefix, self.node),
+                      protocol.encode(self.telemetry()), qos=0)
+
+    # ------------------------------------------------------------------------------ checks
+    def versions_sent(self, model: str) -> list[str | None]:
+        """The distinct consecutive versions of ``model`` this node was sent."""
+        out: list[str | None] = []
+        with self.lock:
+            for _, models in self.desired_log:
+                v = models.get(model)
+                if not out or out[-1] != v:
+                    out.append(v)
+        return out
+
+    def active_version(self, model: str) -> str | None:
+        with self.lock:
+            m = self.models.get(model)
+            return m.version if m is not None and m.status == "active" else None
+
+
+def start_fleet(port: int, prefix: str, names: list[str], *, models: dict[str, str],
+                behaviour: Callable[[str], Behaviour] | None = None,
+                interval_s: float = 0.05) -> dict[str, SimAgent]:
+    """Start one SimAgent per name."""
+    return {n: SimAgent(port, prefix, n, models=models,
+                        behaviour=behaviour(n) if behaviour else None,
+                        interval_s=interval_s).start() for n in names}
