@@ -26,17 +26,18 @@ How (threads and invariants):
   is moved aside (counted) and a fresh one started; an unopenable file is retried with backoff.
   Nothing here raises into ``publish``.
 
-Locks: ``_db_lock`` (SQLite) is always taken before ``_lock`` (memory state), never after.
+The parts (``store`` for the commit side, ``seq`` for seq blocks, ``db`` for the SQLite file)
+share one ``state.Shared``, built here and passed to them; which side writes what, and the lock
+order (``db_lock`` before ``lock``), are in ``edge_agent.outbox.state``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
+import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,29 +46,14 @@ import structlog
 from edge_agent.config import OutboxSettings
 from edge_agent.contract.protocol import OutboxTelemetry, encode_dict, results_topic
 from edge_agent.outbox.db import ROW_OVERHEAD, CorruptDatabaseError, OutboxDB
-from edge_agent.outbox.seq import Cam, seq_base_us
-from edge_agent.outbox.store import Pending, Row, StoreOps
+from edge_agent.outbox.seq import seq_base_us
+from edge_agent.outbox.state import OutboxStats, Row, Shared
+from edge_agent.outbox.store import Store
 
 log = structlog.get_logger(__name__)
 
 #: Seconds between summary log lines about drops (the first drop is logged at once).
 DROP_LOG_INTERVAL_S = 10.0
-
-
-@dataclass
-class OutboxStats:
-    """Counters since the process started (read by metrics and telemetry)."""
-
-    appended: int = 0
-    delivered: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)
-    commits: int = 0
-    commit_seconds: float = 0.0
-    last_commit_seconds: float = 0.0
-    corrupt_files: int = 0
-    commit_errors: int = 0
-    disk_full: bool = False
-    db_open: bool = False
 
 
 class Outbox:
@@ -88,49 +74,23 @@ class Outbox:
         self._interval = settings.commit_interval_ms / 1000.0
         self._reject_new = settings.policy == "reject-new"
         self._max_pending = settings.max_pending_bytes
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        self._db_lock = threading.Lock()
+        self._state = Shared()
         self._db = OutboxDB(self.path, settings.max_bytes)
-        self.stats = OutboxStats()
-        self._cams: dict[str, Cam] = {}
+        self._store = Store(self._state, self._db, settings, clock=clock)
         self._known_cams = list(cameras)
+        # the hot path's own cache: only ``publish`` reads or writes it
         self._topics: dict[tuple[str, str], str] = {}
-        self._pending: collections.deque[Pending] = collections.deque()
-        self._pend_bytes = 0
-        self._taken_rows = 0  # rows taken by a commit round, not yet committed or put back
-        self._taken_bytes = 0
-        self._acked: list[tuple[int, int]] = []  # (id, cost) acknowledged, not yet deleted
-        self._acked_bytes = 0
-        self._taken_acks = 0  # acks taken by a commit round, not yet applied or put back
-        self._taken_ack_bytes = 0
-        self._claimed_unacked = 0
-        # committed state (changed by the commit thread under both locks)
-        self._rows = 0
-        self._bytes = 0
-        self._oldest_t: float | None = None
-        self._next_id = 1
-        self._last_id = 0
-        self._cursor = 0  # highest id claimed by the drain; rows <= cursor are never dropped
-        self._id_floor = 0  # acks below this id belong to a file that was moved aside
-        self._data_limit = 0  # logical bytes allowed in the file (set by StoreOps)
-        self._rounds_started = 0
-        self._rounds_done = 0
-        self._round_ok = True
         self._wake = threading.Event()
-        self._stop = False
         self._thread: threading.Thread | None = None
         self._drop_logged_at = 0.0
         self._drop_logged: dict[str, int] = {}
-        self._ops = StoreOps(self)
 
     # ------------------------------------------------------------------ lifecycle
 
     def open(self) -> Outbox:
         """Open the file (never raises for disk trouble) and start the commit thread."""
-        self._ops.open_db()
-        with self._db_lock:
-            self._ops.seqs.reserve_known(self._known_cams)
+        self._store.open_db()
+        self._store.seqs.reserve_known(self._known_cams)
         self._thread = threading.Thread(target=self._run, name="outbox-commit", daemon=True)
         self._thread.start()
         return self
@@ -141,17 +101,16 @@ class Outbox:
 
     def close(self, timeout: float = 10.0) -> None:
         """Commit what is queued (within ``timeout``), stop the thread, checkpoint, close."""
-        with self._lock:
-            self._stop = True
+        st = self._state
+        with st.lock:
+            st.stopping = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-        with self._db_lock:
-            self._db.close()
-            self.stats.db_open = False
-        with self._cond:
-            self._cond.notify_all()
+        self._store.close()
+        with st.cond:
+            st.cond.notify_all()
 
     async def aclose(self) -> None:
         """``close`` in a thread."""
@@ -159,18 +118,19 @@ class Outbox:
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Commit now and wait; True when everything published before the call is on disk."""
-        with self._cond:
+        st = self._state
+        with st.cond:
             if self._thread is None:  # not opened, or closed
-                return not self._pending
-            target = self._rounds_started + 1
+                return not st.pending
+            target = st.rounds_started + 1
             self._wake.set()
             deadline = time.monotonic() + timeout
-            while self._rounds_done < target:
+            while st.rounds_done < target:
                 left = deadline - time.monotonic()
                 if left <= 0 or self._thread is None:
                     return False
-                self._cond.wait(left)
-            return self._round_ok
+                st.cond.wait(left)
+            return st.round_ok
 
     async def aflush(self, timeout: float = 10.0) -> bool:
         """``flush`` in a thread."""
@@ -184,18 +144,19 @@ class Outbox:
         Never raises for a full outbox: a refused or dropped result is counted and logged.
         """
         cam = result["camera"]
-        lock = self._lock
+        st = self._state
+        lock = st.lock
         with lock:
-            st = self._cams.get(cam)
-            if st is None or st.next >= st.limit:
+            c = st.cams.get(cam)
+            if c is None or c.next >= c.limit:
                 lock.release()
                 try:
-                    self._ops.seqs.reserve(cam)
+                    self._store.seqs.reserve(cam)
                 finally:
                     lock.acquire()
-                st = self._cams[cam]
-            seq = st.next
-            st.next = seq + 1
+                c = st.cams[cam]
+            seq = c.next
+            c.next = seq + 1
             result["seq"] = seq
             key = (result["node"], cam)
             topic = self._topics.get(key)
@@ -204,48 +165,33 @@ class Outbox:
             payload = encode_dict(result)
             cost = len(payload) + len(topic) + ROW_OVERHEAD
             # the common case decides with two comparisons; the rest is _refuse_reason's
-            if self._reject_new or self._pend_bytes + cost > self._max_pending:
+            if self._reject_new or st.pend_bytes + cost > self._max_pending:
                 reason = self._refuse_reason(cost)
                 if reason is not None:
-                    self._count_drop(reason, 1)
+                    st.hot_drops.add(reason, 1)
                     return seq
-            self._pending.append((self._clock(), topic, payload, cost))
-            self._pend_bytes += cost
+            st.pending.append((self._clock(), topic, payload, cost))
+            st.pend_bytes += cost
             if self._interval == 0:
                 self._wake.set()
         return seq
 
     def _refuse_reason(self, cost: int) -> str | None:
-        """Under ``_lock``: why a new result must be refused now, or None."""
-        s = self.settings
-        if self._pend_bytes + cost > s.max_pending_bytes:
+        """Under ``lock``: why a new result must be refused now, or None."""
+        st, s = self._state, self.settings
+        if st.pend_bytes + cost > s.max_pending_bytes:
             if s.policy == "reject-new":
-                return self._memory_reason()
-            while self._pending and self._pend_bytes + cost > s.max_pending_bytes:
-                self._pend_bytes -= self._pending.popleft()[3]
-                self._count_drop(self._memory_reason(), 1)
+                return st.memory_reason()
+            while st.pending and st.pend_bytes + cost > s.max_pending_bytes:
+                st.pend_bytes -= st.pending.popleft()[3]
+                st.hot_drops.add(st.memory_reason(), 1)
         if s.policy != "reject-new":
             return None
-        acked = len(self._acked) + self._taken_acks
-        rows = self._rows - acked + self._taken_rows + len(self._pending) + 1
-        if rows > s.max_rows:
+        if st.depth() + 1 > s.max_rows:
             return "max_rows"
-        acked_bytes = self._acked_bytes + self._taken_ack_bytes
-        used = self._bytes - acked_bytes + self._taken_bytes + self._pend_bytes + cost
-        if used > self._data_limit:
+        if st.bytes_used() + cost > st.file.data_limit:
             return "max_bytes"
         return None
-
-    def _memory_reason(self) -> str:
-        if self.stats.disk_full:
-            return "disk_full"
-        return "db_error" if not self.stats.db_open else "backlog"
-
-    def _count_drop(self, reason: str, n: int) -> None:
-        """Under ``_lock``: count ``n`` dropped results."""
-        if n > 0:
-            d = self.stats.dropped
-            d[reason] = d.get(reason, 0) + n
 
     # ------------------------------------------------------------------ drain side
 
@@ -255,53 +201,59 @@ class Outbox:
         Claimed rows are never dropped by the bounds; each must be ``ack``ed (or ``reject``ed)
         once, or stays for the next process to send again.
         """
-        with self._cond:
-            if self._last_id <= self._cursor and not self._stop:
-                self._cond.wait(timeout)
-            if self._last_id <= self._cursor:
+        st = self._state
+        with st.cond:
+            if st.file.last_id <= st.cursor and not st.stopping:
+                st.cond.wait(timeout)
+            if st.file.last_id <= st.cursor:
                 return []
-        with self._db_lock:
-            return self._ops.read_claim(limit)
+        return self._store.read_claim(limit)
 
     def ack(self, row_id: int, size: int) -> None:
         """The broker acknowledged row ``row_id`` (``size`` = len(topic) + len(payload))."""
-        with self._lock:
-            if row_id > self._id_floor:
-                self._acked.append((row_id, size + ROW_OVERHEAD))
-                self._acked_bytes += size + ROW_OVERHEAD
-                self._claimed_unacked -= 1
-            self.stats.delivered += 1
+        st = self._state
+        with st.lock:
+            self._settle(row_id, size)
+            st.delivered += 1
 
     def reject(self, row_id: int, size: int, reason: str) -> None:
         """The broker refused row ``row_id`` for good: delete it and count it as dropped."""
-        with self._lock:
-            if row_id > self._id_floor:
-                self._acked.append((row_id, size + ROW_OVERHEAD))
-                self._acked_bytes += size + ROW_OVERHEAD
-                self._claimed_unacked -= 1
-            self._count_drop(reason, 1)
+        st = self._state
+        with st.lock:
+            self._settle(row_id, size)
+            st.drain_drops.add(reason, 1)
+
+    def _settle(self, row_id: int, size: int) -> None:
+        """Under ``lock``: hand row ``row_id`` to the commit thread for deletion."""
+        st = self._state
+        if row_id > st.file.id_floor:
+            st.acked.append((row_id, size + ROW_OVERHEAD))
+            st.acked_bytes += size + ROW_OVERHEAD
+            st.claimed_unacked -= 1
 
     # ------------------------------------------------------------------ observation
 
     @property
+    def stats(self) -> OutboxStats:
+        """Counters since the process started (a consistent snapshot)."""
+        with self._state.lock:
+            return self._state.stats()
+
+    @property
     def depth(self) -> int:
         """Results accepted and neither delivered nor dropped yet."""
-        with self._lock:
-            acked = len(self._acked) + self._taken_acks
-            return self._rows - acked + self._taken_rows + len(self._pending)
+        with self._state.lock:
+            return self._state.depth()
 
     def bytes_used(self) -> int:
         """Logical bytes of the queued results (what the budget counts)."""
-        with self._lock:
-            acked = self._acked_bytes + self._taken_ack_bytes
-            return self._bytes - acked + self._taken_bytes + self._pend_bytes
+        with self._state.lock:
+            return self._state.bytes_used()
 
     def oldest_age_s(self) -> float:
         """Age of the oldest queued result, seconds (0 when empty)."""
-        with self._lock:
-            t = self._oldest_t
-            if t is None and self._pending:
-                t = self._pending[0][0]
+        with self._state.lock:
+            t = self._state.oldest_t()
         return 0.0 if t is None else max(0.0, self._clock() - t)
 
     def disk_bytes(self) -> int:
@@ -310,8 +262,8 @@ class Outbox:
 
     def dropped(self) -> dict[str, int]:
         """Dropped results by reason (a copy)."""
-        with self._lock:
-            return dict(self.stats.dropped)
+        with self._state.lock:
+            return self._state.dropped()
 
     def snapshot(self) -> OutboxTelemetry:
         """The outbox part of a telemetry message."""
@@ -322,35 +274,44 @@ class Outbox:
             dropped=self.dropped(),
         )
 
+    @contextlib.contextmanager
+    def holding_db(self) -> Iterator[None]:
+        """Hold the SQLite connection while the block runs, as a long commit does.
+
+        A test hook: ``publish`` within a reserved seq block must not wait for it.
+        """
+        with self._state.db_lock:
+            yield
+
     # ------------------------------------------------------------------ commit thread
 
     def _run(self) -> None:
+        st = self._state
         while True:
             if self._interval > 0:
                 self._wake.wait(self._interval)
             else:
                 self._wake.wait()
             self._wake.clear()
-            with self._lock:
-                stopping = self._stop
-                self._rounds_started += 1
+            with st.lock:
+                stopping = st.stopping
+                st.rounds_started += 1
             try:
-                ok = self._ops.round()
+                ok = self._store.round()
             except Exception:  # a bug must not kill the thread that keeps results safe
                 log.exception("outbox_round_failed")
                 ok = False
             self._log_drops()
-            with self._cond:
-                self._rounds_done += 1
-                self._round_ok = ok
-                self._cond.notify_all()
+            with st.cond:
+                st.rounds_done += 1
+                st.round_ok = ok
+                st.cond.notify_all()
             if stopping:
                 return
 
     def _log_drops(self) -> None:
         now = time.monotonic()
-        with self._lock:
-            current = dict(self.stats.dropped)
+        current = self.dropped()
         if current == self._drop_logged:
             return
         if self._drop_logged and now - self._drop_logged_at < DROP_LOG_INTERVAL_S:

@@ -1,25 +1,21 @@
 """Per-camera sequence numbers that never go back: blocks reserved durably before use.
 
-Part of the outbox (see ``edge_agent.outbox.facade``): ``publish`` hands out seqs from the camera's
-current block without touching SQLite; the commit thread tops blocks up ahead of use, in the
-same transaction as the results, sized to the rate; a camera that runs out reserves a bigger
-block synchronously. A restart skips the unused rest of each block, so no seq is handed out
-twice, not even one whose result was lost in the crash window. Runs under the outbox's locks
-(``_db_lock`` before ``_lock``).
+Part of the outbox (see ``edge_agent.outbox.facade``): ``publish`` hands out seqs from the
+camera's current block without touching SQLite; the commit thread tops blocks up ahead of use,
+in the same transaction as the results, sized to the rate; a camera that runs out reserves a
+bigger block synchronously. A restart skips the unused rest of each block, so no seq is handed
+out twice, not even one whose result was lost in the crash window. The cameras' seq state
+(``state.Cam``) lives in the shared state, since ``publish`` reads and advances it.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
 
-from edge_agent.outbox.db import error_kind
-
-if TYPE_CHECKING:
-    from edge_agent.outbox.facade import Outbox
+from edge_agent.outbox.db import OutboxDB, error_kind
+from edge_agent.outbox.state import Cam, Shared
 
 #: Smallest and largest seq block reserved per camera at a time. Blocks adapt to the rate, so
 #: a restart skips at most one block (a 30 fps camera skips a few hundred seqs).
@@ -32,68 +28,62 @@ def seq_base_us() -> int:
     return time.time_ns() // 1000
 
 
-@dataclass
-class Cam:
-    """One camera's seq state."""
-
-    #: The next seq to hand out.
-    next: int
-    #: Seqs below this may be handed out without asking SQLite first.
-    limit: int
-    #: The next-free seq on disk. Normally ``durable >= limit``; only while the file cannot be
-    #: written does ``limit`` run ahead (seqs then handed out unreserved, see docs/outbox.md).
-    durable: int
-    block: int = SEQ_BLOCK_MIN
-    #: ``next`` at the previous commit round (the rate that sizes the next block).
-    at_round: int = -1
-
-    def __post_init__(self) -> None:
-        if self.at_round < 0:
-            self.at_round = self.next
+def new_cam(base: int) -> Cam:
+    """Seq state for a camera whose next free seq is ``base`` (nothing reserved beyond it)."""
+    return Cam(next=base, limit=base, durable=base, block=SEQ_BLOCK_MIN, at_round=base)
 
 
 class SeqBlocks:
-    """Seq reservation for one ``Outbox``."""
+    """Seq reservation for one outbox, on its shared state and SQLite file."""
 
-    def __init__(self, ob: Outbox, log_error: Callable[..., None]) -> None:
-        self.ob = ob
+    def __init__(self, state: Shared, db: OutboxDB, log_error: Callable[..., None]) -> None:
+        self.state = state
+        self.db = db
         self._log_error = log_error
 
-    def reserve_known(self, cams: list[str]) -> None:
-        """Reserve a block for each camera in memory and in ``cams`` (under ``_db_lock``)."""
-        ob = self.ob
-        want: dict[str, int] = {}
-        with ob._lock:
-            for cam in cams:
-                if cam not in ob._cams:
-                    b = seq_base_us()
-                    ob._cams[cam] = Cam(next=b, limit=b, durable=b)
-            for cam, st in ob._cams.items():
-                if st.limit - st.next < st.block // 2 or st.durable < st.limit:
-                    want[cam] = max(st.limit, st.next + st.block)
-        if want and self.write(want):
-            with ob._lock:
-                for cam, w in want.items():
-                    st = ob._cams[cam]
-                    st.durable = max(st.durable, w)
-                    st.limit = max(st.limit, w)
+    def adopt(self, on_disk: dict[str, int]) -> None:
+        """Under ``lock``: take over the next-free seqs an opened file holds."""
+        cams = self.state.cams
+        for cam, nxt in on_disk.items():
+            st = cams.get(cam)
+            if st is None:
+                cams[cam] = new_cam(nxt)
+            else:
+                st.next = max(st.next, nxt)
+                st.durable = nxt
+                st.limit = st.next  # reserve again before handing more out
+
+    def reserve_known(self, cams: Iterable[str]) -> None:
+        """Reserve a block for each camera in memory and in ``cams`` (takes ``db_lock``)."""
+        state = self.state
+        with state.db_lock:
+            want: dict[str, int] = {}
+            with state.lock:
+                for cam in cams:
+                    if cam not in state.cams:
+                        state.cams[cam] = new_cam(seq_base_us())
+                for cam, st in state.cams.items():
+                    if st.limit - st.next < st.block // 2 or st.durable < st.limit:
+                        want[cam] = max(st.limit, st.next + st.block)
+            if want and self.write(want):
+                with state.lock:
+                    self.made_durable(want)
 
     def reserve(self, cam: str) -> None:
         """``publish`` ran out of reserved seqs for ``cam``: reserve a bigger block now."""
-        ob = self.ob
-        with ob._db_lock:
-            with ob._lock:
-                st = ob._cams.get(cam)
+        state = self.state
+        with state.db_lock:
+            with state.lock:
+                st = state.cams.get(cam)
                 if st is None:
-                    b = seq_base_us()
-                    st = ob._cams[cam] = Cam(next=b, limit=b, durable=b)
+                    st = state.cams[cam] = new_cam(seq_base_us())
                 elif st.next < st.limit:
                     return  # another caller reserved meanwhile
                 else:
                     st.block = min(SEQ_BLOCK_MAX, st.block * 4)
                 want = st.next + st.block
-            ok = ob.stats.db_open and self.write({cam: want})
-            with ob._lock:
+            ok = state.commit.db_open and self.write({cam: want})
+            with state.lock:
                 # When the file cannot be written, hand seqs out anyway (a result must get
                 # one); the round that commits them makes the reservation durable.
                 st.limit = max(st.limit, want)
@@ -101,7 +91,8 @@ class SeqBlocks:
                     st.durable = max(st.durable, want)
 
     def write(self, want: dict[str, int]) -> bool:
-        db = self.ob._db
+        """Under ``db_lock``: store the next-free seqs ``want`` in a transaction of their own."""
+        db = self.db
         if db.conn is None:
             return False
         try:
@@ -116,9 +107,9 @@ class SeqBlocks:
             return False
 
     def targets(self) -> dict[str, int]:
-        """Under ``_lock``: the durable next-free seq each camera needs after this round."""
+        """Under ``lock``: the durable next-free seq each camera needs after this round."""
         want: dict[str, int] = {}
-        for cam, st in self.ob._cams.items():
+        for cam, st in self.state.cams.items():
             per_round = st.next - st.at_round
             st.at_round = st.next
             if per_round > 0:
@@ -133,3 +124,11 @@ class SeqBlocks:
             if target > st.durable:
                 want[cam] = target
         return want
+
+    def made_durable(self, want: dict[str, int]) -> None:
+        """Under ``lock``: the next-free seqs ``want`` were committed."""
+        cams = self.state.cams
+        for cam, w in want.items():
+            st = cams[cam]
+            st.durable = max(st.durable, w)
+            st.limit = max(st.limit, w)

@@ -1,9 +1,10 @@
-"""The outbox's commit thread side: what each commit round does to the SQLite file.
+"""The outbox's commit side: opening the file and what each commit round does to it.
 
-Split out of ``edge_agent.outbox.facade`` for size (with ``edge_agent.outbox.seq`` for the seq
-blocks); they are one unit. ``StoreOps`` works on the ``Outbox``'s state directly and follows
-its lock order (``_db_lock`` before ``_lock``). Every method runs on the commit thread, except
-``read_claim`` (the drain), under ``_db_lock``.
+Split from ``edge_agent.outbox.facade`` so the hot path reads without SQL and policy in the
+way. ``Store`` works on the outbox's shared state (``edge_agent.outbox.state.Shared``), which
+it gets at construction with the ``OutboxDB``; it never sees the façade. Every method runs on
+the commit thread (or on the thread in ``open``/``close`` while no commit thread runs), except
+``read_claim``, which runs on the drain's thread.
 
 A round: take the queued results and the acknowledgements, then in one transaction delete the
 acknowledged rows, persist seq reservations, expire old rows, make room (drop-oldest) or trim
@@ -17,15 +18,16 @@ from __future__ import annotations
 import collections
 import sqlite3
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 
-from edge_agent.outbox.db import ROW_OVERHEAD, CorruptDatabaseError, Loaded, error_kind
-from edge_agent.outbox.seq import Cam, SeqBlocks
-
-if TYPE_CHECKING:
-    from edge_agent.outbox.facade import Outbox
+from edge_agent.config import OutboxSettings
+from edge_agent.outbox.db import ROW_OVERHEAD, CorruptDatabaseError, Loaded, OutboxDB, error_kind
+from edge_agent.outbox.seq import SeqBlocks
+from edge_agent.outbox.state import Pending, Row, Shared
 
 log = structlog.get_logger("edge_agent.outbox.facade")
 
@@ -39,26 +41,40 @@ SCAN = 512
 #: Page-use ratio assumed before the first measurement (B-tree interior pages, slack).
 INITIAL_RATIO = 1.08
 
-#: One queued result: (accept time, topic, payload, cost in bytes).
-Pending = tuple[float, str, bytes, int]
-#: One claimed row handed to the drain: (id, topic, payload).
-Row = tuple[int, str, bytes]
+
+@dataclass
+class Txn:
+    """One transaction of a round: its results, and what it found and did."""
+
+    chunk: list[Pending]
+    cost: int
+    #: Acks and seq targets ride on the round's first transaction only.
+    acks: list[tuple[int, int]]
+    seqs: dict[str, int] | None
+    drops: dict[str, int] = field(default_factory=dict)
+    kept: list[Pending] = field(default_factory=list)
+    #: Rows and bytes left in the file after making room, before the insert.
+    room_rows: int = 0
+    room_bytes: int = 0
 
 
-class StoreOps:
-    """Commit rounds, (re)opening and claiming for one ``Outbox`` (seqs: ``self.seqs``)."""
+class Store:
+    """Opening, commit rounds and claims for one outbox file (seq blocks: ``seqs``)."""
 
-    def __init__(self, ob: Outbox) -> None:
-        self.ob = ob
+    def __init__(self, state: Shared, db: OutboxDB, settings: OutboxSettings, *,
+                 clock: Callable[[], float]) -> None:
+        self.state = state
+        self.db = db
+        self.settings = settings
+        self.path: Path = db.path
+        self._clock = clock
         self._opened_before = False
         self._retry_at = 0.0
         self._retry_delay = REOPEN_MIN_S
         self._ratio = INITIAL_RATIO
         self._calibrated_at = 0.0
         self._err_logged: dict[str, float] = {}
-        self._room_rows = 0  # set by _fit: rows in the file after making room, with the insert
-        self._room_bytes = 0  # set by _fit: bytes in the file after making room, without it
-        self.seqs = SeqBlocks(ob, self._log_error)
+        self.seqs = SeqBlocks(state, db, self._log_error)
         self._update_limit()
 
     # ------------------------------------------------------------------ helpers
@@ -68,44 +84,44 @@ class StoreOps:
         now = time.monotonic()
         if now - self._err_logged.get(event, -1e9) >= ERROR_LOG_INTERVAL_S:
             self._err_logged[event] = now
-            log.error(event, path=str(self.ob.path), **kw)
+            log.error(event, path=str(self.path), **kw)
 
     def _update_limit(self) -> None:
-        ob = self.ob
-        budget = ob.settings.max_bytes - ob._db.wal_limit - 4 * ob._db.page_size
-        ob._data_limit = max(0, int(budget / self._ratio))
+        budget = self.settings.max_bytes - self.db.wal_limit - 4 * self.db.page_size
+        limit = max(0, int(budget / self._ratio))
+        with self.state.lock:
+            self.state.file.data_limit = limit
 
     def _calibrate(self) -> None:
         """Correct the bytes-per-row estimate by the pages the file really uses."""
-        ob = self.ob
         now = time.monotonic()
-        if now - self._calibrated_at < 1.0 or ob._bytes < 64 * ob._db.page_size:
+        if now - self._calibrated_at < 1.0 or self.state.file.bytes < 64 * self.db.page_size:
             return
         self._calibrated_at = now
-        used = ob._db.used_bytes()
-        self._ratio = min(3.0, max(1.0, used / max(1, ob._bytes)) * 1.02)
+        used = self.db.used_bytes()
+        self._ratio = min(3.0, max(1.0, used / max(1, self.state.file.bytes)) * 1.02)
         self._update_limit()
 
-    # ------------------------------------------------------------------ open
+    # ------------------------------------------------------------------ open / close
 
     def open_db(self) -> bool:
         """Open the file, moving a corrupt one aside; False (and retry later) on failure."""
-        ob = self.ob
-        with ob._db_lock:
+        state, db = self.state, self.db
+        with state.db_lock:
             try:
-                loaded = ob._db.open()
+                loaded = db.open()
             except CorruptDatabaseError as exc:
                 try:
-                    moved = ob._db.move_aside()
+                    moved = db.move_aside()
                 except OSError as mexc:
                     self._open_failed("io", mexc)
                     return False
-                with ob._lock:
-                    ob.stats.corrupt_files += 1
-                log.error("outbox_corrupt_moved_aside", path=str(ob.path), moved_to=str(moved),
-                          error=str(exc)[:200])
+                with state.lock:
+                    state.commit.corrupt_files += 1
+                log.error("outbox_corrupt_moved_aside", path=str(self.path),
+                          moved_to=str(moved), error=str(exc)[:200])
                 try:
-                    loaded = ob._db.open()
+                    loaded = db.open()
                 except (CorruptDatabaseError, sqlite3.Error, OSError) as exc2:
                     kind = error_kind(exc2) if isinstance(exc2, sqlite3.Error) else "io"
                     self._open_failed(kind, exc2)
@@ -120,172 +136,161 @@ class StoreOps:
         return True
 
     def _open_failed(self, kind: str, exc: BaseException) -> None:
-        ob = self.ob
-        with ob._lock:
-            ob.stats.db_open = False
-            ob.stats.disk_full = kind == "full"
+        with self.state.lock:
+            self.state.commit.db_open = False
+            self.state.commit.disk_full = kind == "full"
         self._retry_at = time.monotonic() + self._retry_delay
         self._log_error("outbox_open_failed", kind=kind, error=str(exc)[:200],
                         retry_in_s=round(self._retry_delay, 1))
         self._retry_delay = min(REOPEN_MAX_S, self._retry_delay * 2)
 
     def _adopt(self, loaded: Loaded) -> None:
-        """Take over what an opened file holds (under ``_db_lock``)."""
-        ob = self.ob
-        with ob._lock:
-            base = max(ob._next_id - 1, loaded.max_id)
-            ob._next_id = base + 1
+        """Take over what an opened file holds (under ``db_lock``)."""
+        state = self.state
+        f = state.file
+        with state.lock:
+            base = max(f.next_id - 1, loaded.max_id)
+            f.next_id = base + 1
             if self._opened_before:
-                # a fresh file after one was moved aside: older ids are gone for good
-                ob._id_floor = base
-                ob._cursor = max(ob._cursor, base)
-                ob._last_id = base
-                ob._claimed_unacked = 0
+                # a fresh file after one was moved aside: older ids are gone for good, and
+                # the rows claimed from the old file will never be settled here
+                f.id_floor = base
+                state.cursor = max(state.cursor, base)
+                f.last_id = base
+                state.stale_claims = state.claimed_unacked
             else:
-                ob._last_id = loaded.max_id
-            ob._rows, ob._bytes, ob._oldest_t = loaded.rows, loaded.bytes, loaded.oldest_t
-            for cam, nxt in loaded.seqs.items():
-                st = ob._cams.get(cam)
-                if st is None:
-                    ob._cams[cam] = Cam(next=nxt, limit=nxt, durable=nxt)
-                else:
-                    st.next = max(st.next, nxt)
-                    st.durable = nxt
-                    st.limit = st.next  # reserve again before handing more out
-            ob.stats.db_open = True
-            ob.stats.disk_full = False
+                f.last_id = loaded.max_id
+            f.rows, f.bytes, f.oldest_t = loaded.rows, loaded.bytes, loaded.oldest_t
+            self.seqs.adopt(loaded.seqs)
+            state.commit.db_open = True
+            state.commit.disk_full = False
         self._opened_before = True
         self._retry_delay = REOPEN_MIN_S
         if loaded.rows:
-            log.info("outbox_opened", path=str(ob.path), rows=loaded.rows, bytes=loaded.bytes)
+            log.info("outbox_opened", path=str(self.path), rows=loaded.rows, bytes=loaded.bytes)
+
+    def close(self) -> None:
+        """Checkpoint and close the file (the commit thread has stopped)."""
+        with self.state.db_lock:
+            self.db.close()
+            with self.state.lock:
+                self.state.commit.db_open = False
 
     # ------------------------------------------------------------------ rounds
 
     def round(self) -> bool:
         """One commit round; True when everything taken was written."""
-        ob = self.ob
-        if not ob.stats.db_open:
+        state = self.state
+        if not state.commit.db_open:
             if time.monotonic() < self._retry_at or not self.open_db():
-                return not ob._pending
-            with ob._db_lock:
-                self.seqs.reserve_known([])
-        with ob._lock:
-            batch = list(ob._pending)
-            ob._pending = collections.deque()
-            ob._taken_rows, ob._taken_bytes = len(batch), ob._pend_bytes
-            ob._pend_bytes = 0
-            acks = ob._acked
-            ob._acked = []
-            ob._taken_acks, ob._taken_ack_bytes = len(acks), ob._acked_bytes
-            ob._acked_bytes = 0
+                with state.lock:
+                    return not state.pending
+            self.seqs.reserve_known(())
+        with state.lock:
+            batch = list(state.pending)
+            state.pending = collections.deque()
+            state.taken.rows, state.taken.bytes = len(batch), state.pend_bytes
+            state.pend_bytes = 0
+            acks = state.acked
+            state.acked = []
+            state.taken.acks, state.taken.ack_bytes = len(acks), state.acked_bytes
+            state.acked_bytes = 0
             seqs = self.seqs.targets()
-            rows, size = ob._rows, ob._bytes
         if not batch and not acks and not seqs and not self._expiry_due():
             return True
-        with ob._db_lock:
-            return self._write(batch, acks, seqs, rows, size)
+        with state.db_lock:
+            return self._write(batch, acks, seqs)
 
     def _expiry_due(self) -> bool:
-        ob = self.ob
-        t = ob._oldest_t
-        return t is not None and t < ob._clock() - ob.settings.max_age_s
+        t = self.state.file.oldest_t
+        return t is not None and t < self._clock() - self.settings.max_age_s
 
     def _write(self, batch: list[Pending], acks: list[tuple[int, int]],
-               seqs: dict[str, int], rows: int, size: int) -> bool:
+               seqs: dict[str, int]) -> bool:
         """Commit ``batch`` in transactions of at most half the WAL budget each."""
-        ob = self.ob
-        max_txn = ob._db.wal_limit // 2
+        max_txn = self.db.wal_limit // 2
         i, first = 0, True
         while first or i < len(batch):
             j, cost = i, 0
             while j < len(batch) and (j == i or cost + batch[j][3] <= max_txn):
                 cost += batch[j][3]
                 j += 1
-            chunk = batch[i:j]
-            drops: dict[str, int] = {}
+            txn = Txn(batch[i:j], cost, acks if first else [], seqs if first else None)
             started = time.perf_counter()
             try:
-                kept = self._txn(chunk, acks if first else [], seqs if first else {},
-                                 rows=rows, size=size, drops=drops)
+                self._txn(txn)
             except sqlite3.Error as exc:
-                ob._db.rollback()
-                self._failed(exc, batch[i:], acks if first else [])
+                self.db.rollback()
+                self._failed(exc, batch[i:], txn.acks)
                 return False
-            self._applied(chunk, cost, kept, seqs=seqs if first else None, drops=drops,
-                          elapsed=time.perf_counter() - started)
-            rows, size = ob._rows, ob._bytes
+            self._applied(txn, time.perf_counter() - started)
             first = False
             i = j
-        oldest = ob._db.oldest_t()
-        with ob._lock:
-            ob._oldest_t = oldest
+        oldest = self.db.oldest_t()
+        with self.state.lock:
+            self.state.file.oldest_t = oldest
         self._calibrate()
         return True
 
-    def _txn(self, chunk: list[Pending], acks: list[tuple[int, int]], seqs: dict[str, int],
-             *, rows: int, size: int, drops: dict[str, int]) -> list[Pending]:
-        """One transaction: acks, seqs, expiry, room, insert. Returns the rows inserted."""
-        ob = self.ob
-        db = ob._db
+    def _txn(self, txn: Txn) -> None:
+        """One transaction: acks, seqs, expiry, room, insert."""
+        db, f = self.db, self.state.file
+        rows, size = f.rows, f.bytes  # only the commit side writes them: no lock needed
         db.begin()
-        if acks:
-            db.delete_ids([a for a, _ in acks])
-            rows -= len(acks)
-            size -= sum(c for _, c in acks)
-        if seqs:
-            db.set_seqs(seqs)
+        if txn.acks:
+            db.delete_ids([a for a, _ in txn.acks])
+            rows -= len(txn.acks)
+            size -= sum(c for _, c in txn.acks)
+        if txn.seqs:
+            db.set_seqs(txn.seqs)
         if self._expiry_due():
-            n, b = self._delete_oldest(0, 0, ob._clock() - ob.settings.max_age_s)
+            n, b = self._delete_oldest(0, 0, self._clock() - self.settings.max_age_s)
             rows, size = rows - n, size - b
-            drops["max_age"] = n
-        kept = self._fit(chunk, rows, size, drops)
-        ids = range(ob._next_id, ob._next_id + len(kept))
-        db.insert([(k, p[0], p[1], p[2]) for k, p in zip(ids, kept, strict=True)])
+            txn.drops["max_age"] = n
+        self._fit(txn, rows, size)
+        ids = range(f.next_id, f.next_id + len(txn.kept))
+        db.insert([(k, p[0], p[1], p[2]) for k, p in zip(ids, txn.kept, strict=True)])
         db.commit()
-        return kept
 
-    def _applied(self, chunk: list[Pending], cost: int, kept: list[Pending], *,
-                 seqs: dict[str, int] | None, drops: dict[str, int], elapsed: float) -> None:
-        """Update the in-memory state after a committed transaction."""
-        ob = self.ob
+    def _applied(self, txn: Txn, elapsed: float) -> None:
+        """Update the shared state after a committed transaction."""
+        state = self.state
+        f, c = state.file, state.commit
+        kept = txn.kept
         kept_cost = sum(p[3] for p in kept)
-        with ob._lock:
+        with state.lock:
             if kept:
-                ob._next_id += len(kept)
-                ob._last_id = ob._next_id - 1
-            ob._taken_rows -= len(chunk)
-            ob._taken_bytes -= cost
-            if seqs is not None:
-                ob._taken_acks = ob._taken_ack_bytes = 0
-                for cam, w in seqs.items():
-                    st = ob._cams[cam]
-                    st.durable = max(st.durable, w)
-                    st.limit = max(st.limit, w)
-            ob._rows = self._room_rows
-            ob._bytes = self._room_bytes + kept_cost
-            for reason, n in drops.items():
-                ob._count_drop(reason, n)
-            ob.stats.appended += len(kept)
-            ob.stats.commits += 1
-            ob.stats.commit_seconds += elapsed
-            ob.stats.last_commit_seconds = elapsed
-            ob.stats.disk_full = False
-            ob._cond.notify_all()
+                f.next_id += len(kept)
+                f.last_id = f.next_id - 1
+            state.taken.rows -= len(txn.chunk)
+            state.taken.bytes -= txn.cost
+            if txn.seqs is not None:
+                state.taken.acks = state.taken.ack_bytes = 0
+                self.seqs.made_durable(txn.seqs)
+            f.rows = txn.room_rows
+            f.bytes = txn.room_bytes + kept_cost
+            for reason, n in txn.drops.items():
+                state.commit_drops.add(reason, n)
+            c.appended += len(kept)
+            c.commits += 1
+            c.commit_seconds += elapsed
+            c.last_commit_seconds = elapsed
+            c.disk_full = False
+            state.cond.notify_all()
 
-    def _fit(self, chunk: list[Pending], rows: int, size: int,
-             drops: dict[str, int]) -> list[Pending]:
-        """Make room for ``chunk`` by the policy; return the part of it to insert.
+    def _fit(self, txn: Txn, rows: int, size: int) -> None:
+        """Make room for ``txn.chunk`` by the policy; set ``txn.kept`` to the part to insert.
 
-        Sets ``_room_rows``/``_room_bytes`` to the rows and bytes left in the file before the
-        insert. Only rows above the drain's cursor are deleted (claimed ones may be in flight).
+        Sets ``txn.room_rows``/``room_bytes`` to the rows (with the insert) and bytes (without
+        it) in the file after making room. Only rows above the drain's cursor are deleted
+        (claimed ones may be in flight).
         """
-        ob = self.ob
-        s = ob.settings
-        cost = sum(p[3] for p in chunk)
-        need_rows = rows + len(chunk) - s.max_rows
-        need_bytes = size + cost - ob._data_limit
+        s, limit, drops = self.settings, self.state.file.data_limit, txn.drops
+        kept = txn.chunk
+        cost = txn.cost
+        need_rows = rows + len(kept) - s.max_rows
+        need_bytes = size + cost - limit
         reason = "max_bytes" if need_bytes > 0 else "max_rows"
-        kept = chunk
         if need_rows > 0 or need_bytes > 0:
             if s.policy == "drop-oldest":
                 n, b = self._delete_oldest(need_rows, need_bytes, None)
@@ -293,8 +298,7 @@ class StoreOps:
                 drops[reason] = drops.get(reason, 0) + n
                 start = 0
                 while start < len(kept) and (
-                    rows + len(kept) - start > s.max_rows
-                    or size + cost > ob._data_limit
+                    rows + len(kept) - start > s.max_rows or size + cost > limit
                 ):
                     cost -= kept[start][3]
                     start += 1
@@ -302,21 +306,21 @@ class StoreOps:
                 drops[reason] = drops.get(reason, 0) + start
             else:
                 end = len(kept)
-                while end > 0 and (rows + end > s.max_rows or size + cost > ob._data_limit):
+                while end > 0 and (rows + end > s.max_rows or size + cost > limit):
                     end -= 1
                     cost -= kept[end][3]
                 drops[reason] = drops.get(reason, 0) + len(kept) - end
                 kept = kept[:end]
-        self._room_rows = rows + len(kept)
-        self._room_bytes = size
-        return kept
+        txn.kept = kept
+        txn.room_rows = rows + len(kept)
+        txn.room_bytes = size
 
     def _delete_oldest(self, need_rows: int, need_bytes: int,
                        older_than: float | None) -> tuple[int, int]:
         """Delete the oldest unclaimed rows: enough for the needs, or all older than a time."""
-        ob = self.ob
-        db = ob._db
-        after = ob._cursor
+        db = self.db
+        with self.state.lock:
+            after = self.state.cursor
         n = b = 0
         while older_than is not None or n < need_rows or b < need_bytes:
             olds = db.oldest_after(after, SCAN)
@@ -345,40 +349,39 @@ class StoreOps:
     def _failed(self, exc: sqlite3.Error, rest: list[Pending],
                 acks: list[tuple[int, int]]) -> None:
         """Put back what a failed transaction held, bound memory, and react to the kind."""
-        ob = self.ob
+        state, s = self.state, self.settings
         kind = error_kind(exc)
-        with ob._lock:
-            rest_cost = sum(p[3] for p in rest)
-            ob._pending.extendleft(reversed(rest))
-            ob._pend_bytes += rest_cost
-            ob._taken_rows = ob._taken_bytes = 0
+        rest_cost = sum(p[3] for p in rest)
+        with state.lock:
+            state.pending.extendleft(reversed(rest))
+            state.pend_bytes += rest_cost
+            state.taken.rows = state.taken.bytes = 0
             if acks:
-                ob._acked[:0] = acks
-                ob._acked_bytes += sum(c for _, c in acks)
-            ob._taken_acks = ob._taken_ack_bytes = 0
-            ob.stats.commit_errors += 1
-            ob.stats.disk_full = kind == "full"
-            over = ob._pend_bytes - ob.settings.max_pending_bytes
-            reason = ob._memory_reason()
+                state.acked[:0] = acks
+                state.acked_bytes += sum(c for _, c in acks)
+            state.taken.acks = state.taken.ack_bytes = 0
+            state.commit.commit_errors += 1
+            state.commit.disk_full = kind == "full"
+            over = state.pend_bytes - s.max_pending_bytes
+            reason = state.memory_reason()
             n = 0
-            while over > 0 and ob._pending:
-                p = ob._pending.popleft() if ob.settings.policy == "drop-oldest" \
-                    else ob._pending.pop()
-                ob._pend_bytes -= p[3]
+            while over > 0 and state.pending:
+                p = state.pending.popleft() if s.policy == "drop-oldest" else state.pending.pop()
+                state.pend_bytes -= p[3]
                 over -= p[3]
                 n += 1
-            ob._count_drop(reason, n)
+            state.commit_drops.add(reason, n)
+            queued = len(state.pending)
         self._log_error("outbox_commit_failed", kind=kind, error=str(exc)[:200],
-                        queued_in_memory=len(ob._pending))
+                        queued_in_memory=queued)
         if kind == "corrupt":
             self._corrupt_midrun()
-        elif kind == "full" and ob.settings.policy == "drop-oldest":
+        elif kind == "full" and s.policy == "drop-oldest":
             self._free_space(rest_cost)
 
     def _free_space(self, need_bytes: int) -> None:
         """Disk full under drop-oldest: delete the oldest unclaimed rows so new ones fit."""
-        ob = self.ob
-        db = ob._db
+        db = self.db
         try:
             db.begin()
             n, b = self._delete_oldest(0, 2 * need_bytes, None)
@@ -386,45 +389,49 @@ class StoreOps:
         except sqlite3.Error:
             db.rollback()
             return
-        with ob._lock:
-            ob._rows -= n
-            ob._bytes -= b
-            ob._count_drop("disk_full", n)
+        state = self.state
+        with state.lock:
+            state.file.rows -= n
+            state.file.bytes -= b
+            state.commit_drops.add("disk_full", n)
 
     def _corrupt_midrun(self) -> None:
         """The file broke while running: move it aside, count what it held, start afresh."""
-        ob = self.ob
         try:
-            moved = ob._db.move_aside()
+            moved = self.db.move_aside()
         except OSError as exc:
-            ob._db.close_quietly()
+            self.db.close_quietly()
             self._open_failed("io", exc)
             return
-        with ob._lock:
-            ob.stats.corrupt_files += 1
-            ob.stats.db_open = False
-            ob._count_drop("corrupt", max(0, ob._rows - ob._claimed_unacked))
-            ob._rows = ob._bytes = 0
-            ob._oldest_t = None
-        log.error("outbox_corrupt_moved_aside", path=str(ob.path), moved_to=str(moved))
+        state = self.state
+        f = state.file
+        with state.lock:
+            state.commit.corrupt_files += 1
+            state.commit.db_open = False
+            state.commit_drops.add("corrupt", max(0, f.rows - state.unsettled_claims()))
+            f.rows = f.bytes = 0
+            f.oldest_t = None
+        log.error("outbox_corrupt_moved_aside", path=str(self.path), moved_to=str(moved))
         self._retry_at = 0.0
 
     # ------------------------------------------------------------------ drain side
 
     def read_claim(self, limit: int) -> list[Row]:
-        """Read the next rows after the cursor and advance it (under ``_db_lock``)."""
-        ob = self.ob
-        if ob._db.conn is None:
-            return []
-        try:
-            rows = ob._db.read_after(ob._cursor, limit)
-        except sqlite3.Error as exc:
-            self._log_error("outbox_read_failed", kind=error_kind(exc), error=str(exc)[:200])
-            return []
-        with ob._lock:
-            if rows:
-                ob._cursor = rows[-1][0]
-                ob._claimed_unacked += len(rows)
-            else:
-                ob._cursor = max(ob._cursor, ob._last_id)
+        """Read the next rows after the cursor and advance it (the drain's thread)."""
+        state = self.state
+        with state.db_lock:
+            if self.db.conn is None:
+                return []
+            try:
+                rows = self.db.read_after(state.cursor, limit)
+            except sqlite3.Error as exc:
+                self._log_error("outbox_read_failed", kind=error_kind(exc),
+                                error=str(exc)[:200])
+                return []
+            with state.lock:
+                if rows:
+                    state.cursor = rows[-1][0]
+                    state.claimed_unacked += len(rows)
+                else:
+                    state.cursor = max(state.cursor, state.file.last_id)
         return rows

@@ -13,6 +13,9 @@ callback and that resend, which would overtake the resent messages; so after a r
 drain sends nothing new until every message of the previous connection is acknowledged (one
 round trip). The first arrival of every result is thus in seq order. A new process sends every
 row not yet acknowledged, from the oldest.
+
+Counters have one writer each: the drain thread counts what it handed to paho, paho's thread
+what the broker answered (acked, refused, deferred); in flight is the difference.
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ class Drain:
         #: so never dropped). Default 4 x ``max_inflight``: the wire never waits for us.
         self.window = window if window is not None else 4 * link.settings.max_inflight
         self._cond = threading.Condition()
-        self._inflight = 0
+        #: Messages handed to paho since start (the drain thread writes it, under ``_cond``).
+        self._sent = 0
         self._stop = False
         self._claiming = True
         self._thread: threading.Thread | None = None
@@ -67,10 +71,12 @@ class Drain:
         self._wake_at = 0  # the pump resumes when in-flight falls to this
         self._rejected_logged = 0.0
         #: Messages acknowledged by the broker / refused for good (dropped) / refused for now
-        #: (kept in the file for the next process) since start.
+        #: (kept in the file for the next process) since start. Written by paho's thread
+        #: only (``_on_ack``), under ``_cond``: in flight = ``_sent`` less these three.
         self.acked = 0
         self.refused = 0
         self.deferred = 0
+        #: The replay rate, written by the drain thread only (``_update_rate``).
         self._rate = 0.0
         self._rate_at = time.monotonic()
         self._rate_count = 0
@@ -113,7 +119,7 @@ class Drain:
         """Block until nothing is in flight (or ``timeout``); True when idle."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._inflight > 0:
+            while self._inflight() > 0:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -136,14 +142,19 @@ class Drain:
     @property
     def inflight(self) -> int:
         """Messages sent and not yet acknowledged."""
-        return self._inflight
+        with self._cond:
+            return self._inflight()
+
+    def _inflight(self) -> int:
+        """Under ``_cond``: messages handed to paho and not yet answered by a PUBACK."""
+        return self._sent - self.acked - self.refused - self.deferred
 
     def rate(self) -> float:
         """Acknowledged messages per second over the last few seconds."""
-        self._update_rate()
         return self._rate
 
     def _update_rate(self) -> None:
+        """On the drain thread (at least every 0.5 s while it runs): fold in the new acks."""
         now = time.monotonic()
         dt = now - self._rate_at
         if dt >= 1.0:
@@ -175,19 +186,9 @@ class Drain:
     def _pump(self) -> None:
         link, buf = self.link, self._buf
         while True:
-            with self._cond:
-                if self._stop:
-                    return
-                window = max(1, min(self.window, 4 * link.receive_maximum))
-                # wake in batches, not per PUBACK: a thread switch per message would cost
-                # more than the message (see docs/outbox.md, figures)
-                self._wake_at = window - max(1, window // 2)
-                while (self._inflight > self._wake_at or not self._claiming) and not self._stop:
-                    self._cond.wait(0.5)
-                if self._stop:
-                    return
-                free = window - self._inflight
-            self._update_rate()
+            free = self._wait_for_room()
+            if free is None:
+                return
             if not link.connected:
                 link.wait_connected_sync(0.5)
                 continue
@@ -199,21 +200,37 @@ class Drain:
             if outcome == "resend":
                 # paho is resending the previous connection's messages: let them land
                 with self._cond:
-                    if self._inflight > 0:
+                    if self._inflight() > 0:
                         self._cond.wait(0.5)
             elif outcome == "not_queued":
                 link.wait_connected_sync(0.1)
+
+    def _wait_for_room(self) -> int | None:
+        """Wait until the window has room and claiming is on: the free slots (None: stop)."""
+        with self._cond:
+            window = max(1, min(self.window, 4 * self.link.receive_maximum))
+            # wake in batches, not per PUBACK: a thread switch per message would cost
+            # more than the message (see docs/outbox.md, figures)
+            self._wake_at = window - max(1, window // 2)
+            while (self._inflight() > self._wake_at or not self._claiming) and not self._stop:
+                self._update_rate()
+                self._cond.wait(0.5)
+            if self._stop:
+                return None
+            self._update_rate()
+            return window - self._inflight()
 
     def _send(self, n: int) -> str:
         """Publish up to ``n`` rows from the buffer: ``sent``, ``not_queued`` or ``resend``."""
         link, buf = self.link, self._buf
         with link.send_lock:
             if link.generation != self._gen:
-                if self._inflight > 0:
-                    return "resend"
+                with self._cond:
+                    if self._inflight() > 0:
+                        return "resend"
                 self._gen = link.generation
             with self._cond:
-                self._inflight += n
+                self._sent += n
             for sent in range(n):
                 rid, topic, payload = buf[0]
                 token = (rid, len(topic) + len(payload))
@@ -223,38 +240,48 @@ class Drain:
                 except ValueError as exc:
                     # paho can never send it (e.g. larger than MQTT allows): drop, counted
                     buf.popleft()
-                    self._release()
+                    self._unsent(1)
                     self.outbox.reject(rid, token[1], "invalid")
                     log.error("outbox_row_unsendable", id=rid, error=str(exc)[:200])
                     continue
                 if not queued:
-                    self._release(n - sent)
+                    self._unsent(n - sent)
                     return "not_queued"
                 buf.popleft()
         return "sent"
 
-    def _release(self, n: int = 1) -> None:
+    def _unsent(self, n: int) -> None:
+        """The drain thread: ``n`` messages counted as sent never reached paho."""
         with self._cond:
-            self._inflight -= n
-            if self._inflight <= self._wake_at or self._inflight == 0:
-                self._cond.notify_all()
+            self._sent -= n
+            self._wake_if_room()
+
+    def _wake_if_room(self) -> None:
+        """Under ``_cond``: wake the pump once in-flight fell to its wake mark (or to 0)."""
+        inflight = self._inflight()
+        if inflight <= self._wake_at or inflight == 0:
+            self._cond.notify_all()
 
     def _on_ack(self, token: Any, reason: int) -> None:
         """PUBACK (paho's thread): delete the row; or drop it, or keep it, if refused."""
         rid, size = token
+        permanent = reason in PERMANENT_REFUSALS
         if reason < 0x80:
             self.outbox.ack(rid, size)
-            self.acked += 1
-        elif reason in PERMANENT_REFUSALS:
+        elif permanent:
             self.outbox.reject(rid, size, "broker_rejected")
-            self.refused += 1
-            self._log_refusal(reason, dropped=True)
-        else:
-            # e.g. quota exceeded: not this message's fault; it stays in the file and the
-            # next process sends it again (counted, logged)
-            self.deferred += 1
-            self._log_refusal(reason, dropped=False)
-        self._release()
+        # otherwise (e.g. quota exceeded) not this message's fault: it stays in the file and
+        # the next process sends it again (counted, logged)
+        with self._cond:
+            if reason < 0x80:
+                self.acked += 1
+            elif permanent:
+                self.refused += 1
+            else:
+                self.deferred += 1
+            self._wake_if_room()
+        if reason >= 0x80:
+            self._log_refusal(reason, dropped=permanent)
 
     def _log_refusal(self, reason: int, *, dropped: bool) -> None:
         now = time.monotonic()

@@ -256,7 +256,7 @@ def test_publish_does_not_touch_the_disk_within_a_reserved_block(tmp_path: Path)
     """publish only appends in memory: a commit in progress does not stall it."""
     ob = make(tmp_path, cameras=["cam0"])
     try:
-        with ob._db_lock:  # hold the database as a long commit would
+        with ob.holding_db():  # hold the database as a long commit would
             for i in range(200):  # the block reserved at open covers these
                 ob.publish(res("cam0", i))
         assert ob.flush()

@@ -32,13 +32,11 @@ KILLS = 20
 
 
 def _seqs(rec: Recorder) -> dict[tuple[str, int], set[bytes]]:
-    """(camera, seq) -> the distinct payloads received for it."""
+    """(camera, seq) -> the distinct payloads received for it (as canonical JSON)."""
     out: dict[tuple[str, int], set[bytes]] = defaultdict(set)
-    with rec._cond:
-        msgs = list(rec.messages)
-    for _, payload, _ in msgs:
-        obj = orjson.loads(payload)
-        out[(obj["camera"], obj["seq"])].add(payload)
+    for obj in rec.results():
+        key = (str(obj["camera"]), int(obj["seq"]))  # type: ignore[call-overload]
+        out[key].add(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS))
     return out
 
 
