@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +220,112 @@ def bare_publish(port: int, prefix: str, payloads: list[tuple[str, bytes]]) -> N
     c.loop_stop()
 
 
+def hub_settings(tmp: Path, broker_port: int, kube: FakeKube, prefix: str) -> HubSettings:
+    """The hub under test: the fake Kubernetes API, the bench broker, long bake and windows."""
+    return HubSettings(
+        storage={"data_dir": tmp / "data"},
+        api={"public_url": "http://hub.bench:8081"},
+        mqtt={"port": broker_port, "topic_prefix": prefix},
+        cluster={"backend": "kubernetes", "api_timeout_s": 10,
+                 "kubeconfig": kube.write_kubeconfig(tmp / "kubeconfig"),
+                 "watch_timeout_s": 300},
+        telemetry={"window_s": 300, "offline_after_s": 120},
+        rollouts={"tick_s": 1.0, "startup_grace_s": 1.0},
+    )
+
+
+async def push_versions(reg: Registry) -> None:
+    """Versions 1.0 and 2.0 of the tiny classifier, the rollout's baseline and candidate."""
+    for version in ("1.0", "2.0"):
+        folder = ROOT / "models" / "out" / "tiny-classifier"
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["name"], manifest["version"] = MODEL, version
+        staged = await reg.stage()
+        await staged.write((folder / manifest["file"]).read_bytes())
+        await staged.finish()
+        await reg.push(MODEL, version, manifest_bytes=json.dumps(manifest).encode(),
+                       staged=staged)
+
+
+async def wait_online(cp: ControlPlane, n: int) -> None:
+    """Until the hub sees every simulated node online."""
+    deadline = time.monotonic() + 60
+    while sum(cp.fleet.online(node_name(i)) for i in range(n)) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError("not every node is online at the hub")
+        await asyncio.sleep(0.2)
+
+
+async def measure_dispatch(cp: ControlPlane, parent: Connection, broker_port: int,
+                           base_prefix: str, n: int) -> dict[str, Any]:
+    """A 100 % wave to every node through the hub, then the same payloads by bare paho."""
+    figures: dict[str, Any] = {}
+    spec = RolloutSpec(model=MODEL, version="2.0", selector="site=bench", canary=0,
+                       waves=[100], bake_s=3600, gates=["p99_ms<=1000", "error_rate<=0.01"],
+                       deadline_s=600)
+    t0 = time.time()
+    await cp.controller.create(spec)
+    t_done = await async_wait_for(parent, "wave_done", 600)
+    figures["wave_dispatch_s"] = round(t_done - t0, 3)
+    print(f"wave: {n} nodes sent 2.0 in {figures['wave_dispatch_s']}s", flush=True)
+    payloads = []
+    for i in range(n):
+        row = cp.dispatcher.desired(node_name(i))
+        assert row is not None
+        payloads.append((node_name(i), protocol.encode_dict(
+            {"v": 1, "node": node_name(i), "generation": row.generation,
+             "models": row.models})))
+    t0 = time.time()
+    await asyncio.to_thread(bare_publish, broker_port, base_prefix, payloads)
+    t_base = await async_wait_for(parent, "baseline_done", 120)
+    figures["baseline_dispatch_s"] = round(t_base - t0, 3)
+    figures["dispatch_ratio"] = round(figures["wave_dispatch_s"]
+                                      / figures["baseline_dispatch_s"], 2)
+    return figures
+
+
+async def measure_ingest(cp: ControlPlane, parent: Connection, broker_port: int, prefix: str,
+                         ingest_s: float) -> dict[str, Any]:
+    """Telemetry from every node while the rollout bakes: hub ingest lag vs a bare subscriber."""
+    rid = max(cp.controller.rollouts)
+    deadline = time.monotonic() + 120
+    while cp.controller.rollouts[rid].state != "baking":
+        if time.monotonic() > deadline:
+            raise TimeoutError("the rollout did not reach baking")
+        await asyncio.sleep(0.2)
+    # time the controller's steps while it judges every node (the loop's biggest job)
+    ticks: list[float] = []
+    tick = cp.controller.tick
+
+    async def timed_tick() -> None:
+        t = time.perf_counter()
+        await tick()
+        ticks.append(time.perf_counter() - t)
+
+    cp.controller.tick = timed_tick  # type: ignore[method-assign]
+    probe = LagProbe(broker_port, prefix)
+    cp.fleet.lags.clear()
+    parent.send(("telemetry", ingest_s))
+    sent = await async_wait_for(parent, "telemetry_done", ingest_s + 60)
+    await asyncio.sleep(1.0)  # the last messages in flight
+    probe.close()
+    hub_lags = list(cp.fleet.lags)
+    figures: dict[str, Any] = {
+        "telemetry_sent": sent, "telemetry_ingested": len(hub_lags),
+        "telemetry_rate_per_s": round(sent / ingest_s, 1),
+        "ingest_lag_p50_s": round(percentile(hub_lags, 0.5), 4),
+        "ingest_lag_p99_s": round(percentile(hub_lags, 0.99), 4),
+        "baseline_lag_p50_s": round(percentile(probe.lags, 0.5), 4),
+        "baseline_lag_p99_s": round(percentile(probe.lags, 0.99), 4),
+        "rollout_state": cp.controller.rollouts[rid].state,
+        "tick_ms_p50": round(percentile(ticks, 0.5) * 1000, 1),
+        "tick_ms_max": round(max(ticks, default=0.0) * 1000, 1),
+    }
+    figures["lag_ratio"] = round(figures["ingest_lag_p99_s"]
+                                 / max(figures["baseline_lag_p99_s"], 1e-4), 2)
+    return figures
+
+
 async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     n = args.nodes
     ctx = mp.get_context("spawn")
@@ -241,101 +348,20 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         await async_wait_for(parent, "states_sent", 60)
         if not await asyncio.to_thread(kready.wait, 120):
             raise TimeoutError("fake Kubernetes API did not start")
-        kube = FakeKube(port=kport)
-        settings = HubSettings(
-            storage={"data_dir": tmp / "data"},
-            api={"public_url": "http://hub.bench:8081"},
-            mqtt={"port": broker.port, "topic_prefix": prefix},
-            cluster={"backend": "kubernetes", "api_timeout_s": 10,
-                     "kubeconfig": kube.write_kubeconfig(tmp / "kubeconfig"),
-                     "watch_timeout_s": 300},
-            telemetry={"window_s": 300, "offline_after_s": 120},
-            rollouts={"tick_s": 1.0, "startup_grace_s": 1.0},
-        )
+        settings = hub_settings(tmp, broker.port, FakeKube(port=kport), prefix)
         reg = Registry(settings)
-        for version in ("1.0", "2.0"):
-            folder = ROOT / "models" / "out" / "tiny-classifier"
-            manifest = json.loads((folder / "manifest.json").read_text())
-            manifest["name"], manifest["version"] = MODEL, version
-            staged = await reg.stage()
-            await staged.write((folder / manifest["file"]).read_bytes())
-            await staged.finish()
-            await reg.push(MODEL, version, manifest_bytes=json.dumps(manifest).encode(),
-                           staged=staged)
+        await push_versions(reg)
         t0 = time.time()
         cp = ControlPlane(settings, reg)
         await cp.start()
         await async_wait_for(parent, "initial_done", 120)
         figures["startup_s"] = round(time.time() - t0, 3)
         await cp.controller.ready.wait()
-        deadline = time.monotonic() + 60
-        while sum(cp.fleet.online(node_name(i)) for i in range(n)) < n:
-            if time.monotonic() > deadline:
-                raise TimeoutError("not every node is online at the hub")
-            await asyncio.sleep(0.2)
+        await wait_online(cp, n)
         print(f"setup: {n} nodes online, initial desired sent in {figures['startup_s']}s",
               flush=True)
-
-        # ---- wave dispatch: hub vs bare paho
-        spec = RolloutSpec(model=MODEL, version="2.0", selector="site=bench", canary=0,
-                           waves=[100], bake_s=3600, gates=["p99_ms<=1000", "error_rate<=0.01"],
-                           deadline_s=600)
-        t0 = time.time()
-        await cp.controller.create(spec)
-        t_done = await async_wait_for(parent, "wave_done", 600)
-        figures["wave_dispatch_s"] = round(t_done - t0, 3)
-        print(f"wave: {n} nodes sent 2.0 in {figures['wave_dispatch_s']}s", flush=True)
-        payloads = []
-        for i in range(n):
-            row = cp.dispatcher.desired(node_name(i))
-            assert row is not None
-            payloads.append((node_name(i), protocol.encode_dict(
-                {"v": 1, "node": node_name(i), "generation": row.generation,
-                 "models": row.models})))
-        t0 = time.time()
-        await asyncio.to_thread(bare_publish, broker.port, base_prefix, payloads)
-        t_base = await async_wait_for(parent, "baseline_done", 120)
-        figures["baseline_dispatch_s"] = round(t_base - t0, 3)
-        figures["dispatch_ratio"] = round(figures["wave_dispatch_s"]
-                                          / figures["baseline_dispatch_s"], 2)
-
-        # ---- ingest lag while the rollout bakes over every node
-        rid = max(cp.controller.rollouts)
-        deadline = time.monotonic() + 120
-        while cp.controller.rollouts[rid].state != "baking":
-            if time.monotonic() > deadline:
-                raise TimeoutError("the rollout did not reach baking")
-            await asyncio.sleep(0.2)
-        # time the controller's steps while it judges every node (the loop's biggest job)
-        ticks: list[float] = []
-        tick = cp.controller.tick
-
-        async def timed_tick() -> None:
-            t = time.perf_counter()
-            await tick()
-            ticks.append(time.perf_counter() - t)
-
-        cp.controller.tick = timed_tick  # type: ignore[method-assign]
-        probe = LagProbe(broker.port, prefix)
-        cp.fleet.lags.clear()
-        parent.send(("telemetry", args.ingest_s))
-        sent = await async_wait_for(parent, "telemetry_done", args.ingest_s + 60)
-        await asyncio.sleep(1.0)  # the last messages in flight
-        probe.close()
-        hub_lags = list(cp.fleet.lags)
-        figures.update({
-            "telemetry_sent": sent, "telemetry_ingested": len(hub_lags),
-            "telemetry_rate_per_s": round(sent / args.ingest_s, 1),
-            "ingest_lag_p50_s": round(percentile(hub_lags, 0.5), 4),
-            "ingest_lag_p99_s": round(percentile(hub_lags, 0.99), 4),
-            "baseline_lag_p50_s": round(percentile(probe.lags, 0.5), 4),
-            "baseline_lag_p99_s": round(percentile(probe.lags, 0.99), 4),
-            "rollout_state": cp.controller.rollouts[rid].state,
-            "tick_ms_p50": round(percentile(ticks, 0.5) * 1000, 1),
-            "tick_ms_max": round(max(ticks, default=0.0) * 1000, 1),
-        })
-        figures["lag_ratio"] = round(figures["ingest_lag_p99_s"]
-                                     / max(figures["baseline_lag_p99_s"], 1e-4), 2)
+        figures.update(await measure_dispatch(cp, parent, broker.port, base_prefix, n))
+        figures.update(await measure_ingest(cp, parent, broker.port, prefix, args.ingest_s))
         parent.send(("stop",))
     finally:
         if cp is not None:

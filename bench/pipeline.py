@@ -55,8 +55,8 @@ sys.path.insert(0, str(ROOT))
 from edge_agent.app.compose import Agent  # noqa: E402
 from edge_agent.common.logs import configure_logging  # noqa: E402
 from edge_agent.config import EngineSettings, load_settings  # noqa: E402
+from edge_agent.contract.manifest import load_manifest, model_path  # noqa: E402
 from edge_agent.inference.engine import LoadedModel  # noqa: E402
-from edge_agent.inference.manifest import load_manifest, model_path  # noqa: E402
 from edge_agent.streaming.sinks import JsonLinesSink  # noqa: E402
 
 MANIFEST = ROOT / "models" / "out" / "yolov8n-like" / "manifest.json"
@@ -231,47 +231,56 @@ def run_bare(sessions: dict[int, ort.InferenceSession], tensors: list[np.ndarray
         r.stop()
 
 
-def run_tuned(sessions: dict[int, ort.InferenceSession], pre: Callable[[np.ndarray], Any],
-              cfg: Config, cams: int, warm_s: float, secs: float) -> float:
-    """One decode+preprocess thread (round-robin over the cameras) feeding ``cfg``."""
-    sess = sessions[cfg.intra]
-    name = sess.get_inputs()[0].name
-    q: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=2 * cfg.conc)
-    r = Runner()
-    videos = [VideoLoop(VIDEO) for _ in range(cams)]
+class _TunedFeed:
+    """The tuned pipeline's two sides: one decode thread batching frames, infer threads."""
 
-    def decode() -> None:
-        pending: list[np.ndarray] = []
-        for v in itertools.cycle(videos):
-            if r.stop_ev.is_set():
-                break
-            x, _ = pre(v.read())
-            pending.append(x)
-            if len(pending) == cfg.batch:
-                batch = pending[0] if cfg.batch == 1 else np.concatenate(pending)
-                pending = []
-                while not r.stop_ev.is_set():
-                    with contextlib.suppress(queue.Full):
-                        q.put(batch, timeout=0.1)
-                        break
-        for _ in range(cfg.conc):
+    def __init__(self, r: Runner, sess: ort.InferenceSession, pre: Callable[[np.ndarray], Any],
+                 cfg: Config, videos: list[VideoLoop]) -> None:
+        self.r, self.sess, self.pre, self.cfg, self.videos = r, sess, pre, cfg, videos
+        self.name = sess.get_inputs()[0].name
+        self.q: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=2 * cfg.conc)
+
+    def _put(self, batch: np.ndarray) -> None:
+        while not self.r.stop_ev.is_set():
             with contextlib.suppress(queue.Full):
-                q.put_nowait(None)
+                self.q.put(batch, timeout=0.1)
+                return
 
-    def infer() -> None:
-        while not r.stop_ev.is_set():
+    def decode(self) -> None:
+        pending: list[np.ndarray] = []
+        for v in itertools.cycle(self.videos):
+            if self.r.stop_ev.is_set():
+                break
+            x, _ = self.pre(v.read())
+            pending.append(x)
+            if len(pending) == self.cfg.batch:
+                self._put(pending[0] if self.cfg.batch == 1 else np.concatenate(pending))
+                pending = []
+        for _ in range(self.cfg.conc):
+            with contextlib.suppress(queue.Full):
+                self.q.put_nowait(None)
+
+    def infer(self) -> None:
+        while not self.r.stop_ev.is_set():
             try:
-                x = q.get(timeout=0.1)
+                x = self.q.get(timeout=0.1)
             except queue.Empty:
                 continue
             if x is None:
                 return
-            sess.run(None, {name: x})
-            r.done(x.shape[0])
+            self.sess.run(None, {self.name: x})
+            self.r.done(x.shape[0])
 
-    r.spawn(decode)
+
+def run_tuned(sessions: dict[int, ort.InferenceSession], pre: Callable[[np.ndarray], Any],
+              cfg: Config, cams: int, warm_s: float, secs: float) -> float:
+    """One decode+preprocess thread (round-robin over the cameras) feeding ``cfg``."""
+    r = Runner()
+    videos = [VideoLoop(VIDEO) for _ in range(cams)]
+    feed = _TunedFeed(r, sessions[cfg.intra], pre, cfg, videos)
+    r.spawn(feed.decode)
     for _ in range(cfg.conc):
-        r.spawn(infer)
+        r.spawn(feed.infer)
     try:
         return measure(r.events, warm_s, secs)
     finally:
@@ -399,7 +408,137 @@ def pct(xs: list[float], q: float) -> float:
     return ys[k]
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass
+class Plan:
+    """How long each part of the run takes (``--quick`` or full)."""
+
+    quick: bool
+    rounds: int
+    secs: float
+    warm: float
+    search_s: float
+    passes: int
+    lat_s: float
+
+
+@dataclass
+class Search:
+    """The baselines' inference configurations, found on this machine in this run."""
+
+    bare_fps: dict[str, float]
+    best: dict[int, Config]
+    tuned_fps: dict[str, dict[str, float]]
+    tuned: dict[int, Config]
+
+
+def search_configs(sessions: dict[int, ort.InferenceSession], tensors: list[np.ndarray],
+                   model: LoadedModel, n_cpu: int, plan: Plan) -> Search:
+    """The best bare ``session.run`` configuration per camera count, then the best tuned one."""
+    # 1. best of the passes: a neighbour's burst on a shared machine rarely hits them all
+    search: dict[str, float] = {}
+    for _ in range(plan.passes):
+        for cfg in candidates(n_cpu, max(CAMERA_COUNTS)):
+            fps = run_bare(sessions, tensors, cfg, 0.2, plan.search_s)
+            search[cfg.key] = max(search.get(cfg.key, 0.0), fps)
+    best = {cams: max(candidates(n_cpu, cams), key=lambda c: search[c.key])
+            for cams in CAMERA_COUNTS}
+    print("# bare search (fps): " + " ".join(f"{k}={v:.1f}" for k, v in search.items()),
+          flush=True)
+    # 2. tuned keeps the configuration that is best *with decoding beside it*: the best bare
+    # one may not be (e.g. two ORT threads in one run spin against the decode thread), and a
+    # weak baseline would flatter the agent. Candidates: the three best bare ones and one
+    # single-threaded run per CPU.
+    tuned_search: dict[str, dict[str, float]] = {}
+    tuned_cfg: dict[int, Config] = {}
+    for cams in CAMERA_COUNTS:
+        ranked = sorted(candidates(n_cpu, cams), key=lambda c: -search[c.key])[:3]
+        default = Config(1, n_cpu, 1)
+        tries = ranked + ([default] if default not in ranked else [])
+        figures = {c.key: run_tuned(sessions, model.preprocess, c, cams, 0.3, 2 * plan.search_s)
+                   for c in tries}
+        tuned_search[str(cams)] = {k: round(v, 2) for k, v in figures.items()}
+        tuned_cfg[cams] = max(tries, key=lambda c: figures[c.key])
+    print("# tuned search (fps): " + " ".join(
+        f"cameras={n}: " + ",".join(f"{k}={v:.1f}" for k, v in f.items())
+        for n, f in tuned_search.items()), flush=True)
+    return Search(search, best, tuned_search, tuned_cfg)
+
+
+@dataclass
+class Rounds:
+    """Every cell's fps per round, and what the agent chose for itself."""
+
+    cells: dict[int, dict[str, list[float]]]
+    agent_cfg: dict[int, tuple[int, int]]
+    agent_meta: dict[int, dict[str, Any]]
+
+
+def run_cell(mode: str, cams: int, rounds: Rounds, found: Search, sessions: dict[int, Any],
+             tensors: list[np.ndarray], models: tuple[LoadedModel, LoadedModel], tmp: Path,
+             plan: Plan) -> float:
+    """One measurement of one variant with ``cams`` cameras."""
+    model, naive_model = models
+    if mode == "bare":
+        return run_bare(sessions, tensors, found.best[cams], plan.warm, plan.secs)
+    if mode == "tuned":
+        return run_tuned(sessions, model.preprocess, found.tuned[cams], cams, plan.warm,
+                         plan.secs)
+    if mode == "naive":
+        return run_naive(naive_model, cams, plan.warm, plan.secs, tmp / "naive.jsonl")
+    w, b = rounds.agent_cfg.get(cams, (0, 0))
+    res = asyncio.run(run_agent(cams, tmp, warm_s=plan.warm + 0.6, secs=plan.secs, workers=w,
+                                max_batch=b, calibrate_s=0.25 if plan.quick else 0.5))
+    if cams not in rounds.agent_cfg:  # measured once, reused in later rounds
+        rounds.agent_cfg[cams] = (res.workers, res.limits.get("yolov8n-like", 1))
+        rounds.agent_meta[cams] = {"workers": res.workers, "batch_limits": res.limits,
+                                   "calibration": res.calibration}
+    return res.fps
+
+
+def run_rounds(found: Search, sessions: dict[int, Any], tensors: list[np.ndarray],
+               models: tuple[LoadedModel, LoadedModel], tmp: Path, plan: Plan) -> Rounds:
+    """Every variant per camera count, interleaved, ``plan.rounds`` times."""
+    rounds = Rounds({c: {m: [] for m in MODES} for c in CAMERA_COUNTS}, {}, {})
+    for rnd in range(plan.rounds):
+        for cams in CAMERA_COUNTS:
+            # the order rotates each round, so a load change during a cell does not always
+            # hit the same variant
+            order = MODES[rnd % len(MODES):] + MODES[: rnd % len(MODES)]
+            for mode in order:
+                fps = run_cell(mode, cams, rounds, found, sessions, tensors, models, tmp, plan)
+                rounds.cells[cams][mode].append(fps)
+            row = " ".join(f"{m}={rounds.cells[cams][m][-1]:.1f}" for m in MODES)
+            print(f"round {rnd + 1} cameras={cams}: {row} (fps)", flush=True)
+    return rounds
+
+
+def summarize(rounds: Rounds, found: Search) -> tuple[dict[str, Any], dict[str, float]]:
+    """Medians per camera count and the per-round paired ratios; the worst ratio per base."""
+    summary: dict[str, Any] = {}
+    worst = {"tuned": float("inf"), "naive": float("inf"), "bare": float("inf")}
+    for cams in CAMERA_COUNTS:
+        c = rounds.cells[cams]
+        med = {m: statistics.median(c[m]) for m in MODES}
+        # per-round ratios (the two runs closest in time), median over rounds
+        ratios = {base: statistics.median(a / x for a, x in zip(c["agent"], c[base],
+                                                                strict=True))
+                  for base in ("tuned", "naive", "bare")}
+        for base, r in ratios.items():
+            worst[base] = min(worst[base], r)
+        summary[str(cams)] = {"fps_median": {m: round(v, 2) for m, v in med.items()},
+                              "fps_rounds": {m: [round(x, 2) for x in c[m]] for m in MODES},
+                              "agent_over": {k: round(v, 3) for k, v in ratios.items()},
+                              "inference_config": {"bare": found.best[cams].key,
+                                                   "tuned": found.tuned[cams].key},
+                              "agent": rounds.agent_meta.get(cams, {})}
+        print(f"cameras={cams}: " + " ".join(f"{m}={med[m]:.1f}" for m in MODES)
+              + f" fps | agent/tuned={ratios['tuned']:.3f} agent/naive={ratios['naive']:.3f}"
+              f" agent/bare={ratios['bare']:.3f}", flush=True)
+    return summary, worst
+
+
+def parse_plan(argv: list[str] | None) -> tuple[Plan, Path]:
+    """Command line → durations and the output file."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one short round (under a minute)")
     ap.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default 3, "
@@ -407,17 +546,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=0.0, help="measured seconds per cell")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
+    quick = args.quick
+    plan = Plan(quick=quick, rounds=args.rounds or (1 if quick else 3),
+                secs=args.seconds or (1.3 if quick else 5.0), warm=0.4 if quick else 1.0,
+                search_s=0.3 if quick else 1.0, passes=1 if quick else 2,
+                lat_s=4.0 if quick else 20.0)
+    return plan, args.out
+
+
+def main(argv: list[str] | None = None) -> int:
+    plan, out = parse_plan(argv)
     for p in (MANIFEST, VIDEO):
         if not p.exists():
             print(f"missing {p}: run `python models/build.py` first", file=sys.stderr)
             return 2
-    quick = args.quick
-    rounds = args.rounds or (1 if quick else 3)
-    secs = args.seconds or (1.3 if quick else 5.0)
-    warm = 0.4 if quick else 1.0
-    search_s = 0.3 if quick else 1.0
-    passes = 1 if quick else 2
-    lat_s = 4.0 if quick else 20.0
     n_cpu = cpus()
     configure_logging("error", json=True)
     cv2.setNumThreads(1)  # the agent's choice too: threads belong to cameras and workers
@@ -434,109 +576,30 @@ def main(argv: list[str] | None = None) -> int:
     tensors = [model.preprocess(v.read())[0] for _ in range(16)]
     v.close()
     sessions = {i: session(i) for i in sorted({1, n_cpu, 2} & set(range(1, n_cpu + 1)))}
-
-    # 1. the best session.run configuration per camera count (batch <= cameras)
-    # best of the passes: a neighbour's burst on a shared machine rarely hits them all
-    search: dict[str, float] = {}
-    for _ in range(passes):
-        for cfg in candidates(n_cpu, max(CAMERA_COUNTS)):
-            fps = run_bare(sessions, tensors, cfg, 0.2, search_s)
-            search[cfg.key] = max(search.get(cfg.key, 0.0), fps)
-    best: dict[int, Config] = {}
-    for cams in CAMERA_COUNTS:
-        best[cams] = max(candidates(n_cpu, cams), key=lambda c: search[c.key])
-    print("# bare search (fps): " + " ".join(f"{k}={v:.1f}" for k, v in search.items()),
-          flush=True)
-
-    # 2. tuned keeps the configuration that is best *with decoding beside it*: the best bare
-    # one may not be (e.g. two ORT threads in one run spin against the decode thread), and a
-    # weak baseline would flatter the agent. Candidates: the three best bare ones and one
-    # single-threaded run per CPU.
-    tuned_search: dict[str, dict[str, float]] = {}
-    tuned_cfg: dict[int, Config] = {}
-    for cams in CAMERA_COUNTS:
-        ranked = sorted(candidates(n_cpu, cams), key=lambda c: -search[c.key])[:3]
-        default = Config(1, n_cpu, 1)
-        tries = ranked + ([default] if default not in ranked else [])
-        figures = {c.key: run_tuned(sessions, model.preprocess, c, cams, 0.3, 2 * search_s)
-                   for c in tries}
-        tuned_search[str(cams)] = {k: round(v, 2) for k, v in figures.items()}
-        tuned_cfg[cams] = max(tries, key=lambda c: figures[c.key])
-    print("# tuned search (fps): " + " ".join(
-        f"cameras={n}: " + ",".join(f"{k}={v:.1f}" for k, v in f.items())
-        for n, f in tuned_search.items()), flush=True)
-
-    cells: dict[int, dict[str, list[float]]] = {c: {m: [] for m in MODES} for c in CAMERA_COUNTS}
-    agent_cfg: dict[int, tuple[int, int]] = {}
-    agent_meta: dict[int, dict[str, Any]] = {}
+    found = search_configs(sessions, tensors, model, n_cpu, plan)
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmpdir:
         tmp = Path(tmpdir)
-        for rnd in range(rounds):
-            for cams in CAMERA_COUNTS:
-                cfg = best[cams]
-                # the order rotates each round, so a load change during a cell does not
-                # always hit the same variant
-                order = MODES[rnd % len(MODES):] + MODES[: rnd % len(MODES)]
-                for mode in order:
-                    if mode == "bare":
-                        fps = run_bare(sessions, tensors, cfg, warm, secs)
-                    elif mode == "tuned":
-                        fps = run_tuned(sessions, model.preprocess, tuned_cfg[cams], cams,
-                                        warm, secs)
-                    elif mode == "naive":
-                        fps = run_naive(naive_model, cams, warm, secs, tmp / "naive.jsonl")
-                    else:
-                        w, b = agent_cfg.get(cams, (0, 0))
-                        res = asyncio.run(run_agent(cams, tmp, warm_s=warm + 0.6, secs=secs,
-                                                    workers=w, max_batch=b,
-                                                    calibrate_s=0.25 if quick else 0.5))
-                        if cams not in agent_cfg:  # measured once, reused in later rounds
-                            agent_cfg[cams] = (res.workers, res.limits.get("yolov8n-like", 1))
-                            agent_meta[cams] = {"workers": res.workers,
-                                                "batch_limits": res.limits,
-                                                "calibration": res.calibration}
-                        fps = res.fps
-                    cells[cams][mode].append(fps)
-                row = " ".join(f"{m}={cells[cams][m][-1]:.1f}" for m in MODES)
-                print(f"round {rnd + 1} cameras={cams}: {row} (fps)", flush=True)
-        # 2. the latency the agent adds, one camera at the video's own frame rate
-        w, b = agent_cfg[1]
-        lat = asyncio.run(run_agent(1, tmp, warm_s=1.0, secs=lat_s, workers=w, max_batch=b,
-                                    calibrate_s=0.25, rate="native", latency=True))
+        rounds = run_rounds(found, sessions, tensors, (model, naive_model), tmp, plan)
+        # the latency the agent adds, one camera at the video's own frame rate
+        w, b = rounds.agent_cfg[1]
+        lat = asyncio.run(run_agent(1, tmp, warm_s=1.0, secs=plan.lat_s, workers=w,
+                                    max_batch=b, calibrate_s=0.25, rate="native",
+                                    latency=True))
     model.close()
     naive_model.close()
 
-    summary: dict[str, Any] = {}
-    worst = {"tuned": float("inf"), "naive": float("inf"), "bare": float("inf")}
-    for cams in CAMERA_COUNTS:
-        c = cells[cams]
-        med = {m: statistics.median(c[m]) for m in MODES}
-        # per-round ratios (the two runs closest in time), median over rounds
-        ratios = {base: statistics.median(a / x for a, x in zip(c["agent"], c[base],
-                                                                strict=True))
-                  for base in ("tuned", "naive", "bare")}
-        for base, r in ratios.items():
-            worst[base] = min(worst[base], r)
-        summary[str(cams)] = {"fps_median": {m: round(v, 2) for m, v in med.items()},
-                              "fps_rounds": {m: [round(x, 2) for x in c[m]] for m in MODES},
-                              "agent_over": {k: round(v, 3) for k, v in ratios.items()},
-                              "inference_config": {"bare": best[cams].key,
-                                                   "tuned": tuned_cfg[cams].key},
-                              "agent": agent_meta.get(cams, {})}
-        print(f"cameras={cams}: " + " ".join(f"{m}={med[m]:.1f}" for m in MODES)
-              + f" fps | agent/tuned={ratios['tuned']:.3f} agent/naive={ratios['naive']:.3f}"
-              f" agent/bare={ratios['bare']:.3f}", flush=True)
+    summary, worst = summarize(rounds, found)
     added = lat.added_ms
     p50, p99 = pct(added, 50), pct(added, 99)
     result = {
         "machine": {"cpus": n_cpu, "platform": platform.platform(),
                     "onnxruntime": ort.__version__, "opencv": cv2.__version__,
                     "loadavg_before": load_before, "loadavg_after": loadavg()},
-        "settings": {"quick": quick, "rounds": rounds, "seconds_per_cell": secs,
-                     "model": str(MANIFEST.relative_to(ROOT)),
+        "settings": {"quick": plan.quick, "rounds": plan.rounds,
+                     "seconds_per_cell": plan.secs, "model": str(MANIFEST.relative_to(ROOT)),
                      "video": str(VIDEO.relative_to(ROOT))},
-        "bare_search_fps": {k: round(v, 2) for k, v in search.items()},
-        "tuned_search_fps": tuned_search,
+        "bare_search_fps": {k: round(v, 2) for k, v in found.bare_fps.items()},
+        "tuned_search_fps": found.tuned_fps,
         "cameras": summary,
         "latency_one_camera_native_rate": {
             "results": len(added), "agent_fps": round(lat.fps, 2),
@@ -547,13 +610,13 @@ def main(argv: list[str] | None = None) -> int:
         "worst": {f"agent_over_{k}": round(v, 3) for k, v in worst.items()},
         "took_s": round(time.perf_counter() - t_start, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     st = result["latency_one_camera_native_rate"]["stage_ms_p50"]  # type: ignore[index]
     print("# stage p50 (ms): " + " ".join(f"{k}={v}" for k, v in st.items()), flush=True)
     print(f"# added latency, 1 camera at {lat.fps:.1f} fps: p50={p50:.2f} ms p99={p99:.2f} ms "
           f"({len(added)} results); loadavg now {loadavg()}; took "
-          f"{result['took_s']} s; figures in {args.out}", flush=True)
+          f"{result['took_s']} s; figures in {out}", flush=True)
     print(f"agent_over_tuned={worst['tuned']:.3f} agent_over_naive={worst['naive']:.3f} "
           f"agent_over_bare={worst['bare']:.3f} added_p50_ms={p50:.2f} added_p99_ms={p99:.2f}")
     return 0

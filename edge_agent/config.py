@@ -3,7 +3,12 @@
 Sources, highest priority first: keyword arguments, environment (``EDGE_AGENT_`` prefix, nested
 keys joined by ``__``, e.g. ``EDGE_AGENT_MQTT__HOST``), the YAML config file, field defaults.
 Unknown keys are rejected everywhere, so a typo never silently runs with a default. Secrets
-(passwords, tokens) are read from files named in the config, never written in it.
+(passwords, tokens) are read from files named in the config, never written in it. How a file
+and the environment become settings, and how errors are reported, is shared with the hub
+(``edge_agent.common.settings``); this module says what the agent's settings are.
+
+It also owns the grammar of camera source URLs (``parse_source``): a URL is validated here, so a
+typo is a config error with its field path, and capture opens what this grammar accepted.
 
 Every field says its unit, its default and why that default.
 """
@@ -12,44 +17,123 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import SplitResult, parse_qs, urlsplit
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-)
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
 
+from edge_agent.common import mqtt as common_mqtt
+from edge_agent.common import settings as common_settings
 from edge_agent.contract.protocol import DEFAULT_TOPIC_PREFIX, Name, is_valid_node
 from edge_agent.errors import AgentError
 
 
-class ConfigError(AgentError):
+class ConfigError(common_settings.ConfigError, AgentError):
     """A config that cannot be used. ``errors`` holds (field path, message, offending value)."""
 
     exit_code = 2
 
-    def __init__(self, errors: list[tuple[str, str, Any]]) -> None:
-        self.errors = errors
-        super().__init__("; ".join(f"{p}: {m} (got {v!r})" for p, m, v in errors))
+
+# ----------------------------------------------------------------------- camera source URLs
+
+SourceKind = Literal["file", "stream", "usb", "test"]
+_STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https")
+#: Test pattern parameters: name -> (lowest, highest, default).
+_TEST_PARAMS = {"width": (16, 7680, 640), "height": (16, 4320, 480), "fps": (0.1, 1000, 30)}
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+@dataclass(frozen=True)
+class SourceSpec:
+    """A parsed camera source URL."""
+
+    kind: SourceKind
+    #: File path, stream URL, device index (as text) or ``pattern``.
+    target: str
+    #: Test pattern parameters (width, height, fps).
+    params: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def live(self) -> bool:
+        """Live sources pace themselves; only files are paced (or not) by the reader."""
+        return self.kind != "file"
+
+
+def parse_source(url: str) -> SourceSpec:
+    """Parse a camera URL; raise ``ValueError`` with a message that says what is accepted."""
+    if not url or not url.strip():
+        raise ValueError("camera URL is empty")
+    if "://" not in url:
+        return SourceSpec("file", url)
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    parse = _SCHEMES.get("stream" if scheme in _STREAM_SCHEMES else scheme)
+    if parse is None:
+        raise ValueError(
+            f"unsupported source scheme {scheme!r}: use a file path, file://, rtsp://, "
+            "http(s)://, rtmp://, usb://N or test://pattern"
+        )
+    return parse(url, parts)
+
+
+def _file_source(url: str, parts: SplitResult) -> SourceSpec:
+    path = parts.path if not parts.netloc else parts.netloc + parts.path
+    if not path:
+        raise ValueError("file:// URL has no path")
+    return SourceSpec("file", path)
+
+
+def _stream_source(url: str, parts: SplitResult) -> SourceSpec:
+    if not parts.hostname:
+        raise ValueError(f"{parts.scheme.lower()}:// URL has no host")
+    return SourceSpec("stream", url)
+
+
+def _usb_source(url: str, parts: SplitResult) -> SourceSpec:
+    idx = parts.netloc or parts.path.lstrip("/")
+    if not idx.isdigit():
+        raise ValueError("usb:// needs a device index, e.g. usb://0")
+    return SourceSpec("usb", idx)
+
+
+def _test_source(url: str, parts: SplitResult) -> SourceSpec:
+    if parts.netloc != "pattern":
+        raise ValueError("test:// supports only test://pattern")
+    params: dict[str, float] = {}
+    for key, values in parse_qs(parts.query, strict_parsing=False).items():
+        if key not in _TEST_PARAMS:
+            raise ValueError(f"test://pattern: unknown parameter {key!r}")
+        lo, hi, _ = _TEST_PARAMS[key]
+        try:
+            val = float(values[-1])
+        except ValueError:
+            raise ValueError(f"test://pattern: {key} must be a number") from None
+        if not lo <= val <= hi:
+            raise ValueError(f"test://pattern: {key} must be in [{lo}, {hi}]")
+        params[key] = val
+    for key, (_, _, default) in _TEST_PARAMS.items():
+        params.setdefault(key, float(default))
+    return SourceSpec("test", "pattern", params)
+
+
+_SCHEMES = {"file": _file_source, "stream": _stream_source, "usb": _usb_source,
+            "test": _test_source}
+
+
+# ----------------------------------------------------------------------------- the settings
 
 
 Provider = Literal["tensorrt", "cuda", "cpu"]
 
 
-class EngineSettings(_Section):
+class EngineSettings(common_settings.Section):
     """ONNX Runtime settings shared by every model on this node."""
 
     #: Execution providers to try, in order, among those onnxruntime reports as available.
     #: Default: TensorRT > CUDA > CPU, the fastest first; CPU is always the last resort.
-    providers: list[Provider] = ["tensorrt", "cuda", "cpu"]
+    providers: list[Provider] = Field(["tensorrt", "cuda", "cpu"])
     #: Threads inside one ``session.run`` (ORT intra-op). Default 1: on small edge CPUs, several
     #: concurrent runs with 1 thread each beat one run with all threads (measured ~1.45x on 2
     #: cores with a YOLOv8n-sized model, docs/engine.md, bench/engine.py).
@@ -64,7 +148,7 @@ class EngineSettings(_Section):
     warmup_runs: int = Field(2, ge=0, le=100)
 
 
-class ModelSpec(_Section):
+class ModelSpec(common_settings.Section):
     """A model served from a local manifest (the hub's desired state can replace it)."""
 
     #: Model name, as cameras and the hub refer to it (lowercase letters, digits, '-').
@@ -74,7 +158,7 @@ class ModelSpec(_Section):
 
 
 
-class CameraSettings(_Section):
+class CameraSettings(common_settings.Section):
     """One camera stream."""
 
     #: Camera name, used in result topics (lowercase letters, digits, '-').
@@ -105,17 +189,19 @@ class CameraSettings(_Section):
     reconnect_min_s: float = Field(0.5, gt=0, le=3600)
     reconnect_max_s: float = Field(30.0, gt=0, le=3600)
 
-
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        from edge_agent.capture.sources import parse_source  # noqa: PLC0415 - keeps config light
-
         parse_source(v)  # raises ValueError naming the accepted forms
         return v
 
+    @property
+    def source(self) -> SourceSpec:
+        """The parsed ``url`` (valid: the validator parsed it once already)."""
+        return parse_source(self.url)
 
-class PipelineSettings(_Section):
+
+class PipelineSettings(common_settings.Section):
     """How frames from all cameras are scheduled onto inference and where results go."""
 
     #: Inference worker threads shared by all cameras (each runs one ``session.run`` at a time).
@@ -147,41 +233,19 @@ class PipelineSettings(_Section):
     jsonl_path: Path = Path("/var/lib/edge-agent/results.jsonl")
 
 
-class MqttSettings(_Section):
-    #: Broker host name or address. Default 127.0.0.1 (a broker on the same box).
-    host: str = "127.0.0.1"
-    #: Broker port. Default 1883 (8883 is conventional with TLS).
-    port: int = Field(1883, ge=1, le=65535)
+class MqttSettings(common_mqtt.ConnectionSettings):
+    """The broker the agent publishes to and takes its desired state from."""
+
     #: First topic level of every topic (docs/protocol.md). Default ``edge``.
     topic_prefix: str = DEFAULT_TOPIC_PREFIX
-    #: 5 or 3 (3.1.1). Default 5: reason codes and shared subscriptions.
-    protocol: Literal[5, 3] = 5
-    #: Seconds between keepalive pings; a dead link is detected after 1.5x this. Default 15 s:
-    #: fast enough to notice a cut within ~20 s, cheap on metered links.
-    keepalive_s: int = Field(15, ge=5, le=3600)
-    #: Broker user name; None = anonymous.
-    username: str | None = None
-    #: File holding the password (a mounted Secret), never the password itself.
-    password_file: Path | None = None
-    #: Connect with TLS (then usually port 8883). Default false: a site-local broker.
-    tls: bool = False
-    #: CA bundle (PEM) that verifies the broker; None = the system store.
-    ca_file: Path | None = None
-    #: Client certificate (PEM) for mutual TLS; None = no client certificate.
-    cert_file: Path | None = None
-    #: Private key (PEM) of ``cert_file``.
-    key_file: Path | None = None
     #: QoS 1 messages in flight before waiting for PUBACKs. Default 100: enough to fill a
     #: 50 ms RTT link at ~2,000 msg/s; the duplicates after a broker crash are at most this many.
     max_inflight: int = Field(100, ge=1, le=65535)
-    #: Reconnect backoff bounds, seconds (exponential with full jitter between them).
-    reconnect_min_s: float = Field(0.5, gt=0)
-    reconnect_max_s: float = Field(30.0, gt=0)
     #: Seconds between telemetry messages. Default 10 s: the hub's gates judge over minutes.
     telemetry_interval_s: float = Field(10.0, gt=0)
 
 
-class OutboxSettings(_Section):
+class OutboxSettings(common_settings.Section):
     #: SQLite file on a host path that survives pod restarts.
     path: Path = Path("/var/lib/edge-agent/outbox.sqlite3")
     #: Milliseconds between commits of appended results. A crash can lose at most this window
@@ -203,7 +267,7 @@ class OutboxSettings(_Section):
     max_pending_bytes: int = Field(16 * 1024 * 1024, ge=64 * 1024)
 
 
-class HttpSettings(_Section):
+class HttpSettings(common_settings.Section):
     #: Listen address. Default 0.0.0.0 in a pod (probes come from the kubelet on the node IP);
     #: set 127.0.0.1 to listen on loopback only.
     host: str = "0.0.0.0"  # noqa: S104 - the kubelet probes the pod IP
@@ -213,7 +277,7 @@ class HttpSettings(_Section):
     max_upload_bytes: int = Field(8 * 1024 * 1024, ge=1024)
 
 
-class HubClientSettings(_Section):
+class HubClientSettings(common_settings.Section):
     #: Hub base URL for artifact downloads (the desired state names full URLs; this is a
     #: fallback and the origin check). None = no hub: serve local models only.
     url: str | None = None
@@ -238,13 +302,13 @@ class HubClientSettings(_Section):
     #: Retries after the first attempt for temporary failures (connection errors, timeouts, HTTP
     #: 408/429/5xx). Default 5: with the backoff below, rides out about a minute of hub outage.
     download_retries: int = Field(5, ge=0, le=100)
-    #: Backoff before retry k is uniform in [0, min(retry_max_s, retry_min_s * 2**k)] seconds
-    #: (exponential with full jitter, so a fleet does not retry in lockstep). Defaults 0.5/30 s.
+    #: Backoff bounds, seconds: retry k waits in [d/2, d], d = min(retry_max_s, retry_min_s *
+    #: 2**k) (half fixed, half jitter, so a fleet does not retry in lockstep). Defaults 0.5/30 s.
     retry_min_s: float = Field(0.5, gt=0)
     retry_max_s: float = Field(30.0, gt=0)
 
 
-class ModelSyncSettings(_Section):
+class ModelSyncSettings(common_settings.Section):
     """How a new model version is validated, switched in, watched and rolled back."""
 
     #: Validation inferences on a synthetic frame before the switch. Default 3: the first run
@@ -271,34 +335,22 @@ class ModelSyncSettings(_Section):
     reload_poll_s: float = Field(2.0, ge=0)
 
 
-class LogSettings(_Section):
-    #: Minimum level of log lines. Default info: one line per event or burst, never per frame.
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    #: JSON lines (true), console (false), or by TTY (null, default).
-    json_lines: bool | None = None
-
-
 def _default_node() -> str:
     # In a DaemonSet, NODE_NAME comes from the downward API (spec.nodeName).
     return os.environ.get("NODE_NAME") or socket.gethostname().lower()
 
 
-class AgentSettings(BaseSettings):
+class AgentSettings(common_settings.ProgramSettings):
     """Everything the agent is configured with. See docs/configuration.md."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="EDGE_AGENT_",
-        env_nested_delimiter="__",
-        extra="forbid",
-        validate_default=True,
-    )
+    model_config = SettingsConfigDict(env_prefix="EDGE_AGENT_")
 
     #: This node's name (topics, labels). Default: $NODE_NAME, else the host name.
     node: str = Field(default_factory=_default_node)
-    log: LogSettings = LogSettings()
+    log: common_settings.LogSettings = common_settings.LogSettings()
     engine: EngineSettings = EngineSettings()
-    models: list[ModelSpec] = []
-    cameras: list[CameraSettings] = []
+    models: list[ModelSpec] = Field([])
+    cameras: list[CameraSettings] = Field([])
     mqtt: MqttSettings = MqttSettings()
     outbox: OutboxSettings = OutboxSettings()
     http: HttpSettings = HttpSettings()
@@ -316,19 +368,6 @@ class AgentSettings(BaseSettings):
             raise ValueError("must be a lowercase DNS name (letters, digits, '-', '.')")
         return v
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The YAML file is passed as init kwargs by load_settings (lowest of the explicit ones),
-        # so env must outrank it: env first, then init.
-        return (env_settings, init_settings)
-
     def model_post_init(self, __context: Any) -> None:
         names = [m.name for m in self.models]
         dup = {n for n in names if names.count(n) > 1}
@@ -339,45 +378,13 @@ class AgentSettings(BaseSettings):
             raise ValueError("duplicate camera names")
 
 
-def _flatten_errors(exc: ValidationError, data: dict[str, Any]) -> list[tuple[str, str, Any]]:
-    out: list[tuple[str, str, Any]] = []
-    for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"]) or "(root)"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        out.append((path, msg, err.get("input")))
-    return out
-
-
 def load_settings(path: Path | str | None = None, **overrides: Any) -> AgentSettings:
     """Build the settings from an optional YAML file, the environment and ``overrides``.
 
-    Raises ConfigError listing every problem as (field path, message, value).
+    Raises ConfigError listing every problem as (field path, message, value), the cross-field
+    checks (``check_settings``) included.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError([("(file)", f"cannot read config: {exc.strerror}", str(p))]) from exc
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError([("(file)", f"not valid YAML: {exc}", str(p))]) from exc
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError([("(root)", "config must be a mapping", type(loaded).__name__)])
-        data = loaded
-    data.update(overrides)
-    try:
-        settings = AgentSettings(**data)
-    except ValidationError as exc:
-        raise ConfigError(_flatten_errors(exc, data)) from exc
-    except ValueError as exc:
-        raise ConfigError([("(root)", str(exc), None)]) from exc
+    settings = common_settings.load(AgentSettings, path, overrides, ConfigError)
     check_settings(settings)
     return settings
 

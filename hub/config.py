@@ -2,7 +2,9 @@
 
 Sources, highest first: environment (``EDGE_HUB_`` prefix, nested keys joined by ``__``), the
 YAML config file (``--config``), field defaults. Unknown keys are rejected. Secrets (the API
-token, MQTT password) come from files. Every field says its unit, default and why.
+token, MQTT password) come from files. How a file and the environment become settings, and how
+errors are reported, is shared with the agent (``edge_agent.common.settings``); this module says
+what the hub's settings are. Every field says its unit, default and why.
 """
 
 from __future__ import annotations
@@ -10,30 +12,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 
+from edge_agent.common import mqtt as common_mqtt
+from edge_agent.common import settings as common_settings
 from edge_agent.contract.protocol import DEFAULT_LABEL_PREFIX, DEFAULT_TOPIC_PREFIX
 from hub.errors import HubError
 
 
-class ConfigError(HubError):
+class ConfigError(common_settings.ConfigError, HubError):
     """A config that cannot be used. ``errors`` holds (field path, message, offending value)."""
 
     code = "bad_config"
     exit_code = 2
 
-    def __init__(self, errors: list[tuple[str, str, Any]]) -> None:
-        self.errors = errors
-        super().__init__("; ".join(f"{p}: {m} (got {v!r})" for p, m, v in errors))
 
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ApiSettings(_Section):
+class ApiSettings(common_settings.Section):
     #: Listen address. Default 127.0.0.1: nothing listens beyond loopback unless configured
     #: (the k3s manifest sets 0.0.0.0 inside the pod).
     host: str = "127.0.0.1"
@@ -54,37 +49,26 @@ class ApiSettings(_Section):
     public_url: str | None = None
 
 
-class StorageSettings(_Section):
+class StorageSettings(common_settings.Section):
     #: Folder for artifacts (content-addressed by sha256) and the SQLite database (a PVC).
     data_dir: Path = Path("/var/lib/edge-hub")
 
 
-class SigningSettings(_Section):
+class SigningSettings(common_settings.Section):
     #: Refuse uploads without a valid ed25519 signature. Default false (opt-in).
     require_signed: bool = False
     #: PEM public keys that signatures are checked against.
-    public_key_files: list[Path] = []
+    public_key_files: list[Path] = Field([])
 
 
-class MqttSettings(_Section):
-    #: Broker host name or address. Default 127.0.0.1.
-    host: str = "127.0.0.1"
-    port: int = Field(1883, ge=1, le=65535)
+class MqttSettings(common_mqtt.ConnectionSettings):
+    """The broker the hub takes the agents' state and telemetry from and sends desired state to."""
+
     #: First topic level, the same as the agents' ``mqtt.topic_prefix``. Default ``edge``.
     topic_prefix: str = DEFAULT_TOPIC_PREFIX
-    #: Broker user name; None = anonymous.
-    username: str | None = None
-    #: File holding the broker password (a mounted Secret).
-    password_file: Path | None = None
-    #: Connect with TLS. Default false: a site-local broker.
-    tls: bool = False
-    #: CA bundle (PEM) that verifies the broker; None = the system store.
-    ca_file: Path | None = None
-    #: Seconds between keepalives. Default 15 s.
-    keepalive_s: int = Field(15, ge=5, le=3600)
 
 
-class ClusterSettings(_Section):
+class ClusterSettings(common_settings.Section):
     #: Where nodes and labels come from: the Kubernetes API, or a static inventory file for
     #: sites without Kubernetes.
     backend: Literal["kubernetes", "static"] = "static"
@@ -99,8 +83,9 @@ class ClusterSettings(_Section):
     api_retries: int = Field(5, ge=0, le=20)
     #: Seconds one Kubernetes API request may take. Default 10 s.
     api_timeout_s: float = Field(10.0, gt=0)
-    #: First retry delay after a 409/429/5xx/timeout, seconds; doubles per attempt (with
-    #: jitter) up to ``api_backoff_max_s``. Default 0.2 s: a conflict usually clears at once.
+    #: Backoff after a 409/429/5xx/timeout, seconds: retry k waits in [d/2, d], d =
+    #: min(api_backoff_max_s, api_backoff_s * 2**k) (half fixed, half jitter). Default 0.2 s: a
+    #: conflict usually clears at once.
     api_backoff_s: float = Field(0.2, gt=0)
     #: Largest retry delay, seconds (a 429's Retry-After is capped to it). Default 5 s.
     api_backoff_max_s: float = Field(5.0, gt=0)
@@ -119,7 +104,7 @@ class ClusterSettings(_Section):
     inventory_poll_s: float = Field(2.0, gt=0)
 
 
-class TelemetrySettings(_Section):
+class TelemetrySettings(common_settings.Section):
     #: Sliding window over which per-node metrics are aggregated, seconds. Default 300 s.
     window_s: float = Field(300.0, gt=0)
     #: A node silent for this long is offline (the last will says so sooner). Default 60 s =
@@ -127,7 +112,7 @@ class TelemetrySettings(_Section):
     offline_after_s: float = Field(60.0, gt=0)
 
 
-class RolloutSettings(_Section):
+class RolloutSettings(common_settings.Section):
     #: How often active rollouts are stepped even when no node state changed, seconds.
     #: Default 1 s: bake times and deadlines are minutes, a second of slack is nothing.
     tick_s: float = Field(1.0, gt=0)
@@ -139,21 +124,12 @@ class RolloutSettings(_Section):
     startup_grace_s: float = Field(3.0, ge=0)
 
 
-class LogSettings(_Section):
-    #: Minimum level of log lines. Default info.
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    #: JSON lines (true), console (false), or by TTY (null, default).
-    json_lines: bool | None = None
-
-
-class HubSettings(BaseSettings):
+class HubSettings(common_settings.ProgramSettings):
     """Everything the hub is configured with. See docs/configuration.md."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="EDGE_HUB_", env_nested_delimiter="__", extra="forbid", validate_default=True
-    )
+    model_config = SettingsConfigDict(env_prefix="EDGE_HUB_")
 
-    log: LogSettings = LogSettings()
+    log: common_settings.LogSettings = common_settings.LogSettings()
     api: ApiSettings = ApiSettings()
     storage: StorageSettings = StorageSettings()
     signing: SigningSettings = SigningSettings()
@@ -162,21 +138,13 @@ class HubSettings(BaseSettings):
     telemetry: TelemetrySettings = TelemetrySettings()
     rollouts: RolloutSettings = RolloutSettings()
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (env_settings, init_settings)
-
     def api_token(self) -> str | None:
-        """The bearer token for mutating endpoints (file wins over the inline value)."""
+        """The bearer token for mutating endpoints (file wins over the inline value).
+
+        Blocking when ``api.token_file`` is set; raises ``OSError`` when it cannot be read.
+        """
         if self.api.token_file is not None:
-            return self.api.token_file.read_text(encoding="utf-8").strip() or None
+            return common_settings.read_secret(self.api.token_file) or None
         return self.api.token
 
     def public_url(self) -> str:
@@ -189,24 +157,4 @@ class HubSettings(BaseSettings):
 
 def load_settings(path: Path | str | None = None, **overrides: Any) -> HubSettings:
     """Build the hub settings; raise ConfigError listing each (field path, message, value)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except OSError as exc:
-            raise ConfigError([("(file)", f"cannot read config: {exc.strerror}", str(p))]) from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError([("(file)", f"not valid YAML: {exc}", str(p))]) from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError([("(root)", "config must be a mapping", type(loaded).__name__)])
-        data = loaded
-    data.update(overrides)
-    try:
-        return HubSettings(**data)
-    except ValidationError as exc:
-        errs = []
-        for e in exc.errors():
-            msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-            errs.append((".".join(str(x) for x in e["loc"]) or "(root)", msg, e.get("input")))
-        raise ConfigError(errs) from exc
+    return common_settings.load(HubSettings, path, overrides, ConfigError)

@@ -39,7 +39,15 @@ class TooLarge(HubError):
 
 
 class ArtifactRejected(HubError):
-    """An uploaded model that fails validation (not ONNX, shape mismatch, bad signature)."""
+    """An uploaded model that fails validation (not ONNX, shape mismatch, bad signature).
+
+    ``reason``: the contract's stable rejection reason when its shared checks refused the model
+    (the same an agent gives at load), sent beside ``code`` in the JSON error; else None.
+    """
 
     code = "artifact_rejected"
     http_status = 422
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make `models` and `edge_agent` importable
     sys.path.insert(0, str(ROOT))
 
-from edge_agent.inference.manifest import (  # noqa: E402
+from edge_agent.contract.manifest import (  # noqa: E402
     MANIFEST_NAME,
     ModelManifest,
     load_manifest,

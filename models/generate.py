@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edge_agent.inference.manifest import MANIFEST_NAME, ModelManifest, write_manifest
+from edge_agent.contract.manifest import MANIFEST_NAME, ModelManifest, write_manifest
 
 #: Opset and IR version: old enough for the onnxruntime builds on Jetson (1.16+).
 OPSET = 17

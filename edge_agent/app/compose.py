@@ -15,11 +15,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import contextlib
 import gc
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
@@ -28,12 +27,18 @@ from prometheus_client import CollectorRegistry
 from edge_agent.app.http import BusyError, HttpServer, build_app
 from edge_agent.app.supervisor import LoopLagProbe, Supervisor
 from edge_agent.config import AgentSettings, ConfigError, check_settings
+from edge_agent.contract import results
 from edge_agent.errors import InputError, ModelError
+from edge_agent.streaming import calibration
 from edge_agent.streaming.metrics import AgentMetrics
 from edge_agent.streaming.pipeline import Pipeline
-from edge_agent.streaming.scheduler import calibrate, worker_candidates
 from edge_agent.streaming.sinks import JsonLinesSink, ResultSink
-from edge_agent.streaming.slots import ModelSlot
+from edge_agent.streaming.slots import ModelSlot, ServingModel
+
+if TYPE_CHECKING:  # heavy (onnxruntime, the cache): imported where they are first built
+    from edge_agent.app.reload import ConfigReloader
+    from edge_agent.inference.engine import InferOutput
+    from edge_agent.modelsync.sync import ModelSync
 
 log = structlog.get_logger(__name__)
 
@@ -58,7 +63,7 @@ class Agent:
         self.settings = settings
         #: The YAML file a reload (SIGHUP or file change) re-reads; None disables reloads.
         self.config_path = config_path
-        self.reloader: Any = None
+        self.reloader: ConfigReloader | None = None
         self.metrics = AgentMetrics(registry)
         self.metrics.watch_provider_fallbacks()
         self.slots: dict[str, ModelSlot] = {}
@@ -72,7 +77,7 @@ class Agent:
         self.lag.observe(self.metrics.loop_lag.observe)
         self.pipeline: Pipeline | None = None
         self.http: HttpServer | None = None
-        self.sync: Any = None
+        self.sync: ModelSync | None = None
         #: The outbox, MQTT link, drain and telemetry (``pipeline.sink: mqtt``).
         self.mqtt: MqttParts | None = None
         #: Startup measurement figures (frames per second per candidate, per model).
@@ -87,8 +92,8 @@ class Agent:
         from edge_agent.modelsync.sync import ModelSync  # noqa: PLC0415 - keeps import cheap
 
         # its constructor reads the sync state file: not on the event loop
-        self.sync = await asyncio.to_thread(ModelSync, self.settings, self.slots)
-        await self.sync.load_startup()  # raises ModelError for a config model that cannot load
+        sync = self.sync = await asyncio.to_thread(ModelSync, self.settings, self.slots)
+        await sync.load_startup()  # raises ModelError for a config model that cannot load
         loaded = [s.model for s in self.slots.values() if s.model is not None]
         self.metrics.set_model_info(loaded)
 
@@ -110,9 +115,10 @@ class Agent:
             if fixed_workers and len(batches) == 1:
                 limits[name] = batches[0]
                 continue
-            cands = [fixed_workers] if fixed_workers else worker_candidates()
-            best_w, best_b, figures = calibrate(model, workers=cands, batches=batches,
-                                                seconds=p.calibrate_s)
+            cands = [fixed_workers] if fixed_workers else calibration.worker_candidates()
+            best_w, best_b, figures = calibration.calibrate(model, workers=cands,
+                                                            batches=batches,
+                                                            seconds=p.calibrate_s)
             self.calibration[name] = figures
             log.info("concurrency_measured", model=name, workers=best_w, max_batch=best_b,
                      fps=figures)
@@ -160,7 +166,7 @@ class Agent:
         sup = self.supervisor
         sup.spawn("pipeline", self.pipeline.run())
         sup.spawn("loop-lag", self.lag.run())
-        if self.sync is not None and hasattr(self.sync, "run"):
+        if self.sync is not None:
             sup.spawn("model-sync", self.sync.run())
         if self.config_path is not None:
             from edge_agent.app.reload import ConfigReloader  # noqa: PLC0415
@@ -184,32 +190,30 @@ class Agent:
     def _register_shutdown(self) -> None:
         """The shutdown steps, in order, registered before anything starts: each closes only
         what exists, so a start-up that fails half-way still releases what it opened."""
-        t = self.settings.shutdown_timeout_s
-        sup = self.supervisor
+        for name, fn in (("pipeline", self._stop_pipeline), ("outbox-drain", self._stop_drain),
+                         ("sink", self._close_sink), ("mqtt", self._close_link),
+                         ("http", self._close_http), ("models", self._close_models)):
+            self.supervisor.on_shutdown(name, fn)
 
-        async def pipeline() -> None:
-            if self.pipeline is not None:
-                await self.pipeline.stop(t * 0.5)
+    async def _stop_pipeline(self) -> None:
+        if self.pipeline is not None:
+            await self.pipeline.stop(self.settings.shutdown_timeout_s * 0.5)
 
-        async def drain() -> None:
-            if self.mqtt is not None:
-                await self.mqtt.drain.aclose(t * 0.2)
+    async def _stop_drain(self) -> None:
+        if self.mqtt is not None:
+            await self.mqtt.drain.aclose(self.settings.shutdown_timeout_s * 0.2)
 
-        async def sink() -> None:
-            if self._own_sink and self.sink is not None:
-                await self.sink.aclose()
+    async def _close_sink(self) -> None:
+        if self._own_sink and self.sink is not None:
+            await self.sink.aclose()
 
-        async def mqtt() -> None:
-            if self.mqtt is not None:
-                await self.mqtt.link.aclose()
+    async def _close_link(self) -> None:
+        if self.mqtt is not None:
+            await self.mqtt.link.aclose()
 
-        async def http() -> None:
-            if self.http is not None:
-                await self.http.aclose()
-
-        for name, fn in (("pipeline", pipeline), ("outbox-drain", drain), ("sink", sink),
-                         ("mqtt", mqtt), ("http", http), ("models", self._close_models)):
-            sup.on_shutdown(name, fn)
+    async def _close_http(self) -> None:
+        if self.http is not None:
+            await self.http.aclose()
 
     async def _close_models(self) -> None:
         self._infer_pool.shutdown(wait=False, cancel_futures=True)
@@ -221,15 +225,19 @@ class Agent:
     async def run(self, *, install_signals: bool = True) -> int:
         """Start, serve until SIGTERM/SIGINT or a root task dies; return the exit status."""
         try:
-            await self.start()
-        except BaseException:
-            await self.supervisor.shutdown()
-            raise
-        if install_signals:
-            self.supervisor.install_signal_handlers()
-            if self.reloader is not None:
-                self.reloader.install_sighup()
-        return await self.supervisor.run()
+            try:
+                await self.start()
+            except BaseException:
+                await self.supervisor.shutdown()
+                raise
+            if install_signals:
+                self.supervisor.install_signal_handlers()
+                if self.reloader is not None:
+                    self.reloader.install_sighup()
+            return await self.supervisor.run()
+        finally:
+            # whatever happened, no upload thread outlives the agent
+            self._infer_pool.shutdown(wait=False, cancel_futures=True)
 
     async def stop(self) -> None:
         """Graceful stop (what SIGTERM does), for tests and embedding."""
@@ -314,16 +322,12 @@ class Agent:
         finally:
             self._infers -= 1
         h, w = image.shape[:2]
-        result: dict[str, Any] = {
-            "v": 1, "node": self.settings.node, "ts": time.time(),
-            "model": {"name": m.name, "version": m.version}, "task": m.task,
-            "frame": {"width": w, "height": h},
-            "latency_ms": {"preprocess": round(out.preprocess_ms, 3),
-                           "inference": round(out.inference_ms, 3),
-                           "postprocess": round(out.postprocess_ms, 3)},
-        }
-        result.update(out.output)
-        return result
+        lat = results.latencies(preprocess=out.preprocess_ms, inference=out.inference_ms,
+                                postprocess=out.postprocess_ms)
+        # an upload belongs to no camera stream: no camera, capture or sink stage
+        return results.build_result(node=self.settings.node, camera=None, ts=time.time(),
+                                    model=m, width=w, height=h, latency_ms=lat,
+                                    output=out.output)
 
 
 class MqttParts:
@@ -370,7 +374,7 @@ class MqttParts:
             agent.sync.attach(self.link)  # desired state in, retained state out
 
 
-def _infer_leased(slot: ModelSlot, image: np.ndarray) -> tuple[Any, Any]:
+def _infer_leased(slot: ModelSlot, image: np.ndarray) -> tuple[ServingModel, InferOutput]:
     model = slot.acquire()  # ModelError when nothing serves this name
     try:
         out = model.infer(image)
@@ -386,9 +390,4 @@ def _infer_leased(slot: ModelSlot, image: np.ndarray) -> tuple[Any, Any]:
 
 async def run_agent(settings: AgentSettings, config_path: Path | None = None) -> int:
     """Run an agent until it is told to stop; return the process exit status."""
-    agent = Agent(settings, config_path=config_path)
-    try:
-        return await agent.run()
-    finally:
-        with contextlib.suppress(Exception):
-            agent._infer_pool.shutdown(wait=False, cancel_futures=True)
+    return await Agent(settings, config_path=config_path).run()

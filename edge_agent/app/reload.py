@@ -21,12 +21,16 @@ import hashlib
 import signal
 from collections import Counter
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
 from edge_agent.config import AgentSettings, CameraSettings, ConfigError, load_settings
 from edge_agent.streaming.slots import ModelSlot
+
+if TYPE_CHECKING:
+    from edge_agent.modelsync.sync import ModelSync
+    from edge_agent.streaming.pipeline import Pipeline
 
 log = structlog.get_logger(__name__)
 
@@ -39,8 +43,8 @@ class ReloadTarget(Protocol):
 
     settings: AgentSettings
     slots: dict[str, ModelSlot]
-    sync: Any
-    pipeline: Any
+    sync: ModelSync | None
+    pipeline: Pipeline | None
 
 
 def _file_digest(path: Path) -> str | None:
@@ -146,6 +150,7 @@ class ConfigReloader:
             if self._models.get(spec.name) == key:
                 continue
             self._slot(spec.name)
+            assert self.agent.sync is not None  # a reloader starts after the models loaded
             self.agent.sync.request_local(spec.name, spec.manifest)
             changed.append(spec.name)
         # model sync reads the config's models (startup choice, "is this the config's file")

@@ -4,9 +4,9 @@ Cameras are slow, bursty and unreliable, and inference is slower than some of th
 between them would grow without bound and serve ever older frames. So each camera has one
 thread that reads (and, through the ``prepare`` hook, preprocesses) frames and hands each to a
 ``FrameConsumer`` that keeps one frame per camera: the newest wins and the one it replaces is
-counted as dropped. A camera that fails, ends or stalls is reopened with exponential backoff
-and jitter, independently of the others, and its state (connected, fps, drops, last frame age)
-is readable at any time without locks.
+counted as dropped. A camera that fails, ends or stalls is reopened with the shared backoff
+(``edge_agent.common.backoff``), independently of the others, and its state (connected, fps,
+drops, last frame age) is readable at any time without locks.
 
 Sources are URLs (``edge_agent.capture.sources``); a file can be played at its own frame rate, like
 a camera, or read as fast as the consumer takes frames (no drops), optionally looping.
@@ -19,12 +19,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import numpy as np
 import structlog
 
-from edge_agent.capture.sources import CaptureError, Reader, open_source, parse_source
+from edge_agent.capture.sources import CaptureError, Reader, open_source
+from edge_agent.common import backoff
 from edge_agent.config import CameraSettings
 
 log = structlog.get_logger(__name__)
@@ -39,13 +40,17 @@ CAMERA_STATES: tuple[CameraState, ...] = (
 # -------------------------------------------------------------------------------- the camera
 
 
+#: What the consumer's ``prepare`` hook makes of a frame (capture never looks inside).
+P = TypeVar("P")
+
+
 @dataclass(slots=True)
-class Frame:
+class Frame(Generic[P]):
     """One captured frame on its way to inference.
 
-    ``image`` is the BGR frame; ``tensor``, ``meta`` and ``model`` are filled by the ``prepare``
-    hook in the capture thread. The scheduler runs the frame on ``model`` when it still serves,
-    and preprocesses ``image`` again when a hot swap replaced it in between.
+    ``image`` is the BGR frame; ``prepared`` is what the ``prepare`` hook made of it in the
+    capture thread (for the streaming scheduler: the model it was preprocessed for, the input
+    tensor and the geometry to undo it), opaque to capture.
     """
 
     camera: str
@@ -60,16 +65,14 @@ class Frame:
     width: int
     height: int
     image: np.ndarray | None = None
-    tensor: Any = None
-    meta: Any = None
-    model: Any = None
+    prepared: P | None = None
     preprocess_ms: float = 0.0
 
 
 class FrameConsumer(Protocol):
     """Takes frames from capture threads (the scheduler)."""
 
-    def offer(self, frame: Frame, camera: Camera) -> None:
+    def offer(self, frame: Frame[Any], camera: Camera) -> None:
         """Keep ``frame`` as the camera's newest; count the frame it replaces as dropped."""
         ...
 
@@ -78,32 +81,8 @@ class FrameConsumer(Protocol):
         ...
 
 
-#: Fills ``frame.tensor``/``meta``/``model`` from the BGR image (runs in the capture thread).
-PrepareHook = Callable[[Frame, np.ndarray], None]
-
-
-class Backoff:
-    """Exponential backoff with jitter: attempt k waits in [d/2, d], d = min(max, min * 2**k).
-
-    Half the delay is fixed so a flapping camera is not hammered, half is random so cameras
-    behind one failed switch do not reconnect in lockstep. ``rng`` is injectable for tests.
-    """
-
-    def __init__(self, min_s: float, max_s: float, rng: random.Random | None = None) -> None:
-        self.min_s = min_s
-        self.max_s = max(max_s, min_s)
-        self.attempt = 0
-        self._rng = rng or random.Random()
-
-    def next_delay(self) -> float:
-        """The delay before the next attempt (and count the attempt)."""
-        d = min(self.max_s, self.min_s * 2.0 ** min(self.attempt, 30))
-        self.attempt += 1
-        return d / 2 + self._rng.uniform(0, d / 2)
-
-    def reset(self) -> None:
-        """Back to the shortest delay (after a connection delivered frames)."""
-        self.attempt = 0
+#: Fills ``frame.prepared`` from the BGR image (runs in the capture thread).
+PrepareHook = Callable[[Frame[Any], np.ndarray], None]
 
 
 class Camera:
@@ -123,10 +102,11 @@ class Camera:
     ) -> None:
         self.settings = settings
         self.name = settings.name
-        self.spec = parse_source(settings.url)
+        self.spec = settings.source
         self._consumer = consumer
         self._prepare = prepare
-        self._backoff = Backoff(settings.reconnect_min_s, settings.reconnect_max_s, rng)
+        self._backoff = backoff.Backoff(settings.reconnect_min_s, settings.reconnect_max_s,
+                                        (rng or random.Random()).random)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.state: CameraState = "connecting"
@@ -290,46 +270,41 @@ class Camera:
 
     def _read_loop(self, reader: Reader) -> Literal["stopped", "ended", "failed"]:
         s = self.settings
-        paced = self.spec.kind == "file" and s.rate == "native"
+        # a file played like a camera (``rate: native``) is paced; ``rate: max`` backpressures
+        clock = _FileClock(reader.fps) if self.spec.kind == "file" and s.rate == "native" else None
         backpressure = self.spec.kind == "file" and s.rate == "max"
-        period = 1.0 / reader.fps
-        cap_period = 1.0 / s.fps_cap if s.fps_cap > 0 else 0.0
+        cap = _FpsCap(s.fps_cap)
         t0 = time.monotonic()
-        n = 0
-        next_due = 0.0
         got_any = False
         while not self._stop.is_set():
-            if paced:  # a file played like a camera: frame n is due at t0 + n / fps
-                delay = t0 + n * period - time.monotonic()
-                if delay > 0:
-                    if self._stop.wait(delay):
-                        return "stopped"
-                elif delay < -1.0:
-                    t0 = time.monotonic() - n * period  # far behind: do not burst to catch up
+            if clock is not None and not clock.wait(self._stop):
+                return "stopped"
             if not reader.grab():
                 return self._read_failed(got_any, t0)
-            n += 1
-            now = time.monotonic()
-            self.frames_read += 1
-            self.last_frame_at = now
-            if not got_any:
-                got_any = True
-                self._backoff.reset()
-                self._set_state("connected", source_fps=round(reader.fps, 2))
-            elif self.state == "stalled":
-                self._set_state("connected")
-            self._count_fps(now)
-            if cap_period:
-                if now < next_due:
-                    self.frames_skipped += 1
-                    continue
-                next_due = max(next_due + cap_period, now - cap_period)
+            now = self._frame_read(reader, first=not got_any)
+            got_any = True
+            if not cap.take(now):
+                self.frames_skipped += 1
+                continue
             img = reader.retrieve()
             if img is None:
                 self.errors += 1
                 continue
             self._deliver(img, backpressure)
         return "stopped"
+
+    def _frame_read(self, reader: Reader, *, first: bool) -> float:
+        """Count a grabbed frame; the first of a connection marks the camera connected."""
+        now = time.monotonic()
+        self.frames_read += 1
+        self.last_frame_at = now
+        if first:
+            self._backoff.reset()
+            self._set_state("connected", source_fps=round(reader.fps, 2))
+        elif self.state == "stalled":
+            self._set_state("connected")
+        self._count_fps(now)
+        return now
 
     def _read_failed(self, got_any: bool, t0: float) -> Literal["stopped", "ended", "failed"]:
         """Classify a failed read: a stop, the end of a file, a stall or a failure."""
@@ -360,8 +335,8 @@ class Camera:
     def _deliver(self, img: np.ndarray, backpressure: bool) -> None:
         h, w = img.shape[:2]
         t_read = time.perf_counter()
-        frame = Frame(self.name, self.settings.model, self.frames_read - 1, time.time(), t_read,
-                      w, h, img)
+        frame: Frame[Any] = Frame(self.name, self.settings.model, self.frames_read - 1,
+                                  time.time(), t_read, w, h, img)
         if self._prepare is not None:
             try:
                 self._prepare(frame, img)
@@ -379,3 +354,40 @@ class Camera:
                     return
         self._consumer.offer(frame, self)
         self.frames_delivered += 1
+
+
+class _FileClock:
+    """Plays a file like a camera: frame n is due at t0 + n / fps (no catch-up burst)."""
+
+    def __init__(self, fps: float) -> None:
+        self._period = 1.0 / fps
+        self._t0 = time.monotonic()
+        self._n = 0
+
+    def wait(self, stop: threading.Event) -> bool:
+        """Wait until the next frame is due; False when ``stop`` was set meanwhile."""
+        delay = self._t0 + self._n * self._period - time.monotonic()
+        if delay > 0:
+            if stop.wait(delay):
+                return False
+        elif delay < -1.0:  # far behind: do not burst to catch up
+            self._t0 = time.monotonic() - self._n * self._period
+        self._n += 1
+        return True
+
+
+class _FpsCap:
+    """``fps_cap``: takes at most one frame per period (0 = every frame)."""
+
+    def __init__(self, fps_cap: float) -> None:
+        self._period = 1.0 / fps_cap if fps_cap > 0 else 0.0
+        self._next_due = 0.0
+
+    def take(self, now: float) -> bool:
+        """Whether the frame read at ``now`` is processed (False: skipped by the cap)."""
+        if not self._period:
+            return True
+        if now < self._next_due:
+            return False
+        self._next_due = max(self._next_due + self._period, now - self._period)
+        return True

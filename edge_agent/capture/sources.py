@@ -1,102 +1,32 @@
 """Video sources by URL: files, RTSP/HTTP streams, USB devices and a synthetic test pattern.
 
-A camera is configured as one URL, and this module is the one place that knows what URLs mean:
-``parse_source`` validates them (the config calls it, so a typo is a config error with its field
-path), ``open_source`` opens them with OpenCV's FFmpeg backend for files and network streams
-(with open and read timeouts, so a stalled stream ends a blocked read instead of hanging a
-thread forever), the default backend (V4L2) for ``usb://N``, or a pure-numpy generator for
-``test://pattern?width=W&height=H&fps=F``. Every source is a ``Reader``: ``grab`` advances,
-``retrieve`` decodes the grabbed frame, so frames a consumer skips are never colour-converted.
+A camera is configured as one URL. The config owns the URL grammar (``config.parse_source``, so
+a typo is a config error with its field path); this module opens what it accepted:
+``open_source`` opens a ``config.SourceSpec`` with OpenCV's FFmpeg backend for files and
+network streams (with open and read timeouts, so a stalled stream ends a blocked read instead
+of hanging a thread forever), the default backend (V4L2) for ``usb://N``, or a pure-numpy
+generator for ``test://pattern?width=W&height=H&fps=F``. Every source is a ``Reader``: ``grab``
+advances, ``retrieve`` decodes the grabbed frame, so frames a consumer skips are never
+colour-converted.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
-from urllib.parse import parse_qs, urlsplit
+from typing import Any, Protocol
 
 import numpy as np
 
-SourceKind = Literal["file", "stream", "usb", "test"]
-_STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https")
+from edge_agent import config
+
 #: Frame rate assumed when a file does not say (0 or NaN from the container).
 DEFAULT_FPS = 30.0
 
 
 class CaptureError(Exception):
     """A source that could not be opened or read (temporary: the camera retries)."""
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    """A parsed source URL."""
-
-    kind: SourceKind
-    #: File path, stream URL, device index (as text) or ``pattern``.
-    target: str
-    #: Test pattern parameters (width, height, fps).
-    params: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def live(self) -> bool:
-        """Live sources pace themselves; only files are paced (or not) by the reader."""
-        return self.kind != "file"
-
-
-_TEST_PARAMS = {"width": (16, 7680, 640), "height": (16, 4320, 480), "fps": (0.1, 1000, 30)}
-
-
-def parse_source(url: str) -> SourceSpec:
-    """Parse a camera URL; raise ``ValueError`` with a message that says what is accepted."""
-    if not url or not url.strip():
-        raise ValueError("camera URL is empty")
-    if "://" not in url:
-        return SourceSpec("file", url)
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme == "file":
-        path = parts.path if not parts.netloc else parts.netloc + parts.path
-        if not path:
-            raise ValueError("file:// URL has no path")
-        return SourceSpec("file", path)
-    if scheme in _STREAM_SCHEMES:
-        if not parts.hostname:
-            raise ValueError(f"{scheme}:// URL has no host")
-        return SourceSpec("stream", url)
-    if scheme == "usb":
-        idx = parts.netloc or parts.path.lstrip("/")
-        if not idx.isdigit():
-            raise ValueError("usb:// needs a device index, e.g. usb://0")
-        return SourceSpec("usb", idx)
-    if scheme == "test":
-        if parts.netloc != "pattern":
-            raise ValueError("test:// supports only test://pattern")
-        return SourceSpec("test", "pattern", _pattern_params(parts.query))
-    raise ValueError(
-        f"unsupported source scheme {scheme!r}: use a file path, file://, rtsp://, "
-        "http(s)://, rtmp://, usb://N or test://pattern"
-    )
-
-
-def _pattern_params(query: str) -> dict[str, float]:
-    params: dict[str, float] = {}
-    for key, values in parse_qs(query, strict_parsing=False).items():
-        if key not in _TEST_PARAMS:
-            raise ValueError(f"test://pattern: unknown parameter {key!r}")
-        lo, hi, _ = _TEST_PARAMS[key]
-        try:
-            val = float(values[-1])
-        except ValueError:
-            raise ValueError(f"test://pattern: {key} must be a number") from None
-        if not lo <= val <= hi:
-            raise ValueError(f"test://pattern: {key} must be in [{lo}, {hi}]")
-        params[key] = val
-    for key, (_, _, default) in _TEST_PARAMS.items():
-        params.setdefault(key, float(default))
-    return params
 
 
 class Reader(Protocol):
@@ -175,7 +105,7 @@ class _PatternReader:
 
 
 def open_source(
-    spec: SourceSpec, *, open_timeout_s: float, read_timeout_s: float, stop: threading.Event
+    spec: config.SourceSpec, *, open_timeout_s: float, read_timeout_s: float, stop: threading.Event
 ) -> Reader:
     """Open ``spec``; raise ``CaptureError`` with a readable reason when it cannot be opened."""
     if spec.kind == "test":

@@ -3,8 +3,9 @@
 The mode the batch CronJob uses: no cameras, broker or hub. Frames are decoded in the main
 thread while a small pool of worker threads runs inference (one ``session.run`` each, like the
 agent's workers), and results are written in input order to a JSON-lines file through the
-same ``JsonLinesSink`` the agent uses, in the results wire format plus a ``source`` field
-(``{"path": ..., "frame": N}``). A progress bar shows on a TTY (rich, on stderr).
+same ``JsonLinesSink`` the agent uses, in the results wire format (built by
+``contract.results``, like the agent's) plus a ``source`` field (``{"path": ..., "frame":
+N}``). A progress bar shows on a TTY (rich, on stderr).
 
 Exit status: 0 when every input succeeded, 1 when the model or some input failed (one line on
 stderr per failed image, the others still run), 2 for a bad config.
@@ -17,13 +18,19 @@ import collections
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from edge_agent.common import cli
+from edge_agent.contract import results
 from edge_agent.contract.protocol import is_valid_name
 from edge_agent.errors import InputError, ModelError
+
+if TYPE_CHECKING:
+    from edge_agent.streaming.sinks import JsonLinesSink
+    from edge_agent.streaming.slots import ServingModel
 
 #: Image file suffixes taken from an input folder (others are skipped, and counted).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -31,8 +38,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 def register(sub: Any) -> None:
     """Add the ``batch`` verb."""
-    p = sub.add_parser(
-        "batch",
+    p = cli.add_verb(
+        sub, "batch", run,
         help="run a model over a folder of images or a video file, write JSON lines",
         description="Run MODEL over every image of a folder (sorted by name) or every frame "
         "of a video file, and write one result per image or frame to OUTPUT (JSON lines, the "
@@ -51,7 +58,6 @@ def register(sub: Any) -> None:
                    "config's pipeline.workers, else one per CPU)")
     p.add_argument("--log-level", default="warning",
                    choices=["debug", "info", "warning", "error"])
-    p.set_defaults(func=run)
 
 
 def _images(folder: Path) -> list[Path]:
@@ -104,7 +110,89 @@ def _progress(total: int | None) -> Any:
                     console=console, disable=not console.is_terminal, transient=False)
 
 
-def run(args: argparse.Namespace) -> int:  # noqa: PLR0915 - one linear procedure
+class _Batch:
+    """One batch run: inputs in order, a bounded window of inferences, results to the sink.
+
+    Only the main thread touches the counters: workers just run ``infer``.
+    """
+
+    def __init__(self, model: ServingModel, sink: JsonLinesSink, *, node: str,
+                 camera: str) -> None:
+        self.model = model
+        self.sink = sink
+        self.node = node
+        self.camera = camera
+        #: Inputs that failed (unreadable image, failed inference) / inputs finished.
+        self.failed = 0
+        self.done = 0
+
+    def work(self, source: dict[str, Any], frame: Any) -> dict[str, Any]:
+        """Infer one image or frame (a worker thread): the result, with its ``source``."""
+        ts = time.time()
+        out = self.model.infer(frame)
+        h, w = frame.shape[:2]
+        # no capture and no queue: the result's end-to-end is its three stages
+        lat = results.latencies(
+            capture_to_start=0.0, preprocess=out.preprocess_ms, inference=out.inference_ms,
+            postprocess=out.postprocess_ms,
+            end_to_end=out.preprocess_ms + out.inference_ms + out.postprocess_ms)
+        return results.build_result(node=self.node, camera=self.camera, ts=ts,
+                                    model=self.model, width=w, height=h, latency_ms=lat,
+                                    output=out.output, source=source)
+
+    def images(self, paths: list[Path], read: Callable[[str], Any]
+               ) -> Iterator[tuple[dict[str, Any], Any]]:
+        """Decoded images with their source; an unreadable one is reported and skipped."""
+        for p in paths:
+            try:
+                yield {"path": str(p)}, read(str(p))
+            except InputError as exc:
+                print(f"edge-agent: error: {exc}", file=sys.stderr, flush=True)
+                self.failed += 1
+
+    def run(self, inputs: Iterator[tuple[dict[str, Any], Any]], workers: int,
+            total: int | None) -> None:
+        """Infer every input on ``workers`` threads; publish results in input order."""
+        t0 = time.perf_counter()
+        window: collections.deque[tuple[dict[str, Any], Future[dict[str, Any]]]] = (
+            collections.deque())
+        with ThreadPoolExecutor(workers, thread_name_prefix="batch") as pool, \
+                _progress(total) as bar:
+            task = bar.add_task("batch", total=total, fps=0.0)
+
+            def finish() -> None:
+                self._finish_one(window.popleft())
+                fps = self.done / max(1e-9, time.perf_counter() - t0)
+                bar.update(task, advance=1, fps=fps)
+
+            for source, frame in inputs:
+                window.append((source, pool.submit(self.work, source, frame)))
+                if len(window) >= 2 * workers:  # bounded: decoding never runs far ahead
+                    finish()
+            while window:
+                finish()
+
+    def _finish_one(self, item: tuple[dict[str, Any], Future[dict[str, Any]]]) -> None:
+        source, fut = item
+        try:
+            self.sink.publish(fut.result())
+        except (InputError, ModelError) as exc:
+            print(f"edge-agent: error: {source['path']}: {exc}", file=sys.stderr, flush=True)
+            self.failed += 1
+        self.done += 1
+
+
+def _list_inputs(src: Path) -> tuple[list[Path] | None, int | None]:
+    """The folder's images (None for a video file) and how many inputs to expect."""
+    if not src.exists():
+        raise InputError(f"{src}: no such file or folder")
+    images = _images(src) if src.is_dir() else None
+    if images is not None and not images:
+        raise InputError(f"{src}: no images ({', '.join(IMAGE_SUFFIXES)}) in the folder")
+    return images, len(images) if images is not None else _frame_count(src)
+
+
+def run(args: argparse.Namespace) -> int:
     """Run the batch; return the exit status."""
     import cv2  # noqa: PLC0415
 
@@ -120,79 +208,22 @@ def run(args: argparse.Namespace) -> int:  # noqa: PLR0915 - one linear procedur
                             args.camera)])
     settings = load_settings(args.config)
     src = Path(args.input)
-    if not src.exists():
-        raise InputError(f"{src}: no such file or folder")
-    images = _images(src) if src.is_dir() else None
-    if images is not None and not images:
-        raise InputError(f"{src}: no images ({', '.join(IMAGE_SUFFIXES)}) in the folder")
-    total = len(images) if images is not None else _frame_count(src)
+    images, total = _list_inputs(src)
     model = LoadedModel.load(resolve_manifest(args.model), settings.engine)
     workers = args.workers or settings.pipeline.workers or settings.engine.concurrency or (
         os.cpu_count() or 1)
     sink = JsonLinesSink(args.output, append=False).open_sync()
-    node = settings.node
-    ref = {"name": model.name, "version": model.version}
-    failed = done = 0
-
-    def work(source: dict[str, Any], frame: Any) -> dict[str, Any]:
-        ts = time.time()
-        out = model.infer(frame)
-        h, w = frame.shape[:2]
-        lat = {"capture_to_start": 0.0, "preprocess": round(out.preprocess_ms, 3),
-               "inference": round(out.inference_ms, 3),
-               "postprocess": round(out.postprocess_ms, 3)}
-        lat["end_to_end"] = round(out.preprocess_ms + out.inference_ms + out.postprocess_ms, 3)
-        res: dict[str, Any] = {"v": 1, "node": node, "camera": args.camera, "ts": ts,
-                               "model": ref, "task": model.task,
-                               "frame": {"width": w, "height": h}, "latency_ms": lat,
-                               "source": source}
-        res.update(out.output)
-        return res
-
-    def inputs() -> Iterator[tuple[dict[str, Any], Any]]:
-        nonlocal failed
-        if images is not None:
-            for p in images:
-                try:
-                    yield {"path": str(p)}, read_image(str(p))
-                except InputError as exc:
-                    print(f"edge-agent: error: {exc}", file=sys.stderr, flush=True)
-                    failed += 1
-        else:
-            for i, frame in _video_frames(src):
-                yield {"path": str(src), "frame": i}, frame
-
+    batch = _Batch(model, sink, node=settings.node, camera=args.camera)
+    inputs = (batch.images(images, read_image) if images is not None else
+              (({"path": str(src), "frame": i}, frame) for i, frame in _video_frames(src)))
     t0 = time.perf_counter()
-    window: collections.deque[tuple[dict[str, Any], Future[dict[str, Any]]]] = (
-        collections.deque())
     try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="batch") as pool, \
-                _progress(total) as bar:
-            task = bar.add_task("batch", total=total, fps=0.0)
-
-            def finish_one() -> None:
-                nonlocal failed, done
-                source, fut = window.popleft()
-                try:
-                    sink.publish(fut.result())
-                except (InputError, ModelError) as exc:
-                    print(f"edge-agent: error: {source['path']}: {exc}",
-                          file=sys.stderr, flush=True)
-                    failed += 1
-                done += 1
-                bar.update(task, advance=1, fps=done / max(1e-9, time.perf_counter() - t0))
-
-            for source, frame in inputs():
-                window.append((source, pool.submit(work, source, frame)))
-                if len(window) >= 2 * workers:  # bounded: decoding never runs far ahead
-                    finish_one()
-            while window:
-                finish_one()
+        batch.run(inputs, workers, total)
     finally:
         sink.close_sync()
         model.close()
     took = time.perf_counter() - t0
-    print(f"edge-agent: batch: {sink.written} results, {failed} failed, "
+    print(f"edge-agent: batch: {sink.written} results, {batch.failed} failed, "
           f"{took:.1f} s ({sink.written / max(took, 1e-9):.1f} fps) -> {args.output}",
           file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if batch.failed else 0

@@ -17,8 +17,9 @@ from typing import Any
 
 import structlog
 
+from edge_agent.contract import results
+from edge_agent.contract.manifest import MANIFEST_NAME
 from edge_agent.errors import InputError, ModelError
-from edge_agent.inference.manifest import MANIFEST_NAME
 
 #: Largest image file read, bytes: a guard against pointing the command at a disk image.
 MAX_IMAGE_BYTES = 256 * 1024 * 1024
@@ -140,17 +141,17 @@ def run(args: argparse.Namespace) -> int:
                 print(f"edge-agent: error: {image}: {exc}", file=sys.stderr, flush=True)
                 failed += 1
                 continue
+            # not a result message (no node, camera or seq): a person's view of one image,
+            # with the file and the provider it ran on; the stages are the wire's
             obj: dict[str, Any] = {
                 "image": image,
                 "model": {"name": model.name, "version": model.version},
                 "task": model.task,
                 "provider": model.providers[0],
                 "frame": {"width": int(frame.shape[1]), "height": int(frame.shape[0])},
-                "latency_ms": {
-                    "preprocess": round(res.preprocess_ms, 3),
-                    "inference": round(res.inference_ms, 3),
-                    "postprocess": round(res.postprocess_ms, 3),
-                },
+                "latency_ms": results.latencies(preprocess=res.preprocess_ms,
+                                                inference=res.inference_ms,
+                                                postprocess=res.postprocess_ms),
                 **res.output,
             }
             sys.stdout.write(orjson.dumps(obj).decode() + "\n")

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 from pathlib import Path
 from typing import Any
 
-from edge_agent.config import ConfigError, load_settings
+from edge_agent import config
+from edge_agent.common import cli
 
 
 def register(sub: Any) -> None:
     """Add the ``run`` verb."""
-    p = sub.add_parser(
-        "run",
+    p = cli.add_verb(
+        sub, "run", run,
         help="run the agent: cameras -> inference -> results (until SIGTERM)",
         description="Run the agent with a YAML config (EDGE_AGENT_* environment variables "
         "override it). Exits 0 after a graceful SIGTERM/SIGINT, 1 when a model cannot load or "
@@ -27,17 +27,11 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--config", "-c", default=None,
                    help="path to the agent's YAML config (default: environment only)")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the settings, configure logging, run the agent; return the exit status."""
-    try:
-        settings = load_settings(args.config)  # includes the cross-field checks
-    except ConfigError as exc:
-        for path, msg, value in exc.errors:
-            sys.stderr.write(f"edge-agent: config error: {path}: {msg} (got {value!r})\n")
-        return 2
+    settings = config.load_settings(args.config)  # ConfigError: the scaffold prints each field
     from edge_agent.app.compose import run_agent  # noqa: PLC0415
     from edge_agent.common.logs import configure_logging  # noqa: PLC0415
 

@@ -2,11 +2,13 @@
 
 A model artifact alone does not say which colour order, normalization, input size or output
 layout it expects; getting any of them wrong gives plausible but wrong results rather than an
-error. The manifest states them once, is checked against the ONNX graph when the model loads
-(``engine.LoadedModel.load``), and travels with the artifact through the hub's registry.
+error. The manifest states them once, travels with the artifact through the hub's registry, and
+is checked against the ONNX graph (``graph``) by the hub at push and by the agent at load.
 
+This module is the one schema both read: the hub calls ``parse_json`` on pushed bytes, the agent
+``load_manifest`` on a file. Both raise ``rejection.Rejection`` with the same reason and message.
 Fields are documented in models/README.md. Unknown keys are rejected, so a typo in a
-hand-written manifest is an error, not a silently ignored setting.
+hand-written manifest is an error, not a silently ignored setting; NaN and infinity are refused.
 """
 
 from __future__ import annotations
@@ -17,20 +19,29 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
+from edge_agent.contract import tasks
 from edge_agent.contract.protocol import SHA256_PATTERN, Name, Version
-from edge_agent.errors import ModelError
-from edge_agent.inference.postprocess import get_unit, tasks
+from edge_agent.contract.rejection import Reason, Rejection
 
 #: Manifest format this code reads and writes.
 MANIFEST_FORMAT: Literal[1] = 1
 
 #: The file name ``models/build.py`` and ``models/generate.py`` give every manifest.
 MANIFEST_NAME = "manifest.json"
+#: Names the model file may not take: the agent keeps these files beside it (the manifest, and
+#: its model cache's bookkeeping entry).
+RESERVED_FILE_NAMES = frozenset({MANIFEST_NAME, "entry.json"})
+#: Largest input width or height, pixels. A frame is letterboxed to this size in memory for every
+#: inference; 8192² x 3 float32 is 800 MB already.
+MAX_SIDE = 8192
+#: Longest model file name (a file system's limit for one path component).
+MAX_FILE_NAME = 255
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class InputSpec(_Strict):
@@ -41,8 +52,8 @@ class InputSpec(_Strict):
 
     #: Name of the graph input.
     name: str
-    width: int = Field(gt=0, le=8192)
-    height: int = Field(gt=0, le=8192)
+    width: int = Field(gt=0, le=MAX_SIDE)
+    height: int = Field(gt=0, le=MAX_SIDE)
     layout: Literal["NCHW", "NHWC"] = "NCHW"
     color: Literal["RGB", "BGR"] = "RGB"
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -83,8 +94,8 @@ class ModelManifest(_Strict):
     format: Literal[1] = MANIFEST_FORMAT
     name: Name
     version: Version
-    #: Post-processing unit, by registered task name (``classification``, ``yolo``,
-    #: ``centerface``; see ``edge_agent.inference.postprocess``).
+    #: Post-processing task, by name (``classification``, ``yolo``, ``centerface``; see
+    #: ``tasks``).
     task: str
     #: ONNX file name, relative to the manifest's folder.
     file: str
@@ -93,14 +104,12 @@ class ModelManifest(_Strict):
     input: InputSpec
     labels: list[str] = Field(default_factory=list)
     outputs: list[OutputSpec]
-    #: Task-specific parameters, validated by the task's post-processing unit.
+    #: Task-specific parameters, validated by the task's schema (``tasks``).
     postprocess: dict[str, Any] = Field(default_factory=dict)
     description: str = ""
     #: Where the weights come from and their licence (informational).
     source: str = ""
     license: str = ""
-
-
 
     @field_validator("sha256")
     @classmethod
@@ -112,22 +121,31 @@ class ModelManifest(_Strict):
     @field_validator("file")
     @classmethod
     def _file(cls, v: str) -> str:
-        # The file sits beside the manifest: no folders, no way out of the model's folder.
-        if not v or "/" in v or "\\" in v or v in (".", ".."):
+        # The file sits beside the manifest: no folders, no way out of the model's folder, no
+        # name a file system or the agent's own files would trip over.
+        if (not v or "/" in v or "\\" in v or v in (".", "..") or not v.isprintable()
+                or len(v) > MAX_FILE_NAME or v in RESERVED_FILE_NAMES):
             raise ValueError("must be a plain file name beside the manifest")
         return v
 
     @field_validator("task")
     @classmethod
     def _task(cls, v: str) -> str:
-        if v not in tasks():
-            raise ValueError(f"unknown task {v!r}; known tasks: {', '.join(sorted(tasks()))}")
+        try:
+            tasks.get(v)
+        except Rejection as exc:
+            raise _custom(exc) from None
         return v
 
     @model_validator(mode="after")
-    def _unit(self) -> ModelManifest:
-        # the task's own unit checks its parameters and the outputs it needs
-        get_unit(self.task).validate_params(self)
+    def _fits_task(self) -> ModelManifest:
+        # the task's schema checks its parameters and the outputs it reads
+        task = tasks.get(self.task)
+        try:
+            tasks.check_params(task, self.postprocess)
+            tasks.check_outputs(task, [(o.name, o.shape) for o in self.outputs], self.labels)
+        except Rejection as exc:
+            raise _custom(exc) from None
         return self
 
     def to_json(self) -> str:
@@ -135,39 +153,72 @@ class ModelManifest(_Strict):
         return json.dumps(self.model_dump(mode="json"), indent=2) + "\n"
 
 
-def parse_manifest(data: Any, *, source: str = "manifest") -> ModelManifest:
-    """Validate a decoded manifest object; raise ``ModelError`` naming the first bad field."""
+def _custom(exc: Rejection) -> PydanticCustomError:
+    """A pydantic error carrying the rejection's reason as its type (read by ``_rejection``)."""
+    return PydanticCustomError(exc.reason.value, "{detail}", {"detail": exc.message})
+
+
+#: Error types with a reason of their own (pydantic's, and ours from ``_custom``); every other
+#: type is INVALID_FIELD.
+_REASONS = {
+    "missing": Reason.MISSING_FIELD,
+    "extra_forbidden": Reason.UNKNOWN_KEY,
+    **{r.value: r for r in (Reason.UNKNOWN_TASK, Reason.POSTPROCESS_PARAMS, Reason.TASK_OUTPUTS)},
+}
+
+
+def _rejection(exc: ValidationError) -> Rejection:
+    """The first error of a failed validation as a rejection naming the field."""
+    errors = exc.errors()
+    first = errors[0]
+    kind = first["type"]
+    reason = _REASONS.get(kind, Reason.INVALID_FIELD)
+    where = ".".join(str(p) for p in first["loc"])
+    msg = "unknown key" if kind == "extra_forbidden" else first["msg"]
+    more = len(errors) - 1
+    tail = f" (and {more} more)" if more else ""
+    return Rejection(reason, f"invalid manifest: {where + ': ' if where else ''}{msg}{tail}")
+
+
+def parse_manifest(data: Any) -> ModelManifest:
+    """Validate a decoded manifest object; raise ``Rejection`` naming the first bad field."""
     if not isinstance(data, dict):
-        raise ModelError(f"{source}: manifest must be a JSON object")
+        raise Rejection(Reason.MANIFEST_NOT_OBJECT, "manifest must be a JSON object")
     try:
         return ModelManifest.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(root)"
-        msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
-        more = len(exc.errors()) - 1
-        tail = f" (and {more} more)" if more else ""
-        raise ModelError(f"{source}: invalid manifest: {where}: {msg}{tail}") from exc
-    except ModelError as exc:
-        raise ModelError(f"{source}: invalid manifest: {exc}") from exc
+        raise _rejection(exc) from exc
+
+
+def parse_json(raw: bytes | str) -> ModelManifest:
+    """Decode and validate manifest JSON (what the hub receives); raise ``Rejection``."""
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise Rejection(
+            Reason.MANIFEST_NOT_JSON,
+            f"manifest is not valid JSON: {exc.msg} at line {exc.lineno}",
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise Rejection(Reason.MANIFEST_NOT_JSON, "manifest is not UTF-8 text") from exc
+    return parse_manifest(data)
 
 
 def load_manifest(path: str | Path) -> ModelManifest:
-    """Read and validate a manifest file; raise ``ModelError`` with a one-line reason."""
+    """Read and validate a manifest file; raise ``Rejection`` with the path as its source."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        raw = p.read_bytes()
     except FileNotFoundError as exc:
-        raise ModelError(f"{p}: manifest not found") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{p}: cannot read manifest: {exc}") from exc
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ModelError(
-            f"{p}: manifest is not valid JSON: {exc.msg} at line {exc.lineno}"
+        raise Rejection(Reason.MANIFEST_UNREADABLE, "manifest not found", source=str(p)) from exc
+    except OSError as exc:
+        raise Rejection(
+            Reason.MANIFEST_UNREADABLE, f"cannot read manifest: {exc.strerror}", source=str(p)
         ) from exc
-    return parse_manifest(data, source=str(p))
+    try:
+        return parse_json(raw)
+    except Rejection as exc:
+        raise Rejection(exc.reason, exc.message, source=str(p)) from exc
 
 
 def model_path(manifest_path: str | Path, manifest: ModelManifest) -> Path:

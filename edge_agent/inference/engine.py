@@ -2,9 +2,11 @@
 
 ``LoadedModel.load`` is the only way in: it reads the manifest, verifies the artifact's sha256
 (against the manifest and, from the hub, the expected digest), creates the ONNX Runtime session
-on the best provider available (``providers``), checks the graph's input and outputs against
-the manifest and warms up. Anything wrong raises ``ModelRejectedError``/``ModelError`` before a
-single frame is served, so a bad artifact never replaces a good one.
+on the best provider available (``providers``), checks the graph against the manifest and warms
+up. Anything wrong raises ``ModelRejectedError``/``ModelError`` before a single frame is served,
+so a bad artifact never replaces a good one. The manifest and graph checks are the contract's
+(``edge_agent.contract.manifest`` and ``graph``), the very code the hub runs on a push, and the
+error carries the contract's ``Rejection`` (reason code and message) so both sides say the same.
 
 After that, ``preprocess``, ``run`` and ``postprocess`` are thread-safe and may run concurrently
 in worker threads (``InferenceSession.run`` is thread-safe; the rest holds no mutable state).
@@ -28,23 +30,16 @@ import onnxruntime as ort
 import structlog
 
 from edge_agent.config import EngineSettings
+from edge_agent.contract import graph
+from edge_agent.contract import manifest as manifests
+from edge_agent.contract.rejection import Rejection
 from edge_agent.errors import ModelError, ModelRejectedError
 from edge_agent.inference import providers as prov
-from edge_agent.inference.manifest import ModelManifest, load_manifest, model_path
 from edge_agent.inference.postprocess import get_unit
 from edge_agent.inference.postprocess.base import check_finite
 from edge_agent.inference.preprocess import FrameMeta, Preprocessor
 
 log = structlog.get_logger(__name__)
-
-#: Longest foreign (onnxruntime) error text kept in our messages and logs.
-_MAX_ERR = 300
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= _MAX_ERR else text[: _MAX_ERR - 3] + "..."
-
 
 @dataclass(frozen=True, slots=True)
 class InferOutput:
@@ -62,7 +57,7 @@ class LoadedModel:
 
     def __init__(
         self,
-        manifest: ModelManifest,
+        manifest: manifests.ModelManifest,
         session: ort.InferenceSession,
         providers: list[str],
         concurrency: int,
@@ -99,8 +94,11 @@ class LoadedModel:
     ) -> LoadedModel:
         """Load, verify and warm up a model; raise ``ModelRejectedError``/``ModelError``."""
         t0 = time.perf_counter()
-        manifest = load_manifest(manifest_path)
-        path = model_path(manifest_path, manifest)
+        try:
+            manifest = manifests.load_manifest(manifest_path)
+        except Rejection as exc:
+            raise ModelError.rejected(exc) from exc
+        path = manifests.model_path(manifest_path, manifest)
         try:
             data = path.read_bytes()  # verified bytes are the bytes loaded: no swap in between
         except FileNotFoundError as exc:
@@ -115,7 +113,10 @@ class LoadedModel:
         if expected_sha256 is not None and digest != expected_sha256:
             raise ModelRejectedError(f"{path}: sha256 is not the expected one", digest)
         session, used = _create_session(data, manifest, settings)
-        _check_io(session, manifest)
+        try:
+            graph.check_signature(graph.signature(session), manifest)
+        except Rejection as exc:
+            raise ModelRejectedError(exc.message, digest, rejection=exc) from exc
         model = cls(manifest, session, used, settings.concurrency or (os.cpu_count() or 1))
         try:
             model._warm_up(max(1, settings.warmup_runs))
@@ -140,12 +141,10 @@ class LoadedModel:
         x = np.zeros(shape, dtype=np.float32)
         for _ in range(runs):
             outputs = self.run(x)
-        for out, want in zip(outputs, self.manifest.outputs, strict=True):
-            if not _dims_match(want.shape, out.shape):
-                raise ModelRejectedError(
-                    f"model output {want.name!r} has shape {list(out.shape)}, manifest says "
-                    f"{want.shape}", self.sha256,
-                )
+        try:
+            graph.check_output_arrays(self.manifest, [out.shape for out in outputs])
+        except Rejection as exc:
+            raise ModelRejectedError(exc.message, self.sha256, rejection=exc) from exc
 
     # --------------------------------------------------------------------------- serving
 
@@ -178,7 +177,7 @@ class LoadedModel:
                 parts.append([o[:real] for o in outs])
             return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
         except Exception as exc:  # onnxruntime's own types; a bad frame shape among them
-            raise ModelError(f"inference failed: {_one_line(exc)}") from exc
+            raise ModelError(f"inference failed: {graph.one_line(exc)}") from exc
 
     def postprocess(
         self, outputs: Sequence[np.ndarray], metas: Sequence[FrameMeta]
@@ -220,7 +219,7 @@ def _session_options(settings: EngineSettings) -> ort.SessionOptions:
 
 
 def _create_session(
-    data: bytes, manifest: ModelManifest, settings: EngineSettings
+    data: bytes, manifest: manifests.ModelManifest, settings: EngineSettings
 ) -> tuple[ort.InferenceSession, list[str]]:
     """A session on the best provider that initialises; fallbacks are logged and counted."""
     chain, missing = prov.plan(settings.providers, prov.available_providers())
@@ -240,68 +239,21 @@ def _create_session(
         except Exception as exc:  # onnxruntime raises several unrelated types
             if len(chain) == 1:
                 # even the CPU refused the graph: the artifact is bad, not the device
+                rejection = graph.load_failure(exc)
                 raise ModelRejectedError(
-                    f"cannot load model {manifest.name} {manifest.version}: {_one_line(exc)}",
-                    manifest.sha256,
+                    f"cannot load model {manifest.name} {manifest.version}: "
+                    f"{rejection.message}", manifest.sha256, rejection=rejection,
                 ) from exc
-            failed.append((chain[0], _one_line(exc)))
+            failed.append((chain[0], graph.one_line(exc)))
             chain = chain[1:]
     used = [prov.short_name(p) for p in session.get_providers()]
     # onnxruntime may also drop a provider silently (e.g. CUDA libraries missing)
     for p in chain:
         if prov.ORT_NAMES[p] not in session.get_providers():
             why = [str(w.message) for w in caught if prov.ORT_NAMES[p] in str(w.message)]
-            failed.append((p, " ".join(why[0].split())[:_MAX_ERR] if why
+            failed.append((p, " ".join(why[0].split())[:graph.MAX_ERROR_CHARS] if why
                            else "provider did not initialise"))
     for p, err in failed:
         prov.record_fallback(p, "init_failed", model=manifest.name, fallback_to=used[0],
                              error=err)
     return session, used
-
-
-def _dims_match(want: Sequence[int | str], got: Sequence[Any]) -> bool:
-    """Same rank, and every dimension fixed on both sides is equal."""
-    if len(want) != len(got):
-        return False
-    return all(
-        not (isinstance(w, int) and isinstance(g, int)) or w == g
-        for w, g in zip(want, got, strict=True)
-    )
-
-
-def _check_io(session: ort.InferenceSession, manifest: ModelManifest) -> None:
-    """Refuse a graph whose input or outputs disagree with its manifest."""
-    spec = manifest.input
-    sha = manifest.sha256
-    inputs = {i.name: i for i in session.get_inputs()}
-    if spec.name not in inputs:
-        raise ModelRejectedError(
-            f"model has no input {spec.name!r} (inputs: {sorted(inputs)})", sha)
-    if len(inputs) != 1:
-        raise ModelRejectedError(f"model has {len(inputs)} inputs, the engine feeds one", sha)
-    graph_in = inputs[spec.name]
-    if graph_in.type != "tensor(float)":
-        raise ModelRejectedError(f"model input type {graph_in.type} is not tensor(float)", sha)
-    batch: int | str = spec.batch if isinstance(spec.batch, int) else "batch"
-    want: list[int | str] = (
-        [batch, 3, spec.height, spec.width] if spec.layout == "NCHW"
-        else [batch, spec.height, spec.width, 3]
-    )
-    got = list(graph_in.shape)
-    if not _dims_match(want, got):
-        raise ModelRejectedError(
-            f"model input {spec.name!r} has shape {got}, manifest says {spec.layout} "
-            f"{spec.width}x{spec.height} (batch {spec.batch})", sha,
-        )
-    if spec.batch == "dynamic" and isinstance(got[0], int):
-        raise ModelRejectedError(
-            f"model input batch is fixed at {got[0]}, manifest says dynamic", sha)
-    outputs = {o.name: o for o in session.get_outputs()}
-    for o in manifest.outputs:
-        if o.name not in outputs:
-            raise ModelRejectedError(
-                f"model has no output {o.name!r} (outputs: {sorted(outputs)})", sha)
-        shape = list(outputs[o.name].shape)
-        if not _dims_match(o.shape, shape):
-            raise ModelRejectedError(
-                f"model output {o.name!r} has shape {shape}, manifest says {o.shape}", sha)

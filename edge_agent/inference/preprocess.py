@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from edge_agent.contract.manifest import InputSpec
 from edge_agent.errors import InputError
-from edge_agent.inference.manifest import InputSpec
 
 
 @dataclass(frozen=True, slots=True)

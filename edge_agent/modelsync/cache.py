@@ -39,6 +39,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from edge_agent.common import settings as common_settings
 from edge_agent.config import HubClientSettings
 from edge_agent.contract.protocol import (
     DesiredModel,
@@ -237,7 +238,7 @@ class ModelCache:
         token = None
         if s.token_file is not None:
             try:
-                token = s.token_file.read_text(encoding="utf-8").strip() or None
+                token = common_settings.read_secret(s.token_file) or None
             except OSError as exc:
                 raise ModelError(f"cannot read hub.token_file {s.token_file}: {exc}") from exc
         return Fetcher(

@@ -15,13 +15,16 @@ import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
 
 from edge_agent.config import EngineSettings, ModelSyncSettings
 from edge_agent.errors import ModelError, ModelRejectedError
+
+if TYPE_CHECKING:  # the engine (onnxruntime) is imported only when a version loads
+    from edge_agent.inference.engine import LoadedModel
 
 log = structlog.get_logger(__name__)
 
@@ -42,7 +45,7 @@ def _output_names(model: Any) -> list[str] | None:
     return list(names) if names is not None else None
 
 
-def check_outputs(model: Any, outputs: Sequence[np.ndarray]) -> None:
+def check_outputs(model: LoadedModel, outputs: Sequence[np.ndarray]) -> None:
     """Outputs must be what the manifest says (names, count, shapes) and finite."""
     specs = model.manifest.outputs
     sha = getattr(model, "sha256", None)
@@ -68,7 +71,7 @@ def check_outputs(model: Any, outputs: Sequence[np.ndarray]) -> None:
             raise ModelRejectedError(f"validation: output {spec.name} contains NaN or Inf", sha)
 
 
-def validate(model: Any, settings: ModelSyncSettings) -> float:
+def validate(model: LoadedModel, settings: ModelSyncSettings) -> float:
     """Run the validation inferences; return the median latency (ms) or raise."""
     spec = model.manifest.input
     sha = getattr(model, "sha256", None)
@@ -109,7 +112,7 @@ def load_checked(
     engine: EngineSettings,
     sync: ModelSyncSettings,
     expected_sha256: str | None = None,
-) -> Any:
+) -> LoadedModel:
     """Load a version next to the running one, warm it up and validate it (blocking).
 
     Returns the ``LoadedModel``; on any refusal its session is closed and ModelRejectedError

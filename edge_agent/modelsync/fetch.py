@@ -2,10 +2,11 @@
 
 A site uplink drops, a hub restarts during a rollout, and a 300 MB model must not start over
 each time. So an artifact is streamed into a ``.part`` file named by the sha256 it must have; a
-retry (or an agent restart) resumes it with ``Range``. Retries are bounded, spaced by exponential
-backoff with full jitter (a fleet must not retry in lockstep), and the whole fetch has a total
-timeout. Errors are typed: ``TemporaryError`` when retries ran out on something that may heal
-(connection, timeout, 5xx), ``ModelError`` when retrying is pointless (404, 401, too large).
+retry (or an agent restart) resumes it with ``Range``. Retries are bounded, spaced by the shared
+backoff with jitter (``edge_agent.common.backoff``: a fleet must not retry in lockstep), and the
+whole fetch has a total timeout. Errors are typed: ``TemporaryError`` when retries ran out on
+something that may heal (connection, timeout, 5xx), ``ModelError`` when retrying is pointless
+(404, 401, too large).
 
 The digest is computed while the bytes arrive; nothing here decides whether the bytes are a model
 (``modelcache`` verifies the digest and signature, the engine the rest).
@@ -24,6 +25,7 @@ from typing import Any, TypeVar
 import aiohttp
 import structlog
 
+from edge_agent.common import backoff
 from edge_agent.errors import ModelError, TemporaryError
 
 log = structlog.get_logger(__name__)
@@ -67,12 +69,6 @@ class _RetryError(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-def backoff_delay(attempt: int, policy: FetchPolicy, rng: random.Random) -> float:
-    """Full-jitter exponential backoff before retry ``attempt`` (0-based)."""
-    cap = min(policy.retry_max_s, policy.retry_min_s * (2**attempt))
-    return rng.uniform(0.0, cap)
 
 
 class Fetcher:
@@ -149,7 +145,8 @@ class Fetcher:
                 last = ""
                 for n in range(self.policy.retries + 1):
                     if n:
-                        delay = backoff_delay(n - 1, self.policy, self._rng)
+                        delay = backoff.delay(n - 1, self.policy.retry_min_s,
+                                              self.policy.retry_max_s, self._rng.random)
                         stats.waits.append(delay)
                         log.info("model_fetch_retry", url=url, attempt=n, wait_s=round(delay, 3),
                                  reason=last)

@@ -10,10 +10,10 @@ without restarting the pod, dropping a stream or serving a bad model:
    local cache (``modelcache``), loads it *next to* the running session in a worker thread,
    warms it up and validates it (``modelcheck``); any refusal leaves the old version serving and
    reports ``failed`` with the reason.
-3. The switch is one assignment in the model's ``ModelSlot`` between frames. The previous session
-   stays loaded during a short probation: if too many of the first inferences of the new version
-   fail, the slot switches back on its own. Then the previous session is closed, once its last
-   in-flight frame is done.
+3. The switch is one assignment in the model's ``ModelSlot`` between frames (``modelsync.switch``).
+   The previous session stays loaded during a short probation: if too many of the first
+   inferences of the new version fail, the slot switches back on its own. Then the previous
+   session is closed, once its last in-flight frame is done.
 4. Every change is published in the retained ``state`` message (per model: serving version,
    ``loading``/``active``/``failed`` with the reason, the applied generation) and persisted in
    the cache's ``sync-state.json``, so a restart with hub and broker down serves the last good
@@ -32,9 +32,8 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import structlog
 
@@ -42,7 +41,6 @@ from edge_agent import __version__
 from edge_agent.config import AgentSettings, ModelSpec
 from edge_agent.contract.protocol import (
     DesiredMessage,
-    DesiredModel,
     ModelState,
     ProtocolError,
     StateMessage,
@@ -50,9 +48,11 @@ from edge_agent.contract.protocol import (
     desired_topic,
 )
 from edge_agent.errors import AgentError, ModelError
+from edge_agent.modelsync import switch as switching
+from edge_agent.modelsync import targets
 from edge_agent.modelsync.cache import ModelCache
 from edge_agent.modelsync.check import load_checked
-from edge_agent.streaming.slots import ModelSlot, Probation
+from edge_agent.streaming.slots import ModelSlot, ServingModel
 
 log = structlog.get_logger(__name__)
 
@@ -61,33 +61,14 @@ MAX_ERROR_CHARS = 300
 #: Previous versions remembered per model in the sync state (the cache keeps the files).
 MAX_PREVIOUS = 5
 
-Loader = Callable[[Path, "str | None"], Any]
+#: Loads, warms up and validates a version (manifest path, expected sha256); blocking.
+Loader = Callable[[Path, "str | None"], ServingModel]
 PublishState = Callable[[StateMessage], Any]
-
-
-@dataclass(frozen=True)
-class Target:
-    """A version to serve and where its files come from."""
-
-    version: str
-    source: Literal["hub", "config"]
-    sha256: str | None = None
-    desired: DesiredModel | None = None
-    manifest: Path | None = None
 
 
 def _short(exc: BaseException | str) -> str:
     text = exc if isinstance(exc, str) else (str(exc) or type(exc).__name__)
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
-
-
-def _manifest_facts(path: Path) -> tuple[str | None, str | None]:
-    """(version, sha256) a local manifest names, or (None, None) when unreadable."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return str(data["version"]), str(data["sha256"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None, None
 
 
 class ModelSync:
@@ -115,7 +96,7 @@ class ModelSync:
         self.generation = 0
         self._seen_generation = 0
         self._pending: DesiredMessage | None = None
-        self._local: dict[str, Target] = {}
+        self._local: dict[str, targets.Target] = {}
         self._wake = asyncio.Event()
         self._status: dict[str, ModelState] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -148,16 +129,18 @@ class ModelSync:
         for name in names:
             rec = self._record["models"].get(name, {})
             spec = specs.get(name)
-            candidates: list[Target] = []
+            candidates: list[targets.Target] = []
             cfg_version, cfg_sha = (None, None)
             if spec is not None:
-                cfg_version, cfg_sha = await asyncio.to_thread(_manifest_facts, spec.manifest)
+                cfg_version, cfg_sha = await asyncio.to_thread(targets.manifest_facts,
+                                                               spec.manifest)
             entry = await asyncio.to_thread(self.cache.last_good, name)
             if entry is not None and (spec is None or rec.get("config_sha256") == cfg_sha):
-                candidates.append(Target(entry.version, "hub", entry.sha256,
-                                         manifest=entry.manifest_path))
+                candidates.append(targets.Target(entry.version, "hub", entry.sha256,
+                                                 manifest=entry.manifest_path))
             if spec is not None:
-                candidates.append(Target(cfg_version or "?", "config", manifest=spec.manifest))
+                candidates.append(targets.Target(cfg_version or "?", "config",
+                                                 manifest=spec.manifest))
             model, error = await self._load_first(name, candidates)
             slot = self.slots.get(name) or ModelSlot(name)
             slot.bind_loop(self._loop)
@@ -178,8 +161,8 @@ class ModelSync:
         return self.slots
 
     async def _load_first(
-        self, name: str, candidates: list[Target]
-    ) -> tuple[Any | None, str | None]:
+        self, name: str, candidates: list[targets.Target]
+    ) -> tuple[ServingModel | None, str | None]:
         error: str | None = "no model source (not in the config, not in the cache)"
         for t in candidates:
             assert t.manifest is not None
@@ -245,7 +228,7 @@ class ModelSync:
 
     def request_local(self, name: str, manifest: Path) -> None:
         """Serve ``name`` from a local manifest (a config reload); applied by the task."""
-        self._local[name] = Target("?", "config", manifest=manifest)
+        self._local[name] = targets.Target("?", "config", manifest=manifest)
         self.idle.clear()
         self._wake.set()
 
@@ -279,7 +262,8 @@ class ModelSync:
                 if st is not None and st.status != "active":  # e.g. rolled back to this one
                     self._set_status(ModelState(name=name, version=dm.version, status="active"))
                 continue
-            await self._apply_one(name, Target(dm.version, "hub", dm.sha256, desired=dm))
+            await self._apply_one(name, targets.Target(dm.version, "hub", dm.sha256,
+                                                       desired=dm))
         self.generation = msg.generation
         self._record["generation"] = msg.generation
         await self._save()
@@ -293,7 +277,7 @@ class ModelSync:
         model = slot.model if slot is not None else None
         return None if model is None else (str(model.version), str(model.sha256))
 
-    async def _apply_one(self, name: str, target: Target) -> None:
+    async def _apply_one(self, name: str, target: targets.Target) -> None:
         assert self._loop is not None
         slot = self.slots.get(name)
         if slot is None:
@@ -301,13 +285,15 @@ class ModelSync:
             slot.bind_loop(self._loop)
         serving = slot.version
         if target.source == "config" and target.manifest is not None:
-            version, _ = await asyncio.to_thread(_manifest_facts, target.manifest)
+            version, _ = await asyncio.to_thread(targets.manifest_facts, target.manifest)
             target = dataclasses.replace(target, version=version or "?")
         self._set_status(ModelState(name=name, version=serving, status="loading",
                                     target_version=target.version))
         t0 = time.monotonic()
         try:
-            path, sha = await self._materialize(name, target)
+            path, sha = await targets.materialize(
+                name, target, cache=self.cache, hub_url=self.settings.hub.url,
+                spec=self._config_specs().get(name), protect=self._protected())
             new = await asyncio.to_thread(self._loader, path, sha)
         except Exception as exc:  # whatever the cause, the old version serves on
             self.counters["refused"] += 1
@@ -330,22 +316,7 @@ class ModelSync:
         if self._status[name].status == "failed":  # switched back during probation
             await self._forget(name, target)
 
-    async def _materialize(self, name: str, target: Target) -> tuple[Path, str | None]:
-        if target.source == "config":
-            assert target.manifest is not None
-            return target.manifest, None
-        dm = target.desired
-        assert dm is not None
-        dm = self._check_origin(dm)
-        spec = self._config_specs().get(name)
-        if spec is not None:
-            version, sha = await asyncio.to_thread(_manifest_facts, spec.manifest)
-            if (version, sha) == (dm.version, dm.sha256):
-                return spec.manifest, dm.sha256  # the config's own file: nothing to download
-        entry = await self.cache.fetch(name, dm, protect=self._protected())
-        return entry.manifest_path, dm.sha256
-
-    async def _forget(self, name: str, target: Target) -> None:
+    async def _forget(self, name: str, target: targets.Target) -> None:
         """Drop a refused hub version from the cache (unless it is serving or protected)."""
         if target.source != "hub" or (name, target.version) in self._protected():
             return
@@ -357,83 +328,39 @@ class ModelSync:
             log.warning("model_cache_remove_failed", model=name, version=target.version,
                         error=_short(exc))
 
-    def _check_origin(self, dm: DesiredModel) -> DesiredModel:
-        base = self.settings.hub.url
-        if base is None:
-            return dm
-        base = base.rstrip("/")
-        fixed = {k: base + u for k, u in (("url", dm.url), ("manifest_url", dm.manifest_url))
-                 if u.startswith("/")}
-        dm = dm.model_copy(update=fixed) if fixed else dm
-        for u in (dm.url, dm.manifest_url):
-            if not u.startswith(base + "/"):
-                raise ModelError(f"URL {u[:120]} is outside the configured hub {base}")
-        return dm
-
     def _protected(self) -> set[tuple[str, str]]:
         return {(n, s.version) for n, s in self.slots.items() if s.version is not None}
 
     async def _switch(
-        self, name: str, slot: ModelSlot, box: list[Any], target: Target
-    ) -> list[Any]:
-        """Switch ``box[0]`` in, watch its probation; return a box with the model to retire.
+        self, name: str, slot: ModelSlot, box: list[ServingModel], target: targets.Target
+    ) -> list[ServingModel]:
+        """Switch ``box[0]`` in, await its probation; return a box with the model to retire.
 
         Models travel in one-element lists so that no local variable keeps a replaced session
         alive after this returns (``_retire`` waits for the last reference to go).
         """
         assert self._loop is not None
         cfg = self.settings.model_sync
-        new = box.pop()
-        outcome: asyncio.Future[tuple[str, str]] = self._loop.create_future()
-
-        def settle(kind: str, detail: str = "") -> None:
-            if not outcome.done():
-                outcome.set_result((kind, detail))
-
-        probation = Probation(new, cfg.probation_frames, cfg.probation_failures,
-                              on_fail=lambda err: settle("fail", err),
-                              on_pass=lambda: settle("pass"))
-        old = slot.swap(new, probation if slot.model is not None else None)
-        del probation
+        sw = switching.Switch(slot, box, cfg, self._loop)
         self.counters["swaps"] += 1
-        old_version = None if old is None else str(old.version)
-        log.info("model_switched", model=name, version=new.version, previous=old_version,
+        log.info("model_switched", model=name, version=sw.version, previous=sw.previous,
                  source=target.source)
-        self._set_status(ModelState(name=name, version=new.version, status="active"))
-        if old is not None:
-            kind, detail = await self._await_probation(outcome, cfg.probation_timeout_s)
-            slot.end_probation()
-            if kind == "fail":
-                slot.swap(old)
-                self.counters["rollbacks"] += 1
-                reason = _short(f"switched back after {cfg.probation_failures} failed "
-                                f"inferences: {detail}")
-                log.warning("model_rolled_back", model=name, version=new.version,
-                            to=old_version, reason=reason)
-                self._set_status(ModelState(name=name, version=old_version, status="failed",
-                                            target_version=new.version, error=reason))
-                await self._save_status(name)
-                return [new]
-        await self._remember_active(name, str(new.version), str(new.sha256), old_version,
-                                    target)
-        return [old]
+        self._set_status(ModelState(name=name, version=sw.version, status="active"))
+        verdict = await sw.verdict(self._wake)
+        if not verdict.passed:
+            self.counters["rollbacks"] += 1
+            reason = _short(f"switched back after {cfg.probation_failures} failed "
+                            f"inferences: {verdict.detail}")
+            log.warning("model_rolled_back", model=name, version=sw.version, to=sw.previous,
+                        reason=reason)
+            self._set_status(ModelState(name=name, version=sw.previous, status="failed",
+                                        target_version=sw.version, error=reason))
+            await self._save_status(name)
+            return sw.roll_back()
+        await self._remember_active(name, sw.version, sw.sha256, sw.previous, target)
+        return sw.keep()
 
-    async def _await_probation(
-        self, outcome: asyncio.Future[tuple[str, str]], timeout: float
-    ) -> tuple[str, str]:
-        wake: asyncio.Future[Any] = asyncio.ensure_future(self._wake.wait())
-        waiting: set[asyncio.Future[Any]] = {outcome, wake}
-        try:
-            await asyncio.wait(waiting, timeout=timeout,
-                               return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            wake.cancel()
-        if outcome.done():
-            return outcome.result()
-        # no verdict in time (few frames flow) or newer work waits: the new version stays
-        return ("pass", "timeout")
-
-    async def _retire(self, slot: ModelSlot, box: list[Any]) -> None:
+    async def _retire(self, slot: ModelSlot, box: list[ServingModel]) -> None:
         outcome = await slot.retire(box, self.settings.model_sync.drain_timeout_s)
         if outcome is not None:
             self.counters[outcome] += 1
@@ -441,13 +368,14 @@ class ModelSync:
     # ------------------------------------------------------------------------- persistence
 
     async def _remember_active(
-        self, name: str, version: str, sha256: str, old_version: str | None, target: Target
+        self, name: str, version: str, sha256: str, old_version: str | None,
+        target: targets.Target,
     ) -> None:
         rec = self._record["models"].setdefault(name, {})
         spec = self._config_specs().get(name)
         cfg_sha = None
         if spec is not None:
-            cfg_sha = (await asyncio.to_thread(_manifest_facts, spec.manifest))[1]
+            cfg_sha = (await asyncio.to_thread(targets.manifest_facts, spec.manifest))[1]
         previous = [v for v in rec.get("previous", []) if v != version]
         if old_version is not None and old_version != version:
             previous = [old_version, *[v for v in previous if v != old_version]]

@@ -12,16 +12,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from edge_agent.capture.camera import CAMERA_STATES, Camera
+from edge_agent.streaming.slots import ServingModel
 
-#: Stage names, as in ``protocol.Latencies`` (the ``stage`` label's values).
-STAGES = ("capture_to_start", "preprocess", "inference", "postprocess", "end_to_end")
 #: Seconds; dense between 1 ms and 250 ms where edge inference lives.
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.010, 0.015, 0.020, 0.030, 0.040, 0.050,
@@ -31,16 +29,19 @@ LATENCY_BUCKETS = (
 
 @dataclass(frozen=True, slots=True)
 class StageObservers:
-    """The histogram children and counters of one model version (looked up once)."""
+    """The histogram children and counters of one model version (looked up once).
 
-    capture_to_start: Any
-    preprocess: Any
-    inference: Any
-    postprocess: Any
-    end_to_end: Any
-    frames: Any
-    errors: Any
-    batch: Any
+    The ``stage`` label's values are ``contract.results.STAGES``.
+    """
+
+    capture_to_start: Histogram
+    preprocess: Histogram
+    inference: Histogram
+    postprocess: Histogram
+    end_to_end: Histogram
+    frames: Counter
+    errors: Counter
+    batch: Histogram
 
 
 class _CameraCollector(Collector):
@@ -184,7 +185,7 @@ class AgentMetrics:
 
         self.add_collector(collect)
 
-    def set_model_info(self, models: Iterable[Any]) -> None:
+    def set_model_info(self, models: Iterable[ServingModel]) -> None:
         """Replace the model info series with the given loaded models."""
         self.model_info.clear()
         for m in models:

@@ -9,24 +9,32 @@ ones are dropped and counted, so memory stays bounded even then.
 
 The pipeline also answers the probes' questions: which cameras deliver (``/readyz``), whether
 inference is stuck (``/healthz``), and watches for stalled cameras.
+
+Each counter has one writer. The relay's per-camera and per-version counts are written on the
+event loop only; its backlog drops, refused in whichever worker pushed, under the relay's lock.
+The telemetry providers (``telemetry_models``, ``telemetry_cameras``) report what changed since
+their previous call, so they have one caller, the telemetry task, which alone moves their
+baselines; what the workers counted is read through ``Scheduler.tally()`` (a snapshot).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import structlog
+from prometheus_client import Histogram
 
-from edge_agent.capture.camera import Camera, Frame, PrepareHook
+from edge_agent.capture.camera import Camera, PrepareHook
 from edge_agent.config import CameraSettings
 from edge_agent.contract.protocol import CameraTelemetry, LatencySummary, ModelTelemetry
+from edge_agent.streaming import scheduler as scheduling
 from edge_agent.streaming.metrics import AgentMetrics
-from edge_agent.streaming.scheduler import Scheduler
 from edge_agent.streaming.sinks import ResultSink
 from edge_agent.streaming.slots import ModelSlot
 
@@ -36,16 +44,6 @@ log = structlog.get_logger(__name__)
 MONITOR_INTERVAL_S = 0.5
 #: Latency samples per model version kept per telemetry window (the newest ones).
 WINDOW_SAMPLES = 4096
-
-
-def _snapshot(counter: Mapping[tuple[str, str], int]) -> dict[tuple[str, str], int]:
-    """A copy of a dict that worker threads may grow meanwhile."""
-    for _ in range(10):
-        try:
-            return dict(counter)
-        except RuntimeError:  # "changed size during iteration": a new key; try again
-            continue
-    return {}
 
 
 class ResultRelay:
@@ -64,14 +62,15 @@ class ResultRelay:
         self._max_pending = max_pending
         self._queue: collections.deque[tuple[float, dict[str, Any]]] = collections.deque()
         self._scheduled = False
-        self._last_drop_log = 0.0
-        self._e2e: dict[tuple[str, str], Any] = {}
+        self._drop_lock = threading.Lock()
+        self._last_drop_log = 0.0  # guarded by _drop_lock
+        self._e2e: dict[tuple[str, str], Histogram] = {}
         #: Results handed to the sink, per camera.
         self.published: collections.Counter[str] = collections.Counter()
         #: Per (model, version) since the last ``take_window``: results and their end-to-end
         #: latencies in ms (the newest ``WINDOW_SAMPLES``), for telemetry percentiles.
         self._window: dict[tuple[str, str], tuple[list[int], collections.deque[float]]] = {}
-        #: Results dropped because the loop fell behind.
+        #: Results dropped because the loop fell behind (written under ``_drop_lock``).
         self.dropped = 0
 
     def push(self, items: list[tuple[float, dict[str, Any]]]) -> None:
@@ -90,12 +89,16 @@ class ResultRelay:
                 self._scheduled = False
 
     def _drop(self, n: int) -> None:
-        self.dropped += n
+        # a worker thread, and rare (the loop fell behind): the lock keeps one writer at a time
         self._metrics.results_dropped.labels("backlog").inc(n)
-        now = time.monotonic()
-        if now - self._last_drop_log >= 5.0:
+        with self._drop_lock:
+            self.dropped += n
+            total = self.dropped
+            now = time.monotonic()
+            if now - self._last_drop_log < 5.0:
+                return
             self._last_drop_log = now
-            log.warning("results_dropped", reason="backlog", total=self.dropped)
+        log.warning("results_dropped", reason="backlog", total=total)
 
     def drain(self) -> None:
         """Publish everything queued (on the event loop thread)."""
@@ -163,8 +166,9 @@ class Pipeline:
         self.stuck_after_s = stuck_after_s
         self._max_pending = max_pending_results
         self._relay: ResultRelay | None = None
-        self.scheduler = Scheduler(node=node, slots=slots, workers=workers, emit=self._emit,
-                                   metrics=metrics, batch_limits=batch_limits)
+        self.scheduler = scheduling.Scheduler(node=node, slots=slots, workers=workers,
+                                              emit=self._emit, metrics=metrics,
+                                              batch_limits=batch_limits)
         self.cameras: dict[str, Camera] = {}
         for cs in cameras:
             slot = slots.get(cs.model)
@@ -174,17 +178,16 @@ class Pipeline:
         metrics.watch_cameras(lambda: list(self.cameras.values()))
         metrics.workers.set(workers)
         self._started = False
-        self._errors_seen: dict[tuple[str, str], int] = {}
+        self._errors_seen: Mapping[tuple[str, str], int] = {}
         self._drops_seen: dict[str, int] = {}
 
     @staticmethod
     def _prepare_hook(slot: ModelSlot) -> PrepareHook:
-        def prepare(frame: Frame, img: np.ndarray) -> None:
+        def prepare(frame: scheduling.StreamFrame, img: np.ndarray) -> None:
             model = slot.model
             if model is None:
                 return  # no model yet: the scheduler counts the frame as dropped
-            frame.tensor, frame.meta = model.preprocess(img)
-            frame.model = model
+            frame.prepared = scheduling.prepare(model, img)
 
         return prepare
 
@@ -277,9 +280,12 @@ class Pipeline:
         return self.scheduler.stuck_for() > self.stuck_after_s
 
     def telemetry_models(self) -> list[ModelTelemetry]:
-        """Per model version since the previous call: frames, errors, latency percentiles."""
+        """Per model version since the previous call: frames, errors, latency percentiles.
+
+        The telemetry task's provider: each call moves the baselines (one caller).
+        """
         window = self._relay.take_window() if self._relay is not None else {}
-        errors = _snapshot(self.scheduler.errors_by_model)
+        errors = self.scheduler.tally().errors_by_model
         keys = set(window) | {k for k, v in errors.items() if v != self._errors_seen.get(k, 0)}
         out = []
         for key in sorted(keys):
@@ -296,7 +302,7 @@ class Pipeline:
         return out
 
     def telemetry_cameras(self) -> list[CameraTelemetry]:
-        """Per camera: connected, fps, and frames dropped since the previous call."""
+        """Per camera: connected, fps, and frames dropped since the previous call (one caller)."""
         out = []
         for cam in list(self.cameras.values()):
             dropped = cam.dropped

@@ -89,6 +89,10 @@ class JsonLinesSink:
     are dropped, counted in ``dropped`` and logged at most once per second, so a stuck disk
     cannot grow memory without bound.
 
+    Each counter has one writer: ``published`` and ``refused`` the caller of ``publish``,
+    ``written`` and ``lost`` the writer thread (``close_sync`` after it joined); ``dropped`` is
+    their sum for readers.
+
     With ``append=True`` an existing file is kept and each camera's seq resumes after the largest
     one already in it, so (node, camera, seq) stays unique across restarts. ``append=False``
     truncates (the batch mode's output).
@@ -116,7 +120,9 @@ class JsonLinesSink:
         #: Results accepted by ``publish``.
         self.published = 0
         #: Results refused because ``max_pending`` lines were already waiting.
-        self.dropped = 0
+        self.refused = 0
+        #: Lines lost because writing them failed (a full or broken disk).
+        self.lost = 0
         #: Lines written to the file so far.
         self.written = 0
         self._write_error: OSError | None = None
@@ -155,6 +161,11 @@ class JsonLinesSink:
         """``close_sync`` in a thread."""
         await asyncio.to_thread(self.close_sync)
 
+    @property
+    def dropped(self) -> int:
+        """Results that never reached the file: refused (backlog) or lost (write failed)."""
+        return self.refused + self.lost
+
     # ------------------------------------------------------------------ hot path
 
     def publish(self, result: dict[str, Any]) -> int:
@@ -162,7 +173,7 @@ class JsonLinesSink:
         seq = self._seq.next(result["camera"])
         result["seq"] = seq
         if len(self._pending) >= self._max_pending:
-            self.dropped += 1
+            self.refused += 1
             now = time.monotonic()
             if now - self._last_drop_log >= 1.0:
                 self._last_drop_log = now
@@ -199,7 +210,7 @@ class JsonLinesSink:
             self.written += len(lines)
         except OSError as exc:
             # a full or broken disk: count what is lost and say so once per burst
-            self.dropped += len(lines)
+            self.lost += len(lines)
             if self._write_error is None or str(exc) != str(self._write_error):
                 log.error("results_write_failed", sink="jsonl", path=str(self.path),
                           error=str(exc), lost=len(lines))

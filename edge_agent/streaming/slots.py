@@ -22,33 +22,89 @@ import contextlib
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 import structlog
 
 from edge_agent.errors import ModelError
+
+if TYPE_CHECKING:
+    from edge_agent.inference.engine import InferOutput
+    from edge_agent.inference.preprocess import FrameMeta
 
 log = structlog.get_logger(__name__)
 
 
 class ServingModel(Protocol):
-    """What a slot holds: ``inference.engine.LoadedModel`` (only these attributes are used)."""
+    """What the frame path needs from a loaded model; ``inference.engine.LoadedModel`` is one.
 
-    name: str
-    version: str
+    Slots hold it; capture threads preprocess with it; workers run and post-process batches on
+    it; calibration times it; an HTTP upload infers one image with it; model sync, metrics and
+    ``/v1/models`` read who it is. Every method may run in several threads at once.
+    """
+
+    @property
+    def name(self) -> str:
+        """The model name (the slot's name)."""
+        ...
+
+    @property
+    def version(self) -> str:
+        """The version serving."""
+        ...
+
+    @property
+    def sha256(self) -> str:
+        """The ONNX file's digest."""
+        ...
+
+    @property
+    def task(self) -> str:
+        """The post-processing task (``yolo``, ``classification``, ...)."""
+        ...
+
+    @property
+    def providers(self) -> Sequence[str]:
+        """Execution providers the session runs on, preferred first."""
+        ...
+
+    @property
+    def batch_dynamic(self) -> bool:
+        """True when one ``run`` may take several frames (a dynamic batch axis)."""
+        ...
+
+    def preprocess(self, frame_bgr: np.ndarray) -> tuple[np.ndarray, FrameMeta]:
+        """A ``[1, ...]`` input tensor for one BGR frame, and the geometry to undo it."""
+        ...
+
+    def run(self, batch_tensor: np.ndarray) -> list[np.ndarray]:
+        """Run a ``[B, ...]`` batch; outputs in the manifest's order."""
+        ...
+
+    def postprocess(
+        self, outputs: Sequence[np.ndarray], metas: Sequence[FrameMeta]
+    ) -> list[dict[str, Any]]:
+        """One result part (``detections`` or ``classes``) per frame of the batch."""
+        ...
+
+    def infer(self, frame_bgr: np.ndarray) -> InferOutput:
+        """Preprocess, run and post-process one frame, timing each stage."""
+        ...
 
     def close(self) -> None:
         """Release the session."""
+        ...
 
 
 @dataclass
 class Probation:
     """Counts the first ``frames`` outcomes of a new version; ``failures`` of them fail it."""
 
-    model: Any
+    model: ServingModel
     frames: int
     failures: int
     #: Called (on the event loop) with the last error when the failure limit is reached.
@@ -64,9 +120,9 @@ class Probation:
 class ModelSlot:
     """Holds the model serving one model name; see the module docstring."""
 
-    def __init__(self, name: str, model: Any | None = None) -> None:
+    def __init__(self, name: str, model: ServingModel | None = None) -> None:
         self.name = name
-        self._model: Any | None = model
+        self._model: ServingModel | None = model
         self._lock = threading.Lock()
         #: In-flight leases per model object (by id), so a replaced model is closed only idle.
         self._inflight: dict[int, int] = {}
@@ -79,7 +135,7 @@ class ModelSlot:
     # ---------------------------------------------------------------------- pipeline side
 
     @property
-    def model(self) -> Any | None:
+    def model(self) -> ServingModel | None:
         """The model serving now (None before one was loaded). Do not keep it across frames."""
         return self._model
 
@@ -89,7 +145,7 @@ class ModelSlot:
         m = self._model
         return None if m is None else str(m.version)
 
-    def acquire(self) -> Any:
+    def acquire(self) -> ServingModel:
         """Lease the current model for one frame or batch; pair with ``release``."""
         with self._lock:
             m = self._model
@@ -99,7 +155,9 @@ class ModelSlot:
             self._inflight[key] = self._inflight.get(key, 0) + 1
             return m
 
-    def release(self, model: Any, ok: bool | None = True, error: str | None = None) -> None:
+    def release(
+        self, model: ServingModel, ok: bool | None = True, error: str | None = None
+    ) -> None:
         """Return a lease taken with ``acquire`` and say whether the frame succeeded.
 
         ``ok=None`` returns the lease without an outcome (a frame dropped before inference).
@@ -120,7 +178,9 @@ class ModelSlot:
         if ok is not None:
             self.report(model, 1, None if ok else (error or "inference failed"))
 
-    def report(self, model: Any, frames: int = 1, error: BaseException | str | None = None) -> None:
+    def report(
+        self, model: ServingModel, frames: int = 1, error: BaseException | str | None = None
+    ) -> None:
         """Count the outcome of ``frames`` frames run on ``model`` (any thread, no lease needed).
 
         The pipeline calls this once per batch; only the outcomes of a version on probation
@@ -137,7 +197,7 @@ class ModelSlot:
             self._call_soon(*fire)
 
     @contextmanager
-    def lease(self) -> Iterator[Any]:
+    def lease(self) -> Iterator[ServingModel]:
         """``with slot.lease() as model:`` one frame; an exception counts as a failed frame."""
         m = self.acquire()
         try:
@@ -153,7 +213,9 @@ class ModelSlot:
         """The loop callbacks (probation outcome, idle events) are delivered on."""
         self._loop = loop
 
-    def swap(self, new: Any | None, probation: Probation | None = None) -> Any | None:
+    def swap(
+        self, new: ServingModel | None, probation: Probation | None = None
+    ) -> ServingModel | None:
         """Make ``new`` serve from the next lease on; return the model it replaced."""
         with self._lock:
             old, self._model = self._model, new
@@ -168,12 +230,12 @@ class ModelSlot:
                 self._probation.done = True
             self._probation = None
 
-    def inflight(self, model: Any) -> int:
+    def inflight(self, model: ServingModel) -> int:
         """Leases of ``model`` not yet returned."""
         with self._lock:
             return self._inflight.get(id(model), 0)
 
-    async def wait_idle(self, model: Any, timeout: float) -> bool:
+    async def wait_idle(self, model: ServingModel, timeout: float) -> bool:
         """Wait until no lease of ``model`` is out (True) or ``timeout`` passed (False)."""
         with self._lock:
             if not self._inflight.get(id(model)):
@@ -185,7 +247,7 @@ class ModelSlot:
             return False
         return True
 
-    async def retire(self, box: list[Any], timeout: float) -> str | None:
+    async def retire(self, box: list[ServingModel], timeout: float) -> str | None:
         """Release a replaced model (popped from ``box``) once no frame uses it any more.
 
         Frames the old model already preprocessed still hold it (the scheduler re-preprocesses

@@ -1,26 +1,23 @@
-"""The agent's one MQTT connection (paho-mqtt 2.x), bridged to asyncio.
+"""The agent's one MQTT connection, bridged to asyncio.
 
 Why a wrapper: paho runs its network loop in its own thread and calls back on it; the agent is
 asyncio. This module owns that boundary so nobody else has to: paho's thread (``loop_start``)
 does all socket I/O; ``publish`` may be called from any thread (paho queues to its own thread);
-subscription callbacks are handed to the event loop with ``call_soon_threadsafe``; every paho
-callback is wrapped so an exception can never kill paho's thread.
+subscription callbacks are handed to the event loop with ``call_soon_threadsafe``.
 
-What it adds to paho: reconnect with exponential backoff and full jitter (paho's own wait,
-re-armed before every attempt with a jittered delay), keepalive (paho closes a link whose
-PINGRESP does not come), a PUBACK callback per published message (what the outbox drain deletes
-rows on), the retained ``state`` message re-sent on every connect with a last will that says
-offline, TLS and a password read from a file, and inbound messages that are too large or do not
+Built on ``edge_agent.common.mqtt.MqttClient`` (login with a password from a file, TLS,
+reconnect with the shared jittered backoff, guarded callbacks, keepalive); what this module
+adds: a PUBACK callback per published message (what the outbox drain deletes rows on), the
+retained ``state`` message re-sent on every connect with a last will that says offline, a
+maximum packet size announced to the broker, and inbound messages that are too large or do not
 decode counted and dropped before any callback sees them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import random
-import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -29,13 +26,13 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import structlog
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
-from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edge_agent.config import MqttSettings
+from edge_agent.common import mqtt
+from edge_agent.common import settings as common_settings
+from edge_agent.config import ConfigError, MqttSettings
 from edge_agent.contract.protocol import (
     MAX_PAYLOAD_BYTES,
     ProtocolError,
@@ -43,7 +40,6 @@ from edge_agent.contract.protocol import (
     encode,
     state_topic,
 )
-from edge_agent.errors import AgentError
 
 log = structlog.get_logger(__name__)
 
@@ -54,20 +50,6 @@ AckCallback = Callable[[Any, int], None]
 
 #: Seconds between repeated log lines about the same connection trouble.
 LOG_INTERVAL_S = 10.0
-
-
-def backoff_delay(attempt: int, min_s: float, max_s: float,
-                  rand: Callable[[], float] = random.random) -> float:
-    """Seconds to wait before reconnect attempt ``attempt`` (0 = the first retry).
-
-    Exponential with full jitter between ``min_s`` and ``min(max_s, min_s * 2**(attempt+1))``:
-    never sooner than ``min_s`` (no hot loop), and a fleet that lost the same broker spreads
-    its reconnects instead of arriving together.
-    """
-    cap = min(max_s, min_s * (2.0 ** min(attempt + 1, 60)))
-    if cap <= min_s:
-        return min_s
-    return min_s + (cap - min_s) * rand()
 
 
 @dataclass
@@ -90,7 +72,7 @@ class _Sub:
     decode: Callable[[bytes], Any] | None
 
 
-class MqttLink:
+class MqttLink(mqtt.MqttClient):
     """One paho client per agent. ``await start()``, then publish/subscribe; ``aclose()``."""
 
     def __init__(
@@ -102,23 +84,23 @@ class MqttLink:
         agent_version: str = "",
         rand: Callable[[], float] = random.random,
     ) -> None:
-        self.settings = settings
+        super().__init__(
+            settings, client_id or f"edge-agent-{node}",
+            # the broker need not even send us what we would drop (with room for headers)
+            properties={"MaximumPacketSize": 4 * MAX_PAYLOAD_BYTES},
+            max_inflight=settings.max_inflight, rand=rand,
+        )
+        self.settings: MqttSettings = settings
         self.node = node
         self.topic_prefix = settings.topic_prefix
-        self.client_id = client_id or f"edge-agent-{node}"
         self.agent_version = agent_version
         self.stats = LinkStats()
-        self._rand = rand
-        self._client: paho.Client | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._subs: dict[str, _Sub] = {}
         self._acks: dict[int, tuple[AckCallback | None, Any]] = {}
         self._early: dict[int, int] = {}
         self._acks_lock = threading.Lock()
-        self._connected = threading.Event()
         self._aconnected: asyncio.Event | None = None
         self._state: StateMessage | None = None
-        self._attempt = 0
         self._closing = False
         self._logged: dict[str, float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -134,71 +116,21 @@ class MqttLink:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Start connecting in paho's thread; returns at once (the broker may be down)."""
-        self._loop = asyncio.get_running_loop()
-        self._aconnected = asyncio.Event()
-        client = await asyncio.to_thread(self._make_client)
-        self._client = client
-        s = self.settings
-        props = None
-        kw: dict[str, Any] = {}
-        if s.protocol == 5:
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            # the broker need not even send us what we would drop (with room for headers)
-            props.MaximumPacketSize = 4 * MAX_PAYLOAD_BYTES
-            kw["clean_start"] = True
-        client.connect_async(s.host, s.port, keepalive=s.keepalive_s, properties=props, **kw)
-        client.loop_start()
+        """Start connecting in paho's thread; returns at once (the broker may be down).
 
-    def _make_client(self) -> paho.Client:
-        s = self.settings
-        v5 = s.protocol == 5
-        client = paho.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
-            clean_session=None if v5 else True,
-        )
-        if s.username is not None:
-            password = None
-            if s.password_file is not None:
-                try:
-                    password = s.password_file.read_text(encoding="utf-8").rstrip("\r\n")
-                except OSError as exc:
-                    raise AgentError(
-                        f"mqtt.password_file: cannot read {s.password_file}: {exc.strerror}"
-                    ) from exc
-            client.username_pw_set(s.username, password)
-        if s.tls:
-            try:
-                client.tls_set(
-                    ca_certs=None if s.ca_file is None else str(s.ca_file),
-                    certfile=None if s.cert_file is None else str(s.cert_file),
-                    keyfile=None if s.key_file is None else str(s.key_file),
-                    cert_reqs=ssl.CERT_REQUIRED,
-                )
-            except (OSError, ssl.SSLError) as exc:
-                raise AgentError(f"mqtt TLS files cannot be used: {exc}") from exc
-        # at most this many unacknowledged on the wire: what a broker crash can duplicate
-        client.max_inflight_messages_set(s.max_inflight)
-        client.max_queued_messages_set(0)
-        client.connect_timeout = float(min(10, s.keepalive_s))
-        client.suppress_exceptions = True
-        self._set_will(client)
-        client.on_pre_connect = self._guard(self._on_pre_connect)
-        client.on_connect = self._guard(self._on_connect)
-        client.on_connect_fail = self._guard(self._on_connect_fail)
-        client.on_disconnect = self._guard(self._on_disconnect)
-        client.on_message = self._guard(self._on_message)
-        client.on_publish = self._guard(self._on_publish)
-        client.on_subscribe = self._guard(self._on_subscribe)
-        return client
+        Raises ``ConfigError`` when the password or TLS files cannot be used.
+        """
+        self.attach_loop(asyncio.get_running_loop())
+        self._aconnected = asyncio.Event()
+        try:
+            await asyncio.to_thread(self.open_sync)
+        except common_settings.ConfigError as exc:
+            raise ConfigError(exc.errors) from exc
 
     async def aclose(self, timeout: float = 5.0) -> None:
         """Publish the offline state (if connected), disconnect cleanly, stop paho's thread."""
         self._closing = True
-        client = self._client
-        if client is None:
+        if not self.running:
             return
         if self.connected:
             done = threading.Event()
@@ -206,19 +138,11 @@ class MqttLink:
             self.publish(state_topic(self.topic_prefix, self.node), encode(offline), qos=1,
                          retain=True, on_ack=lambda _t, _rc: done.set())
             await asyncio.to_thread(done.wait, timeout)
-        client.disconnect()
-        await asyncio.to_thread(client.loop_stop)
-        self._client = None
-        self._connected.clear()
+        await asyncio.to_thread(self.close_sync)
         for task in list(self._tasks):
             task.cancel()
 
     # ------------------------------------------------------------------ public API
-
-    @property
-    def connected(self) -> bool:
-        """True while a CONNACK-accepted connection is up."""
-        return self._connected.is_set()
 
     def wait_connected_sync(self, timeout: float) -> bool:
         """Block (a worker thread) until connected or ``timeout``; True when connected."""
@@ -245,9 +169,8 @@ class MqttLink:
         Subscriptions are renewed on every connect.
         """
         self._subs[topic_filter] = _Sub(topic_filter, callback, qos, decode)
-        client = self._client
-        if client is not None and self.connected:
-            self._subscribe(client, [self._subs[topic_filter]])
+        if self.running and self.connected:
+            self._subscribe([(topic_filter, qos)])
 
     def publish_state(self, state: StateMessage) -> None:
         """Publish the retained state (QoS 1) now if connected, and again on every connect."""
@@ -260,9 +183,9 @@ class MqttLink:
                 on_ack: AckCallback | None = None, token: Any = None) -> bool:
         """Queue a QoS 1 or 2 message from any thread; ``on_ack(token, reason)`` runs on its ack.
 
-        Returns False when it was not queued (no client, paho refused). A message queued while
-        disconnected is sent on reconnect. Raises ``ValueError`` for a message paho can never
-        send (bad topic, too large): the caller must drop it.
+        Returns False when it was not queued (not started or closed, paho refused). A message
+        queued while disconnected is sent on reconnect. Raises ``ValueError`` for a message
+        paho can never send (bad topic, too large): the caller must drop it.
 
         QoS 0 is not offered on purpose: paho reports QoS 0 sends through the same callback
         with message ids that would be reused, which could make a later QoS 1 message look
@@ -270,10 +193,9 @@ class MqttLink:
         """
         if qos not in (1, 2):
             raise ValueError("MqttLink.publish sends QoS 1 or 2 only")
-        client = self._client
-        if client is None:
+        if not self.running:
             return False
-        info = client.publish(topic, payload, qos=qos, retain=retain)
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             return False
         self.stats.published += 1
@@ -290,14 +212,6 @@ class MqttLink:
 
     # ------------------------------------------------------------------ paho callbacks
 
-    def _guard(self, fn: Callable[..., None]) -> Callable[..., None]:
-        def wrapper(*args: Any) -> None:
-            try:
-                fn(*args)
-            except Exception:
-                log.exception("mqtt_callback_failed", callback=fn.__name__)
-        return wrapper
-
     def _log_limited(self, event: str, level: str = "warning", **kw: Any) -> None:
         now = time.monotonic()
         if now - self._logged.get(event, -1e9) >= LOG_INTERVAL_S:
@@ -309,30 +223,16 @@ class MqttLink:
                                            agent_version=self.agent_version)
         return base.model_copy(update={"online": False, "ts": time.time()})
 
-    def _set_will(self, client: paho.Client) -> None:
-        client.will_set(state_topic(self.topic_prefix, self.node),
-                        encode(self._offline_state()), qos=1, retain=True)
+    def _before_connect(self) -> None:
+        # the will carries the newest state, so it is set again before every attempt
+        self._client.will_set(state_topic(self.topic_prefix, self.node),
+                              encode(self._offline_state()), qos=1, retain=True)
 
-    def _on_pre_connect(self, client: paho.Client, _userdata: Any) -> None:
-        # re-arm paho's reconnect wait with a jittered delay before each attempt: it is the
-        # wait paho uses if this attempt fails
-        delay = backoff_delay(self._attempt, self.settings.reconnect_min_s,
-                              self.settings.reconnect_max_s, self._rand)
-        self._attempt += 1
-        client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]
-        self._set_will(client)
+    def _connect_refused(self, reason: ReasonCode) -> None:
+        self.stats.connect_failures += 1
+        self._log_limited("mqtt_connect_refused", level="error", reason=str(reason))
 
-    def _on_connect(self, client: paho.Client, _userdata: Any, _flags: Any,
-                    reason: ReasonCode, props: Properties | None) -> None:
-        if reason.is_failure:
-            self.stats.connect_failures += 1
-            self._log_limited("mqtt_connect_refused", level="error", reason=str(reason))
-            return
-        self._attempt = 0
-        # the wait before the first attempt after this connection drops
-        d0 = backoff_delay(0, self.settings.reconnect_min_s, self.settings.reconnect_max_s,
-                           self._rand)
-        client.reconnect_delay_set(d0, d0)  # type: ignore[arg-type]
+    def _connection_up(self, props: Properties | None) -> None:
         rm = getattr(props, "ReceiveMaximum", None) if props is not None else None
         self.receive_maximum = int(rm) if rm else 65535
         if self.receive_maximum < self.settings.max_inflight:
@@ -344,38 +244,35 @@ class MqttLink:
         with self.send_lock:
             self.generation += 1
         self.stats.connects += 1
-        if self._subs:
-            self._subscribe(client, list(self._subs.values()))
+        self._subscribe([(sub.filter, sub.qos) for sub in list(self._subs.values())])
         if self._state is not None:
             self.publish(state_topic(self.topic_prefix, self.node), encode(self._state),
                          retain=True)
-        self._connected.set()
+
+    def _connection_ready(self) -> None:
         self._call_in_loop(self._set_aconnected, True)
         log.info("mqtt_connected", host=self.settings.host, port=self.settings.port,
                  receive_maximum=self.receive_maximum)
 
-    def _on_connect_fail(self, _client: paho.Client, _userdata: Any) -> None:
+    def _connect_failed(self) -> None:
         self.stats.connect_failures += 1
-        self._log_limited("mqtt_connect_failed", attempt=self._attempt)
+        self._log_limited("mqtt_connect_failed", attempt=self._backoff.attempt)
 
-    def _on_disconnect(self, _client: paho.Client, _userdata: Any, _flags: Any,
-                       reason: ReasonCode, _props: Properties | None) -> None:
-        was = self._connected.is_set()
-        self._connected.clear()
+    def _connection_down(self, reason: ReasonCode, was_connected: bool) -> None:
         self._call_in_loop(self._set_aconnected, False)
-        if was:
+        if was_connected:
             self.stats.disconnects += 1
             if not self._closing:
                 self._log_limited("mqtt_disconnected", reason=str(reason))
 
-    def _on_subscribe(self, _client: paho.Client, _userdata: Any, mid: int,
-                      codes: list[ReasonCode], _props: Properties | None) -> None:
+    def _subscribed(self, _client: paho.Client, _userdata: Any, mid: int,
+                    codes: list[ReasonCode], _props: Properties | None) -> None:
         bad = [str(c) for c in codes if c.is_failure]
         if bad:
             log.error("mqtt_subscribe_refused", mid=mid, reasons=bad)
 
-    def _on_publish(self, _client: paho.Client, _userdata: Any, mid: int,
-                    reason: ReasonCode, _props: Properties | None) -> None:
+    def _published(self, _client: paho.Client, _userdata: Any, mid: int,
+                   reason: ReasonCode, _props: Properties | None) -> None:
         with self._acks_lock:
             entry = self._acks.pop(mid, None)
             if entry is None:
@@ -385,7 +282,7 @@ class MqttLink:
         if cb is not None:
             cb(token, reason.value)
 
-    def _on_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+    def _message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
         self.stats.received += 1
         payload = bytes(msg.payload)
         if len(payload) > MAX_PAYLOAD_BYTES:
@@ -410,14 +307,6 @@ class MqttLink:
                           total=r[reason], **kw)
 
     # ------------------------------------------------------------------ asyncio side
-
-    def _call_in_loop(self, fn: Callable[..., None], *args: Any) -> None:
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        # the loop may close between the check and the call
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(fn, *args)
 
     def _set_aconnected(self, up: bool) -> None:
         ev = self._aconnected
@@ -452,9 +341,3 @@ class MqttLink:
         elif exc is not None:
             self._reject("callback_error", topic, 0)
             log.error("mqtt_subscriber_failed", topic=topic, error=repr(exc)[:200])
-
-    def _subscribe(self, client: paho.Client, subs: list[_Sub]) -> None:
-        if self.settings.protocol == 5:
-            client.subscribe([(s.filter, SubscribeOptions(qos=s.qos)) for s in subs])
-        else:
-            client.subscribe([(s.filter, s.qos) for s in subs])

@@ -5,6 +5,10 @@ The publisher knows nothing about models, cameras or the outbox: it asks *provid
 interval, adds the process RSS (psutil), and publishes at QoS 1. A provider that raises costs
 only its own part of one message (logged, rate-limited). While the link is down a message is
 skipped, not queued: telemetry describes now, and the hub judges windows, not backlogs.
+
+One owner: everything here runs in the ``telemetry`` task on the event loop. It alone writes
+``sent``/``skipped`` and alone calls the providers, which report what changed since their
+previous call (``streaming.pipeline``), so no other caller can steal part of an interval.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ class TelemetryPublisher:
         self._clock = clock
         self._proc = psutil.Process()
         self._logged: dict[str, float] = {}
-        #: Messages published / skipped because the link was down.
+        #: Messages published / skipped because the link was down (the telemetry task's).
         self.sent = 0
         self.skipped = 0
 

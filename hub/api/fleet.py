@@ -1,10 +1,10 @@
 """The REST API of the rollout side: nodes, rollouts and their commands, ``/metrics``.
 
-Hooked into the hub's app by ``setup(app, registry)`` (called from ``hub/server/app.py``). Errors
-and
-bearer-token checks are the registry API's (``hub/api/httputil.py``): every mutating route needs the
-token, bad input is a 4xx JSON error and changes nothing. The paths are added to the hub's
-OpenAPI document (``hub/api/fleet_openapi.py``).
+Hooked into the hub's app by ``setup(app, control, ...)`` (called from ``hub/server/app.py``),
+where ``control`` answers the questions ``hub/api/ports.py`` names. Errors and bearer-token
+checks are the registry API's (``hub/api/httputil.py``): every mutating route needs the token,
+bad input is a 4xx JSON error and changes nothing. The paths are added to the hub's OpenAPI
+document (``hub/api/fleet_openapi.py``).
 
 Routes::
 
@@ -27,19 +27,16 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from hub.api.httputil import SETTINGS_KEY, authorize
-from hub.cluster.base import Node
+from hub.api import fleet_openapi, openapi, ports
+from hub.api.httputil import authorize
 from hub.cluster.selectors import parse_selector
 from hub.errors import InvalidRequest, NotFound
 from hub.rollouts.controller import VERBS
-from hub.rollouts.desired import Catalog, assigned_models
-from hub.rollouts.model import Rollout, parse_spec
-from hub.server.control import ControlPlane
-from hub.server.metrics import FleetCollector
+from hub.rollouts.model import parse_spec
 
 log = structlog.get_logger(__name__)
 
-CONTROL_KEY = web.AppKey("hub_control_plane", ControlPlane)
+CONTROL_KEY = web.AppKey("hub_fleet_control", ports.FleetControl)
 METRICS_KEY = web.AppKey("hub_fleet_metrics", CollectorRegistry)
 _MAX_ACTOR = 64
 
@@ -61,60 +58,19 @@ def _rollout_id(request: web.Request) -> int:
     return int(raw)
 
 
-def node_view(control: ControlPlane, node: Node) -> dict[str, Any]:
-    """One node for the API and the CLI."""
-    prefix = control.settings.cluster.label_prefix
-    row = control.dispatcher.desired(node.name)
-    health = control.fleet.describe(node.name)
-    return {
-        "name": node.name,
-        "labels": dict(node.labels),
-        "assigned": assigned_models(node.labels, prefix),
-        "online": health["online"],
-        "last_seen": health["last_seen"],
-        "generation": {"desired": row.generation if row else 0,
-                       "published": bool(row and row.published),
-                       "applied": health["generation"]},
-        "agent_version": health["agent_version"],
-        "providers": health["providers"],
-        "models": health["models"],
-        "metrics": health["metrics"],
-    }
-
-
-def rollout_view(control: ControlPlane, r: Rollout) -> dict[str, Any]:
-    """A rollout with each node's live view (version running, health on the new version)."""
-    out = r.as_dict()
-    model, version = r.spec.model, r.spec.version
-    for entry in out["nodes"]:
-        name = entry["node"]
-        st = control.fleet.model_state(name, model)
-        m = control.fleet.metrics(name, model, version, since=entry["active_at"]) \
-            if entry["status"] == "active" else None
-        entry["live"] = {
-            "online": control.fleet.online(name),
-            "running": st.version if st is not None else None,
-            "status": st.status if st is not None else None,
-            "metrics": m.as_dict() if m is not None and m.samples else None,
-        }
-    return out
-
-
 async def list_nodes(request: web.Request) -> web.Response:
     authorize(request, write=False)
-    control = request.app[CONTROL_KEY]
     selector = parse_selector(request.query.get("selector", ""))
-    nodes = control.cluster.select(selector)
-    return _json({"nodes": [node_view(control, n) for n in nodes]})
+    return _json({"nodes": request.app[CONTROL_KEY].nodes(selector)})
 
 
 async def show_node(request: web.Request) -> web.Response:
     authorize(request, write=False)
-    control = request.app[CONTROL_KEY]
-    node = control.cluster.get(request.match_info["node"])
+    name = request.match_info["node"]
+    node = request.app[CONTROL_KEY].node(name)
     if node is None:
-        raise NotFound(f"node {request.match_info['node']!r} is not a camera node of this hub")
-    return _json(node_view(control, node))
+        raise NotFound(f"node {name!r} is not a camera node of this hub")
+    return _json(node)
 
 
 async def list_rollouts(request: web.Request) -> web.Response:
@@ -122,8 +78,7 @@ async def list_rollouts(request: web.Request) -> web.Response:
     raw = request.query.get("limit", "50")
     if not raw.isdigit() or not 1 <= int(raw) <= 1000:
         raise InvalidRequest("limit must be an integer in [1, 1000]")
-    rollouts = await request.app[CONTROL_KEY].controller.recent(int(raw))
-    return _json({"rollouts": [r.summary() for r in rollouts]})
+    return _json({"rollouts": await request.app[CONTROL_KEY].rollouts(int(raw))})
 
 
 async def create_rollout(request: web.Request) -> web.Response:
@@ -139,19 +94,15 @@ async def create_rollout(request: web.Request) -> web.Response:
         raise InvalidRequest("dry_run must be true or false")
     spec = parse_spec(body)
     control = request.app[CONTROL_KEY]
-    result = await control.controller.create(spec, dry_run=dry_run, actor=_actor(request))
     if dry_run:
-        return _json({"plan": result})
-    r = await control.controller.get(result["id"])
-    return _json({"rollout": rollout_view(control, r)}, status=201)
+        return _json({"plan": await control.plan_rollout(spec)})
+    return _json({"rollout": await control.start_rollout(spec, actor=_actor(request))},
+                 status=201)
 
 
 async def show_rollout(request: web.Request) -> web.Response:
     authorize(request, write=False)
-    control = request.app[CONTROL_KEY]
-    r = await control.controller.get(_rollout_id(request))
-    out = rollout_view(control, r)
-    out["events"] = await control.store.events(r.id)
+    out = await request.app[CONTROL_KEY].rollout(_rollout_id(request), events=True)
     return _json({"rollout": out})
 
 
@@ -160,11 +111,9 @@ async def rollout_command(request: web.Request) -> web.Response:
     verb = request.match_info["command"]
     if verb not in VERBS:
         raise NotFound(f"unknown rollout command {verb!r} (one of {', '.join(VERBS)})")
-    control = request.app[CONTROL_KEY]
-    rid = _rollout_id(request)
-    await control.controller.command(rid, verb, actor=_actor(request))
-    r = await control.controller.get(rid)
-    return _json({"rollout": rollout_view(control, r)})
+    out = await request.app[CONTROL_KEY].command(_rollout_id(request), verb,
+                                                 actor=_actor(request))
+    return _json({"rollout": out})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -173,47 +122,18 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def _has_route(app: web.Application, path: str) -> bool:
-    return any(getattr(r, "canonical", None) == path for r in app.router.resources())
-
-
-def setup(app: web.Application, registry: Catalog, *, control: ControlPlane | None = None,
-          openapi: dict[str, Any] | None = None, set_is_assigned: bool = True) -> ControlPlane:
-    """Add the fleet routes to ``app`` and run a ``ControlPlane`` with it.
-
-    A control plane built here is started after the registry opens and stopped before it
-    closes; one passed in (tests) is left to its owner. With ``set_is_assigned`` the
-    registry asks the control plane whether a version it is told to delete is in use.
-    """
-    owned = control is None
-    cp = control or ControlPlane(app[SETTINGS_KEY], registry)
-    app[CONTROL_KEY] = cp
-    if set_is_assigned and hasattr(registry, "is_assigned"):
-        registry.is_assigned = cp.is_assigned
-    reg = CollectorRegistry(auto_describe=False)
-    reg.register(FleetCollector(cp))
-    app[METRICS_KEY] = reg
+def setup(app: web.Application, control: ports.FleetControl, *, metrics_registry: CollectorRegistry,
+          openapi_doc: dict[str, Any] | None = None) -> None:
+    """Add the fleet routes to ``app``, answered by ``control``; ``/metrics`` exposes
+    ``metrics_registry``. The caller owns ``control``'s lifetime (``hub/server/app.py``)."""
+    app[CONTROL_KEY] = control
+    app[METRICS_KEY] = metrics_registry
     app.router.add_get("/v1/nodes", list_nodes)
     app.router.add_get("/v1/nodes/{node}", show_node)
     app.router.add_get("/v1/rollouts", list_rollouts)
     app.router.add_post("/v1/rollouts", create_rollout)
     app.router.add_get("/v1/rollouts/{id}", show_rollout)
     app.router.add_post("/v1/rollouts/{id}/{command}", rollout_command)
-    if not _has_route(app, "/metrics"):
-        app.router.add_get("/metrics", metrics)
-    if openapi is not None:
-        from hub.api.fleet_openapi import PATHS, SCHEMAS  # noqa: PLC0415 - doc only
-        from hub.api.openapi import add_paths  # noqa: PLC0415
-
-        add_paths(openapi, PATHS, SCHEMAS)
-    if owned:
-
-        async def start(app: web.Application) -> None:
-            await cp.start()
-
-        async def stop(app: web.Application) -> None:
-            await cp.aclose()
-
-        app.on_startup.append(start)
-        app.on_shutdown.append(stop)
-    return cp
+    app.router.add_get("/metrics", metrics)
+    if openapi_doc is not None:
+        openapi.add_paths(openapi_doc, fleet_openapi.PATHS, fleet_openapi.SCHEMAS)

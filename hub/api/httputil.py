@@ -18,7 +18,7 @@ import structlog
 from aiohttp import hdrs, web
 
 from hub.config import HubSettings
-from hub.errors import HubError, Unauthorized
+from hub.errors import ArtifactRejected, HubError, Unauthorized
 
 log = structlog.get_logger(__name__)
 
@@ -46,18 +46,21 @@ _RANGE_RE = re.compile(r"^\s*bytes\s*=\s*(\d{0,19})\s*-\s*(\d{0,19})\s*$", re.IG
 
 
 def error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
+    status: int, code: str, message: str, headers: dict[str, str] | None = None,
+    reason: str | None = None,
 ) -> web.Response:
-    """The one error body shape: ``{"error": {"code": ..., "message": ...}}``."""
-    return web.json_response(
-        {"error": {"code": code, "message": message}}, status=status, headers=headers
-    )
+    """The one error body shape: ``{"error": {"code": ..., "message": ...[, "reason": ...]}}``."""
+    body = {"code": code, "message": message}
+    if reason is not None:
+        body["reason"] = reason
+    return web.json_response({"error": body}, status=status, headers=headers)
 
 
 def hub_error_response(exc: HubError) -> web.Response:
     """A HubError as its JSON error response (401s carry ``WWW-Authenticate``)."""
     headers = {"WWW-Authenticate": 'Bearer realm="edge-hub"'} if exc.http_status == 401 else None
-    return error_response(exc.http_status, exc.code, str(exc), headers)
+    reason = exc.reason if isinstance(exc, ArtifactRejected) else None
+    return error_response(exc.http_status, exc.code, str(exc), headers, reason)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

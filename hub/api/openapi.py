@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from edge_agent.contract import tasks
 from edge_agent.contract.protocol import NAME_PATTERN, SHA256_PATTERN, VERSION_PATTERN
 from hub import __version__
 
@@ -53,6 +54,9 @@ _SCHEMAS: dict[str, Any] = {
                 "properties": {
                     "code": {"type": "string", "description": "stable, machine-readable"},
                     "message": {"type": "string", "description": "for people"},
+                    "reason": {"type": "string", "description": (
+                        "422 from the model checks: the contract's stable rejection reason, "
+                        "the same an agent gives when it refuses the model")},
                 },
             }
         },
@@ -64,7 +68,7 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "name": {"type": "string", "pattern": NAME_PATTERN},
             "version": {"type": "string", "pattern": VERSION_PATTERN},
-            "task": {"type": "string", "enum": ["classification", "yolo", "centerface"]},
+            "task": {"type": "string", "enum": list(tasks.names())},
             "sha256": {"type": "string", "pattern": SHA256_PATTERN},
             "size": {"type": "integer", "minimum": 0},
             "signed": {"type": "boolean"},
@@ -114,7 +118,7 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "name": {"type": "string", "pattern": NAME_PATTERN},
             "version": {"type": "string", "pattern": VERSION_PATTERN},
-            "task": {"type": "string", "enum": ["classification", "yolo", "centerface"]},
+            "task": {"type": "string", "enum": list(tasks.names())},
             "file": {"type": "string"},
             "sha256": {"type": "string", "pattern": SHA256_PATTERN},
             "input": {

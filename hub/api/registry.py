@@ -228,32 +228,11 @@ async def _read_upload(request: web.Request, staged: StagedArtifact) -> dict[str
     fields: dict[str, bytes] = {}
     try:
         reader = await request.multipart()
-        while True:
-            part = await reader.next()
-            if part is None:
-                break
+        while (part := await reader.next()) is not None:
             if not isinstance(part, BodyPartReader):
                 raise InvalidRequest("nested multipart bodies are not accepted")
-            name = part.name
-            if name is None or name in fields:
-                raise InvalidRequest(f"part {name!r}: missing or repeated part name")
-            encoding = part.headers.get(hdrs.CONTENT_TRANSFER_ENCODING, "").lower()
-            if encoding not in _IDENTITY_ENCODINGS or part.headers.get(
-                hdrs.CONTENT_ENCODING, "identity"
-            ).lower() != "identity":
-                raise InvalidRequest(f"part {name!r}: encoded parts are not accepted")
-            if name == "artifact":
-                while chunk := await part.read_chunk(UPLOAD_CHUNK):
-                    await staged.write(chunk)
-                await staged.finish()
-                fields[name] = b""
-            elif name in _TEXT_PARTS:
-                fields[name] = await _read_text(part, _TEXT_PARTS[name])
-            else:
-                raise InvalidRequest(
-                    f"unknown part {name!r}; expected artifact, manifest, signature, notes, "
-                    "pushed_by"
-                )
+            name = _part_name(part, fields)
+            fields[name] = await _read_part(part, name, staged)
     except (ValueError, LookupError, AssertionError, EOFError, HttpProcessingError) as exc:
         # the parser's ways of saying "not well-formed": bad framing, part headers, encodings
         text = exc.message if isinstance(exc, HttpProcessingError) else str(exc)
@@ -263,6 +242,33 @@ async def _read_upload(request: web.Request, staged: StagedArtifact) -> dict[str
         if required not in fields:
             raise InvalidRequest(f"the upload has no {required!r} part")
     return fields
+
+
+def _part_name(part: BodyPartReader, seen: dict[str, bytes]) -> str:
+    """The part's name, once it is known to be new and not encoded."""
+    name = part.name
+    if name is None or name in seen:
+        raise InvalidRequest(f"part {name!r}: missing or repeated part name")
+    encoding = part.headers.get(hdrs.CONTENT_TRANSFER_ENCODING, "").lower()
+    if encoding not in _IDENTITY_ENCODINGS or part.headers.get(
+        hdrs.CONTENT_ENCODING, "identity"
+    ).lower() != "identity":
+        raise InvalidRequest(f"part {name!r}: encoded parts are not accepted")
+    return name
+
+
+async def _read_part(part: BodyPartReader, name: str, staged: StagedArtifact) -> bytes:
+    """The artifact streamed into ``staged`` (b"" is kept for it), a text part into memory."""
+    if name == "artifact":
+        while chunk := await part.read_chunk(UPLOAD_CHUNK):
+            await staged.write(chunk)
+        await staged.finish()
+        return b""
+    if name in _TEXT_PARTS:
+        return await _read_text(part, _TEXT_PARTS[name])
+    raise InvalidRequest(
+        f"unknown part {name!r}; expected artifact, manifest, signature, notes, pushed_by"
+    )
 
 
 def _text(fields: dict[str, bytes], name: str) -> str | None:

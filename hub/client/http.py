@@ -20,6 +20,7 @@ from aiohttp import hdrs
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload
 
+from edge_agent.common import settings as common_settings
 from hub.errors import (
     ArtifactRejected,
     Conflict,
@@ -78,7 +79,7 @@ def client_from_args(args: argparse.Namespace) -> HubClient:
     token: str | None
     if args.token_file is not None:
         try:
-            token = args.token_file.read_text(encoding="utf-8").strip() or None
+            token = common_settings.read_secret(args.token_file) or None
         except OSError as exc:
             raise InvalidRequest(f"cannot read --token-file {args.token_file}: {exc.strerror}") \
                 from exc

@@ -8,7 +8,8 @@ does both once, so downstream code only sees each result once, in arrival order.
 
 Design:
 
-- paho-mqtt 2.x in its own network thread; the callback only appends the raw message to a queue.
+- paho-mqtt 2.x in its own network thread (the shared client base, ``edge_agent.common.mqtt``:
+  login, TLS, jittered reconnect); the callback only appends the raw message to a queue.
   Parsing (``protocol.decode_result``), de-duplication, gap detection and the PUBACK all happen in
   the consumer's thread, in ``get()``. Acknowledging only when the consumer takes a result
   (``manual_ack``) together with MQTT 5 *Receive Maximum* makes the broker hold back instead of
@@ -37,14 +38,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import paho.mqtt.client as mqtt
+import paho.mqtt.client as paho
 import structlog
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from edge_agent.common import mqtt as mqtt_base
+from edge_agent.common import settings as settings_base
 from edge_agent.contract.protocol import (
     DEFAULT_TOPIC_PREFIX,
     ProtocolError,
@@ -53,6 +52,7 @@ from edge_agent.contract.protocol import (
     parse_topic,
     results_filter,
 )
+from hub.config import ConfigError
 from hub.errors import HubError
 
 log = structlog.get_logger(__name__)
@@ -233,7 +233,7 @@ def _log_gap(gap: Gap) -> None:
     )
 
 
-class ResultSubscriber:
+class ResultSubscriber(mqtt_base.MqttClient):
     """Subscribe to results, drop duplicates, report gaps. Use as a context manager.
 
     ``node`` / ``camera`` narrow the subscription (MQTT wildcards otherwise). ``group`` makes it a
@@ -268,6 +268,17 @@ class ResultSubscriber:
     ) -> None:
         if group is not None and (not group or any(c in group for c in "/+#")):
             raise ValueError("group must be non-empty and contain no '/', '+' or '#'")
+        connection = mqtt_base.ConnectionSettings(
+            host=host, port=port, protocol=protocol, keepalive_s=keepalive_s,
+            username=username, password_file=password_file, tls=tls, ca_file=ca_file,
+        )
+        props = {"ReceiveMaximum": receive_maximum}
+        if session_expiry_s:
+            props["SessionExpiryInterval"] = session_expiry_s
+        super().__init__(
+            connection, client_id, password=password, properties=props,
+            persistent=session_expiry_s != 0, manual_ack=True, field_prefix="",
+        )
         self.prefix = topic_prefix
         filt = results_filter(topic_prefix, node or "+", camera or "+")
         self.filter = f"$share/{group}/{filt}" if group else filt
@@ -275,8 +286,6 @@ class ResultSubscriber:
         self.stats = SubscriberStats()
         self.on_gap = on_gap
         self._dedup = Deduplicator(report_gaps=group is None)
-        self._host, self._port, self._keepalive = host, port, keepalive_s
-        self._v5 = protocol == 5
         self._queue: queue.Queue[_Raw] = queue.Queue()
         self._max_queue = max_queue
         self._gen = 0
@@ -284,48 +293,19 @@ class ResultSubscriber:
         self._settled = threading.Event()
         self._error: str | None = None
         self._bad = _RateLimitedLog()
-        if password is None and password_file is not None:
-            password = Path(password_file).read_text(encoding="utf-8").strip()
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=MQTTProtocolVersion.MQTTv5 if self._v5 else MQTTProtocolVersion.MQTTv311,
-            clean_session=None if self._v5 else session_expiry_s == 0,
-            manual_ack=True,
-        )
-        self._connect_props: Properties | None = None
-        if self._v5:
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.ReceiveMaximum = receive_maximum
-            if session_expiry_s:
-                props.SessionExpiryInterval = session_expiry_s
-            self._connect_props = props
-        self._clean_start = session_expiry_s == 0
-        if username is not None:
-            self._client.username_pw_set(username, password)
-        if tls:
-            self._client.tls_set(ca_certs=str(ca_file) if ca_file else None)
-        self._client.reconnect_delay_set(1, 30)
-        self._client.on_connect = self._on_connect
-        self._client.on_subscribe = self._on_subscribe
-        self._client.on_message = self._on_message
-        self._client.on_disconnect = self._on_disconnect
 
     # ------------------------------------------------------------------ network thread callbacks
 
-    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
-        if rc.is_failure:
-            self._error = f"broker refused the connection: {rc}"
-            self._settled.set()
-            return
-        self._gen += 1
-        if self._v5:
-            client.subscribe(self.filter, options=SubscribeOptions(qos=1))
-        else:
-            client.subscribe(self.filter, qos=1)
+    def _connect_refused(self, reason: ReasonCode) -> None:
+        self._error = f"broker refused the connection: {reason}"
+        self._settled.set()
 
-    def _on_subscribe(
-        self, _c: mqtt.Client, _u: Any, _mid: int, rcs: list[ReasonCode], _p: Any
+    def _connection_up(self, props: Any) -> None:
+        self._gen += 1
+        self._subscribe([(self.filter, 1)])
+
+    def _subscribed(
+        self, _c: paho.Client, _u: Any, _mid: int, rcs: list[ReasonCode], _p: Any
     ) -> None:
         if any(rc.is_failure for rc in rcs):
             self._error = f"broker refused the subscription to {self.filter!r}: {rcs[0]}"
@@ -334,7 +314,7 @@ class ResultSubscriber:
             self._ready.set()
         self._settled.set()
 
-    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+    def _message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
         if self._queue.qsize() >= self._max_queue:
             self.stats.overflow += 1
             self._bad.warning("results_overflow", queue=self._max_queue)
@@ -342,39 +322,35 @@ class ResultSubscriber:
             return
         self._queue.put(_Raw(msg.topic, bytes(msg.payload), msg.mid, msg.qos, self._gen))
 
-    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
+    def _connection_down(self, reason: ReasonCode, was_connected: bool) -> None:
         self._ready.clear()
-        if rc.value != 0:
-            log.warning("results_disconnected", reason=str(rc))
+        if reason.value != 0:
+            log.warning("results_disconnected", reason=str(reason))
 
     # ------------------------------------------------------------------------------- lifecycle
 
     def start(self, timeout: float = 10.0) -> ResultSubscriber:
-        """Connect and subscribe; raise ResultsUnavailableError if that fails within ``timeout``."""
+        """Connect and subscribe; raise ResultsUnavailableError if that fails within ``timeout``.
+
+        Raises ``hub.config.ConfigError`` when the password or TLS files cannot be used.
+        """
+        s = self.settings
         try:
-            self._client.connect_async(
-                self._host,
-                self._port,
-                self._keepalive,
-                clean_start=self._clean_start if self._v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
-                properties=self._connect_props,
-            )
+            self.open_sync()
+        except settings_base.ConfigError as exc:
+            raise ConfigError(exc.errors) from exc
         except (OSError, ValueError) as exc:
-            raise ResultsUnavailableError(
-                f"cannot connect to {self._host}:{self._port}: {exc}"
-            ) from exc
-        self._client.loop_start()
+            raise ResultsUnavailableError(f"cannot connect to {s.host}:{s.port}: {exc}") from exc
         if not self._settled.wait(timeout) or self._error is not None:
             self.close()
             raise ResultsUnavailableError(
-                self._error or f"no connection to {self._host}:{self._port} within {timeout:g} s"
+                self._error or f"no connection to {s.host}:{s.port} within {timeout:g} s"
             )
         return self
 
     def close(self) -> None:
         """Disconnect and stop the network thread (results not yet taken are not acknowledged)."""
-        self._client.disconnect()
-        self._client.loop_stop()
+        self.close_sync()
 
     def __enter__(self) -> ResultSubscriber:
         return self.start()
@@ -390,7 +366,7 @@ class ResultSubscriber:
 
     @property
     def connected(self) -> bool:
-        """True while connected and subscribed."""
+        """True while connected and subscribed (not merely connected, as in the base)."""
         return self._ready.is_set()
 
     # --------------------------------------------------------------------------- consumption

@@ -11,7 +11,8 @@ so ``kubectl get nodes -L edge.ai/model.det`` shows the fleet), and a change mad
   it atomically when it assigns a version, and picks up edits made by hand by polling it.
 
 Both keep an in-memory cache of the nodes they see (restricted to the camera nodes when
-``cluster.camera_nodes_only``) and tell listeners about changes in batches, on the event loop.
+``cluster.camera_nodes_only``) and tell the ``on_change`` callback they were built with about
+changes in batches, on the event loop.
 """
 
 from __future__ import annotations
@@ -95,9 +96,9 @@ def validate_patch(patch: LabelPatch) -> None:
 
 
 class Cluster(abc.ABC):
-    """The interface the rollouts, the desired-state dispatcher and the API use."""
+    """The interface the rollouts, the desired-state dispatcher and the control plane use."""
 
-    def __init__(self, settings: ClusterSettings) -> None:
+    def __init__(self, settings: ClusterSettings, *, on_change: Listener | None = None) -> None:
         self.settings = settings
         #: Every node outside this selector is invisible to the hub.
         self.base_selector = (
@@ -106,7 +107,8 @@ class Cluster(abc.ABC):
             else Selector(())
         )
         self._cache: dict[str, Node] = {}
-        self._listeners: list[Listener] = []
+        #: Told about changes in batches, on the event loop (the desired-state dispatcher).
+        self._on_change = on_change
         self._loop: asyncio.AbstractEventLoop | None = None
         self.ready = asyncio.Event()
 
@@ -142,10 +144,6 @@ class Cluster(abc.ABC):
             key=lambda n: n.name,
         )
 
-    def add_listener(self, listener: Listener) -> None:
-        """Call ``listener(events)`` on the event loop whenever nodes change."""
-        self._listeners.append(listener)
-
     # ------------------------------------------------------------------------------ writing
     @abc.abstractmethod
     async def patch_labels(
@@ -172,39 +170,45 @@ class Cluster(abc.ABC):
         return out
 
     # ------------------------------------------------------------------------------ helpers
-    def _apply_events(self, nodes: Iterable[Node], deleted: Iterable[str] = ()) -> None:
-        """Update the cache (loop thread only) and tell listeners about real changes."""
-        events: list[NodeEvent] = []
-        for node in nodes:
-            if not self.base_selector.matches(node.labels):
-                if self._cache.pop(node.name, None) is not None:
-                    events.append(NodeEvent("delete", node))
-                continue
-            old = self._cache.get(node.name)
-            if old is not None and _older(node.resource_version, old.resource_version):
-                # a watch event or relist older than what a patch response already told us:
-                # taking it would briefly undo our own change (and send the old version again)
-                continue
-            self._cache[node.name] = node
-            if old is None or dict(old.labels) != dict(node.labels):
-                events.append(NodeEvent("upsert", node))
+    def observe(self, nodes: Iterable[Node], deleted: Iterable[str] = ()) -> None:
+        """Take in nodes as the backend saw them (a watch event, a relist, a patch's answer)
+        and tell ``on_change`` about real changes. Loop thread only.
+
+        A node older than the cached one (by resourceVersion) is ignored: a late watch event
+        must not undo what a patch's answer already told us.
+        """
+        events = [e for node in nodes if (e := self._take(node)) is not None]
         for name in deleted:
             gone = self._cache.pop(name, None)
             if gone is not None:
                 events.append(NodeEvent("delete", gone))
-        if events:
-            for listener in list(self._listeners):
-                try:
-                    listener(events)
-                except Exception:
-                    log.exception("cluster_listener_failed")
+        if events and self._on_change is not None:
+            try:
+                self._on_change(events)
+            except Exception:
+                log.exception("cluster_listener_failed")
+
+    def _take(self, node: Node) -> NodeEvent | None:
+        """Cache ``node``; the event it makes (None when nothing the hub sees changed)."""
+        if not self.base_selector.matches(node.labels):
+            gone = self._cache.pop(node.name, None)
+            return NodeEvent("delete", node) if gone is not None else None
+        old = self._cache.get(node.name)
+        if old is not None and _older(node.resource_version, old.resource_version):
+            # a watch event or relist older than what a patch response already told us:
+            # taking it would briefly undo our own change (and send the old version again)
+            return None
+        self._cache[node.name] = node
+        if old is None or dict(old.labels) != dict(node.labels):
+            return NodeEvent("upsert", node)
+        return None
 
     def _apply_threadsafe(self, nodes: list[Node], deleted: list[str] | None = None) -> None:
-        """``_apply_events`` from a worker thread."""
+        """``observe`` from a worker thread."""
         if self._loop is None or self._loop.is_closed():
             return
         with contextlib.suppress(RuntimeError):  # loop closing
-            self._loop.call_soon_threadsafe(self._apply_events, nodes, deleted or [])
+            self._loop.call_soon_threadsafe(self.observe, nodes, deleted or [])
 
     def _replace_all_threadsafe(self, nodes: list[Node]) -> None:
         """``_replace_all`` from a worker thread (after a relist)."""
@@ -216,7 +220,7 @@ class Cluster(abc.ABC):
     def _replace_all(self, nodes: list[Node]) -> None:
         """Make the cache exactly ``nodes`` (after a relist), with events for differences."""
         present = {n.name for n in nodes}
-        self._apply_events(nodes, [n for n in list(self._cache) if n not in present])
+        self.observe(nodes, [n for n in list(self._cache) if n not in present])
 
 
 # ------------------------------------------------------------------------------ static backend
@@ -269,8 +273,8 @@ def write_inventory(path: Path, nodes: Mapping[str, Mapping[str, str]]) -> None:
 class StaticCluster(Cluster):
     """Nodes and labels from a YAML file; label patches rewrite it."""
 
-    def __init__(self, settings: ClusterSettings) -> None:
-        super().__init__(settings)
+    def __init__(self, settings: ClusterSettings, *, on_change: Listener | None = None) -> None:
+        super().__init__(settings, on_change=on_change)
         #: None: no inventory configured, so no nodes (the registry still works; rollouts
         #: refuse with "matches no camera nodes").
         self.path = Path(settings.inventory_file) if settings.inventory_file else None
@@ -393,7 +397,7 @@ class StaticCluster(Cluster):
         for p in patches.values():
             validate_patch(p)
         nodes, errors = await asyncio.to_thread(self._write_patches, patches, expect or {})
-        self._apply_events(nodes)
+        self.observe(nodes)
         out: dict[str, Node | HubError] = {n.name: n for n in nodes}
         out.update(errors)
         return out

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -29,11 +28,13 @@ import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from edge_agent.common import backoff
 from hub.cluster.base import (
     Cluster,
     ClusterError,
     LabelPatch,
     LabelPreconditionFailed,
+    Listener,
     Node,
     validate_patch,
 )
@@ -113,8 +114,8 @@ def load_api_client(settings: ClusterSettings) -> client.ApiClient:
 class KubernetesCluster(Cluster):
     """Nodes from the Kubernetes API (list + watch), labels written with merge patches."""
 
-    def __init__(self, settings: ClusterSettings) -> None:
-        super().__init__(settings)
+    def __init__(self, settings: ClusterSettings, *, on_change: Listener | None = None) -> None:
+        super().__init__(settings, on_change=on_change)
         self._api_client: client.ApiClient | None = None
         self._api: client.CoreV1Api | None = None
         self._pool = ThreadPoolExecutor(
@@ -141,8 +142,7 @@ class KubernetesCluster(Cluster):
 
     def _backoff(self, attempt: int, exc: BaseException | None = None) -> float:
         s = self.settings
-        delay = min(s.api_backoff_max_s, s.api_backoff_s * 2 ** max(0, attempt - 1))
-        delay *= 0.5 + random.random() / 2
+        delay = backoff.delay(attempt - 1, s.api_backoff_s, s.api_backoff_max_s)
         if isinstance(exc, ApiException) and exc.status == 429 and exc.headers:
             with contextlib.suppress(TypeError, ValueError):
                 delay = max(delay, float(exc.headers.get("Retry-After", 0)))
@@ -311,42 +311,51 @@ class KubernetesCluster(Cluster):
         attempt = 0
         while True:
             if node.satisfies(patch):
-                self._apply_events([node])
+                self.observe([node])
                 return node
             if expect is not None and not node.satisfies(expect):
                 raise LabelPreconditionFailed(
                     f"node {name!r} labels changed: expected {dict(expect)}, "
                     f"found {dict((k, node.labels.get(k)) for k in expect)}"
                 )
-            meta: dict[str, Any] = {"labels": dict(patch)}
-            if expect is not None:
-                meta["resourceVersion"] = node.resource_version
-            try:
-                new = await self._run(self._patch_raw, name, {"metadata": meta})
-            except ApiException as exc:
-                if exc.status == 404:
-                    raise ClusterError(f"node {name!r} does not exist") from exc
-                if not _retryable(exc):
-                    raise ClusterError(f"patching node {name!r}: {_describe(exc)}") from exc
-                err: BaseException = exc
-            except (urllib3.exceptions.HTTPError, OSError) as exc:
-                err = exc  # the outcome is unknown: the re-read below tells
-            else:
-                self._apply_events([new])
-                return new
+            outcome = await self._send_patch(name, node, patch, expect)
+            if isinstance(outcome, Node):
+                self.observe([outcome])
+                return outcome
             attempt += 1
-            if attempt > self.settings.api_retries:
-                raise ClusterError(
-                    f"patching node {name!r} failed after {attempt} attempts: {_describe(err)}"
-                ) from err
-            delay = 0.0 if isinstance(err, ApiException) and err.status == 409 else \
-                self._backoff(attempt, err)
-            log.warning("k8s_patch_retry", node=name, attempt=attempt, delay_s=round(delay, 3),
-                        error=_describe(err))
-            if delay:
-                await asyncio.sleep(delay)
+            await self._before_retry(name, attempt, outcome)
             # re-read before trying again: the failed attempt may have been applied
             node = await self._get(name)
+
+    async def _send_patch(self, name: str, node: Node, patch: LabelPatch,
+                          expect: LabelPatch | None) -> Node | BaseException:
+        """One PATCH: the new node, or the error worth a retry (permanent ones raise)."""
+        meta: dict[str, Any] = {"labels": dict(patch)}
+        if expect is not None:
+            meta["resourceVersion"] = node.resource_version
+        try:
+            return await self._run(self._patch_raw, name, {"metadata": meta})
+        except ApiException as exc:
+            if exc.status == 404:
+                raise ClusterError(f"node {name!r} does not exist") from exc
+            if not _retryable(exc):
+                raise ClusterError(f"patching node {name!r}: {_describe(exc)}") from exc
+            return exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            return exc  # the outcome is unknown: the re-read before the retry tells
+
+    async def _before_retry(self, name: str, attempt: int, err: BaseException) -> None:
+        """Give up after ``api_retries``; otherwise wait the backoff (a 409 retries at once)."""
+        if attempt > self.settings.api_retries:
+            raise ClusterError(
+                f"patching node {name!r} failed after {attempt} attempts: {_describe(err)}"
+            ) from err
+        delay = 0.0 if isinstance(err, ApiException) and err.status == 409 else \
+            self._backoff(attempt, err)
+        log.warning("k8s_patch_retry", node=name, attempt=attempt, delay_s=round(delay, 3),
+                    error=_describe(err))
+        if delay:
+            await asyncio.sleep(delay)
 
     async def patch_many(
         self, patches: Mapping[str, LabelPatch], *, expect: Mapping[str, LabelPatch] | None = None

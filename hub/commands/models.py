@@ -21,8 +21,10 @@ from typing import Any
 
 import aiohttp
 from aiohttp import hdrs
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from hub.client.http import FilePayload, add_connection_args, client_from_args
+from edge_agent.common import cli
+from hub.client.http import FilePayload, HubClient, add_connection_args, client_from_args
 from hub.client.output import (
     human_size,
     note,
@@ -55,8 +57,8 @@ class DigestMismatchError(HubError):
 
 def register(sub: Any) -> None:
     """Add ``models`` and its actions."""
-    p = sub.add_parser(
-        "models",
+    p = cli.add_verb(
+        sub, "models", None,
         help="push, list, show, pull and delete model versions in the registry",
         description="Manage model versions in the hub's registry. The hub URL comes from "
         "--hub or EDGE_HUB_URL, the token from --token-file or EDGE_HUB_TOKEN.",
@@ -298,42 +300,10 @@ async def _pull(args: argparse.Namespace) -> int:
         if Path(file_name).name != file_name or file_name in (".", ".."):
             raise DigestMismatchError(f"the hub sent an unsafe file name {file_name!r}")
         target, part = out / file_name, out / (file_name + ".part")
-        have = await asyncio.to_thread(_partial_size, part, int(v["size"]))
-        etag = f'"{v["sha256"]}"'
-        resumed = have > 0
-        if have < v["size"]:
-            headers = {"Range": f"bytes={have}-", "If-Range": etag} if have else None
-
-            def on_start(resp: aiohttp.ClientResponse) -> bool:
-                return resp.status == 206
-
-            with progress_bar(v["size"], f"pull {args.name} {args.version}") as advance:
-                if advance is not None and have:
-                    advance(have)
-                resp = await hub.download(
-                    artifact_path(args.name, args.version), part, headers=headers,
-                    progress=advance, on_start=on_start,
-                )
-            resumed = resp.status == 206
+        resumed = await _download(hub, args, v, part)
         _, manifest_bytes = await hub.request("GET", manifest_path(args.name, args.version))
-    h, n = await asyncio.to_thread(_hash_existing, part)
-    sha = h.hexdigest()
-    if sha != v["sha256"] or n != v["size"]:
-        part.unlink(missing_ok=True)
-        raise DigestMismatchError(
-            f"downloaded {n} bytes with sha256 {sha[:12]}…, the hub announced "
-            f"{v['sha256'][:12]}…; the partial file was removed, run pull again"
-        )
-    manifest_sha = hashlib.sha256(manifest_bytes).hexdigest()
-    if manifest_sha != v["manifest_sha256"]:
-        raise DigestMismatchError("the manifest's sha256 is not the one the hub announced")
-    verified = False
-    if pub is not None:
-        if not v["signature"]:
-            raise SignatureRejected("the version is not signed")
-        if not signing.verify([pub], v["signature"], manifest_sha, sha):
-            raise SignatureRejected("the signature does not verify with the given key")
-        verified = True
+    sha, n = await asyncio.to_thread(_check_download, part, v, manifest_bytes)
+    verified = _check_signature(pub, v, manifest_bytes, sha)
     await asyncio.to_thread(_install, part, target, manifest_bytes)
     result = {"path": str(target), "manifest": str(target.parent / MANIFEST_FILE),
               "sha256": sha, "size": n, "resumed": resumed, "signature_verified": verified}
@@ -343,3 +313,54 @@ async def _pull(args: argparse.Namespace) -> int:
         say(f"pulled: {target} sha256={sha} size={human_size(n)}"
               + (" (resumed)" if resumed else "") + (" signature ok" if verified else ""))
     return 0
+
+
+async def _download(hub: HubClient, args: argparse.Namespace, v: dict[str, Any],
+                    part: Path) -> bool:
+    """Fetch the artifact into ``part``, resuming an earlier partial download; whether the
+    hub resumed it (206) or the file was already whole."""
+    have = await asyncio.to_thread(_partial_size, part, int(v["size"]))
+    if have >= v["size"]:
+        return have > 0
+    headers = {"Range": f"bytes={have}-", "If-Range": f'"{v["sha256"]}"'} if have else None
+
+    def on_start(resp: aiohttp.ClientResponse) -> bool:
+        return resp.status == 206
+
+    with progress_bar(v["size"], f"pull {args.name} {args.version}") as advance:
+        if advance is not None and have:
+            advance(have)
+        resp = await hub.download(
+            artifact_path(args.name, args.version), part, headers=headers,
+            progress=advance, on_start=on_start,
+        )
+    return resp.status == 206
+
+
+def _check_download(part: Path, v: dict[str, Any], manifest_bytes: bytes) -> tuple[str, int]:
+    """(sha256, size) of the downloaded file once both it and the manifest match what the hub
+    announced; a mismatching partial file is removed (blocking)."""
+    h, n = _hash_existing(part)
+    sha = h.hexdigest()
+    if sha != v["sha256"] or n != v["size"]:
+        part.unlink(missing_ok=True)
+        raise DigestMismatchError(
+            f"downloaded {n} bytes with sha256 {sha[:12]}…, the hub announced "
+            f"{v['sha256'][:12]}…; the partial file was removed, run pull again"
+        )
+    if hashlib.sha256(manifest_bytes).hexdigest() != v["manifest_sha256"]:
+        raise DigestMismatchError("the manifest's sha256 is not the one the hub announced")
+    return sha, n
+
+
+def _check_signature(pub: Ed25519PublicKey | None, v: dict[str, Any], manifest_bytes: bytes,
+                     sha: str) -> bool:
+    """Whether the version's signature was verified with ``pub`` (None: not asked to)."""
+    if pub is None:
+        return False
+    if not v["signature"]:
+        raise SignatureRejected("the version is not signed")
+    manifest_sha = hashlib.sha256(manifest_bytes).hexdigest()
+    if not signing.verify([pub], v["signature"], manifest_sha, sha):
+        raise SignatureRejected("the signature does not verify with the given key")
+    return True

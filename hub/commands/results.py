@@ -20,6 +20,7 @@ from typing import IO, Any
 import orjson
 import structlog
 
+from edge_agent.common import cli
 from edge_agent.common.logs import configure_logging
 from hub.client.results import Gap, Received, ResultSubscriber
 from hub.config import load_settings
@@ -27,7 +28,8 @@ from hub.config import load_settings
 
 def register(sub: Any) -> None:
     """Add the ``results`` verb group."""
-    p = sub.add_parser("results", help="subscribe to the agents' results")
+    p = cli.add_verb(sub, "results", None, help="subscribe to the agents' results",
+                     description="Subscribe to the results the agents publish.")
     rsub = p.add_subparsers(dest="results_verb", metavar="SUBCOMMAND", required=True)
     t = rsub.add_parser(
         "tail",
@@ -56,7 +58,8 @@ def register(sub: Any) -> None:
     t.add_argument("--count", type=int, help="stop after this many results")
     t.add_argument("--timeout", type=float, help="stop after this many seconds")
     t.add_argument(
-        "--mqtt-protocol", type=int, choices=(5, 3), default=5, help="MQTT 5 (default) or 3.1.1"
+        "--mqtt-protocol", type=int, choices=(5, 3), default=None,
+        help="MQTT 5 or 3.1.1 (default: mqtt.protocol of the config, 5)",
     )
     t.set_defaults(func=run)
 
@@ -108,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         password_file=args.password_file or mq.password_file,
         tls=mq.tls,
         ca_file=mq.ca_file,
-        protocol=args.mqtt_protocol,
+        protocol=args.mqtt_protocol or mq.protocol,
         keepalive_s=mq.keepalive_s,
         on_gap=on_gap,
     )

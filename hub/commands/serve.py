@@ -12,17 +12,17 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
-
+from edge_agent.common import cli
+from edge_agent.common import settings as common_settings
 from edge_agent.common.logs import configure_logging
-from hub.config import ConfigError, HubSettings, load_settings
+from hub import config
 from hub.errors import HubError
 
 
 def register(sub: Any) -> None:
     """Add the ``serve`` verb."""
-    p = sub.add_parser(
-        "serve",
+    p = cli.add_verb(
+        sub, "serve", run,
         help="run the hub (REST API, model registry)",
         description="Run the hub until SIGTERM/SIGINT. Flags override the config file and "
         "EDGE_HUB_* environment variables.",
@@ -32,29 +32,18 @@ def register(sub: Any) -> None:
     p.add_argument("--port", type=int, help="listen port (api.port)")
     p.add_argument("--data-dir", type=Path, metavar="DIR", help="storage.data_dir")
     p.add_argument("--token-file", type=Path, metavar="FILE", help="api.token_file")
-    p.set_defaults(func=run)
 
 
-def _override(section: BaseModel, prefix: str, values: dict[str, Any]) -> Any:
-    """``section`` with ``values`` applied and validated (ConfigError names the field)."""
-    try:
-        return type(section).model_validate({**section.model_dump(), **values})
-    except ValidationError as exc:
-        raise ConfigError([
-            (".".join([prefix, *(str(x) for x in e["loc"])]), e["msg"], e.get("input"))
-            for e in exc.errors()
-        ]) from exc
-
-
-def settings_from_args(args: argparse.Namespace) -> HubSettings:
-    """Config file + env, then the command-line overrides."""
-    settings = load_settings(args.config)
+def settings_from_args(args: argparse.Namespace) -> config.HubSettings:
+    """Config file + env, then the command-line overrides (ConfigError names the field)."""
+    settings = config.load_settings(args.config)
     api = {k: v for k, v in (("host", args.host), ("port", args.port),
                              ("token_file", args.token_file)) if v is not None}
     if api:
-        settings.api = _override(settings.api, "api", api)
+        settings.api = common_settings.override(settings.api, "api", api, config.ConfigError)
     if args.data_dir is not None:
-        settings.storage = _override(settings.storage, "storage", {"data_dir": args.data_dir})
+        settings.storage = common_settings.override(
+            settings.storage, "storage", {"data_dir": args.data_dir}, config.ConfigError)
     return settings
 
 

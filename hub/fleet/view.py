@@ -19,31 +19,18 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from edge_agent.contract.protocol import ModelState, StateMessage, TelemetryMessage
 from hub.config import TelemetrySettings
-from hub.rollouts.gates import Metrics
+from hub.fleet import aggregate as figures
 
 Clock = Callable[[], float]
 
 #: Ingest lags kept for the p99 (the most recent ones).
 _LAG_KEEP = 20_000
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One telemetry message's figures for one model version."""
-
-    t: float
-    interval_s: float
-    frames: int
-    errors: int
-    p50: float
-    p95: float
-    p99: float
 
 
 @dataclass
@@ -57,60 +44,19 @@ class NodeHealth:
     last_seen: float | None = None
     last_telemetry: float | None = None
     telemetry: TelemetryMessage | None = None
-    samples: dict[tuple[str, str], deque[Sample]] = field(default_factory=dict)
-
-
-def aggregate(samples: Iterable[Sample]) -> Metrics:
-    """Frame-weighted latency percentiles, summed counters, fps over the covered time.
-
-    Percentiles of the union of windows cannot be recovered from per-window summaries; the
-    frame-weighted mean of each window's percentile is the usual, documented approximation.
-    """
-    frames = errors = n = 0
-    covered = 0.0
-    w50 = w95 = w99 = 0.0
-    for s in samples:
-        n += 1
-        frames += s.frames
-        errors += s.errors
-        covered += s.interval_s
-        if s.frames > 0:
-            w50 += s.p50 * s.frames
-            w95 += s.p95 * s.frames
-            w99 += s.p99 * s.frames
-    fps = frames / covered if covered > 0 else 0.0
-    if frames == 0:
-        return Metrics(0, errors, fps, None, None, None, n)
-    return Metrics(frames, errors, fps, w50 / frames, w95 / frames, w99 / frames, n)
-
-
-def combine(per_node: Iterable[Metrics]) -> Metrics:
-    """A group's figures: counters summed, latencies frame-weighted, fps averaged per node."""
-    items = [m for m in per_node if m.samples > 0]
-    if not items:
-        return Metrics(0, 0, 0.0, None, None, None, 0)
-    frames = sum(m.frames for m in items)
-    errors = sum(m.errors for m in items)
-    fps = sum(m.fps for m in items) / len(items)
-    samples = sum(m.samples for m in items)
-    if frames == 0:
-        return Metrics(0, errors, fps, None, None, None, samples)
-
-    def wavg(attr: str) -> float:
-        return sum((getattr(m, attr) or 0.0) * m.frames for m in items) / frames
-
-    return Metrics(frames, errors, fps, wavg("p50_ms"), wavg("p95_ms"), wavg("p99_ms"), samples)
+    samples: dict[tuple[str, str], deque[figures.Sample]] = field(default_factory=dict)
 
 
 class Fleet:
     """The hub's view of every node that ever spoke, fed by ``HubMqtt``."""
 
-    def __init__(self, settings: TelemetrySettings, clock: Clock = time.time) -> None:
+    def __init__(self, settings: TelemetrySettings, clock: Clock = time.time, *,
+                 on_state_change: Callable[[str], None] | None = None) -> None:
         self.settings = settings
         self.clock = clock
         self.nodes: dict[str, NodeHealth] = {}
         #: Called with the node name when its state changes (the rollout controller wakes up).
-        self.on_state_change: list[Callable[[str], None]] = []
+        self._on_state_change = on_state_change
         self.messages = 0
         self.invalid = 0
         self.lags: deque[float] = deque(maxlen=_LAG_KEEP)
@@ -136,8 +82,8 @@ class Fleet:
             h.declared_offline = True
             if h.state is None or msg.models:
                 h.state = msg
-        for cb in list(self.on_state_change):
-            cb(node)
+        if self._on_state_change is not None:
+            self._on_state_change(node)
 
     def on_telemetry(self, node: str, msg: TelemetryMessage) -> None:
         """A telemetry message for ``node``: one sample per model version."""
@@ -153,7 +99,7 @@ class Fleet:
             dq = h.samples.get((m.name, m.version))
             if dq is None:
                 dq = h.samples[(m.name, m.version)] = deque()
-            dq.append(Sample(now, msg.interval_s, m.frames, m.errors, m.latency_ms.p50,
+            dq.append(figures.Sample(now, msg.interval_s, m.frames, m.errors, m.latency_ms.p50,
                              m.latency_ms.p95, m.latency_ms.p99))
             while dq and dq[0].t < horizon:
                 dq.popleft()
@@ -188,21 +134,21 @@ class Fleet:
         return h.state.generation if h is not None and h.state is not None else 0
 
     def metrics(self, node: str, model: str, version: str | None = None,
-                since: float | None = None, exclude_version: str | None = None) -> Metrics:
+                since: float | None = None, exclude_version: str | None = None) -> figures.Metrics:
         """Aggregate of one node's samples for ``model`` (a version, or all but one)."""
         h = self.nodes.get(node)
         if h is None:
-            return aggregate(())
+            return figures.aggregate(())
         horizon = self.clock() - self.settings.window_s
         start = max(horizon, since) if since is not None else horizon
-        chosen: list[Sample] = []
+        chosen: list[figures.Sample] = []
         for (name, ver), dq in h.samples.items():
             if name != model or (version is not None and ver != version):
                 continue
             if exclude_version is not None and ver == exclude_version:
                 continue
             chosen.extend(s for s in dq if s.t >= start)
-        return aggregate(chosen)
+        return figures.aggregate(chosen)
 
     def ingest_lag_p99(self) -> float | None:
         """p99 of (receipt - agent timestamp) over recent telemetry, seconds."""

@@ -106,9 +106,10 @@ class StagedArtifact:
 
     async def discard(self) -> None:
         """Close and delete the temporary file."""
-        await asyncio.to_thread(self._discard_sync)
+        await asyncio.to_thread(self.discard_sync)
 
-    def _discard_sync(self) -> None:
+    def discard_sync(self) -> None:
+        """``discard`` for a caller already in a worker thread (blocking)."""
         if self._file is not None and not self._file.closed:
             self._file.close()
         with contextlib.suppress(FileNotFoundError):
@@ -147,7 +148,7 @@ class ArtifactStore:
         assert staged.sha256 is not None, "finish() the upload first"
         dest = self.path(staged.sha256)
         if dest.exists():
-            staged._discard_sync()
+            staged.discard_sync()
             return False
         dest.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
         os.replace(staged.path, dest)

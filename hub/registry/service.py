@@ -4,9 +4,10 @@ An ML engineer pushes (name, version, manifest, ONNX file[, signature]); the reg
 it only when the file loads in onnxruntime and matches its manifest, the digests agree, the
 signature (if required or given) verifies, and the (name, version) is new or an exact repeat.
 Accepted versions never change. Deleting one is refused while any node is assigned it, which
-the rollout side answers through the ``is_assigned`` callable (default: never assigned).
+the rollout side answers through the ``is_assigned`` callable the composition root
+(``hub/server/app.py``) builds the registry with (default: never assigned).
 
-Layering: ``storage`` keeps bytes by digest, ``registry_db`` keeps rows, ``validation`` checks
+Layering: ``artifacts`` keeps bytes by digest, ``metadata`` keeps rows, ``validation`` checks
 uploads, ``signing`` checks signatures; this module orders those steps and owns the invariants
 that span them (a row always points at an existing blob; a blob without rows is removed).
 """
@@ -109,7 +110,7 @@ class Registry:
         self.settings = settings
         self.artifacts = artifacts or ArtifactStore(data_dir)
         self.metadata: MetadataStore = metadata or SqliteMetadataStore(data_dir / DB_FILE)
-        self.is_assigned: AssignedCheck = is_assigned or _never_assigned
+        self._is_assigned: AssignedCheck = is_assigned or _never_assigned
         self.max_upload_bytes = settings.api.max_upload_bytes
         self._public_keys: list[Ed25519PublicKey] = []
         self._opened = False
@@ -297,7 +298,7 @@ class Registry:
         Refused with Conflict while ``is_assigned`` says a node is assigned it.
         """
         v = await self.get(name, version)
-        assigned = self.is_assigned(name, version)
+        assigned = self._is_assigned(name, version)
         if inspect.isawaitable(assigned):
             assigned = await assigned
         if assigned:

@@ -63,7 +63,12 @@ def digest(models: dict[str, dict[str, Any]]) -> str:
 
 
 class Dispatcher:
-    """Keeps every node's retained desired message in step with its labels."""
+    """Keeps every node's retained desired message in step with its labels.
+
+    Two inputs, both handed to the link and the cluster by the composition root
+    (``hub/server/control.py``): ``nodes_changed`` (label events, the one trigger of a sync)
+    and ``acknowledged`` (the broker has a desired message).
+    """
 
     def __init__(self, *, store: RolloutStore, cluster: Cluster, mqtt: HubMqtt, catalog: Catalog,
                  fleet: Fleet, public_url: str, label_prefix: str) -> None:
@@ -81,6 +86,7 @@ class Dispatcher:
         self._task: asyncio.Task[None] | None = None
         self._acked: list[tuple[str, int]] = []
         self._flush_task: asyncio.Task[None] | None = None
+        self._closed = False
         self.sent = 0
         self.unknown_versions = 0
 
@@ -88,9 +94,9 @@ class Dispatcher:
     async def start(self) -> None:
         """Load what was published before, catch up with the labels, re-send unacknowledged."""
         self.rows = await self.store.load_desired()
-        self.mqtt.on_ack = self._on_ack
-        self.cluster.add_listener(self._on_events)
-        changed = await self.sync(list(self.cluster.nodes()))
+        self._dirty.clear()  # the catch-up below covers every node seen so far
+        self._wake.clear()
+        changed = await self._sync(list(self.cluster.nodes()))
         resend = [r for n, r in self.rows.items() if not r.published and n not in changed]
         for row in resend:
             self._publish(row)
@@ -99,7 +105,7 @@ class Dispatcher:
         self._task = asyncio.create_task(self._run(), name="desired-dispatch")
 
     async def aclose(self) -> None:
-        self.mqtt.on_ack = None  # acknowledgements after this are re-sent on the next start
+        self._closed = True  # acknowledgements after this are re-sent on the next start
         for task in (self._task, self._flush_task):
             if task is not None:
                 task.cancel()
@@ -107,12 +113,27 @@ class Dispatcher:
                     await task
         await self._flush()
 
-    def _on_events(self, events: list[NodeEvent]) -> None:
+    # ------------------------------------------------------------------------------- inputs
+    def nodes_changed(self, events: Iterable[NodeEvent]) -> None:
+        """Labels changed (a rollout's patch, ``kubectl label``, an inventory edit): the one
+        trigger of a desired-state sync. The named nodes are synced soon, in one batch."""
         for e in events:
             if e.kind == "upsert":
                 self._dirty.add(e.node.name)
         if self._dirty:
             self._wake.set()
+
+    def acknowledged(self, token: Any) -> None:
+        """The broker acknowledged the desired message ``token`` = (node, generation)."""
+        if self._closed:
+            return
+        node, gen = token
+        row = self.rows.get(node)
+        if row is not None and row.generation == gen:
+            row.published = True
+        self._acked.append((node, gen))
+        if self._flush_task is None or self._flush_task.done():
+            self._flush_task = asyncio.create_task(self._flush_soon(), name="desired-acks")
 
     async def _run(self) -> None:
         while True:
@@ -120,7 +141,7 @@ class Dispatcher:
             self._wake.clear()
             names, self._dirty = self._dirty, set()
             try:
-                await self.sync(names)
+                await self._sync(names)
             except Exception:
                 log.exception("desired_sync_failed", nodes=len(names))
                 self._dirty |= names
@@ -146,7 +167,7 @@ class Dispatcher:
         found = await asyncio.gather(*(one(m, v) for m, v in sorted(pairs)))
         return {k: e for k, e in found if e is not None}
 
-    async def sync(self, names: Iterable[str]) -> dict[str, int]:
+    async def _sync(self, names: Iterable[str]) -> dict[str, int]:
         """Bring the named nodes' desired messages in line with their labels.
 
         Returns ``{node: generation}`` for the nodes that got a new desired message.
@@ -159,26 +180,8 @@ class Dispatcher:
                     wanted[name] = assigned_models(node.labels, self.label_prefix)
             pairs = {(m, v) for a in wanted.values() for m, v in a.items()}
             entries = await self._entries(pairs)
-            new_rows: list[DesiredRow] = []
-            for name, assigned in wanted.items():
-                old = self.rows.get(name)
-                models: dict[str, dict[str, Any]] = {}
-                for model, version in assigned.items():
-                    entry = entries.get((model, version))
-                    if entry is None:
-                        # an unknown version (a typo in kubectl label): keep what it had
-                        self.unknown_versions += 1
-                        if old is not None and model in old.models:
-                            models[model] = old.models[model]
-                        continue
-                    models[model] = entry
-                d = digest(models)
-                if old is not None and old.digest == d:
-                    continue
-                if old is None and not models:
-                    continue  # never assigned anything: nothing to say yet
-                gen = max(old.generation if old else 0, self.fleet.generation(name)) + 1
-                new_rows.append(DesiredRow(name, gen, models, d, False))
+            new_rows = [row for name, assigned in wanted.items()
+                        if (row := self._decide(name, assigned, entries)) is not None]
             if not new_rows:
                 return {}
             # the database first: a generation once decided is never reused
@@ -189,6 +192,28 @@ class Dispatcher:
             log.info("desired_published", nodes=len(new_rows))
             return {r.node: r.generation for r in new_rows}
 
+    def _decide(self, name: str, assigned: dict[str, str],
+                entries: dict[tuple[str, str], dict[str, Any]]) -> DesiredRow | None:
+        """The node's next desired row, or None when it would say nothing new."""
+        old = self.rows.get(name)
+        models: dict[str, dict[str, Any]] = {}
+        for model, version in assigned.items():
+            entry = entries.get((model, version))
+            if entry is None:
+                # an unknown version (a typo in kubectl label): keep what it had
+                self.unknown_versions += 1
+                if old is not None and model in old.models:
+                    models[model] = old.models[model]
+                continue
+            models[model] = entry
+        d = digest(models)
+        if old is not None and old.digest == d:
+            return None
+        if old is None and not models:
+            return None  # never assigned anything: nothing to say yet
+        gen = max(old.generation if old else 0, self.fleet.generation(name)) + 1
+        return DesiredRow(name, gen, models, d, False)
+
     def _publish(self, row: DesiredRow) -> None:
         payload = protocol.encode_dict(
             {"v": protocol.PROTOCOL_VERSION, "node": row.node, "generation": row.generation,
@@ -196,15 +221,6 @@ class Dispatcher:
         )
         self.mqtt.publish_desired(row.node, payload, token=(row.node, row.generation))
         self.sent += 1
-
-    def _on_ack(self, token: Any) -> None:
-        node, gen = token
-        row = self.rows.get(node)
-        if row is not None and row.generation == gen:
-            row.published = True
-        self._acked.append((node, gen))
-        if self._flush_task is None or self._flush_task.done():
-            self._flush_task = asyncio.create_task(self._flush_soon(), name="desired-acks")
 
     async def _flush_soon(self) -> None:
         await asyncio.sleep(0.05)  # gather a burst of acknowledgements into one write

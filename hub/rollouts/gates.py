@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from hub.errors import InvalidRequest
+from hub.fleet.aggregate import Metrics
 
 Metric = Literal["p50_ms", "p95_ms", "p99_ms", "error_rate", "fps"]
 
@@ -116,44 +117,6 @@ def parse_gates(texts: list[str]) -> list[Gate]:
                             f"on {g.metric}")
         seen.add((g.metric, g.relative))
     return gates
-
-
-@dataclass(frozen=True)
-class Metrics:
-    """Aggregated health of one node or group over a window (None: no frames to judge)."""
-
-    frames: int
-    errors: int
-    fps: float
-    p50_ms: float | None
-    p95_ms: float | None
-    p99_ms: float | None
-    samples: int
-
-    @property
-    def error_rate(self) -> float | None:
-        """errors / frames (1.0 when everything failed; None without any frames)."""
-        total = self.frames + (self.errors if self.frames == 0 else 0)
-        if total == 0:
-            return None
-        return min(1.0, self.errors / total)
-
-    def get(self, metric: str) -> float | None:
-        """The value of ``metric`` (None when the window holds nothing to judge it by)."""
-        if metric == "error_rate":
-            return self.error_rate
-        if metric == "fps":
-            return self.fps if self.samples else None
-        value: float | None = getattr(self, metric)
-        return value
-
-    def as_dict(self) -> dict[str, float | int | None]:
-        """Plain JSON form (API, database)."""
-        return {
-            "frames": self.frames, "errors": self.errors, "fps": round(self.fps, 3),
-            "p50_ms": self.p50_ms, "p95_ms": self.p95_ms, "p99_ms": self.p99_ms,
-            "error_rate": self.error_rate, "samples": self.samples,
-        }
 
 
 @dataclass(frozen=True)

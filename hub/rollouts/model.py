@@ -1,8 +1,8 @@
 """What a rollout is: its spec (validated), its plan (which nodes in which wave), its state.
 
-Kept apart from the controller (``hub/rollouts/controller.py``) and the database
-(``hub/rollouts/store.py``)
-so the API can validate a request and print a dry-run plan with no side effect at all.
+Kept apart from the controller and the state machine (``hub/rollouts/controller.py``,
+``hub/rollouts/machine.py``) and the database (``hub/rollouts/store.py``), so the API can
+validate a request and print a dry-run plan with no side effect at all.
 
 States::
 

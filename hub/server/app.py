@@ -1,9 +1,12 @@
 """The hub's composition root: ``build_app`` wires the HTTP API, ``serve`` runs it.
 
-Components (the registry, the "is this version assigned" callable, the rollout side) are built
-here or passed in, so tests can hand in their own and other API modules hook in with one line
-each. ``serve`` owns the process lifetime: SIGTERM/SIGINT only set an event; shutdown then
-closes listeners and waits a bounded time for requests in flight.
+Every part is built here and handed what it needs through its constructor: the registry (with
+the ``is_assigned`` check it asks before a delete, answered by the control plane), the control
+plane (reading versions from the registry), the REST APIs (the registry, and the control plane
+behind ``hub.api.ports.FleetControl``) and ``/metrics``. Their lifetime is one
+``AsyncExitStack`` on the app: opened in dependency order before the first request, closed in
+reverse after the last. ``serve`` owns the process lifetime: SIGTERM/SIGINT only set an event;
+shutdown then closes listeners and waits a bounded time for requests in flight.
 """
 
 from __future__ import annotations
@@ -16,13 +19,16 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from hub.api import fleet as api_fleet
-from hub.api import registry as api
+from hub.api import openapi
+from hub.api import registry as api_registry
 from hub.api.httputil import SETTINGS_KEY, TOKEN_KEY, error_middleware
-from hub.api.openapi import OPENAPI_PATH, build_document
 from hub.config import ConfigError, HubSettings
 from hub.registry.service import AssignedCheck, Registry
+from hub.server import metrics as server_metrics
+from hub.server.control import ControlPlane
 
 log = structlog.get_logger(__name__)
 
@@ -46,16 +52,13 @@ def build_app(
     *,
     registry: Registry | None = None,
     is_assigned: AssignedCheck | None = None,
-    **components: Any,
 ) -> web.Application:
     """The hub's aiohttp application.
 
-    ``registry`` defaults to one on ``storage.data_dir``; ``is_assigned`` (rollouts) tells it
-    whether a version may be deleted. Other ``components`` are for the APIs that hook in here.
+    ``registry`` defaults to one on ``storage.data_dir`` that asks the control plane whether a
+    version is in use before deleting it; ``is_assigned`` replaces that answer (tests). A
+    registry handed in keeps the check it was built with; the app opens and closes it.
     """
-    control = components.pop("control", None)  # a ControlPlane for api_fleet (tests)
-    if components:
-        raise TypeError(f"unknown components: {sorted(components)}")
     try:
         token = settings.api_token()
     except OSError as exc:
@@ -67,22 +70,37 @@ def build_app(
         app[TOKEN_KEY] = token
     else:
         log.warning("api_token_missing", effect="every mutating request is refused")
-    app[OPENAPI_KEY] = build_document()
-    reg = registry or Registry(settings, is_assigned=is_assigned)
-    api.setup(app, reg)
-    # hook: the rollout/fleet API adds its routes and paths here (hub/api/fleet.py, issue 7)
-    api_fleet.setup(app, reg, control=control, openapi=app[OPENAPI_KEY],
-                    set_is_assigned=registry is None and is_assigned is None)
-    app.router.add_get(OPENAPI_PATH, _openapi)
+    app[OPENAPI_KEY] = openapi.build_document()
+
+    # the registry asks the control plane, which reads versions from the registry: the one
+    # cycle of the hub, closed here by a call that looks the control plane up when it is made
+    def assigned(name: str, version: str) -> list[str]:
+        return control.is_assigned(name, version)
+
+    reg = registry or Registry(settings, is_assigned=is_assigned or assigned)
+    control = ControlPlane(settings, reg)
+    metrics_registry = CollectorRegistry(auto_describe=False)
+    metrics_registry.register(server_metrics.FleetCollector(control))
+    api_registry.setup(app, reg)
+    api_fleet.setup(app, control, metrics_registry=metrics_registry,
+                    openapi_doc=app[OPENAPI_KEY])
+    app.router.add_get(openapi.OPENAPI_PATH, _openapi)
     app.router.add_get("/healthz", _health)
 
-    async def registry_ctx(app: web.Application) -> AsyncIterator[None]:
-        await reg.open()
-        yield
-        await reg.aclose()
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            await reg.open()
+            stack.push_async_callback(reg.aclose)
+            await stack.enter_async_context(control)
+            yield
 
-    app.cleanup_ctx.append(registry_ctx)
+    app.cleanup_ctx.append(lifetime)
     return app
+
+
+def _remove_signal_handler(loop: asyncio.AbstractEventLoop, sig: signal.Signals) -> None:
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.remove_signal_handler(sig)
 
 
 async def serve(
@@ -90,16 +108,16 @@ async def serve(
     *,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[list[str]], None] | None = None,
-    **components: Any,
 ) -> None:
     """Run the hub until ``stop`` is set (or SIGTERM/SIGINT), then shut down gracefully."""
     stop = stop or asyncio.Event()
-    app = build_app(settings, **components)
+    app = build_app(settings)
     runner = web.AppRunner(app, handle_signals=False, access_log=None,
                            shutdown_timeout=SHUTDOWN_TIMEOUT_S)
-    await runner.setup()
     loop = asyncio.get_running_loop()
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
         site = web.TCPSite(runner, settings.api.host, settings.api.port)
         await site.start()
         addrs = [f"http://{a[0]}:{a[1]}" for a in runner.addresses if isinstance(a, tuple)]
@@ -109,11 +127,7 @@ async def serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
+            stack.callback(_remove_signal_handler, loop, sig)
         await stop.wait()
         log.info("hub_stopping")
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.remove_signal_handler(sig)
-        await runner.cleanup()
     log.info("hub_stopped")

@@ -1,53 +1,74 @@
 """The rollout side of the hub, assembled: cluster, MQTT, fleet, desired state, rollouts.
 
-``ControlPlane`` owns the long-lived parts and starts them in dependency order (database, then
-the node view, then MQTT so retained states flow in, then the dispatcher that catches up with the
-labels, then the rollout controller after a grace period) and stops them in reverse. The HTTP
-app (``hub/api/fleet.py``) and tests build one; ``is_assigned`` is what the registry asks before
-deleting a version.
+``ControlPlane`` is the composition root of the rollout side. It builds every part and hands
+each the callbacks it needs through its constructor; the parts that must speak up the layers
+do so only through these callbacks, which end here and go to the part above:
+
+* the cluster's label events go to the dispatcher (the one trigger of a desired-state sync);
+* the MQTT link's acknowledgements of desired messages go to the dispatcher;
+* the fleet's node state changes wake the rollout controller.
+
+``start`` starts the parts in dependency order (database, then the node view, then MQTT so
+retained states flow in, then the dispatcher that catches up with the labels, then the rollout
+controller after a grace period) on an ``AsyncExitStack``, which ``aclose`` unwinds in reverse.
+The HTTP API asks it questions through the methods of ``hub.api.ports.FleetControl``;
+``is_assigned`` is what the registry asks before deleting a version.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
 
-from hub.cluster.base import Cluster, StaticCluster
+from hub.cluster.base import Cluster, Listener, Node, NodeEvent, StaticCluster
 from hub.cluster.kubernetes import KubernetesCluster
+from hub.cluster.selectors import Selector
 from hub.config import ClusterSettings, HubSettings
 from hub.fleet.view import Fleet
 from hub.rollouts.controller import RolloutController
-from hub.rollouts.desired import Catalog, Dispatcher
+from hub.rollouts.desired import Catalog, Dispatcher, assigned_models
+from hub.rollouts.model import Rollout, RolloutSpec
 from hub.rollouts.store import RolloutStore
 from hub.transport.mqtt import HubMqtt
 
 log = structlog.get_logger(__name__)
 
 
-def make_cluster(settings: ClusterSettings) -> Cluster:
-    """The backend ``settings.backend`` names."""
+def make_cluster(settings: ClusterSettings, *, on_change: Listener | None = None) -> Cluster:
+    """The backend ``settings.backend`` names, telling ``on_change`` about label changes."""
     if settings.backend == "kubernetes":
-        return KubernetesCluster(settings)
-    return StaticCluster(settings)
+        return KubernetesCluster(settings, on_change=on_change)
+    return StaticCluster(settings, on_change=on_change)
+
+
+async def _stop(part: str, close: Callable[[], Awaitable[object]]) -> None:
+    """Stop one part; a failure is logged and the others are still stopped."""
+    try:
+        await close()
+    except Exception:
+        log.exception("control_plane_stop_failed", part=part)
 
 
 class ControlPlane:
     """Everything the rollouts need, with one start and one stop."""
 
     def __init__(self, settings: HubSettings, catalog: Catalog, *,
-                 clock: Callable[[], float] = time.time, cluster: Cluster | None = None,
+                 clock: Callable[[], float] = time.time,
                  mqtt_client_id: str | None = None) -> None:
         self.settings = settings
         self.catalog = catalog
         self.clock = clock
-        self.fleet = Fleet(settings.telemetry, clock)
-        self.cluster = cluster or make_cluster(settings.cluster)
+        self.fleet = Fleet(settings.telemetry, clock, on_state_change=self._node_state_changed)
+        self.cluster = make_cluster(settings.cluster, on_change=self._labels_changed)
         self.store = RolloutStore(settings.storage.data_dir)
         self.mqtt = HubMqtt(settings.mqtt, on_state=self.fleet.on_state,
                             on_telemetry=self.fleet.on_telemetry,
-                            on_invalid=self.fleet.on_invalid, client_id=mqtt_client_id)
+                            on_invalid=self.fleet.on_invalid, on_ack=self._desired_acked,
+                            client_id=mqtt_client_id)
         self.dispatcher = Dispatcher(
             store=self.store, cluster=self.cluster, mqtt=self.mqtt, catalog=catalog,
             fleet=self.fleet, public_url=settings.public_url(),
@@ -57,26 +78,35 @@ class ControlPlane:
             settings=settings, store=self.store, cluster=self.cluster, fleet=self.fleet,
             dispatcher=self.dispatcher, catalog=catalog, clock=clock,
         )
-        self._started: list[str] = []
+        self._stack = contextlib.AsyncExitStack()
 
+    # ------------------------------------------------------- callbacks from the lower parts
+    def _labels_changed(self, events: list[NodeEvent]) -> None:
+        self.dispatcher.nodes_changed(events)
+
+    def _desired_acked(self, token: Any) -> None:
+        self.dispatcher.acknowledged(token)
+
+    def _node_state_changed(self, node: str) -> None:
+        self.controller.wake()
+
+    # ---------------------------------------------------------------------------- lifecycle
     async def start(self, *, mqtt_wait_s: float = 0.0) -> None:
         """Start every part; on failure, stop what was started and re-raise."""
-        try:
+        async with contextlib.AsyncExitStack() as stack:
             await self.store.open()
-            self._started.append("store")
+            stack.push_async_callback(_stop, "store", self.store.close)
             await self.cluster.start()
-            self._started.append("cluster")
+            stack.push_async_callback(_stop, "cluster", self.cluster.aclose)
             await self.mqtt.start(wait_s=mqtt_wait_s)
-            self._started.append("mqtt")
+            stack.push_async_callback(_stop, "mqtt", self.mqtt.aclose)
             await self.dispatcher.start()
-            self._started.append("dispatcher")
+            stack.push_async_callback(_stop, "dispatcher", self.dispatcher.aclose)
             await self.controller.start(connected=self._connected)
-            self._started.append("controller")
-        except BaseException:
-            await self.aclose()
-            raise
+            stack.push_async_callback(_stop, "controller", self.controller.aclose)
+            self._stack = stack.pop_all()
         log.info("control_plane_started", nodes=len(self.cluster.nodes()),
-                 active_rollouts=sum(r.active for r in self.controller.rollouts.values()))
+                 active_rollouts=len(self.controller.active()))
 
     async def _connected(self) -> None:
         """Wait (as long as it takes, logging) for the broker connection."""
@@ -86,21 +116,8 @@ class ControlPlane:
 
     async def aclose(self) -> None:
         """Stop in reverse order (idempotent)."""
-        while self._started:
-            part = self._started.pop()
-            try:
-                if part == "controller":
-                    await self.controller.aclose()
-                elif part == "dispatcher":
-                    await self.dispatcher.aclose()
-                elif part == "mqtt":
-                    await self.mqtt.aclose()
-                elif part == "cluster":
-                    await self.cluster.aclose()
-                elif part == "store":
-                    await self.store.close()
-            except Exception:
-                log.exception("control_plane_stop_failed", part=part)
+        stack, self._stack = self._stack, contextlib.AsyncExitStack()
+        await stack.aclose()
 
     async def __aenter__(self) -> ControlPlane:
         await self.start()
@@ -109,6 +126,79 @@ class ControlPlane:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
+    # ------------------------------------------------------------ for the registry and API
     def is_assigned(self, name: str, version: str) -> list[str]:
         """Nodes that run or are being moved to/from ``name`` ``version`` (registry deletes)."""
         return self.controller.assigned(name, version)
+
+    def nodes(self, selector: Selector) -> list[dict[str, Any]]:
+        """Every camera node matching ``selector``, as the API shows it."""
+        return [self._node_view(n) for n in self.cluster.select(selector)]
+
+    def node(self, name: str) -> dict[str, Any] | None:
+        """One camera node as the API shows it; None when the hub does not see it."""
+        node = self.cluster.get(name)
+        return self._node_view(node) if node is not None else None
+
+    async def rollouts(self, limit: int) -> list[dict[str, Any]]:
+        """Summaries of the latest rollouts, newest first."""
+        return [r.summary() for r in await self.controller.recent(limit)]
+
+    async def rollout(self, rid: int, *, events: bool = False) -> dict[str, Any]:
+        """A rollout with each node's live view (and with ``events``, its event log)."""
+        r = await self.controller.get(rid)
+        out = self._rollout_view(r)
+        if events:
+            out["events"] = await self.store.events(r.id)
+        return out
+
+    async def plan_rollout(self, spec: RolloutSpec) -> dict[str, Any]:
+        """The waves ``spec`` would run, changing nothing."""
+        return await self.controller.create(spec, dry_run=True)
+
+    async def start_rollout(self, spec: RolloutSpec, *, actor: str) -> dict[str, Any]:
+        """Start a rollout; its live view."""
+        created = await self.controller.create(spec, actor=actor)
+        return self._rollout_view(await self.controller.get(created["id"]))
+
+    async def command(self, rid: int, verb: str, *, actor: str) -> dict[str, Any]:
+        """Apply an operator command; the rollout's live view after it."""
+        await self.controller.command(rid, verb, actor=actor)
+        return self._rollout_view(await self.controller.get(rid))
+
+    def _node_view(self, node: Node) -> dict[str, Any]:
+        """One node for the API and the CLI."""
+        prefix = self.settings.cluster.label_prefix
+        row = self.dispatcher.desired(node.name)
+        health = self.fleet.describe(node.name)
+        return {
+            "name": node.name,
+            "labels": dict(node.labels),
+            "assigned": assigned_models(node.labels, prefix),
+            "online": health["online"],
+            "last_seen": health["last_seen"],
+            "generation": {"desired": row.generation if row else 0,
+                           "published": bool(row and row.published),
+                           "applied": health["generation"]},
+            "agent_version": health["agent_version"],
+            "providers": health["providers"],
+            "models": health["models"],
+            "metrics": health["metrics"],
+        }
+
+    def _rollout_view(self, r: Rollout) -> dict[str, Any]:
+        """A rollout with each node's live view (version running, health on the new one)."""
+        out = r.as_dict()
+        model, version = r.spec.model, r.spec.version
+        for entry in out["nodes"]:
+            name = entry["node"]
+            st = self.fleet.model_state(name, model)
+            m = self.fleet.metrics(name, model, version, since=entry["active_at"]) \
+                if entry["status"] == "active" else None
+            entry["live"] = {
+                "online": self.fleet.online(name),
+                "running": st.version if st is not None else None,
+                "status": st.status if st is not None else None,
+                "metrics": m.as_dict() if m is not None and m.samples else None,
+            }
+        return out

@@ -67,10 +67,9 @@ class FleetCollector(Collector):
         rollouts = GaugeMetricFamily("edge_hub_rollout_wave",
                                      "current wave of each active rollout (state as label)",
                                      labels=["rollout", "model", "version", "state"])
-        for r in list(c.controller.rollouts.values()):
-            if r.active:
-                rollouts.add_metric([str(r.id), r.spec.model, r.spec.version, r.state],
-                                    float(r.wave))
+        for r in c.controller.active():
+            rollouts.add_metric([str(r.id), r.spec.model, r.spec.version, r.state],
+                                float(r.wave))
         yield rollouts
         yield CounterMetricFamily("edge_hub_telemetry_messages", "state and telemetry received",
                                   value=c.fleet.messages)

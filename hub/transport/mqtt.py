@@ -1,7 +1,8 @@
 """The hub's MQTT link: desired state out (retained, QoS 1), agents' state and telemetry in.
 
-One paho-mqtt 2.x client with its own network thread. Inbound messages are decoded in that
-thread (so the event loop does not pay for JSON parsing and validation) and handed to the loop in
+One paho-mqtt 2.x client with its own network thread, built on ``edge_agent.common.mqtt``
+(login, TLS, jittered reconnect, guarded callbacks). Inbound messages are decoded in that thread
+(so the event loop does not pay for JSON parsing and validation) and handed to the loop in
 batches; payloads that break the wire contract are counted and logged at most every
 ``_INVALID_LOG_EVERY_S``. Outbound ``desired`` messages are published from the loop; paho keeps
 QoS 1 messages across reconnects, and each broker acknowledgement is reported back on the loop
@@ -11,7 +12,6 @@ QoS 1 messages across reconnects, and each broker acknowledgement is reported ba
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import threading
 import time
@@ -19,14 +19,16 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import paho.mqtt.client as paho
 import structlog
-from paho.mqtt import client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edge_agent.common import mqtt as mqtt_base
+from edge_agent.common import settings as settings_base
 from edge_agent.contract import protocol
 from edge_agent.contract.protocol import ProtocolError, StateMessage, TelemetryMessage
-from hub.config import MqttSettings
+from hub.config import ConfigError, MqttSettings
 
 log = structlog.get_logger(__name__)
 
@@ -41,7 +43,7 @@ StateHandler = Callable[[str, StateMessage], None]
 TelemetryHandler = Callable[[str, TelemetryMessage], None]
 
 
-class HubMqtt:
+class HubMqtt(mqtt_base.MqttClient):
     """Use as ``async with HubMqtt(settings, on_state=..., on_telemetry=...) as link:``."""
 
     def __init__(
@@ -54,72 +56,46 @@ class HubMqtt:
         on_ack: Callable[[Any], None] | None = None,
         client_id: str | None = None,
     ) -> None:
-        self.settings = settings
+        super().__init__(
+            settings,
+            client_id or f"edge-hub-{os.getpid()}-{int(time.time() * 1000) % 100000}",
+            max_inflight=MAX_INFLIGHT,
+        )
         self.prefix = settings.topic_prefix
         self._on_state = on_state
         self._on_telemetry = on_telemetry
         self._on_invalid = on_invalid
         self.on_ack = on_ack
-        self.client_id = client_id or f"edge-hub-{os.getpid()}-{int(time.time() * 1000) % 100000}"
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5
-        )
-        self._client.max_inflight_messages_set(MAX_INFLIGHT)
-        self._client.max_queued_messages_set(0)
-        self._client.reconnect_delay_set(1, 30)
-        self._client.on_connect = self._on_connect
-        self._client.on_disconnect = self._on_disconnect
-        self._client.on_message = self._on_message
-        self._client.on_publish = self._on_publish
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: deque[tuple[str, str, Any]] = deque()
         self._acks: deque[int] = deque()
         self._scheduled = False
         self._lock = threading.Lock()
         self._pending: dict[int, Any] = {}
-        self._connected = threading.Event()
         self.invalid = 0
         self._invalid_logged = 0.0
         self.published = 0
 
     # ---------------------------------------------------------------------------- lifecycle
-    @property
-    def connected(self) -> bool:
-        """Whether the broker connection is up right now."""
-        return self._connected.is_set()
-
     async def start(self, wait_s: float = 0.0) -> None:
-        """Connect in the background; optionally wait up to ``wait_s`` for the first CONNACK."""
-        self._loop = asyncio.get_running_loop()
-        s = self.settings
-        if s.username:
-            password = None
-            if s.password_file is not None:
-                password = (await asyncio.to_thread(s.password_file.read_text)).strip()
-            self._client.username_pw_set(s.username, password)
-        if s.tls:
-            ca = str(s.ca_file) if s.ca_file else None
-            await asyncio.to_thread(self._client.tls_set, ca_certs=ca)
-        self._client.connect_async(s.host, s.port, keepalive=s.keepalive_s, clean_start=True)
-        # loop_start opens paho's wake-up socket pair with blocking calls: not on the loop
-        await asyncio.to_thread(self._client.loop_start)
+        """Connect in the background; optionally wait up to ``wait_s`` for the first CONNACK.
+
+        Raises ``ConfigError`` when the password or TLS files cannot be used.
+        """
+        self.attach_loop(asyncio.get_running_loop())
+        try:
+            # reads the password and TLS files, and paho's loop_start opens its wake-up socket
+            # pair with blocking calls: not on the loop
+            await asyncio.to_thread(self.open_sync)
+        except settings_base.ConfigError as exc:
+            raise ConfigError(exc.errors) from exc
         if wait_s > 0:
             await self.wait_connected(wait_s)
-        log.info("mqtt_starting", host=s.host, port=s.port, connected=self.connected)
+        log.info("mqtt_starting", host=self.settings.host, port=self.settings.port,
+                 connected=self.connected)
 
     async def aclose(self) -> None:
-        """Disconnect cleanly and stop the network thread."""
-        await asyncio.to_thread(self._stop_sync)
-        self._connected.clear()
-
-    def _stop_sync(self) -> None:
-        with contextlib.suppress(Exception):
-            self._client.disconnect()
-        self._client.loop_stop()
-        # paho closes its wake-up socket pair only when the client is garbage collected;
-        # close it now so no descriptor outlives the link
-        with contextlib.suppress(Exception):
-            self._client._reset_sockets()
+        """Disconnect cleanly, stop the network thread and close its sockets."""
+        await asyncio.to_thread(self.close_sync)
 
     async def __aenter__(self) -> HubMqtt:
         await self.start()
@@ -141,22 +117,17 @@ class HubMqtt:
         return True
 
     # ---------------------------------------------------------------------- paho callbacks
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any,
-                    reason: ReasonCode, properties: Any) -> None:
-        if reason.is_failure:
-            log.warning("mqtt_connect_refused", reason=str(reason))
-            return
-        client.subscribe([(protocol.state_filter(self.prefix), 1),
-                          (protocol.telemetry_filter(self.prefix), 1)])
-        self._connected.set()
+    def _connection_up(self, props: Any) -> None:
+        self._subscribe([(protocol.state_filter(self.prefix), 1),
+                         (protocol.telemetry_filter(self.prefix), 1)])
+
+    def _connection_ready(self) -> None:
         log.info("mqtt_connected", host=self.settings.host, port=self.settings.port)
 
-    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
-                       reason: ReasonCode, properties: Any) -> None:
-        self._connected.clear()
+    def _connection_down(self, reason: ReasonCode, was_connected: bool) -> None:
         log.warning("mqtt_disconnected", reason=str(reason))
 
-    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+    def _message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         try:
             node, kind, _ = protocol.parse_topic(self.prefix, msg.topic)
             obj: StateMessage | TelemetryMessage
@@ -174,8 +145,8 @@ class HubMqtt:
         self._inbox.append((kind, node, obj))
         self._kick()
 
-    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int,
-                    reason: ReasonCode, properties: Any) -> None:
+    def _published(self, client: paho.Client, userdata: Any, mid: int,
+                   reason: ReasonCode, properties: Any) -> None:
         self._acks.append(mid)
         self._kick()
 
@@ -187,24 +158,17 @@ class HubMqtt:
             if due:
                 self._invalid_logged = now
         if self._loop is not None and self._on_invalid is not None:
-            self._call_soon(self._on_invalid)
+            self._call_in_loop(self._on_invalid)
         if due:
             log.warning("mqtt_invalid_payload", topic=topic, error=str(exc)[:200],
                         invalid_total=self.invalid)
-
-    def _call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(fn, *args)
 
     def _kick(self) -> None:
         with self._lock:
             if self._scheduled:
                 return
             self._scheduled = True
-        self._call_soon(self._drain)
+        self._call_in_loop(self._drain)
 
     # ----------------------------------------------------------------------- loop side
     def _drain(self) -> None:

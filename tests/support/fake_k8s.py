@@ -239,6 +239,16 @@ class FakeKube:
             resp.headers["Retry-After"] = str(f.retry_after)
         return resp
 
+    async def _read_fault(self, request: web.Request, name: str | None) -> web.Response | None:
+        """An injected fault for a GET: its error response, or None after any injected hang."""
+        f = self._fault("GET", name)
+        if f is not None and f.status:
+            self._log(request, f.status)
+            return await self._failed(f)
+        if f is not None and f.hang:
+            await self._hang()
+        return None
+
     async def _hang(self) -> None:
         assert self._release is not None
         with contextlib.suppress(TimeoutError):
@@ -256,12 +266,9 @@ class FakeKube:
             return _status(400, "BadRequest", str(exc))
         if request.query.get("watch") in ("true", "1"):
             return await self._watch(request, sel)
-        f = self._fault("GET", None)
-        if f is not None and f.status:
-            self._log(request, f.status)
-            return await self._failed(f)
-        if f is not None and f.hang:
-            await self._hang()
+        failed = await self._read_fault(request, None)
+        if failed is not None:
+            return failed
         with self._lock:
             items = [o for o in self.nodes.values() if sel.matches(o["metadata"]["labels"])]
             body = {"kind": "NodeList", "apiVersion": "v1",
@@ -272,12 +279,9 @@ class FakeKube:
 
     async def _get(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        f = self._fault("GET", name)
-        if f is not None and f.status:
-            self._log(request, f.status)
-            return await self._failed(f)
-        if f is not None and f.hang:
-            await self._hang()
+        failed = await self._read_fault(request, name)
+        if failed is not None:
+            return failed
         with self._lock:
             obj = self.nodes.get(name)
             data = orjson.dumps(obj) if obj else None

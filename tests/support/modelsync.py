@@ -19,7 +19,7 @@ import onnx
 import orjson
 from onnx import TensorProto, helper, numpy_helper
 
-from edge_agent.inference.manifest import ModelManifest, write_manifest
+from edge_agent.contract.manifest import ModelManifest, write_manifest
 from models import generate
 
 
@@ -116,13 +116,15 @@ def stream_nan_model(root: Path, name: str, version: str, size: int = 320) -> Ar
                                                                       n])],
         initializer=[numpy_helper.from_array(v, name=k) for k, v in consts.items()],
     )
-    fields = generate._yolo_manifest(  # the same manifest shape as the generated heads
-        name, version, layout="v8", labels=labels, size=(size, size), batch=None,
-        out_shape=["batch", 4 + len(labels), n], description="NaN on the test pattern only",
-    )
-    path = generate._save(root / f"{name}-{version}", graph, fields)
-    onnx.checker.check_model(onnx.load(str(path.parent / "model.onnx")))
-    return Artifact(name, version, path)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", generate.OPSET)])
+    model.ir_version = generate.IR_VERSION
+    onnx.checker.check_model(model)
+    # a generated head of the same input, labels and output shape gives the manifest; its
+    # file is then replaced by this graph (with_bytes updates the digest)
+    base = Artifact(name, version, generate.yolov8_head(
+        root / f"{name}-{version}", name, version, labels=labels, input_size=(size, size),
+        num_anchors=n))
+    return with_bytes(root, base, version, model.SerializeToString())
 
 
 def desired(node: str, generation: int, models: dict[str, dict[str, str]]) -> bytes:

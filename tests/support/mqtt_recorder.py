@@ -54,6 +54,10 @@ class Recorder:
         self._client.disconnect()
         self._client.loop_stop()
 
+    def socket(self) -> object | None:
+        """The network socket while connected (fault tests watch its kernel receive queue)."""
+        return self._client.socket()
+
     def _on_connect(self, client: paho.Client, _u: object, _f: object, rc: object,
                     _p: object) -> None:
         client.subscribe([(f, self.qos) for f in self.filters])

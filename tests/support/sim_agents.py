@@ -24,6 +24,7 @@ import onnxruntime as ort
 from paho.mqtt import client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edge_agent.common import mqtt as mqtt_base
 from edge_agent.contract import protocol
 from edge_agent.contract.protocol import (
     CameraTelemetry,
@@ -118,11 +119,7 @@ class SimAgent:
         self._stop.set()
         c = self._client
         if c is not None:
-            sock = c.socket()
-            c.loop_stop()
-            if sock is not None:
-                sock.close()
-            c._reset_sockets()
+            mqtt_base.drop(c)
             self._client = None
         if self._thread is not None:
             self._thread.join(5)
@@ -134,8 +131,7 @@ class SimAgent:
         c = self._client
         if c is not None:
             c.disconnect()
-            c.loop_stop()
-            c._reset_sockets()
+            mqtt_base.release(c)
             self._client = None
         if self._thread is not None:
             self._thread.join(5)

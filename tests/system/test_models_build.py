@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.inference.manifest import load_manifest
+from edge_agent.contract.manifest import load_manifest
 from models import build
 from models.generate import sha256_file
 

@@ -1,10 +1,11 @@
 """Post-processing units, one per model task, registered by task name.
 
 A unit turns a batch of raw model outputs into plain-JSON results (``{"classes": [...]}`` or
-``{"detections": [...]}``, shaped like ``protocol.ClassScore`` / ``protocol.Detection``). A new
-task is a new module with a ``PostprocessUnit`` subclass decorated with ``@register``; the
-manifest's ``task`` field picks it, and its ``Params`` model validates the manifest's
-``postprocess`` section when the manifest loads.
+``{"detections": [...]}``, shaped like ``protocol.ClassScore`` / ``protocol.Detection``). The
+task names, their ``postprocess`` parameter schemas and the outputs each reads are the
+contract's (``edge_agent.contract.tasks``), checked by the hub at push and by the manifest
+parser; a new task is an entry there plus a module here with a ``PostprocessUnit`` subclass
+decorated with ``@register`` (which refuses a task the contract does not know).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def _load_builtin() -> None:
 
 
 def tasks() -> frozenset[str]:
-    """Names of every registered task."""
+    """Names of every task with a unit (the contract's ``tasks.names()``, once all load)."""
     _load_builtin()
     return frozenset(registered())
 

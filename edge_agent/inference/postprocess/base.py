@@ -1,4 +1,9 @@
-"""The post-processing unit interface, its registry, and helpers shared by the units."""
+"""The post-processing unit interface, its registry, and helpers shared by the units.
+
+A unit decodes; what a task accepts (its parameter schema, the outputs it reads) is the
+contract's (``edge_agent.contract.tasks``), so the hub checks a pushed manifest exactly as the
+unit will read it. ``register`` refuses a unit whose task or schema the contract does not know.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
 
+from edge_agent.contract import tasks
 from edge_agent.errors import ModelError
 
 if TYPE_CHECKING:
-    from edge_agent.inference.manifest import ModelManifest
+    from edge_agent.contract.manifest import ModelManifest
     from edge_agent.inference.preprocess import FrameMeta
 
 
@@ -21,42 +26,19 @@ class NonFiniteOutputError(ModelError):
     inference error, so rollout gates on the error rate see a broken model version)."""
 
 
-class Params(BaseModel):
-    """Base of every unit's parameter model: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 class PostprocessUnit(ABC):
     """Decodes raw outputs of one task into JSON-ready result dicts (one per frame)."""
 
-    #: The manifest ``task`` value this unit serves.
+    #: The manifest ``task`` value this unit serves (a name in ``contract.tasks.TASKS``).
     task: ClassVar[str]
-    #: The model validating the manifest's ``postprocess`` section.
-    params_model: ClassVar[type[Params]]
-    #: How many graph outputs the unit reads (the manifest's ``outputs``, in that order).
-    num_outputs: ClassVar[int] = 1
+    #: The contract's schema of the manifest's ``postprocess`` section for ``task``.
+    params_model: ClassVar[type[tasks.Params]]
 
     def __init__(self, manifest: ModelManifest) -> None:
         self.manifest = manifest
+        # the manifest passed the same schema when it was parsed: this cannot fail
         self.params: Any = self.params_model.model_validate(manifest.postprocess)
         self.labels = list(manifest.labels)
-
-    @classmethod
-    def validate_params(cls, manifest: ModelManifest) -> None:
-        """Raise ``ValueError`` when the manifest does not suit this unit."""
-        try:
-            cls.params_model.model_validate(manifest.postprocess)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
-            raise ValueError(f"postprocess.{where}: {msg}") from None
-        if len(manifest.outputs) != cls.num_outputs:
-            raise ValueError(
-                f"task {cls.task!r} reads {cls.num_outputs} output(s), "
-                f"manifest lists {len(manifest.outputs)}"
-            )
 
     def label(self, cls_id: int) -> str:
         """The label of class ``cls_id`` (its number when the manifest has no labels)."""
@@ -77,6 +59,12 @@ def register(unit: _U) -> _U:
     """Class decorator: make ``unit`` serve manifests whose task is ``unit.task``."""
     if unit.task in _REGISTRY and _REGISTRY[unit.task] is not unit:
         raise RuntimeError(f"task {unit.task!r} is already registered")
+    spec = tasks.TASKS.get(unit.task)
+    if spec is None or spec.params is not unit.params_model:
+        raise RuntimeError(
+            f"unit {unit.__name__}: task {unit.task!r} and its params must be the contract's "
+            "(edge_agent.contract.tasks)"
+        )
     _REGISTRY[unit.task] = unit
     return unit
 

@@ -11,10 +11,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydantic import Field
 
+from edge_agent.contract import tasks
 from edge_agent.inference.postprocess.base import (
-    Params,
     PostprocessUnit,
     detection,
     nms,
@@ -25,23 +24,12 @@ if TYPE_CHECKING:
     from edge_agent.inference.preprocess import FrameMeta
 
 
-class CenterFaceParams(Params):
-    #: Minimum heatmap value for a face. Default 0.5 (CenterFace's own default).
-    threshold: float = Field(0.5, ge=0.0, le=1.0)
-    #: IoU above which a weaker overlapping face is suppressed. Default 0.3.
-    iou_threshold: float = Field(0.3, ge=0.0, le=1.0)
-    max_detections: int = Field(100, ge=1, le=10_000)
-    #: Output stride of the heatmap relative to the input. CenterFace: 4.
-    stride: int = Field(4, ge=1)
-
-
 @register
 class CenterFace(PostprocessUnit):
     """Face boxes with landmarks from CenterFace's four maps."""
 
     task = "centerface"
-    params_model = CenterFaceParams
-    num_outputs = 4
+    params_model = tasks.CenterFaceParams
 
     def __call__(
         self, outputs: Sequence[np.ndarray], metas: Sequence[FrameMeta]
@@ -56,7 +44,7 @@ class CenterFace(PostprocessUnit):
         self, heat: np.ndarray, scale: np.ndarray, offset: np.ndarray, lms: np.ndarray,
         meta: FrameMeta,
     ) -> list[dict[str, Any]]:
-        p: CenterFaceParams = self.params
+        p: tasks.CenterFaceParams = self.params
         ys, xs = np.nonzero(heat > p.threshold)
         if ys.size == 0:
             return []

@@ -6,21 +6,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydantic import Field
 
-from edge_agent.inference.postprocess.base import Params, PostprocessUnit, register
+from edge_agent.contract import tasks
+from edge_agent.inference.postprocess.base import PostprocessUnit, register
 
 if TYPE_CHECKING:
     from edge_agent.inference.preprocess import FrameMeta
-
-
-class ClassificationParams(Params):
-    #: How many classes to report, best first.
-    top_k: int = Field(5, ge=1, le=1000)
-    #: Apply softmax (the model outputs logits). False when it outputs probabilities already.
-    softmax: bool = True
-    #: Classes scoring below this are not reported.
-    min_score: float = Field(0.0, ge=0.0, le=1.0)
 
 
 @register
@@ -28,12 +19,12 @@ class Classification(PostprocessUnit):
     """Output ``[B, C]`` (or ``[B, C, 1, 1]``) scores -> ``{"classes": [{id, label, score}]}``."""
 
     task = "classification"
-    params_model = ClassificationParams
+    params_model = tasks.ClassificationParams
 
     def __call__(
         self, outputs: Sequence[np.ndarray], metas: Sequence[FrameMeta]
     ) -> list[dict[str, Any]]:
-        p: ClassificationParams = self.params
+        p: tasks.ClassificationParams = self.params
         scores = np.asarray(outputs[0], dtype=np.float64).reshape(len(metas), -1)
         if p.softmax:
             scores = np.exp(scores - scores.max(axis=1, keepdims=True))

@@ -10,13 +10,12 @@ the original frame.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydantic import Field
 
+from edge_agent.contract import tasks
 from edge_agent.inference.postprocess.base import (
-    Params,
     PostprocessUnit,
     detection,
     nms,
@@ -27,38 +26,23 @@ if TYPE_CHECKING:
     from edge_agent.inference.preprocess import FrameMeta
 
 
-class YoloParams(Params):
-    #: ``v8``: ``[B, 4+C, N]``, no objectness; ``v5``: ``[B, N, 5+C]`` with objectness.
-    layout: Literal["v5", "v8"] = "v8"
-    #: Minimum score kept. Default 0.25 (the Ultralytics default for prediction).
-    conf_threshold: float = Field(0.25, ge=0.0, le=1.0)
-    #: IoU above which a lower-scoring box of the same class is suppressed. Default 0.45.
-    iou_threshold: float = Field(0.45, ge=0.0, le=1.0)
-    #: Detections reported per frame at most, best first.
-    max_detections: int = Field(300, ge=1, le=10_000)
-    #: Candidates entering NMS at most (best first): bounds NMS time on noisy frames.
-    max_candidates: int = Field(10_000, ge=1)
-    #: Suppress overlapping boxes across classes too.
-    class_agnostic: bool = False
-
-
 @register
 class Yolo(PostprocessUnit):
     """YOLO-style box decoding with class-wise NMS."""
 
     task = "yolo"
-    params_model = YoloParams
+    params_model = tasks.YoloParams
 
     def __call__(
         self, outputs: Sequence[np.ndarray], metas: Sequence[FrameMeta]
     ) -> list[dict[str, Any]]:
-        p: YoloParams = self.params
+        p: tasks.YoloParams = self.params
         out = outputs[0]
         if out.ndim != 3:
             raise ValueError(f"yolo output must be 3-D, got shape {out.shape}")
         return [{"detections": self._one(out[b], metas[b], p)} for b in range(len(metas))]
 
-    def _one(self, raw: np.ndarray, meta: FrameMeta, p: YoloParams) -> list[dict[str, Any]]:
+    def _one(self, raw: np.ndarray, meta: FrameMeta, p: tasks.YoloParams) -> list[dict[str, Any]]:
         if p.layout == "v8":
             pred = raw.T  # [N, 4+C]
             cls_scores = pred[:, 4:]

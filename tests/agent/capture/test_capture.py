@@ -1,8 +1,7 @@
-"""Capture: URL parsing, backoff, real video files, real MJPEG streams that die and stall."""
+"""Capture: URL parsing, real video files, real MJPEG streams that die and stall."""
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -10,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.capture.camera import Backoff, Camera, Frame
-from edge_agent.capture.sources import parse_source
-from edge_agent.config import CameraSettings
+from edge_agent.capture.camera import Camera, Frame
+from edge_agent.config import CameraSettings, parse_source
 from tests.support.broker import free_port
 from tests.support.streams import MjpegServer, write_video
 
@@ -103,18 +101,6 @@ def test_parse_source_accepts_every_kind(url: str, kind: str, target: str) -> No
 def test_parse_source_rejects_with_a_clear_message(url: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_source(url)
-
-
-def test_backoff_grows_with_jitter_is_capped_and_resets() -> None:
-    b = Backoff(0.5, 8.0, random.Random(1))
-    delays = [b.next_delay() for _ in range(8)]
-    caps = [min(8.0, 0.5 * 2**k) for k in range(8)]
-    for d, cap in zip(delays, caps, strict=True):
-        assert cap / 2 <= d <= cap
-    assert delays[-1] <= 8.0 and delays[3] > delays[0]
-    assert len({round(d, 6) for d in delays}) == len(delays)  # jittered, not lockstep
-    b.reset()
-    assert b.next_delay() <= 0.5
 
 
 # --------------------------------------------------------------------- real files

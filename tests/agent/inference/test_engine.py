@@ -11,10 +11,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from edge_agent.config import EngineSettings
+from edge_agent.contract.manifest import load_manifest
+from edge_agent.contract.rejection import Reason, Rejection
 from edge_agent.errors import InputError, ModelError, ModelRejectedError
 from edge_agent.inference import providers as prov
 from edge_agent.inference.engine import LoadedModel
-from edge_agent.inference.manifest import load_manifest
 from edge_agent.inference.postprocess import NonFiniteOutputError
 from edge_agent.inference.preprocess import Preprocessor
 from models.generate import (
@@ -91,10 +92,14 @@ def test_missing_model_file(tmp_path: Path) -> None:
 
 
 def test_graph_that_disagrees_with_its_manifest_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ModelRejectedError, match=r"input 'images' has shape .*224, 224"):
+    with pytest.raises(ModelRejectedError, match=r"input 'images' has shape .*224, 224") as ei:
         LoadedModel.load(input_mismatch_model(tmp_path / "i", "bad", "1"), CPU)
-    with pytest.raises(ModelRejectedError, match=r"output 'output0' has shape .*10, 5"):
+    # the contract's verdict, as the hub would give it at push
+    assert ei.value.reason == "input_shape" and ei.value.rejection is not None
+    assert str(ei.value).startswith(ei.value.rejection.message)
+    with pytest.raises(ModelRejectedError, match=r"output 'output0' has shape .*10, 5") as ei:
         LoadedModel.load(output_mismatch_model(tmp_path / "o", "bad", "1"), CPU)
+    assert ei.value.reason == "output_shape"
     mp = tiny_classifier(tmp_path / "n", "tiny", "1")
     data = json.loads(mp.read_text())
     data["input"]["name"] = "pixels"
@@ -129,14 +134,22 @@ def test_bad_manifest_is_a_model_error(tmp_path: Path, change: dict, message: st
 
 
 def test_unreadable_manifests(tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match="manifest not found"):
-        load_manifest(tmp_path / "nope.json")
+    with pytest.raises(ModelError, match=r"nope\.json: manifest not found") as ei:
+        LoadedModel.load(tmp_path / "nope.json", CPU)
+    assert ei.value.reason == "manifest_unreadable"
     (tmp_path / "m.json").write_text("{not json")
-    with pytest.raises(ModelError, match="not valid JSON"):
-        load_manifest(tmp_path / "m.json")
+    with pytest.raises(ModelError, match="not valid JSON") as ei:
+        LoadedModel.load(tmp_path / "m.json", CPU)
+    assert ei.value.reason == "manifest_not_json"
     (tmp_path / "m.json").write_text("[1, 2]")
-    with pytest.raises(ModelError, match="must be a JSON object"):
+    with pytest.raises(ModelError, match="must be a JSON object") as ei:
+        LoadedModel.load(tmp_path / "m.json", CPU)
+    assert ei.value.reason == "manifest_not_object"
+    # the contract's own function says the same, without the agent's wrapper
+    with pytest.raises(Rejection, match="must be a JSON object") as rj:
         load_manifest(tmp_path / "m.json")
+    assert rj.value.reason is Reason.MANIFEST_NOT_OBJECT
+    assert rj.value.source == str(tmp_path / "m.json")
 
 
 def test_nan_model_loads_then_every_inference_fails(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from edge_agent.config import HubClientSettings
 from edge_agent.contract.protocol import DesiredModel, signing_payload
 from edge_agent.errors import ModelError, ModelRejectedError, TemporaryError
 from edge_agent.modelsync.cache import ModelCache
-from edge_agent.modelsync.fetch import Fetcher, FetchPolicy, FetchStats, backoff_delay
+from edge_agent.modelsync.fetch import Fetcher, FetchPolicy, FetchStats
 from tests.support.fileserver import FileServer
 
 MiB = 1024 * 1024
@@ -302,16 +302,6 @@ def test_last_good_ignores_missing_and_config_versions(tmp_path: Path) -> None:
     assert cache.last_good("det") is None  # not in the cache
     (cache.root / "sync-state.json").write_text("{not json")
     assert cache.load_state() == {}
-
-
-def test_backoff_delay_is_capped_full_jitter() -> None:
-    policy = FetchPolicy(retry_min_s=0.5, retry_max_s=3.0)
-    rng = random.Random(7)
-    for attempt in range(10):
-        cap = min(3.0, 0.5 * 2**attempt)
-        samples = [backoff_delay(attempt, policy, rng) for _ in range(50)]
-        assert all(0 <= s <= cap for s in samples)
-        assert max(samples) > cap / 2  # really spread, not a constant
 
 
 async def test_large_manifest_arrives_whole_and_oversize_is_refused(

@@ -226,7 +226,7 @@ def _loss(agent: Agent) -> int:
     """Frames read but without a result so far: dropped by capture/scheduler, or failed."""
     assert agent.pipeline is not None
     cams = agent.pipeline.cameras.values()
-    return sum(c.dropped + c.errors for c in cams) + agent.pipeline.scheduler.errors
+    return sum(c.dropped + c.errors for c in cams) + agent.pipeline.scheduler.tally().errors
 
 
 async def test_swap_under_a_running_stream(world: World) -> None:

@@ -15,7 +15,7 @@ from edge_agent.app.compose import Agent
 from edge_agent.config import ConfigError, EngineSettings
 from edge_agent.contract.protocol import decode_result, encode_dict
 from edge_agent.inference.engine import LoadedModel
-from edge_agent.streaming.scheduler import calibrate
+from edge_agent.streaming.calibration import calibrate
 from edge_agent.streaming.sinks import JsonLinesSink
 from tests.support.broker import free_port
 from tests.support.pipeline import RecordingSink, agent_settings, wait_until
@@ -136,7 +136,8 @@ async def test_batching_across_cameras_runs_waiting_frames_together(
         assert agent.pipeline is not None
         sched = agent.pipeline.scheduler
         assert sched.batch_limits == {"yolov8-head": 4}
-        frames, batches = sched.frames, sched.batches
+        counts = sched.tally()
+        frames, batches = counts.frames, counts.batches
     finally:
         await agent.stop()
     assert batches < frames  # some session.run calls carried several cameras' frames

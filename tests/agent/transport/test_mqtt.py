@@ -40,7 +40,7 @@ from edge_agent.contract.protocol import (
 from edge_agent.errors import AgentError
 from edge_agent.outbox.facade import Outbox
 from edge_agent.transport.drain import Drain
-from edge_agent.transport.link import MqttLink, backoff_delay
+from edge_agent.transport.link import MqttLink
 from edge_agent.transport.metrics import register
 from edge_agent.transport.telemetry import TelemetryPublisher
 from tests.support.broker import Broker, free_port
@@ -73,19 +73,6 @@ def desired(node: str, generation: int) -> bytes:
     return orjson.dumps({"v": 1, "node": node, "generation": generation, "models": {
         "det": {"version": "1.2.0", "sha256": "a" * 64, "url": "http://hub/a",
                 "manifest_url": "http://hub/m"}}})
-
-
-# ------------------------------------------------------------------------------ backoff
-
-
-def test_backoff_delay_grows_with_full_jitter_between_bounds() -> None:
-    assert backoff_delay(0, 0.5, 30.0, rand=lambda: 0.0) == 0.5
-    assert backoff_delay(0, 0.5, 30.0, rand=lambda: 1.0) == 1.0
-    assert backoff_delay(3, 0.5, 30.0, rand=lambda: 1.0) == 8.0
-    assert backoff_delay(3, 0.5, 30.0, rand=lambda: 0.5) == pytest.approx(4.25)
-    assert backoff_delay(50, 0.5, 30.0, rand=lambda: 1.0) == 30.0
-    assert backoff_delay(10_000, 0.5, 30.0, rand=lambda: 1.0) == 30.0
-    assert backoff_delay(5, 2.0, 1.0) == 2.0  # never below the minimum
 
 
 async def test_retries_until_a_broker_appears(tmp_path: Path, topic_prefix: str) -> None:

@@ -47,12 +47,19 @@ def fake_kube() -> Iterator[FakeKube]:
 
 
 @pytest.fixture
-async def kcluster(fake_kube: FakeKube, tmp_path: Path) -> AsyncIterator[KubernetesCluster]:
+def events() -> list[NodeEvent]:
+    """Every batch of node events ``kcluster`` reported, flattened."""
+    return []
+
+
+@pytest.fixture
+async def kcluster(fake_kube: FakeKube, tmp_path: Path,
+                   events: list[NodeEvent]) -> AsyncIterator[KubernetesCluster]:
     s = ClusterSettings(backend="kubernetes",
                         kubeconfig=fake_kube.write_kubeconfig(tmp_path / "kubeconfig"),
                         api_timeout_s=0.5, api_backoff_s=0.01, api_backoff_max_s=0.05,
                         api_retries=4, watch_timeout_s=5)
-    c = make_cluster(s)
+    c = make_cluster(s, on_change=events.extend)
     assert isinstance(c, KubernetesCluster)
     await c.start()
     yield c
@@ -68,18 +75,20 @@ async def test_k8s_lists_camera_nodes_and_selects(kcluster: KubernetesCluster) -
 
 
 async def test_k8s_watch_picks_up_kubectl_label(kcluster: KubernetesCluster,
-                                                fake_kube: FakeKube) -> None:
-    seen: list[NodeEvent] = []
-    kcluster.add_listener(seen.extend)
+                                                fake_kube: FakeKube,
+                                                events: list[NodeEvent]) -> None:
+    # the initial list is reported too, as one upsert per camera node
+    assert sorted(e.node.name for e in events if e.kind == "upsert") == ["n0", "n1", "n2", "n3"]
+    n = len(events)
     fake_kube.label("n2", DET, "v7")
     await until(lambda: kcluster.nodes()["n2"].labels.get(DET) == "v7")
-    assert any(e.kind == "upsert" and e.node.name == "n2" for e in seen)
+    assert [(e.kind, e.node.name) for e in events[n:]] == [("upsert", "n2")]
     # a status heartbeat changes no label: no event
-    n = len(seen)
+    n = len(events)
     fake_kube.touch("n1")
     fake_kube.label("n0", "x", "1")
     await until(lambda: kcluster.nodes()["n0"].labels.get("x") == "1")
-    assert [e.node.name for e in seen[n:]] == ["n0"]
+    assert [e.node.name for e in events[n:]] == ["n0"]
     # leaving the camera-node selector is a delete; joining is an upsert
     fake_kube.label("n3", CAM, None)
     await until(lambda: "n3" not in kcluster.nodes())
@@ -96,15 +105,15 @@ async def test_k8s_watch_relists_after_410(kcluster: KubernetesCluster,
 
 
 async def test_k8s_stale_events_never_undo_a_patch(kcluster: KubernetesCluster,
-                                                   fake_kube: FakeKube) -> None:
+                                                   fake_kube: FakeKube,
+                                                   events: list[NodeEvent]) -> None:
     before = kcluster.nodes()["n0"]
-    seen: list[NodeEvent] = []
-    kcluster.add_listener(seen.extend)
+    n = len(events)
     node = await kcluster.patch_labels("n0", {DET: "v2"})
     # a watch event from before the patch arrives late: ignored
-    kcluster._apply_events([before])
+    kcluster.observe([before])
     assert kcluster.nodes()["n0"] == node and kcluster.nodes()["n0"].labels[DET] == "v2"
-    assert [e.node.labels.get(DET) for e in seen] == ["v2"]
+    assert [e.node.labels.get(DET) for e in events[n:]] == ["v2"]
 
 
 async def test_k8s_patch_applies_once(kcluster: KubernetesCluster, fake_kube: FakeKube) -> None:
@@ -198,10 +207,9 @@ def inventory(tmp_path: Path) -> Path:
 
 
 async def test_static_reads_patches_and_picks_up_edits(inventory: Path) -> None:
-    c = StaticCluster(ClusterSettings(backend="static", inventory_file=inventory,
-                                      inventory_poll_s=0.02))
     seen: list[NodeEvent] = []
-    c.add_listener(seen.extend)
+    c = StaticCluster(ClusterSettings(backend="static", inventory_file=inventory,
+                                      inventory_poll_s=0.02), on_change=seen.extend)
     async with c:
         assert sorted(c.nodes()) == ["a1", "a2"]
         out = await c.patch_many({"a1": {DET: "v1"}, "a2": {DET: "v1"}, "zz": {DET: "v1"}})

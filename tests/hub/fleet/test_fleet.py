@@ -8,6 +8,7 @@ import time
 from paho.mqtt import client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edge_agent.common import mqtt as mqtt_base
 from edge_agent.contract import protocol
 from edge_agent.contract.protocol import (
     LatencySummary,
@@ -17,7 +18,8 @@ from edge_agent.contract.protocol import (
     TelemetryMessage,
 )
 from hub.config import MqttSettings, TelemetrySettings
-from hub.fleet.view import Fleet, Sample, aggregate, combine
+from hub.fleet.aggregate import Sample, aggregate, combine
+from hub.fleet.view import Fleet
 from hub.transport.mqtt import HubMqtt
 from tests.support.broker import Broker
 from tests.support.rollout_env import ManualClock, until
@@ -61,9 +63,9 @@ def test_window_since_and_versions() -> None:
 
 def test_offline_by_last_will_and_by_silence() -> None:
     clock = ManualClock(1000.0)
-    f = Fleet(TelemetrySettings(window_s=60, offline_after_s=30), clock)
     woke: list[str] = []
-    f.on_state_change.append(woke.append)
+    f = Fleet(TelemetrySettings(window_s=60, offline_after_s=30), clock,
+              on_state_change=woke.append)
     assert not f.online("n1")  # never heard of
     state = StateMessage(node="n1", online=True, generation=3,
                          models=[ModelState(name="det", version="1.0", status="active")])
@@ -112,7 +114,6 @@ async def test_hub_link_ingests_and_counts_contract_breaks(broker: Broker,
         await until(lambda: not fleet.online("n1"))
     finally:
         raw.disconnect()
-        raw.loop_stop()
-        raw._reset_sockets()
+        mqtt_base.release(raw)
         agent.stop()
         await link.aclose()

@@ -13,6 +13,7 @@ import pytest
 from paho.mqtt import client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edge_agent.common import mqtt as mqtt_base
 from edge_agent.contract import protocol
 from hub.cluster.base import load_inventory, write_inventory
 from hub.registry.service import Registry
@@ -46,8 +47,7 @@ class Recorder:
 
     def close(self) -> None:
         self.c.disconnect()
-        self.c.loop_stop()
-        self.c._reset_sockets()
+        mqtt_base.release(self.c)
 
 
 @pytest.fixture

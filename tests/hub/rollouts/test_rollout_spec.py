@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from hub.cluster.selectors import SelectorError, parse_selector
-from hub.rollouts.gates import Gate, GateError, Metrics, judge, parse_gate, parse_gates
+from hub.fleet.aggregate import Metrics
+from hub.rollouts.gates import Gate, GateError, judge, parse_gate, parse_gates
 from hub.rollouts.model import RolloutSpec, parse_spec, plan_waves
 
 LABELS = {"site": "a", "line": "2", "edge.ai/camera-node": "true", "gpu": ""}

@@ -1,0 +1,81 @@
+"""The command-line scaffold that ``edge-agent`` and ``edge-hub`` share.
+
+A program is a name, a version, a package of verb modules and its error base class. Each verb
+module has ``register(subparsers)``, which adds its parser (``add_verb``) with ``func`` to run;
+modules are imported when the parser is built, and keep heavy imports (onnxruntime, OpenCV,
+aiohttp) inside the verb, so ``--help`` stays fast. ``main`` runs the chosen verb and turns an
+error the program raised on purpose into its exit code and ``PROG: error: ...`` lines on stderr,
+never a traceback: one line per field for a config error (``settings.ConfigError``: ``field:
+message (got value)``), one line for any other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from edge_agent.common import settings
+
+#: What a verb runs: the parsed arguments in, the exit status out.
+VerbFunc = Callable[[argparse.Namespace], int]
+
+
+@dataclass(frozen=True)
+class Program:
+    """One command-line program."""
+
+    #: The command's name, e.g. ``edge-agent`` (``--version`` and error lines start with it).
+    prog: str
+    description: str
+    version: str
+    #: The package holding the verb modules, e.g. ``edge_agent.commands``.
+    commands: str
+    #: Verb module names in that package, in the order ``--help`` lists them.
+    verbs: tuple[str, ...]
+    #: Base of the errors the program raises on purpose; each has an ``exit_code``.
+    error: type[Exception]
+
+
+def add_verb(sub: Any, name: str, func: VerbFunc | None, *, help: str,
+             description: str) -> argparse.ArgumentParser:
+    """Add verb ``name`` to ``sub`` (a ``register`` argument); ``func`` runs it (None: the
+    verb has actions of its own, each with its ``func``)."""
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help, description=description)
+    if func is not None:
+        parser.set_defaults(func=func)
+    return parser
+
+
+def build_parser(program: Program) -> argparse.ArgumentParser:
+    """The argument parser with every verb registered."""
+    parser = argparse.ArgumentParser(prog=program.prog, description=program.description)
+    parser.add_argument("--version", action="version",
+                        version=f"{program.prog} {program.version}")
+    sub = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
+    for name in program.verbs:
+        importlib.import_module(f"{program.commands}.{name}").register(sub)
+    return parser
+
+
+def error_lines(prog: str, exc: BaseException) -> list[str]:
+    """What ``main`` prints for ``exc``: a line per config field, else one line."""
+    if isinstance(exc, settings.ConfigError):
+        return [f"{prog}: error: {settings.describe(e)}" for e in exc.errors]
+    return [f"{prog}: error: {exc}"]
+
+
+def main(program: Program, argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, run the verb, return its exit status (errors: their ``exit_code``)."""
+    args = build_parser(program).parse_args(argv)
+    try:
+        rc: int = args.func(args)
+    except program.error as exc:
+        sys.stderr.writelines(line + "\n" for line in error_lines(program.prog, exc))
+        return int(getattr(exc, "exit_code", 1))
+    except KeyboardInterrupt:
+        return 130
+    return rc

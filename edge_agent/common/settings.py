@@ -1,0 +1,149 @@
+"""Settings loading that the agent and the hub share: one way to read, layer and reject config.
+
+Each program declares its own typed settings (``edge_agent.config``, ``hub.config``); how they
+are built is the same for both and lives here. Sources, highest priority first: keyword
+overrides, the environment (a per-program prefix, nested keys joined by ``__``), the YAML (or
+JSON, a subset of YAML) file, field defaults. Unknown keys are rejected everywhere, so a typo
+never silently runs with a default. Every problem is reported at once, each as (field path,
+message, offending value), and a program exits 2 on them. Secrets (passwords, tokens) are read
+from files named in the config, never written in it, by ``read_secret``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+#: One config problem: (field path, message, offending value).
+FieldError = tuple[str, str, Any]
+
+
+class ConfigError(Exception):
+    """A config that cannot be used. ``errors`` holds (field path, message, offending value).
+
+    Each program's own ``ConfigError`` derives from this and from its error base, so the CLI
+    scaffold prints one line per field and exits 2.
+    """
+
+    exit_code = 2
+
+    def __init__(self, errors: list[FieldError]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(describe(e) for e in errors))
+
+
+def describe(error: FieldError) -> str:
+    """``field: message (got value)``, the one way a config error is shown."""
+    path, msg, value = error
+    return f"{path}: {msg} (got {value!r})"
+
+
+class Section(BaseModel):
+    """A settings section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class LogSettings(Section):
+    #: Minimum level of log lines. Default info: one line per event or burst, never per frame.
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    #: JSON lines (true), console (false), or by TTY (null, default).
+    json_lines: bool | None = None
+
+
+class ProgramSettings(BaseSettings):
+    """Base of a program's top-level settings; a subclass sets ``env_prefix``.
+
+    The file's content is passed in as init keyword arguments by ``load``, so the environment
+    must outrank them: the environment source comes first, then init; no dotenv, no secrets
+    folder (secrets are files named in the config).
+    """
+
+    model_config = SettingsConfigDict(
+        env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (env_settings, init_settings)
+
+
+_S = TypeVar("_S", bound=BaseSettings)
+
+
+def read_file(path: Path | str, error: type[ConfigError] = ConfigError) -> dict[str, Any]:
+    """The mapping in a YAML (or JSON) config file; ``error`` for an unreadable or bad file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise error([("(file)", f"cannot read config: {exc.strerror}", str(p))]) from exc
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise error([("(file)", f"not valid YAML: {exc}", str(p))]) from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise error([("(root)", "config must be a mapping", type(loaded).__name__)])
+    return loaded
+
+
+def field_errors(exc: ValidationError, prefix: str = "") -> list[FieldError]:
+    """pydantic's errors as (field path, message, value); ``prefix`` names the section."""
+    out: list[FieldError] = []
+    for err in exc.errors():
+        path = ".".join([*([prefix] if prefix else []), *(str(p) for p in err["loc"])])
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        out.append((path or "(root)", msg, err.get("input")))
+    return out
+
+
+def load(
+    cls: type[_S],
+    path: Path | str | None,
+    overrides: dict[str, Any],
+    error: type[ConfigError] = ConfigError,
+) -> _S:
+    """Build ``cls`` from an optional file, the environment and ``overrides``.
+
+    Raises ``error`` listing every problem as (field path, message, value).
+    """
+    data = read_file(path, error) if path is not None else {}
+    data.update(overrides)
+    try:
+        return cls(**data)
+    except ValidationError as exc:
+        raise error(field_errors(exc)) from exc
+    except ValueError as exc:  # a model-level check outside pydantic's error list
+        raise error([("(root)", str(exc), None)]) from exc
+
+
+def override(section: BaseModel, prefix: str, values: dict[str, Any],
+             error: type[ConfigError] = ConfigError) -> Any:
+    """``section`` with ``values`` applied and validated; ``error`` names ``prefix.field``."""
+    try:
+        return type(section).model_validate({**section.model_dump(), **values})
+    except ValidationError as exc:
+        raise error(field_errors(exc, prefix)) from exc
+
+
+def read_secret(path: Path | str) -> str:
+    """The secret held in a file (a mounted Secret): its text without trailing line breaks.
+
+    Blocking; raises ``OSError`` for the caller to turn into its own error naming the field.
+    Only line breaks are stripped: a password may end in a space, and a file written by
+    ``echo`` or an editor ends in a newline that is no part of it.
+    """
+    return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
