@@ -53,6 +53,7 @@ from hub.rollouts.model import RolloutSpec  # noqa: E402
 from hub.server.control import ControlPlane  # noqa: E402
 from tests.support.broker import Broker, free_port  # noqa: E402
 from tests.support.fake_k8s import FakeKube  # noqa: E402
+from tests.support.mqtt_recorder import listen  # noqa: E402
 
 MODEL = "det"
 CAM = "edge.ai/camera-node"
@@ -193,11 +194,8 @@ class LagProbe:
 
     def __init__(self, port: int, prefix: str) -> None:
         self.lags: list[float] = []
-        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"probe-{prefix}")
-        self.c.on_message = self.on_message
-        self.c.connect("127.0.0.1", port)
-        self.c.subscribe(f"{prefix}/+/telemetry", qos=0)
-        self.c.loop_start()
+        self.c = listen(port, f"{prefix}/+/telemetry", self.on_message, qos=0,
+                        client_id=f"probe-{prefix}")
 
     def on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         self.lags.append(time.time() - orjson.loads(msg.payload)["ts"])

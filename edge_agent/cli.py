@@ -1,8 +1,9 @@
 """``edge-agent``: the agent's command line.
 
-Each verb lives in its own module under ``edge_agent.commands`` with ``register(subparsers)``;
-the scaffold (``edge_agent.common.cli``) builds the parser and turns any ``AgentError`` into
-its exit code and one line on stderr (a line per field for a config error), never a traceback.
+Each verb lives in its own module under ``edge_agent.commands`` (its docstring, ``arguments``
+and ``run``); the scaffold (``edge_agent.common.cli``) builds the parser and turns any
+``AgentError`` into its exit code and one line on stderr (a line per field for a config error),
+never a traceback.
 """
 
 from __future__ import annotations

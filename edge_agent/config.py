@@ -27,7 +27,7 @@ from pydantic_settings import SettingsConfigDict
 
 from edge_agent.common import mqtt as common_mqtt
 from edge_agent.common import settings as common_settings
-from edge_agent.contract.protocol import DEFAULT_TOPIC_PREFIX, Name, is_valid_node
+from edge_agent.contract.protocol import DEFAULT_TOPIC_PREFIX, Name, Node
 from edge_agent.errors import AgentError
 
 
@@ -346,8 +346,7 @@ class AgentSettings(common_settings.ProgramSettings):
     model_config = SettingsConfigDict(env_prefix="EDGE_AGENT_")
 
     #: This node's name (topics, labels). Default: $NODE_NAME, else the host name.
-    node: str = Field(default_factory=_default_node)
-    log: common_settings.LogSettings = common_settings.LogSettings()
+    node: Node = Field(default_factory=_default_node)
     engine: EngineSettings = EngineSettings()
     models: list[ModelSpec] = Field([])
     cameras: list[CameraSettings] = Field([])
@@ -360,13 +359,6 @@ class AgentSettings(common_settings.ProgramSettings):
     #: Seconds SIGTERM waits for in-flight work and the outbox to drain before exiting. Default
     #: 20 s: below the pod's 30 s terminationGracePeriodSeconds, so we exit before SIGKILL.
     shutdown_timeout_s: float = Field(20.0, gt=0, le=600)
-
-    @field_validator("node")
-    @classmethod
-    def _node(cls, v: str) -> str:
-        if not is_valid_node(v):
-            raise ValueError("must be a lowercase DNS name (letters, digits, '-', '.')")
-        return v
 
     def model_post_init(self, __context: Any) -> None:
         names = [m.name for m in self.models]

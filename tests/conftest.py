@@ -46,15 +46,6 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 
 
 @pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[Broker]:
-    """A broker of the test's own, for tests that kill and restart it."""
-    b = Broker(tmp_path)
-    b.start()
-    yield b
-    b.stop()
-
-
-@pytest.fixture
 def topic_prefix() -> str:
     """A topic prefix unique to the test, so tests sharing a broker never see each other."""
     return f"t{uuid.uuid4().hex[:10]}"

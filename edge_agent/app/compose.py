@@ -17,6 +17,7 @@ import collections
 import concurrent.futures
 import gc
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,10 +36,13 @@ from edge_agent.streaming.pipeline import Pipeline
 from edge_agent.streaming.sinks import JsonLinesSink, ResultSink
 from edge_agent.streaming.slots import ModelSlot, ServingModel
 
-if TYPE_CHECKING:  # heavy (onnxruntime, the cache): imported where they are first built
+if TYPE_CHECKING:  # heavy (onnxruntime, the cache, paho): imported where they are first built
     from edge_agent.app.reload import ConfigReloader
     from edge_agent.inference.engine import InferOutput
     from edge_agent.modelsync.sync import ModelSync
+    from edge_agent.outbox.facade import Outbox
+    from edge_agent.transport.drain import Drain
+    from edge_agent.transport.link import MqttLink
 
 log = structlog.get_logger(__name__)
 
@@ -157,10 +161,7 @@ class Agent:
             self.sink = await self._open_sink()
         self.pipeline = Pipeline(
             node=s.node, cameras=s.cameras, slots=self.slots, sink=self.sink,
-            metrics=self.metrics, workers=workers, batch_limits=limits,
-            max_pending_results=s.pipeline.max_pending_results,
-            ready_frame_age_s=s.pipeline.ready_frame_age_s,
-            stuck_after_s=s.pipeline.stuck_after_s,
+            metrics=self.metrics, workers=workers, batch_limits=limits, settings=s.pipeline,
         )
         await self.pipeline.start()
         sup = self.supervisor
@@ -330,14 +331,14 @@ class Agent:
                                     output=out.output)
 
 
+@dataclass
 class MqttParts:
     """The durable outbox, the MQTT link, the outbox drain and telemetry, wired together."""
 
-    def __init__(self, settings: AgentSettings, outbox: Any, link: Any, drain: Any) -> None:
-        self.settings = settings
-        self.outbox = outbox
-        self.link = link
-        self.drain = drain
+    settings: AgentSettings
+    outbox: Outbox
+    link: MqttLink
+    drain: Drain
 
     @classmethod
     async def open(cls, settings: AgentSettings, metrics: AgentMetrics) -> MqttParts:

@@ -1,14 +1,13 @@
-"""``edge-agent batch``: run a model over a folder of images or a video file, once.
+"""run a model over a folder of images or a video file, write JSON lines
 
-The mode the batch CronJob uses: no cameras, broker or hub. Frames are decoded in the main
-thread while a small pool of worker threads runs inference (one ``session.run`` each, like the
-agent's workers), and results are written in input order to a JSON-lines file through the
-same ``JsonLinesSink`` the agent uses, in the results wire format (built by
-``contract.results``, like the agent's) plus a ``source`` field (``{"path": ..., "frame":
-N}``). A progress bar shows on a TTY (rich, on stderr).
+Run MODEL over every image of a folder (sorted by name) or every frame of a video file, and write
+one result per image or frame to OUTPUT in input order (JSON lines, the results wire format plus
+a 'source' field: {"path": ..., "frame": N}). MODEL is a model folder, a manifest.json or an
+.onnx with manifest.json beside it. This is the mode the batch CronJob uses: no cameras, broker
+or hub. A progress bar shows on a terminal.
 
 Exit status: 0 when every input succeeded, 1 when the model or some input failed (one line on
-stderr per failed image, the others still run), 2 for a bad config.
+stderr per failed input, the others still run), 2 for a bad config.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edge_agent.common import cli
 from edge_agent.contract import results
 from edge_agent.contract.protocol import is_valid_name
 from edge_agent.errors import InputError, ModelError
@@ -36,28 +34,19 @@ if TYPE_CHECKING:
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
-def register(sub: Any) -> None:
-    """Add the ``batch`` verb."""
-    p = cli.add_verb(
-        sub, "batch", run,
-        help="run a model over a folder of images or a video file, write JSON lines",
-        description="Run MODEL over every image of a folder (sorted by name) or every frame "
-        "of a video file, and write one result per image or frame to OUTPUT (JSON lines, the "
-        "results wire format plus a 'source' field). MODEL is a model folder, a manifest.json "
-        "or an .onnx with manifest.json beside it. Exit 0 when everything succeeded, 1 when "
-        "the model or some input failed, 2 for a bad config.",
-    )
-    p.add_argument("--model", required=True, metavar="MODEL", help="model folder or manifest")
-    p.add_argument("--input", required=True, metavar="PATH", help="image folder or video file")
-    p.add_argument("--output", required=True, metavar="FILE.jsonl", help="results file "
-                   "(replaced)")
-    p.add_argument("--config", metavar="FILE", help="agent config YAML (engine section, node)")
-    p.add_argument("--camera", default="batch", help="camera name in the results "
-                   "(default: batch)")
-    p.add_argument("--workers", type=int, default=0, help="inference threads (default: the "
-                   "config's pipeline.workers, else one per CPU)")
-    p.add_argument("--log-level", default="warning",
-                   choices=["debug", "info", "warning", "error"])
+def arguments(parser: argparse.ArgumentParser) -> None:
+    """Model, input, output, and the config and workers to run with."""
+    parser.add_argument("--model", required=True, metavar="MODEL", help="model folder or manifest")
+    parser.add_argument("--input", required=True, metavar="PATH", help="image folder or video file")
+    parser.add_argument("--output", required=True, metavar="FILE.jsonl", help="results file "
+                        "(replaced)")
+    parser.add_argument("--config", metavar="FILE", help="agent config YAML (engine section, node)")
+    parser.add_argument("--camera", default="batch", help="camera name in the results "
+                        "(default: batch)")
+    parser.add_argument("--workers", type=int, default=0, help="inference threads (default: the "
+                        "config's pipeline.workers, else one per CPU)")
+    parser.add_argument("--log-level", default="warning",
+                        choices=["debug", "info", "warning", "error"])
 
 
 def _images(folder: Path) -> list[Path]:
@@ -193,7 +182,12 @@ def _list_inputs(src: Path) -> tuple[list[Path] | None, int | None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the batch; return the exit status."""
+    """Run the batch; return the exit status.
+
+    Frames are decoded in this thread while a small pool of worker threads runs inference (one
+    ``session.run`` each, like the agent's workers); results go through the same
+    ``JsonLinesSink`` the agent uses, built by ``contract.results`` like the agent's.
+    """
     import cv2  # noqa: PLC0415
 
     from edge_agent.commands.infer import _quiet_logging, read_image, resolve_manifest  # noqa: PLC0415

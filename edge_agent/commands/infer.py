@@ -1,10 +1,19 @@
-"""``edge-agent infer``: run one model on image files and print one JSON object per image.
+"""run a model on image files, print one JSON object per image
 
-The quickest way to see a model work on this node (or to check a new version by hand): no
-camera, broker or hub involved. Results go to stdout as JSON lines; errors and logs go to
-stderr, so ``edge-agent infer ... | jq`` stays clean. A bad image is reported on one line and
-the others still run; the exit status is 1 if any image failed. A bad model or config stops
-before any image (exit 1, or 2 for a config error).
+Run a model on image files and print one JSON object per image on stdout: image path, model name
+and version, provider, frame size, per-stage latency (ms), and the task's output ("classes" with
+id/label/score, or "detections" with cls/label/score and a normalized xyxy box in [0, 1] of the
+image). The quickest way to see a model work on this node, or to check a new version by hand: no
+camera, broker or hub involved. Errors and logs go to stderr, so 'edge-agent infer ... | jq'
+stays clean.
+
+MODEL is a model folder (holding manifest.json), a manifest file, or an .onnx file with
+manifest.json beside it. Engine settings (providers, threads) come from --config and
+EDGE_AGENT_ENGINE__* variables like the agent's; --providers overrides them.
+
+Exit status: 0 when every image succeeded, 1 when a model or an image failed (one line on stderr
+each, no traceback; a bad image stops only itself, a bad model stops before any image), 2 for a
+bad config.
 """
 
 from __future__ import annotations
@@ -24,39 +33,19 @@ from edge_agent.errors import InputError, ModelError
 #: Largest image file read, bytes: a guard against pointing the command at a disk image.
 MAX_IMAGE_BYTES = 256 * 1024 * 1024
 
-_DESCRIPTION = """\
-Run a model on image files and print one JSON object per image on stdout:
-image path, model name and version, provider, frame size, per-stage latency (ms), and the
-task's output ("classes" with id/label/score, or "detections" with cls/label/score and a
-normalized xyxy box in [0, 1] of the image).
 
-MODEL is a model folder (holding manifest.json), a manifest file, or an .onnx file with
-manifest.json beside it. Engine settings (providers, threads) come from --config and
-EDGE_AGENT_ENGINE__* variables like the agent's; --providers overrides them.
-
-Exit status: 0 when every image succeeded, 1 when a model or an image failed (one line on
-stderr each, no traceback), 2 for a bad config.
-"""
-
-
-def register(sub: Any) -> None:
-    """Add the ``infer`` verb."""
-    p = sub.add_parser(
-        "infer",
-        help="run a model on image files, print one JSON object per image",
-        description=_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--model", required=True, metavar="MODEL",
-                   help="model folder, manifest.json, or .onnx with manifest.json beside it")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
-    p.add_argument("--config", metavar="FILE", help="agent config YAML (its engine section)")
-    p.add_argument("--providers", metavar="LIST",
-                   help="comma-separated providers to allow, e.g. 'cpu' or 'tensorrt,cuda,cpu'")
-    p.add_argument("--log-level", default="warning",
-                   choices=["debug", "info", "warning", "error"],
-                   help="log level on stderr (default: warning)")
-    p.set_defaults(func=run)
+def arguments(parser: argparse.ArgumentParser) -> None:
+    """Model, images, and the config and providers to run with."""
+    parser.add_argument("--model", required=True, metavar="MODEL",
+                        help="model folder, manifest.json, or .onnx with manifest.json beside it")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    parser.add_argument("--config", metavar="FILE", help="agent config YAML (its engine section)")
+    parser.add_argument("--providers", metavar="LIST",
+                        help="comma-separated providers to allow, e.g. 'cpu' or "
+                        "'tensorrt,cuda,cpu'")
+    parser.add_argument("--log-level", default="warning",
+                        choices=["debug", "info", "warning", "error"],
+                        help="log level on stderr (default: warning)")
 
 
 def resolve_manifest(model: str) -> Path:

@@ -1,8 +1,9 @@
-"""``edge-agent run --config FILE``: run the agent until SIGTERM.
+"""run the agent: cameras -> inference -> results (until SIGTERM)
 
-A bad config prints every error as ``field: message (got value)`` and exits 2 before anything
-starts; a model that cannot load exits 1 with one line; SIGTERM drains within
-``shutdown_timeout_s`` and exits 0; a root task that dies exits 1 so Kubernetes restarts the pod.
+Run the agent with a YAML config (EDGE_AGENT_* environment variables override it). A bad config
+prints every error as 'field: message (got value)' and exits 2 before anything starts; a model
+that cannot load exits 1 with one line; SIGTERM or SIGINT drains in-flight work within
+shutdown_timeout_s and exits 0; a root task that dies exits 1, so Kubernetes restarts the pod.
 """
 
 from __future__ import annotations
@@ -10,23 +11,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 from pathlib import Path
-from typing import Any
 
 from edge_agent import config
-from edge_agent.common import cli
 
 
-def register(sub: Any) -> None:
-    """Add the ``run`` verb."""
-    p = cli.add_verb(
-        sub, "run", run,
-        help="run the agent: cameras -> inference -> results (until SIGTERM)",
-        description="Run the agent with a YAML config (EDGE_AGENT_* environment variables "
-        "override it). Exits 0 after a graceful SIGTERM/SIGINT, 1 when a model cannot load or "
-        "a root task dies, 2 for a bad config.",
-    )
-    p.add_argument("--config", "-c", default=None,
-                   help="path to the agent's YAML config (default: environment only)")
+def arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config``."""
+    parser.add_argument("--config", "-c", default=None,
+                        help="path to the agent's YAML config (default: environment only)")
 
 
 def run(args: argparse.Namespace) -> int:

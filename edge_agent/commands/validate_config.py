@@ -1,24 +1,20 @@
-"""``edge-agent validate-config FILE``: check a config without starting anything."""
+"""check a config file (and EDGE_AGENT_* env) and print every error
+
+Validate a config file together with EDGE_AGENT_* environment variables, without starting
+anything. Prints each error as 'field: message (got value)' and exits 2; prints 'ok' and exits 0
+when the config is usable.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from edge_agent import config
-from edge_agent.common import cli
 
 
-def register(sub: Any) -> None:
-    """Add the ``validate-config`` verb."""
-    p = cli.add_verb(
-        sub, "validate-config", run,
-        help="check a config file (and EDGE_AGENT_* env) and print every error",
-        description="Validate a config file together with EDGE_AGENT_* environment variables. "
-        "Prints each error as 'field: message (got value)' and exits 2; prints 'ok' and exits 0 "
-        "when the config is usable.",
-    )
-    p.add_argument("config", help="path to the agent's YAML config file")
+def arguments(parser: argparse.ArgumentParser) -> None:
+    """The config file to check."""
+    parser.add_argument("config", help="path to the agent's YAML config file")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,21 +1,26 @@
 """The command-line scaffold that ``edge-agent`` and ``edge-hub`` share.
 
-A program is a name, a version, a package of verb modules and its error base class. Each verb
-module has ``register(subparsers)``, which adds its parser (``add_verb``) with ``func`` to run;
-modules are imported when the parser is built, and keep heavy imports (onnxruntime, OpenCV,
-aiohttp) inside the verb, so ``--help`` stays fast. ``main`` runs the chosen verb and turns an
-error the program raised on purpose into its exit code and ``PROG: error: ...`` lines on stderr,
-never a traceback: one line per field for a config error (``settings.ConfigError``: ``field:
-message (got value)``), one line for any other.
+A program is a name, a version, a package of verb modules and its error base class. A verb
+module is the verb: its name (``validate_config`` is ``validate-config``), its docstring (the
+first line is the one-line help in the verb list, the rest the description ``--help`` shows),
+``arguments(parser)`` adding its options, and ``run(args)`` returning the exit status. A module
+may instead build its parser itself with ``register(subparsers)`` (``add_verb``; ``add_group``
+for a verb made of actions). Modules are imported when the parser is built, and keep heavy
+imports (onnxruntime, OpenCV, aiohttp) inside the verb, so ``--help`` stays fast. ``main`` runs
+the chosen verb and turns an error the program raised on purpose into its exit code and
+``PROG: error: ...`` lines on stderr, never a traceback: one line per field for a config error
+(``settings.ConfigError``: ``field: message (got value)``), one line for any other.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 from edge_agent.common import settings
@@ -41,23 +46,53 @@ class Program:
 
 
 def add_verb(sub: Any, name: str, func: VerbFunc | None, *, help: str,
-             description: str) -> argparse.ArgumentParser:
+             description: str | None = None) -> argparse.ArgumentParser:
     """Add verb ``name`` to ``sub`` (a ``register`` argument); ``func`` runs it (None: the
-    verb has actions of its own, each with its ``func``)."""
+    verb has actions of its own, each with its ``func``). ``help`` is its line in the
+    program's ``--help``; ``description`` heads its own (default: ``func``'s docstring)."""
+    if description is None and func is not None:
+        description = inspect.getdoc(func)
     parser: argparse.ArgumentParser = sub.add_parser(name, help=help, description=description)
     if func is not None:
         parser.set_defaults(func=func)
     return parser
 
 
+def add_group(sub: Any, name: str, *, help: str, description: str) -> Any:
+    """Add verb ``name`` made of actions (``edge-hub models push``); add each action to the
+    returned subparsers with ``add_verb``."""
+    parser = add_verb(sub, name, None, help=help, description=description)
+    return parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+
+class _Paragraphs(argparse.HelpFormatter):
+    """Wraps each paragraph of a description to the terminal, keeping the breaks between them."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        fill = super()._fill_text
+        return "\n\n".join(fill(p, width, indent) for p in text.split("\n\n"))
+
+
+def _add_module_verb(sub: Any, name: str, module: ModuleType) -> None:
+    if hasattr(module, "register"):  # it builds its parser itself
+        module.register(sub)
+        return
+    summary, _, description = inspect.cleandoc(module.__doc__ or name).partition("\n")
+    parser = add_verb(sub, name.replace("_", "-"), getattr(module, "run", None), help=summary,
+                      description=description.strip() or summary)
+    parser.formatter_class = _Paragraphs
+    if hasattr(module, "arguments"):
+        module.arguments(parser)
+
+
 def build_parser(program: Program) -> argparse.ArgumentParser:
-    """The argument parser with every verb registered."""
+    """The argument parser with every verb added."""
     parser = argparse.ArgumentParser(prog=program.prog, description=program.description)
     parser.add_argument("--version", action="version",
                         version=f"{program.prog} {program.version}")
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
     for name in program.verbs:
-        importlib.import_module(f"{program.commands}.{name}").register(sub)
+        _add_module_verb(sub, name, importlib.import_module(f"{program.commands}.{name}"))
     return parser
 
 

@@ -49,6 +49,8 @@ class Section(BaseModel):
 
 
 class LogSettings(Section):
+    """How the program logs: the least level written, and JSON lines or console lines."""
+
     #: Minimum level of log lines. Default info: one line per event or burst, never per frame.
     level: Literal["debug", "info", "warning", "error"] = "info"
     #: JSON lines (true), console (false), or by TTY (null, default).
@@ -56,7 +58,8 @@ class LogSettings(Section):
 
 
 class ProgramSettings(BaseSettings):
-    """Base of a program's top-level settings; a subclass sets ``env_prefix``.
+    """Base of a program's top-level settings; a subclass sets ``env_prefix`` and adds its
+    sections to the one every program has, ``log``.
 
     The file's content is passed in as init keyword arguments by ``load``, so the environment
     must outrank them: the environment source comes first, then init; no dotenv, no secrets
@@ -66,6 +69,8 @@ class ProgramSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_nested_delimiter="__", extra="forbid", validate_default=True
     )
+
+    log: LogSettings = LogSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -14,7 +14,6 @@ hand-written manifest is an error, not a silently ignored setting; NaN and infin
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from edge_agent.contract import tasks
-from edge_agent.contract.protocol import SHA256_PATTERN, Name, Version
+from edge_agent.contract.protocol import Name, Sha256, Version
 from edge_agent.contract.rejection import Reason, Rejection
 
 #: Manifest format this code reads and writes.
@@ -30,9 +29,10 @@ MANIFEST_FORMAT: Literal[1] = 1
 
 #: The file name ``models/build.py`` and ``models/generate.py`` give every manifest.
 MANIFEST_NAME = "manifest.json"
-#: Names the model file may not take: the agent keeps these files beside it (the manifest, and
-#: its model cache's bookkeeping entry).
-RESERVED_FILE_NAMES = frozenset({MANIFEST_NAME, "entry.json"})
+#: The agent's model cache keeps its bookkeeping for a version in this file beside the manifest.
+CACHE_ENTRY_NAME = "entry.json"
+#: Names the model file may not take: the agent keeps these files beside it.
+RESERVED_FILE_NAMES = frozenset({MANIFEST_NAME, CACHE_ENTRY_NAME})
 #: Largest input width or height, pixels. A frame is letterboxed to this size in memory for every
 #: inference; 8192² x 3 float32 is 800 MB already.
 MAX_SIDE = 8192
@@ -100,7 +100,7 @@ class ModelManifest(_Strict):
     #: ONNX file name, relative to the manifest's folder.
     file: str
     #: sha256 of the ONNX file, lowercase hex.
-    sha256: str
+    sha256: Sha256
     input: InputSpec
     labels: list[str] = Field(default_factory=list)
     outputs: list[OutputSpec]
@@ -110,13 +110,6 @@ class ModelManifest(_Strict):
     #: Where the weights come from and their licence (informational).
     source: str = ""
     license: str = ""
-
-    @field_validator("sha256")
-    @classmethod
-    def _sha(cls, v: str) -> str:
-        if not re.match(SHA256_PATTERN, v):
-            raise ValueError("must be 64 lowercase hex digits")
-        return v
 
     @field_validator("file")
     @classmethod

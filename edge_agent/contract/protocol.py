@@ -12,6 +12,7 @@ add fields) but reject a payload whose known fields are missing or of the wrong 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
@@ -31,6 +32,7 @@ VERSION_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 _NAME_RE = re.compile(NAME_PATTERN)
 _VERSION_RE = re.compile(VERSION_PATTERN)
+_SHA256_RE = re.compile(SHA256_PATTERN)
 #: Node names in Kubernetes may contain dots (FQDNs); topics use them as they are.
 NODE_PATTERN = r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$"
 _NODE_RE = re.compile(NODE_PATTERN)
@@ -55,22 +57,34 @@ def is_valid_node(node: str) -> bool:
     return bool(_NODE_RE.match(node)) and ".." not in node
 
 
-def _check_name(v: str) -> str:
-    if not is_valid_name(v):
-        raise ValueError("must be lowercase letters, digits and '-' (max 63)")
-    return v
+def is_valid_sha256(digest: str) -> bool:
+    """True when ``digest`` is a sha256 as the contract writes it (64 lowercase hex digits)."""
+    return bool(_SHA256_RE.match(digest))
 
 
-def _check_version(v: str) -> str:
-    if not is_valid_version(v):
-        raise ValueError("must be letters, digits, '.', '_' or '-' (max 63, no '..')")
-    return v
+def _rule(valid: Callable[[str], bool], message: str) -> AfterValidator:
+    """A pydantic validator that refuses a string ``valid`` rejects, saying ``message``."""
+
+    def check(v: str) -> str:
+        if not valid(v):
+            raise ValueError(message)
+        return v
+
+    return AfterValidator(check)
 
 
 #: A camera or model name field for pydantic models (validated by NAME_PATTERN).
-Name = Annotated[str, AfterValidator(_check_name)]
+Name = Annotated[str, _rule(is_valid_name, "must be lowercase letters, digits and '-' (max 63)")]
 #: A model version field for pydantic models (validated by VERSION_PATTERN, no ``..``).
-Version = Annotated[str, AfterValidator(_check_version)]
+Version = Annotated[
+    str, _rule(is_valid_version, "must be letters, digits, '.', '_' or '-' (max 63, no '..')")
+]
+#: A node name field for pydantic models (validated by NODE_PATTERN, no ``..``).
+Node = Annotated[
+    str, _rule(is_valid_node, "must be a lowercase DNS name (letters, digits, '-', '.')")
+]
+#: A sha256 field for pydantic models (validated by SHA256_PATTERN).
+Sha256 = Annotated[str, _rule(is_valid_sha256, "must be 64 lowercase hex digits")]
 
 
 # --------------------------------------------------------------------------------------- topics
@@ -154,6 +168,8 @@ class _Msg(BaseModel):
 
 
 class ModelRef(_Msg):
+    """The model version that produced a result."""
+
     name: str
     version: str
 
@@ -180,12 +196,16 @@ class Detection(_Msg):
 
 
 class ClassScore(_Msg):
+    """One class of a classification result, best first in ``classes``."""
+
     id: int
     label: str
     score: float
 
 
 class FrameSize(_Msg):
+    """The original frame's size in pixels (boxes are normalized to it)."""
+
     width: int
     height: int
 
@@ -208,12 +228,16 @@ class ResultMessage(_Msg):
 
 
 class LatencySummary(_Msg):
+    """Latency percentiles over a telemetry window, milliseconds."""
+
     p50: float = 0.0
     p95: float = 0.0
     p99: float = 0.0
 
 
 class ModelTelemetry(_Msg):
+    """One model version's health over the telemetry window."""
+
     name: str
     version: str
     #: Counters since the previous telemetry message (a window, not totals).
@@ -224,6 +248,8 @@ class ModelTelemetry(_Msg):
 
 
 class CameraTelemetry(_Msg):
+    """One camera's health over the telemetry window."""
+
     camera: str
     connected: bool
     fps: float = 0.0
@@ -232,6 +258,8 @@ class CameraTelemetry(_Msg):
 
 
 class OutboxTelemetry(_Msg):
+    """The outbox now: queued results, their bytes and age, and drops by reason (totals)."""
+
     depth: int = 0
     bytes: int = 0
     oldest_age_s: float = 0.0
@@ -256,6 +284,8 @@ ModelStatus = Literal["loading", "active", "failed"]
 
 
 class ModelState(_Msg):
+    """One model on a node: what serves, and what is loading or failed."""
+
     name: str
     #: The version now serving frames (None before any version was ever active).
     version: str | None = None
@@ -279,20 +309,15 @@ class StateMessage(_Msg):
 
 
 class DesiredModel(_Msg):
+    """The version of one model the hub wants a node to serve, and where to fetch it."""
+
     version: Version
-    sha256: str
+    sha256: Sha256
     #: Artifact URL (the hub's download endpoint). The manifest is at ``manifest_url``.
     url: str
     manifest_url: str
     #: Optional base64 ed25519 signature over ``signing_payload(manifest_sha256, sha256)``.
     signature: str | None = None
-
-    @field_validator("sha256")
-    @classmethod
-    def _sha(cls, v: str) -> str:
-        if not re.match(SHA256_PATTERN, v):
-            raise ValueError("sha256 must be 64 lowercase hex digits")
-        return v
 
 
 class DesiredMessage(_Msg):

@@ -78,9 +78,16 @@ class LoadedModel:
         self.concurrency = concurrency
         self._session: ort.InferenceSession | None = session
         self._input_name = manifest.input.name
-        self._output_names = [o.name for o in manifest.outputs]
+        #: What each run fetches: the manifest's outputs, in the manifest's order.
+        self._fetch = [o.name for o in manifest.outputs]
         self._pre = Preprocessor(manifest.input)
         self._post = get_unit(manifest.task)(manifest)
+
+    @property
+    def output_names(self) -> list[str]:
+        """The graph's output names, in the graph's order (empty once closed)."""
+        session = self._session
+        return [o.name for o in session.get_outputs()] if session is not None else []
 
     # ---------------------------------------------------------------------------- loading
 
@@ -165,7 +172,7 @@ class LoadedModel:
         b = batch_tensor.shape[0]
         try:
             if n is None or b == n:
-                return list(session.run(self._output_names, {self._input_name: batch_tensor}))
+                return list(session.run(self._fetch, {self._input_name: batch_tensor}))
             parts: list[list[np.ndarray]] = []
             for start in range(0, b, n):
                 chunk = batch_tensor[start : start + n]
@@ -173,7 +180,7 @@ class LoadedModel:
                 if real < n:
                     pad = np.zeros((n - real, *chunk.shape[1:]), dtype=chunk.dtype)
                     chunk = np.concatenate([chunk, pad])
-                outs = session.run(self._output_names, {self._input_name: chunk})
+                outs = session.run(self._fetch, {self._input_name: chunk})
                 parts.append([o[:real] for o in outs])
             return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
         except Exception as exc:  # onnxruntime's own types; a bad frame shape among them

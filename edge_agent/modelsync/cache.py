@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from edge_agent.common import settings as common_settings
 from edge_agent.config import HubClientSettings
+from edge_agent.contract import manifest as manifests
 from edge_agent.contract.protocol import (
     DesiredModel,
     is_valid_name,
@@ -48,12 +49,12 @@ from edge_agent.contract.protocol import (
     signing_payload,
 )
 from edge_agent.errors import ModelError, ModelRejectedError
-from edge_agent.modelsync.fetch import Fetcher, FetchPolicy, FetchStats
+from edge_agent.modelsync.fetch import Fetcher, FetchStats
 
 log = structlog.get_logger(__name__)
 
-MANIFEST_NAME = "manifest.json"
-ENTRY_NAME = "entry.json"
+MANIFEST_NAME = manifests.MANIFEST_NAME
+ENTRY_NAME = manifests.CACHE_ENTRY_NAME
 STATE_NAME = "sync-state.json"
 PARTIAL_DIR = ".partial"
 #: Largest manifest accepted (they are a few KB; labels of a 1000-class model ~30 KB).
@@ -104,9 +105,8 @@ def verify_signature(
 def _manifest_file_name(manifest: dict[str, Any], name: str, version: str, sha256: str) -> str:
     """The artifact's file name from a manifest, after checking it describes this artifact."""
     fname = manifest.get("file")
-    if not isinstance(fname, str) or not fname or "/" in fname or "\\" in fname or fname in (
-        ".", "..", MANIFEST_NAME, ENTRY_NAME,
-    ):
+    if (not isinstance(fname, str) or not fname or "/" in fname or "\\" in fname
+            or fname in (".", "..") or fname in manifests.RESERVED_FILE_NAMES):
         raise ModelRejectedError(f"manifest names an unusable file {fname!r}", sha256)
     if manifest.get("sha256") != sha256:
         raise ModelRejectedError("manifest sha256 differs from the desired sha256", sha256)
@@ -241,17 +241,7 @@ class ModelCache:
                 token = common_settings.read_secret(s.token_file) or None
             except OSError as exc:
                 raise ModelError(f"cannot read hub.token_file {s.token_file}: {exc}") from exc
-        return Fetcher(
-            FetchPolicy(
-                total_timeout_s=s.download_timeout_s,
-                stall_timeout_s=s.stall_timeout_s,
-                retries=s.download_retries,
-                retry_min_s=s.retry_min_s,
-                retry_max_s=s.retry_max_s,
-                max_bytes=s.cache_max_bytes,
-                token=token,
-            )
-        )
+        return Fetcher(s, token=token)
 
     async def fetch(
         self,

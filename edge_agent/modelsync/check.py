@@ -15,12 +15,14 @@ import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import structlog
 
 from edge_agent.config import EngineSettings, ModelSyncSettings
+from edge_agent.contract import graph
+from edge_agent.contract.rejection import Rejection
 from edge_agent.errors import ModelError, ModelRejectedError
 
 if TYPE_CHECKING:  # the engine (onnxruntime) is imported only when a version loads
@@ -29,43 +31,26 @@ if TYPE_CHECKING:  # the engine (onnxruntime) is imported only when a version lo
 log = structlog.get_logger(__name__)
 
 
-def _dims_match(spec: Sequence[int | str], shape: Sequence[int]) -> bool:
-    # a string dimension is symbolic (any size); an integer must match exactly
-    if len(spec) != len(shape):
-        return False
-    return all(isinstance(s, str) or int(s) == int(d) for s, d in zip(spec, shape, strict=True))
-
-
-def _output_names(model: Any) -> list[str] | None:
-    names = getattr(model, "output_names", None)
-    if names is None:
-        session = getattr(model, "session", None) or getattr(model, "_session", None)
-        if session is not None and hasattr(session, "get_outputs"):
-            names = [o.name for o in session.get_outputs()]
-    return list(names) if names is not None else None
-
-
 def check_outputs(model: LoadedModel, outputs: Sequence[np.ndarray]) -> None:
-    """Outputs must be what the manifest says (names, count, shapes) and finite."""
+    """Outputs must be what the manifest says (names, count, shapes, what the task reads; the
+    contract's ``graph.check_output_arrays``) and finite."""
     specs = model.manifest.outputs
-    sha = getattr(model, "sha256", None)
+    sha = model.sha256
     if len(outputs) != len(specs):
         raise ModelRejectedError(
             f"validation: model returned {len(outputs)} outputs, manifest says {len(specs)}", sha
         )
-    names = _output_names(model)
-    if names is not None and [s.name for s in specs] != names[: len(specs)]:
+    names = model.output_names
+    if [s.name for s in specs] != names[: len(specs)]:
         raise ModelRejectedError(
             f"validation: output names {names} differ from the manifest's "
             f"{[s.name for s in specs]}", sha,
         )
+    try:
+        graph.check_output_arrays(model.manifest, [np.shape(out) for out in outputs])
+    except Rejection as exc:
+        raise ModelRejectedError(f"validation: {exc.message}", sha, rejection=exc) from exc
     for spec, out in zip(specs, outputs, strict=True):
-        shape = tuple(int(d) for d in np.shape(out))
-        if not _dims_match(spec.shape, shape):
-            raise ModelRejectedError(
-                f"validation: output {spec.name} has shape {list(shape)}, manifest says "
-                f"{list(spec.shape)}", sha,
-            )
         arr = np.asarray(out)
         if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
             raise ModelRejectedError(f"validation: output {spec.name} contains NaN or Inf", sha)
@@ -74,7 +59,7 @@ def check_outputs(model: LoadedModel, outputs: Sequence[np.ndarray]) -> None:
 def validate(model: LoadedModel, settings: ModelSyncSettings) -> float:
     """Run the validation inferences; return the median latency (ms) or raise."""
     spec = model.manifest.input
-    sha = getattr(model, "sha256", None)
+    sha = model.sha256
     rng = np.random.default_rng(0)
     # a non-square frame of another size than the input exercises resize/letterbox too
     frame = rng.integers(0, 256, (spec.height * 3 // 4 + 1, spec.width + 7, 3), dtype=np.uint8)
@@ -135,5 +120,5 @@ def load_checked(
         raise
     log.info("model_validated", name=model.name, version=model.version,
              load_ms=round((time.perf_counter() - t0) * 1000.0, 1),
-             median_ms=round(median, 2), providers=list(getattr(model, "providers", [])))
+             median_ms=round(median, 2), providers=model.providers)
     return model

@@ -20,13 +20,16 @@ import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 import structlog
 
 from edge_agent.common import backoff
 from edge_agent.errors import ModelError, TemporaryError
+
+if TYPE_CHECKING:
+    from edge_agent.config import HubClientSettings
 
 log = structlog.get_logger(__name__)
 
@@ -39,19 +42,6 @@ _BODY_QUOTE = 200
 
 Sleep = Callable[[float], Awaitable[None]]
 _T = TypeVar("_T")
-
-
-@dataclass
-class FetchPolicy:
-    """Limits of one fetch; built from ``HubClientSettings``."""
-
-    total_timeout_s: float = 600.0
-    stall_timeout_s: float = 30.0
-    retries: int = 5
-    retry_min_s: float = 0.5
-    retry_max_s: float = 30.0
-    max_bytes: int = 2 * 1024**3
-    token: str | None = None
 
 
 @dataclass
@@ -74,31 +64,32 @@ class _RetryError(Exception):
 class Fetcher:
     """Fetches manifests (small, in memory) and artifacts (streamed to disk) over HTTP.
 
-    ``sleep`` and ``rng`` are injectable so the backoff is tested without wall-clock waits.
+    Its limits are the ``hub`` settings' (timeouts, retries, backoff bounds; an artifact may be
+    as large as the cache). ``sleep`` and ``rng`` are injectable so the backoff is tested without
+    wall-clock waits.
     """
 
     def __init__(
         self,
-        policy: FetchPolicy,
+        settings: HubClientSettings,
         *,
+        token: str | None = None,
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
     ) -> None:
-        self.policy = policy
+        self.settings = settings
+        self._token = token
         self._sleep = sleep
         self._rng = rng or random.Random()
 
     def _headers(self) -> dict[str, str]:
-        if self.policy.token:
-            return {"Authorization": f"Bearer {self.policy.token}"}
+        if self._token:
+            return {"Authorization": f"Bearer {self._token}"}
         return {}
 
     def _session(self) -> aiohttp.ClientSession:
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=self.policy.stall_timeout_s,
-            sock_read=self.policy.stall_timeout_s,
-        )
+        stall = self.settings.stall_timeout_s
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=stall, sock_read=stall)
         return aiohttp.ClientSession(timeout=timeout, headers=self._headers())
 
     async def fetch_bytes(self, url: str, max_bytes: int = 1024 * 1024) -> bytes:
@@ -140,13 +131,15 @@ class Fetcher:
         attempt: Callable[[aiohttp.ClientSession], Awaitable[_T]],
         stats: FetchStats,
     ) -> _T:
+        s = self.settings
+
         async def loop() -> _T:
             async with self._session() as session:
                 last = ""
-                for n in range(self.policy.retries + 1):
+                for n in range(s.download_retries + 1):
                     if n:
-                        delay = backoff.delay(n - 1, self.policy.retry_min_s,
-                                              self.policy.retry_max_s, self._rng.random)
+                        delay = backoff.delay(n - 1, s.retry_min_s, s.retry_max_s,
+                                              self._rng.random)
                         stats.waits.append(delay)
                         log.info("model_fetch_retry", url=url, attempt=n, wait_s=round(delay, 3),
                                  reason=last)
@@ -165,11 +158,9 @@ class Fetcher:
                 )
 
         try:
-            return await asyncio.wait_for(loop(), self.policy.total_timeout_s)
+            return await asyncio.wait_for(loop(), s.download_timeout_s)
         except asyncio.TimeoutError as exc:
-            raise TemporaryError(
-                f"{url}: not fetched within {self.policy.total_timeout_s:g} s"
-            ) from exc
+            raise TemporaryError(f"{url}: not fetched within {s.download_timeout_s:g} s") from exc
 
     async def _attempt_file(
         self, session: aiohttp.ClientSession, url: str, part: Path, stats: FetchStats
@@ -189,10 +180,10 @@ class Fetcher:
             start = have if resuming else 0
             length = resp.content_length
             expected_total = start + length if length is not None else None
-            if expected_total is not None and expected_total > self.policy.max_bytes:
+            limit = self.settings.cache_max_bytes
+            if expected_total is not None and expected_total > limit:
                 raise ModelError(
-                    f"{url}: artifact of {expected_total} bytes exceeds the cache budget "
-                    f"({self.policy.max_bytes})"
+                    f"{url}: artifact of {expected_total} bytes exceeds the cache budget ({limit})"
                 )
             if resuming:
                 stats.resumed_from.append(start)
@@ -205,8 +196,8 @@ class Fetcher:
                 buf = bytearray()
                 async for chunk in resp.content.iter_chunked(256 * 1024):
                     buf += chunk
-                    if written + len(buf) > self.policy.max_bytes:
-                        raise ModelError(f"{url}: artifact exceeds {self.policy.max_bytes} bytes")
+                    if written + len(buf) > limit:
+                        raise ModelError(f"{url}: artifact exceeds {limit} bytes")
                     if len(buf) >= _WRITE_CHUNK:
                         written += await asyncio.to_thread(_write_hash, fh, digest, bytes(buf))
                         buf.clear()

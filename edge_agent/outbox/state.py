@@ -29,28 +29,12 @@ from __future__ import annotations
 
 import collections
 import threading
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 #: One queued result: (accept time, topic, payload, cost in bytes).
 Pending = tuple[float, str, bytes, int]
 #: One claimed row handed to the drain: (id, topic, payload).
 Row = tuple[int, str, bytes]
-
-
-@dataclass
-class OutboxStats:
-    """Counters since the process started (a snapshot, read by metrics and telemetry)."""
-
-    appended: int = 0
-    delivered: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)
-    commits: int = 0
-    commit_seconds: float = 0.0
-    last_commit_seconds: float = 0.0
-    corrupt_files: int = 0
-    commit_errors: int = 0
-    disk_full: bool = False
-    db_open: bool = False
 
 
 @dataclass(slots=True)
@@ -121,6 +105,15 @@ class CommitCounters:
     commit_errors: int = 0
     disk_full: bool = False
     db_open: bool = False
+
+
+@dataclass(slots=True)
+class OutboxStats(CommitCounters):
+    """Counters since the process started (a snapshot, read by metrics and telemetry): the
+    commit side's, and what the drain delivered and every side dropped."""
+
+    delivered: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(eq=False, slots=True)
@@ -199,10 +192,5 @@ class Shared:
 
     def stats(self) -> OutboxStats:
         """A snapshot of every counter."""
-        c = self.commit
-        return OutboxStats(
-            appended=c.appended, delivered=self.delivered, dropped=self.dropped(),
-            commits=c.commits, commit_seconds=c.commit_seconds,
-            last_commit_seconds=c.last_commit_seconds, corrupt_files=c.corrupt_files,
-            commit_errors=c.commit_errors, disk_full=c.disk_full, db_open=c.db_open,
-        )
+        return OutboxStats(**asdict(self.commit), delivered=self.delivered,
+                           dropped=self.dropped())

@@ -31,7 +31,7 @@ import structlog
 from prometheus_client import Histogram
 
 from edge_agent.capture.camera import Camera, PrepareHook
-from edge_agent.config import CameraSettings
+from edge_agent.config import CameraSettings, PipelineSettings
 from edge_agent.contract.protocol import CameraTelemetry, LatencySummary, ModelTelemetry
 from edge_agent.streaming import scheduler as scheduling
 from edge_agent.streaming.metrics import AgentMetrics
@@ -154,17 +154,14 @@ class Pipeline:
         metrics: AgentMetrics,
         workers: int,
         batch_limits: dict[str, int] | None = None,
-        max_pending_results: int = 1000,
-        ready_frame_age_s: float = 5.0,
-        stuck_after_s: float = 60.0,
+        settings: PipelineSettings | None = None,
     ) -> None:
         self.node = node
         self.slots = slots
         self.sink = sink
         self.metrics = metrics
-        self.ready_frame_age_s = ready_frame_age_s
-        self.stuck_after_s = stuck_after_s
-        self._max_pending = max_pending_results
+        #: Its limits (``max_pending_results``, ``ready_frame_age_s``, ``stuck_after_s``).
+        self.settings = settings or PipelineSettings()
         self._relay: ResultRelay | None = None
         self.scheduler = scheduling.Scheduler(node=node, slots=slots, workers=workers,
                                               emit=self._emit, metrics=metrics,
@@ -201,7 +198,7 @@ class Pipeline:
     async def start(self) -> None:
         """Start the workers and the capture threads."""
         self._relay = ResultRelay(asyncio.get_running_loop(), self.sink, self.metrics,
-                                  self._max_pending)
+                                  self.settings.max_pending_results)
         self.scheduler.start()
         for cam in self.cameras.values():
             cam.start()
@@ -273,11 +270,12 @@ class Pipeline:
 
     def delivering(self) -> list[str]:
         """Cameras that delivered a frame within ``ready_frame_age_s``."""
-        return [c.name for c in self.cameras.values() if c.delivering(self.ready_frame_age_s)]
+        age = self.settings.ready_frame_age_s
+        return [c.name for c in self.cameras.values() if c.delivering(age)]
 
     def stuck(self) -> bool:
         """An inference has run longer than ``stuck_after_s``."""
-        return self.scheduler.stuck_for() > self.stuck_after_s
+        return self.scheduler.stuck_for() > self.settings.stuck_after_s
 
     def telemetry_models(self) -> list[ModelTelemetry]:
         """Per model version since the previous call: frames, errors, latency percentiles.

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import structlog
 
+from edge_agent.contract import results
 from edge_agent.errors import ModelError
 
 if TYPE_CHECKING:
@@ -39,32 +40,18 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 
-class ServingModel(Protocol):
+class ServingModel(results.ResultModel, Protocol):
     """What the frame path needs from a loaded model; ``inference.engine.LoadedModel`` is one.
 
     Slots hold it; capture threads preprocess with it; workers run and post-process batches on
     it; calibration times it; an HTTP upload infers one image with it; model sync, metrics and
-    ``/v1/models`` read who it is. Every method may run in several threads at once.
+    ``/v1/models`` read who it is (``name``, ``version`` and ``task``, as a result names its
+    model). Every method may run in several threads at once.
     """
-
-    @property
-    def name(self) -> str:
-        """The model name (the slot's name)."""
-        ...
-
-    @property
-    def version(self) -> str:
-        """The version serving."""
-        ...
 
     @property
     def sha256(self) -> str:
         """The ONNX file's digest."""
-        ...
-
-    @property
-    def task(self) -> str:
-        """The post-processing task (``yolo``, ``classification``, ...)."""
         ...
 
     @property

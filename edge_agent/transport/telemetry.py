@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass, field
 from typing import TypeVar
 
 import psutil
@@ -42,34 +43,28 @@ LOG_INTERVAL_S = 60.0
 _T = TypeVar("_T")
 
 
+@dataclass(eq=False)
 class TelemetryPublisher:
-    """Builds and publishes a ``TelemetryMessage`` every ``interval_s`` seconds."""
+    """Builds and publishes a ``TelemetryMessage`` every ``interval_s`` seconds.
 
-    def __init__(
-        self,
-        link: MqttLink,
-        node: str,
-        interval_s: float,
-        *,
-        models: ModelsProvider | None = None,
-        cameras: CamerasProvider | None = None,
-        outbox: OutboxProvider | None = None,
-        agent_version: str = "",
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.link = link
-        self.node = node
-        self.interval_s = interval_s
-        self.agent_version = agent_version
-        self._models = models
-        self._cameras = cameras
-        self._outbox = outbox
-        self._clock = clock
-        self._proc = psutil.Process()
-        self._logged: dict[str, float] = {}
-        #: Messages published / skipped because the link was down (the telemetry task's).
-        self.sent = 0
-        self.skipped = 0
+    ``models``, ``cameras`` and ``outbox`` provide those parts of each message (None: empty).
+    """
+
+    link: MqttLink
+    node: str
+    interval_s: float
+    _: KW_ONLY
+    models: ModelsProvider | None = None
+    cameras: CamerasProvider | None = None
+    outbox: OutboxProvider | None = None
+    agent_version: str = ""
+    clock: Callable[[], float] = time.time
+    #: Messages published / skipped because the link was down (the telemetry task's).
+    sent: int = field(default=0, init=False)
+    skipped: int = field(default=0, init=False)
+    _proc: psutil.Process = field(default_factory=psutil.Process, init=False, repr=False)
+    #: When each failing provider was last logged (``time.monotonic()``).
+    _logged: dict[str, float] = field(default_factory=dict, init=False, repr=False)
 
     def _part(self, name: str, fn: Callable[[], _T] | None, default: _T) -> _T:
         if fn is None:
@@ -91,12 +86,12 @@ class TelemetryPublisher:
             rss = 0
         return TelemetryMessage(
             node=self.node,
-            ts=self._clock(),
+            ts=self.clock(),
             interval_s=self.interval_s,
             agent_version=self.agent_version,
-            models=self._part("models", self._models, list[ModelTelemetry]()),
-            cameras=self._part("cameras", self._cameras, list[CameraTelemetry]()),
-            outbox=self._part("outbox", self._outbox, OutboxTelemetry()),
+            models=self._part("models", self.models, list[ModelTelemetry]()),
+            cameras=self._part("cameras", self.cameras, list[CameraTelemetry]()),
+            outbox=self._part("outbox", self.outbox, OutboxTelemetry()),
             rss_bytes=rss,
         )
 

@@ -2,7 +2,8 @@
 
 It never imports server internals.
 
-- ``http``: the asyncio HTTP client of the hub's API.
+- ``http``: the asyncio HTTP client of the hub's API, and ``add_client_verb`` for the CLI
+  verbs that use it.
 - ``output``: tables, JSON and progress bars for the terminal.
 - ``results``: a de-duplicating results subscriber with gap detection.
 """

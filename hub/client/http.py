@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from aiohttp import hdrs
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload
 
+from edge_agent.common import cli
 from edge_agent.common import settings as common_settings
 from hub.errors import (
     ArtifactRejected,
@@ -45,30 +47,41 @@ _BY_STATUS: dict[int, type[HubError]] = {
 }
 
 Progress = Callable[[int], None]
+#: What a client verb runs: the parsed arguments in, the exit status out, in an event loop.
+AsyncVerb = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 
 
-class UnreachableError(HubError):
+class UnreachableError(HubError, code="unreachable", exit_code=3):
     """The hub did not answer (connection refused, DNS, timeout)."""
 
-    code = "unreachable"
-    exit_code = 3
+
+#: Said in the description of every verb group that talks to the hub.
+CONNECTION_NOTE = ("The hub URL comes from --hub or EDGE_HUB_URL, the token from --token-file "
+                   "or EDGE_HUB_TOKEN.")
 
 
-def add_connection_args(p: argparse.ArgumentParser) -> None:
-    """``--hub``, ``--token-file``, ``--timeout`` and ``--json`` for a client verb."""
-    p.add_argument(
+def add_client_verb(sub: Any, name: str, run: AsyncVerb, *, help: str,
+                    description: str | None = None) -> argparse.ArgumentParser:
+    """Add verb (or action) ``name`` that talks to the hub: ``run`` is awaited in its own event
+    loop; ``description`` defaults to its docstring. ``--hub``, ``--token-file``, ``--timeout``
+    and ``--json`` are added to the returned parser, which the verb adds its own arguments to."""
+    p = cli.add_verb(sub, name, lambda args: asyncio.run(run(args)), help=help,
+                     description=inspect.getdoc(run) if description is None else description)
+    conn = p.add_argument_group("connection to the hub")
+    conn.add_argument(
         "--hub", metavar="URL", default=None,
         help=f"hub base URL (env EDGE_HUB_URL; default {DEFAULT_HUB_URL})",
     )
-    p.add_argument(
+    conn.add_argument(
         "--token-file", metavar="FILE", type=Path, default=None,
         help="file holding the API bearer token (env EDGE_HUB_TOKEN holds the token itself)",
     )
-    p.add_argument(
+    conn.add_argument(
         "--timeout", metavar="S", type=float, default=30.0,
         help="seconds to wait for the hub to answer a request (default 30)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
 
 
 def client_from_args(args: argparse.Namespace) -> HubClient:

@@ -62,13 +62,12 @@ log = structlog.get_logger(__name__)
 MAX_MISSING_RANGES = 1024
 
 
-class ResultsUnavailableError(HubError):
-    """The broker could not be reached, refused the login, or refused the subscription."""
+class ResultsUnavailableError(HubError, code="broker_unavailable", http_status=503,
+                              exit_code=3):
+    """The broker could not be reached, refused the login, or refused the subscription.
 
-    code = "broker_unavailable"
-    http_status = 503
-    #: as the hub client's "unreachable" (3): scripts tell "no broker" from "no results" (1)
-    exit_code = 3
+    Exit 3 as the hub client's "unreachable": scripts tell "no broker" from "no results" (1).
+    """
 
 
 @dataclass(frozen=True)

@@ -41,17 +41,12 @@ log = structlog.get_logger(__name__)
 LabelPatch = Mapping[str, str | None]
 
 
-class ClusterError(HubError):
+class ClusterError(HubError, code="cluster_error", http_status=503):
     """The cluster backend failed (API unreachable after retries, unreadable inventory)."""
 
-    code = "cluster_error"
-    http_status = 503
 
-
-class LabelPreconditionFailed(Conflict):
+class LabelPreconditionFailed(Conflict, code="label_conflict"):
     """A compare-and-set label patch found the node changed by someone else."""
-
-    code = "label_conflict"
 
 
 @dataclass(frozen=True)

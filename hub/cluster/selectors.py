@@ -28,10 +28,8 @@ _DNS_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z
 _TOKEN_RE = re.compile(r"\s*(==|!=|=|\(|\)|,|!|[^\s=!(),]+)")
 
 
-class SelectorError(InvalidRequest):
+class SelectorError(InvalidRequest, code="invalid_selector"):
     """A label selector Kubernetes would reject."""
-
-    code = "invalid_selector"
 
 
 def validate_key(key: str) -> None:

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from edge_agent.common import cli
 from hub.client.output import say
 from hub.errors import InvalidRequest
 from hub.registry.signing import generate_keypair
@@ -19,14 +20,12 @@ from hub.registry.signing import generate_keypair
 
 def register(sub: Any) -> None:
     """Add the ``keygen`` verb."""
-    p = sub.add_parser(
-        "keygen",
-        help="create an ed25519 key pair for signing model versions",
-        description="Write PREFIX.key (private, mode 0600) and PREFIX.pub (public), PEM.",
-    )
+    p = cli.add_verb(sub, "keygen", run,
+                     help="create an ed25519 key pair for signing model versions",
+                     description="Write PREFIX.key (private, mode 0600) and PREFIX.pub "
+                     "(public), PEM.")
     p.add_argument("prefix", type=Path, metavar="PREFIX", help="e.g. keys/release")
     p.add_argument("--force", action="store_true", help="overwrite existing files")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

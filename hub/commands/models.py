@@ -24,7 +24,8 @@ from aiohttp import hdrs
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.common import cli
-from hub.client.http import FilePayload, HubClient, add_connection_args, client_from_args
+from hub.client import http
+from hub.client.http import FilePayload, HubClient, client_from_args
 from hub.client.output import (
     human_size,
     note,
@@ -49,29 +50,17 @@ from hub.registry.service import (
 MANIFEST_FILE = "manifest.json"
 
 
-class DigestMismatchError(HubError):
+class DigestMismatchError(HubError, code="digest_mismatch"):
     """Downloaded bytes whose sha256 is not the one the hub announced."""
-
-    code = "digest_mismatch"
 
 
 def register(sub: Any) -> None:
     """Add ``models`` and its actions."""
-    p = cli.add_verb(
-        sub, "models", None,
-        help="push, list, show, pull and delete model versions in the registry",
-        description="Manage model versions in the hub's registry. The hub URL comes from "
-        "--hub or EDGE_HUB_URL, the token from --token-file or EDGE_HUB_TOKEN.",
+    acts = cli.add_group(
+        sub, "models", help="push, list, show, pull and delete model versions in the registry",
+        description="Manage model versions in the hub's registry. " + http.CONNECTION_NOTE,
     )
-    acts = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-
-    push = acts.add_parser(
-        "push", help="upload an ONNX model version",
-        description="Upload FILE as NAME VERSION. The manifest defaults to FILE with a .json "
-        "suffix, else manifest.json beside FILE; its name and version are set to --name "
-        "and --version, and its sha256 is filled in when missing. The hub refuses a file "
-        "that does not load in onnxruntime or does not match its manifest.",
-    )
+    push = http.add_client_verb(acts, "push", _push, help="upload an ONNX model version")
     push.add_argument("file", type=Path, metavar="FILE", help="the .onnx file")
     push.add_argument("--name", required=True, help="model name (lowercase, digits, '-')")
     push.add_argument("--version", required=True, help="version string, e.g. 1.2.0")
@@ -79,53 +68,42 @@ def register(sub: Any) -> None:
     push.add_argument("--sign", type=Path, metavar="KEY", help="ed25519 private key (PEM)")
     push.add_argument("--notes", default="", help="free text stored with the version")
     push.add_argument("--pushed-by", default=None, help="who pushes (default user@host)")
-    add_connection_args(push)
-    push.set_defaults(func=lambda a: asyncio.run(_push(a)))
 
-    ls = acts.add_parser("list", help="list versions", description="List model versions.")
+    ls = http.add_client_verb(acts, "list", _list, help="list versions")
     ls.add_argument("--name", default=None, help="only this model's versions")
-    add_connection_args(ls)
-    ls.set_defaults(func=lambda a: asyncio.run(_list(a)))
 
-    show = acts.add_parser("show", help="one version in detail", description="Show a version.")
+    show = http.add_client_verb(acts, "show", _show, help="one version in detail")
     show.add_argument("name")
     show.add_argument("version")
-    add_connection_args(show)
-    show.set_defaults(func=lambda a: asyncio.run(_show(a)))
 
-    pull = acts.add_parser(
-        "pull", help="download a version (resumable) and verify it",
-        description="Download the artifact and manifest.json of NAME VERSION into DIR, resuming "
-        "a partial download, checking the sha256 and, with --verify-key, the signature.",
-    )
+    pull = http.add_client_verb(acts, "pull", _pull,
+                                help="download a version (resumable) and verify it")
     pull.add_argument("name")
     pull.add_argument("version")
     pull.add_argument("-o", "--output-dir", type=Path, default=None, metavar="DIR",
                       help="where to write the model file and manifest.json "
                       "(default ./NAME-VERSION)")
     pull.add_argument("--verify-key", type=Path, metavar="PUB", help="ed25519 public key (PEM)")
-    add_connection_args(pull)
-    pull.set_defaults(func=lambda a: asyncio.run(_pull(a)))
 
-    rm = acts.add_parser(
-        "rm", help="delete a version",
-        description="Delete a version. The hub refuses while any node is assigned it.",
-    )
+    rm = http.add_client_verb(acts, "rm", _rm, help="delete a version")
     rm.add_argument("name")
     rm.add_argument("version")
-    add_connection_args(rm)
-    rm.set_defaults(func=lambda a: asyncio.run(_rm(a)))
 
 
 # ------------------------------------------------------------------------------------ push
 
 
-def _sha256_file(path: Path) -> str:
+def _digest(path: Path) -> tuple[str, int]:
+    """(sha256, size) of the file at ``path``, read in 1 MiB chunks; of nothing when there is
+    no file (blocking)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    n = 0
+    if path.exists():
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+                n += len(chunk)
+    return h.hexdigest(), n
 
 
 def _prepare_manifest(args: argparse.Namespace, file_sha: str) -> bytes:
@@ -160,13 +138,17 @@ def _prepare_manifest(args: argparse.Namespace, file_sha: str) -> bytes:
 
 
 async def _push(args: argparse.Namespace) -> int:
+    """Upload FILE as NAME VERSION. The manifest defaults to FILE with a .json suffix, else
+    manifest.json beside FILE; its name and version are set to --name and --version, and its
+    sha256 is filled in when missing. The hub refuses a file that does not load in onnxruntime
+    or does not match its manifest."""
     check_ref(args.name, args.version)
     client = client_from_args(args)
     if not args.file.is_file():
         raise InvalidRequest(f"no such file: {args.file}")
     key = signing.load_private_key(args.sign) if args.sign else None
     size = args.file.stat().st_size
-    file_sha = await asyncio.to_thread(_sha256_file, args.file)
+    file_sha, _ = await asyncio.to_thread(_digest, args.file)
     manifest = _prepare_manifest(args, file_sha)
     pushed_by = args.pushed_by or f"{getpass.getuser()}@{socket.gethostname()}"
 
@@ -202,6 +184,7 @@ async def _push(args: argparse.Namespace) -> int:
 
 
 async def _list(args: argparse.Namespace) -> int:
+    """List model versions."""
     query = {"name": args.name} if args.name else None
     async with client_from_args(args) as hub:
         _, body = await hub.request_json("GET", "/v1/models", params=query)
@@ -221,10 +204,17 @@ async def _list(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _show(args: argparse.Namespace) -> int:
+async def _on_version(args: argparse.Namespace, method: str) -> Any:
+    """The hub's answer to ``method`` on the version ``args`` name."""
     check_ref(args.name, args.version)
     async with client_from_args(args) as hub:
-        _, v = await hub.request_json("GET", version_path(args.name, args.version))
+        _, body = await hub.request_json(method, version_path(args.name, args.version))
+    return body
+
+
+async def _show(args: argparse.Namespace) -> int:
+    """Show a version."""
+    v = await _on_version(args, "GET")
     if args.json:
         print_json(v)
         return 0
@@ -251,9 +241,8 @@ async def _show(args: argparse.Namespace) -> int:
 
 
 async def _rm(args: argparse.Namespace) -> int:
-    check_ref(args.name, args.version)
-    async with client_from_args(args) as hub:
-        _, body = await hub.request_json("DELETE", version_path(args.name, args.version))
+    """Delete a version. The hub refuses while any node is assigned it."""
+    body = await _on_version(args, "DELETE")
     if args.json:
         print_json(body)
     else:
@@ -262,17 +251,6 @@ async def _rm(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------- pull
-
-
-def _hash_existing(path: Path) -> tuple[Any, int]:
-    h = hashlib.sha256()
-    n = 0
-    if path.exists():
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-                n += len(chunk)
-    return h, n
 
 
 def _partial_size(part: Path, size: int) -> int:
@@ -291,6 +269,8 @@ def _install(part: Path, target: Path, manifest_bytes: bytes) -> None:
 
 
 async def _pull(args: argparse.Namespace) -> int:
+    """Download the artifact and manifest.json of NAME VERSION into DIR, resuming a partial
+    download, checking the sha256 and, with --verify-key, the signature."""
     check_ref(args.name, args.version)
     pub = signing.load_public_key(args.verify_key) if args.verify_key else None
     out: Path = args.output_dir or Path(f"{args.name}-{args.version}")
@@ -340,8 +320,7 @@ async def _download(hub: HubClient, args: argparse.Namespace, v: dict[str, Any],
 def _check_download(part: Path, v: dict[str, Any], manifest_bytes: bytes) -> tuple[str, int]:
     """(sha256, size) of the downloaded file once both it and the manifest match what the hub
     announced; a mismatching partial file is removed (blocking)."""
-    h, n = _hash_existing(part)
-    sha = h.hexdigest()
+    sha, n = _digest(part)
     if sha != v["sha256"] or n != v["size"]:
         part.unlink(missing_ok=True)
         raise DigestMismatchError(

@@ -8,7 +8,6 @@ each assigned version over the telemetry window (p99 latency, error rate, fps).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from typing import Any
 from urllib.parse import quote
@@ -16,7 +15,8 @@ from urllib.parse import quote
 from rich.console import Console
 from rich.table import Table
 
-from hub.client.http import add_connection_args, client_from_args
+from hub.client import http
+from hub.client.http import client_from_args
 from hub.client.output import print_json
 from hub.cluster.selectors import parse_selector
 from hub.commands.rollout import RolloutRefusedError
@@ -25,13 +25,10 @@ from hub.errors import InvalidRequest, NotFound
 
 def register(sub: Any) -> None:
     """Add ``nodes``."""
-    p = sub.add_parser("nodes", help="list camera nodes: labels, online, versions, health",
-                       description="The camera nodes the hub sees, with their assigned and "
-                       "running model versions and health over the telemetry window.")
+    p = http.add_client_verb(sub, "nodes", _nodes,
+                             help="list camera nodes: labels, online, versions, health")
     p.add_argument("--selector", default="", help="only nodes matching this label selector")
     p.add_argument("--labels", action="store_true", help="show every label of each node")
-    add_connection_args(p)
-    p.set_defaults(func=lambda a: asyncio.run(_nodes(a)))
 
 
 def _running(node: dict[str, Any]) -> str:
@@ -58,6 +55,8 @@ def _health(node: dict[str, Any]) -> tuple[str, str, str]:
 
 
 async def _nodes(args: argparse.Namespace) -> int:
+    """The camera nodes the hub sees, with their assigned and running model versions and
+    health over the telemetry window."""
     parse_selector(args.selector)  # a bad selector exits 2 before any request
     async with client_from_args(args) as hub:
         try:

@@ -28,11 +28,10 @@ from hub.config import load_settings
 
 def register(sub: Any) -> None:
     """Add the ``results`` verb group."""
-    p = cli.add_verb(sub, "results", None, help="subscribe to the agents' results",
-                     description="Subscribe to the results the agents publish.")
-    rsub = p.add_subparsers(dest="results_verb", metavar="SUBCOMMAND", required=True)
-    t = rsub.add_parser(
-        "tail",
+    acts = cli.add_group(sub, "results", help="subscribe to the agents' results",
+                         description="Subscribe to the results the agents publish.")
+    t = cli.add_verb(
+        acts, "tail", run,
         help="print results as they arrive (de-duplicated, gaps reported)",
         description="Subscribe to results, drop duplicates by (node, camera, seq), report gaps "
         "on stderr, and print each result (a line per result, or JSON lines with --json or "
@@ -61,7 +60,6 @@ def register(sub: Any) -> None:
         "--mqtt-protocol", type=int, choices=(5, 3), default=None,
         help="MQTT 5 or 3.1.1 (default: mqtt.protocol of the config, 5)",
     )
-    t.set_defaults(func=run)
 
 
 def _err(line: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import re
 import sys
 import time
@@ -22,7 +23,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from hub.client.http import HubClient, add_connection_args, client_from_args
+from edge_agent.common import cli
+from hub.client import http
+from hub.client.http import HubClient, client_from_args
 from hub.client.output import print_json, say
 from hub.errors import Conflict, HubError, InvalidRequest, NotFound
 from hub.rollouts.model import TERMINAL_STATES, parse_spec
@@ -32,11 +35,8 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _COMMANDS = ("pause", "resume", "promote", "abort", "rollback")
 
 
-class RolloutRefusedError(HubError):
+class RolloutRefusedError(HubError, code="refused", exit_code=2):
     """The hub refused a rollout request (its message says why)."""
-
-    code = "refused"
-    exit_code = 2
 
 
 def parse_duration(text: str) -> float:
@@ -86,19 +86,12 @@ def build_spec(args: argparse.Namespace) -> dict[str, Any]:
 
 def register(sub: Any) -> None:
     """Add ``rollout`` and its actions."""
-    p = sub.add_parser(
-        "rollout", help="roll a model version out to camera nodes (canary, waves, gates)",
-        description="Start and steer rollouts. The hub URL comes from --hub or EDGE_HUB_URL, "
-        "the token from --token-file or EDGE_HUB_TOKEN.",
+    acts = cli.add_group(
+        sub, "rollout", help="roll a model version out to camera nodes (canary, waves, gates)",
+        description="Start and steer rollouts. " + http.CONNECTION_NOTE,
     )
-    acts = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    st = acts.add_parser(
-        "start", help="start a rollout (or --dry-run to see its plan)",
-        description="Roll MODEL VERSION out to the camera nodes matching --selector: first "
-        "--canary nodes, then cumulative --waves percentages, each baked for --bake and "
-        "judged by every --gate; rolled back automatically when a gate fails, a node reports "
-        "failed, or a node is not active within --deadline.",
-    )
+    st = http.add_client_verb(acts, "start", _start,
+                              help="start a rollout (or --dry-run to see its plan)")
     st.add_argument("model", metavar="MODEL")
     st.add_argument("version", metavar="VERSION")
     st.add_argument("--selector", default="", help="label selector, e.g. 'site=a,line in (1,2)'")
@@ -115,27 +108,21 @@ def register(sub: Any) -> None:
     st.add_argument("--min-samples", type=int, default=2,
                     help="telemetry messages per node before its gates count (default 2)")
     st.add_argument("--dry-run", action="store_true", help="print the plan; change nothing")
-    add_connection_args(st)
-    st.set_defaults(func=lambda a: asyncio.run(_start(a)))
 
-    stat = acts.add_parser("status", help="show rollouts, or one rollout (--watch: live)",
-                           description="Without ID: the latest rollouts. With ID: its waves "
-                           "and nodes with version, state and metrics.")
+    stat = http.add_client_verb(acts, "status", _status,
+                                help="show rollouts, or one rollout (--watch: live)")
     stat.add_argument("id", nargs="?", type=int, metavar="ID")
     stat.add_argument("--watch", action="store_true", help="follow until the rollout ends")
     stat.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
-    add_connection_args(stat)
-    stat.set_defaults(func=lambda a: asyncio.run(_status(a)))
 
     for verb, text in (("pause", "stop moving forward (resume continues)"),
                        ("resume", "continue a paused rollout (the bake restarts)"),
                        ("promote", "end the current bake now and go to the next wave"),
                        ("abort", "stop here; nodes keep the version they have"),
                        ("rollback", "return every touched node to its previous version")):
-        c = acts.add_parser(verb, help=text, description=text[0].upper() + text[1:] + ".")
+        c = http.add_client_verb(acts, verb, functools.partial(_command, verb=verb), help=text,
+                                 description=text[0].upper() + text[1:] + ".")
         c.add_argument("id", type=int, metavar="ID")
-        add_connection_args(c)
-        c.set_defaults(func=lambda a, verb=verb: asyncio.run(_command(a, verb)))
 
 
 async def _request(hub: HubClient, method: str, path: str, **kw: Any) -> Any:
@@ -147,6 +134,10 @@ async def _request(hub: HubClient, method: str, path: str, **kw: Any) -> Any:
 
 
 async def _start(args: argparse.Namespace) -> int:
+    """Roll MODEL VERSION out to the camera nodes matching --selector: first --canary nodes,
+    then cumulative --waves percentages, each baked for --bake and judged by every --gate;
+    rolled back automatically when a gate fails, a node reports failed, or a node is not active
+    within --deadline."""
     body = build_spec(args)
     body["dry_run"] = bool(args.dry_run)
     async with client_from_args(args) as hub:
@@ -215,6 +206,8 @@ def render(r: dict[str, Any]) -> Group:
 
 
 async def _status(args: argparse.Namespace) -> int:
+    """Without ID: the latest rollouts. With ID: its waves and nodes with version, state and
+    metrics."""
     async with client_from_args(args) as hub:
         if args.id is None:
             out = await _request(hub, "GET", "/v1/rollouts")

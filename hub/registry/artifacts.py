@@ -38,11 +38,8 @@ READ_CHUNK = 256 * 1024
 _SHA_RE = re.compile(SHA256_PATTERN)
 
 
-class StorageFullError(HubError):
+class StorageFullError(HubError, code="insufficient_storage", http_status=507):
     """The data folder ran out of space while an upload was written."""
-
-    code = "insufficient_storage"
-    http_status = 507
 
 
 class StagedArtifact:

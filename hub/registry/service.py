@@ -54,10 +54,8 @@ MAX_PUSHED_BY_CHARS = 128
 DB_FILE = "registry.sqlite3"
 
 
-class SignatureRejected(ArtifactRejected):
+class SignatureRejected(ArtifactRejected, code="signature_rejected"):
     """Unsigned where a signature is required, or a signature no trusted key made."""
-
-    code = "signature_rejected"
 
 
 def _never_assigned(name: str, version: str) -> bool:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -28,11 +28,8 @@ from hub.errors import HubError, InvalidRequest
 SIGNATURE_BYTES = 64
 
 
-class SigningKeyError(HubError):
+class SigningKeyError(HubError, code="bad_key", exit_code=2):
     """A key file that cannot be read or is not an ed25519 key."""
-
-    code = "bad_key"
-    exit_code = 2
 
 
 def generate_keypair() -> tuple[bytes, bytes]:
@@ -51,28 +48,30 @@ def generate_keypair() -> tuple[bytes, bytes]:
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
     """Read an unencrypted PEM ed25519 private key."""
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except OSError as exc:
-        raise SigningKeyError(f"cannot read private key {path}: {exc.strerror}") from exc
-    except (ValueError, TypeError) as exc:
-        raise SigningKeyError(f"{path} is not an unencrypted PEM private key") from exc
-    if not isinstance(key, Ed25519PrivateKey):
-        raise SigningKeyError(f"{path} is not an ed25519 key")
-    return key
+    key = _read_pem(path, "private key", "an unencrypted PEM private key",
+                    lambda pem: serialization.load_pem_private_key(pem, password=None))
+    if isinstance(key, Ed25519PrivateKey):
+        return key
+    raise SigningKeyError(f"{path} is not an ed25519 key")
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
     """Read a PEM ed25519 public key."""
+    key = _read_pem(path, "public key", "a PEM public key", serialization.load_pem_public_key)
+    if isinstance(key, Ed25519PublicKey):
+        return key
+    raise SigningKeyError(f"{path} is not an ed25519 key")
+
+
+def _read_pem(path: Path, what: str, form: str, parse: Callable[[bytes], object]) -> object:
+    """The key ``parse`` finds in the file ``path``; SigningKeyError naming the file when it
+    cannot be read or is not ``form``."""
     try:
-        key = serialization.load_pem_public_key(path.read_bytes())
+        return parse(path.read_bytes())
     except OSError as exc:
-        raise SigningKeyError(f"cannot read public key {path}: {exc.strerror}") from exc
+        raise SigningKeyError(f"cannot read {what} {path}: {exc.strerror}") from exc
     except (ValueError, TypeError) as exc:
-        raise SigningKeyError(f"{path} is not a PEM public key") from exc
-    if not isinstance(key, Ed25519PublicKey):
-        raise SigningKeyError(f"{path} is not an ed25519 key")
-    return key
+        raise SigningKeyError(f"{path} is not {form}") from exc
 
 
 def sign(key: Ed25519PrivateKey, manifest_sha256: str, artifact_sha256: str) -> str:

@@ -27,22 +27,16 @@ from hub.errors import ArtifactRejected
 MAX_MANIFEST_BYTES = 1024 * 1024
 
 
-class ManifestInvalid(ArtifactRejected):
+class ManifestInvalid(ArtifactRejected, code="manifest_invalid"):
     """The manifest is not JSON or does not follow the contract's schema."""
 
-    code = "manifest_invalid"
 
-
-class ManifestMismatch(ArtifactRejected):
+class ManifestMismatch(ArtifactRejected, code="manifest_mismatch"):
     """The manifest does not describe the uploaded model (digest, input, outputs, name)."""
 
-    code = "manifest_mismatch"
 
-
-class NotOnnx(ArtifactRejected):
+class NotOnnx(ArtifactRejected, code="not_onnx"):
     """The upload does not parse or load as an ONNX model in onnxruntime."""
-
-    code = "not_onnx"
 
 
 @dataclass(frozen=True)

@@ -16,16 +16,12 @@ from typing import Any
 
 import structlog
 
-from hub.cluster.base import Cluster, Node
+from hub.cluster.base import Node
 from hub.cluster.selectors import parse_selector
-from hub.config import HubSettings
 from hub.errors import Conflict, InvalidRequest, NotFound
-from hub.fleet.view import Fleet
 from hub.rollouts import machine
-from hub.rollouts.desired import Catalog, Dispatcher
 from hub.rollouts.gates import parse_gates
 from hub.rollouts.model import NodeEntry, Rollout, RolloutSpec, plan_waves
-from hub.rollouts.store import RolloutStore
 
 log = structlog.get_logger(__name__)
 
@@ -34,26 +30,16 @@ VERBS = ("pause", "resume", "promote", "abort", "rollback")
 _STEPS_PER_TICK = 4
 
 
-class UnknownVersion(InvalidRequest):
-    code = "unknown_model_version"
+class UnknownVersion(InvalidRequest, code="unknown_model_version"):
+    """A rollout of a version the registry does not hold."""
 
 
 class RolloutController:
     """Creates rollouts, steps them, and applies operator commands."""
 
-    def __init__(self, *, settings: HubSettings, store: RolloutStore, cluster: Cluster,
-                 fleet: Fleet, dispatcher: Dispatcher, catalog: Catalog,
-                 clock: Callable[[], float]) -> None:
-        self.settings = settings
-        self.store = store
-        self.cluster = cluster
-        self.fleet = fleet
-        self.catalog = catalog
-        self.clock = clock
-        self.machine = machine.RolloutMachine(
-            settings=settings, store=store, cluster=cluster, fleet=fleet, dispatcher=dispatcher,
-            clock=clock, wake=self.wake,
-        )
+    def __init__(self, parts: machine.Parts) -> None:
+        self.parts = parts
+        self.machine = machine.RolloutMachine(parts, wake=self.wake)
         self.rollouts: dict[int, Rollout] = {}
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -64,7 +50,7 @@ class RolloutController:
     async def start(self, *, connected: Callable[[], Awaitable[object]] | None = None) -> None:
         """Load active rollouts; step them once ``connected()`` returned and the start-up
         grace passed (so the agents' retained states are in)."""
-        for r in await self.store.load(active_only=True, limit=10_000):
+        for r in await self.parts.store.load(active_only=True, limit=10_000):
             self.rollouts[r.id] = r
             log.info("rollout_resumed", rollout=r.id, state=r.state, wave=r.wave)
         self._task = asyncio.create_task(self._run(connected), name="rollouts")
@@ -83,7 +69,7 @@ class RolloutController:
         # until the retained states are in, every node would look offline and be skipped
         if connected is not None:
             await connected()
-        await asyncio.sleep(self.settings.rollouts.startup_grace_s)
+        await asyncio.sleep(self.parts.settings.rollouts.startup_grace_s)
         self.ready.set()
         log.info("rollouts_ready", active=sum(r.active for r in self.rollouts.values()))
         while True:
@@ -91,7 +77,7 @@ class RolloutController:
             # with the event being set, and then shutdown would wait for this loop forever
             waiter = asyncio.ensure_future(self._wake.wait())
             try:
-                await asyncio.wait({waiter}, timeout=self.settings.rollouts.tick_s)
+                await asyncio.wait({waiter}, timeout=self.parts.settings.rollouts.tick_s)
             finally:
                 waiter.cancel()
             self._wake.clear()
@@ -99,7 +85,7 @@ class RolloutController:
                 await self.tick()
             except Exception:
                 log.exception("rollout_tick_failed")
-                await asyncio.sleep(self.settings.rollouts.tick_s)
+                await asyncio.sleep(self.parts.settings.rollouts.tick_s)
 
     async def tick(self) -> None:
         """One step of every active rollout (tests with a manual clock call this directly)."""
@@ -114,18 +100,18 @@ class RolloutController:
     # ------------------------------------------------------------------------------- create
     def _order(self, nodes: list[Node]) -> list[str]:
         """Online nodes first (a canary must be able to answer), then by name."""
-        return [n.name for n in sorted(nodes, key=lambda n: (not self.fleet.online(n.name),
+        return [n.name for n in sorted(nodes, key=lambda n: (not self.parts.fleet.online(n.name),
                                                              n.name))]
 
     async def plan(self, spec: RolloutSpec) -> tuple[list[list[str]], dict[str, Node]]:
         """Validate a spec against the registry and the cluster; the waves it would run."""
         try:
-            await self.catalog.get(spec.model, spec.version)
+            await self.parts.catalog.get(spec.model, spec.version)
         except NotFound as exc:
             raise UnknownVersion(
                 f"model {spec.model} version {spec.version} is not in the registry"
             ) from exc
-        targets = self.cluster.select(parse_selector(spec.selector))
+        targets = self.parts.cluster.select(parse_selector(spec.selector))
         if not targets:
             raise InvalidRequest(f"selector {spec.selector!r} matches no camera nodes")
         waves = plan_waves(spec, self._order(targets))
@@ -154,9 +140,9 @@ class RolloutController:
                 return {"dry_run": True, "model": spec.model, "version": spec.version,
                         "selector": spec.selector, "spec": spec.model_dump(),
                         "waves": [[{"node": n, "current_version": nodes[n].labels.get(key),
-                                    "online": self.fleet.online(n)} for n in w]
+                                    "online": self.parts.fleet.online(n)} for n in w]
                                   for w in waves]}
-            now = self.clock()
+            now = self.parts.clock()
             base = await self.machine.baseline(spec.model, spec.version, None)
             r = Rollout(id=0, spec=spec, waves=len(waves), phase_started_at=now,
                         created_at=now, updated_at=now, created_by=actor,
@@ -164,7 +150,7 @@ class RolloutController:
             for i, wave in enumerate(waves):
                 for n in wave:
                     r.nodes[n] = NodeEntry(n, i)
-            r.id = await self.store.create(r)
+            r.id = await self.parts.store.create(r)
             self.rollouts[r.id] = r
         log.info("rollout_created", rollout=r.id, model=spec.model, version=spec.version,
                  nodes=len(r.nodes), waves=r.waves)
@@ -183,7 +169,7 @@ class RolloutController:
             r = self.rollouts.get(rid) or await self.get(rid)
             if verb == "rollback":
                 self._revive(r)
-            await transitions[verb](r, self.clock(), actor)
+            await transitions[verb](r, self.parts.clock(), actor)
         self.wake()
         return r.as_dict()
 
@@ -202,14 +188,14 @@ class RolloutController:
         r = self.rollouts.get(rid)
         if r is not None:
             return r
-        found = await self.store.load(rid=rid)
+        found = await self.parts.store.load(rid=rid)
         if not found:
             raise NotFound(f"rollout {rid} not found")
         return found[0]
 
     async def recent(self, limit: int = 100) -> list[Rollout]:
         """The latest rollouts, newest first (finished ones too)."""
-        return await self.store.load(limit=limit)
+        return await self.parts.store.load(limit=limit)
 
     def active(self) -> list[Rollout]:
         """The rollouts in an active state."""
@@ -218,7 +204,8 @@ class RolloutController:
     def assigned(self, model: str, version: str) -> list[str]:
         """Nodes labelled with, or in an active rollout towards, ``model`` ``version``."""
         key = self.machine.label(model)
-        nodes = {n.name for n in self.cluster.nodes().values() if n.labels.get(key) == version}
+        labelled = self.parts.cluster.nodes().values()
+        nodes = {n.name for n in labelled if n.labels.get(key) == version}
         for r in self.rollouts.values():
             if r.active and r.spec.model == model and r.spec.version == version:
                 nodes |= set(r.nodes)

@@ -39,10 +39,8 @@ _GATE_RE = re.compile(
 )
 
 
-class GateError(InvalidRequest):
+class GateError(InvalidRequest, code="invalid_gate"):
     """A gate expression that cannot be used."""
-
-    code = "invalid_gate"
 
 
 @dataclass(frozen=True)

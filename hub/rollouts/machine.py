@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -31,7 +32,7 @@ from hub.config import HubSettings
 from hub.errors import Conflict, HubError
 from hub.fleet import aggregate as figures
 from hub.fleet.view import Fleet
-from hub.rollouts.desired import Dispatcher
+from hub.rollouts.desired import Catalog, Dispatcher
 from hub.rollouts.gates import Verdict, judge, parse_gates
 from hub.rollouts.model import NodeEntry, Rollout
 from hub.rollouts.store import RolloutStore
@@ -44,41 +45,51 @@ METRICS = ("p50_ms", "p95_ms", "p99_ms", "error_rate", "fps")
 _YIELD_EVERY = 250
 
 
-class RolloutMachine:
-    """Steps rollouts and applies commands to them; the caller holds the controller's lock."""
+@dataclass(frozen=True)
+class Parts:
+    """What rollouts are planned and stepped against: built once by the composition root
+    (``hub/server/control.py``) and shared by the controller and the state machine."""
 
-    def __init__(self, *, settings: HubSettings, store: RolloutStore, cluster: Cluster,
-                 fleet: Fleet, dispatcher: Dispatcher, clock: Callable[[], float],
-                 wake: Callable[[], None]) -> None:
-        self.settings = settings
-        self.store = store
-        self.cluster = cluster
-        self.fleet = fleet
-        self.dispatcher = dispatcher
-        self.clock = clock
-        #: Asks for another step soon (more batches of nodes to start).
+    settings: HubSettings
+    store: RolloutStore
+    cluster: Cluster
+    fleet: Fleet
+    dispatcher: Dispatcher
+    #: The registry, asked whether a version exists before a rollout of it starts.
+    catalog: Catalog
+    clock: Callable[[], float]
+
+
+class RolloutMachine:
+    """Steps rollouts and applies commands to them; the caller holds the controller's lock.
+
+    ``wake`` asks the controller for another step soon (more batches of nodes to start).
+    """
+
+    def __init__(self, parts: Parts, *, wake: Callable[[], None]) -> None:
+        self.parts = parts
         self._wake = wake
 
     def label(self, model: str) -> str:
         """The node label that carries ``model``'s assigned version."""
-        return model_label(model, self.settings.cluster.label_prefix)
+        return model_label(model, self.parts.settings.cluster.label_prefix)
 
     async def baseline(self, model: str, version: str, since: float | None,
                        exclude: frozenset[str] | set[str] = frozenset()) -> figures.Metrics:
         """The nodes not on ``version`` (online, telemetry for ``model``), combined."""
         per: list[figures.Metrics] = []
-        for i, n in enumerate(list(self.fleet.nodes)):
+        for i, n in enumerate(list(self.parts.fleet.nodes)):
             if i % _YIELD_EVERY == _YIELD_EVERY - 1:
                 await asyncio.sleep(0)  # thousands of nodes: let telemetry in between
-            if n not in exclude and self.fleet.online(n):
-                per.append(self.fleet.metrics(n, model, since=since, exclude_version=version))
+            if n not in exclude and self.parts.fleet.online(n):
+                per.append(self.parts.fleet.metrics(n, model, since=since, exclude_version=version))
         return figures.combine(per)
 
     async def save(self, r: Rollout, entries: list[NodeEntry] | None = None,
                    event: str | None = None, **detail: Any) -> None:
         """Write the rollout (and the changed node entries, and an event) to the database."""
-        r.updated_at = self.clock()
-        await self.store.save(r, entries or [], (event, detail) if event else None)
+        r.updated_at = self.parts.clock()
+        await self.parts.store.save(r, entries or [], (event, detail) if event else None)
         if event:
             log.info("rollout_" + event, rollout=r.id, state=r.state, wave=r.wave, **detail)
 
@@ -86,7 +97,7 @@ class RolloutMachine:
     async def step(self, r: Rollout) -> None:
         """One move of ``r`` from the state it is in."""
         if r.state == "pending":
-            r.state, r.wave, r.phase_started_at = "applying", 0, self.clock()
+            r.state, r.wave, r.phase_started_at = "applying", 0, self.parts.clock()
             await self.save(r, event="wave_started", wave_index=0)
         if r.state == "applying":
             await self._applying(r)
@@ -100,22 +111,23 @@ class RolloutMachine:
     def _returning(self, r: Rollout, upto: int) -> list[NodeEntry]:
         """Skipped nodes (of waves up to ``upto``) that are online again: they rejoin now."""
         back = [e for e in r.nodes.values()
-                if e.status == "skipped" and e.wave <= upto and self.fleet.online(e.node)]
+                if e.status == "skipped" and e.wave <= upto and self.parts.fleet.online(e.node)]
         for e in back:
             e.status, e.wave, e.error = "planned", r.wave, None
         return back
 
     def _failure(self, r: Rollout, e: NodeEntry) -> str | None:
         """The error when ``e`` reports the new version failed (after getting its desired)."""
-        st = self.fleet.model_state(e.node, r.spec.model)
-        if st is None or st.status != "failed" or self.fleet.generation(e.node) < e.generation:
+        fleet = self.parts.fleet
+        st = fleet.model_state(e.node, r.spec.model)
+        if st is None or st.status != "failed" or fleet.generation(e.node) < e.generation:
             return None
         if r.spec.version in (st.target_version, st.version):
             return st.error or "failed"
         return None
 
     async def _applying(self, r: Rollout) -> None:
-        now, w = self.clock(), r.wave
+        now, w = self.parts.clock(), r.wave
         await self._start_planned(r, now)
         applying = [e for e in r.nodes.values() if e.status == "applying"]
         await self._ensure_labels(r, applying)
@@ -142,11 +154,11 @@ class RolloutMachine:
         key = self.label(r.spec.model)
         changed = self._returning(r, r.wave)
         planned = [e for e in r.nodes.values() if e.status == "planned" and e.wave <= r.wave]
-        for e in planned[: self.settings.rollouts.apply_batch]:
-            node = self.cluster.get(e.node)
+        for e in planned[: self.parts.settings.rollouts.apply_batch]:
+            node = self.parts.cluster.get(e.node)
             if node is None:
                 e.status, e.error = "gone", "no longer selected or deleted"
-            elif not self.fleet.online(e.node):
+            elif not self.parts.fleet.online(e.node):
                 e.status, e.error = "skipped", "offline when its wave came"
             else:
                 if not e.prev_recorded:
@@ -160,12 +172,12 @@ class RolloutMachine:
         """Label every applying node with the new version (idempotent: after a restart or a
         failed patch only what is missing is sent). The dispatcher hears of each change from
         the cluster and publishes the node's desired state."""
-        key, version = self.label(r.spec.model), r.spec.version
+        key, version, cluster = self.label(r.spec.model), r.spec.version, self.parts.cluster
         todo = {e.node: {key: version} for e in applying
-                if (n := self.cluster.get(e.node)) is not None and n.labels.get(key) != version}
+                if (n := cluster.get(e.node)) is not None and n.labels.get(key) != version}
         if not todo:
             return
-        results = await self.cluster.patch_many(todo)
+        results = await cluster.patch_many(todo)
         for name, res in results.items():
             if isinstance(res, HubError):
                 log.warning("rollout_patch_failed", rollout=r.id, node=name, error=str(res))
@@ -185,7 +197,7 @@ class RolloutMachine:
                 cause = {"reason": "node_failed", "node": e.node, "error": error[:500]}
             elif e.generation and self._active(r, e):
                 e.status, e.active_at = "active", now
-            elif not self.fleet.online(e.node):
+            elif not self.parts.fleet.online(e.node):
                 e.status, e.error = "skipped", "went offline while applying"
             elif e.applied_at is not None and now - e.applied_at > spec.deadline_s:
                 e.error = "not active by the deadline"
@@ -203,7 +215,7 @@ class RolloutMachine:
     def _carried(self, r: Rollout, e: NodeEntry) -> bool:
         """Record the desired generation that carries the new version to ``e`` (once the
         dispatcher decided it); True when it was just found."""
-        row = self.dispatcher.desired(e.node)
+        row = self.parts.dispatcher.desired(e.node)
         if row is None or row.models.get(r.spec.model, {}).get("version") != r.spec.version:
             return False
         e.generation = row.generation
@@ -211,13 +223,13 @@ class RolloutMachine:
 
     def _active(self, r: Rollout, e: NodeEntry) -> bool:
         """The node runs the new version, having applied the desired state that carried it."""
-        st = self.fleet.model_state(e.node, r.spec.model)
+        st = self.parts.fleet.model_state(e.node, r.spec.model)
         return (st is not None and st.status == "active" and st.version == r.spec.version
-                and self.fleet.generation(e.node) >= e.generation)
+                and self.parts.fleet.generation(e.node) >= e.generation)
 
     async def _baking(self, r: Rollout) -> None:
-        now, w, spec = self.clock(), r.wave, r.spec
-        if any(e.status == "skipped" and e.wave <= w and self.fleet.online(e.node)
+        now, w, spec = self.parts.clock(), r.wave, r.spec
+        if any(e.status == "skipped" and e.wave <= w and self.parts.fleet.online(e.node)
                for e in r.nodes.values()):
             r.state = "applying"  # a returning node joins this wave and is judged with it
             await self.save(r, event="node_returned")
@@ -232,7 +244,7 @@ class RolloutMachine:
                 await self.rollback(r, {"reason": "node_failed", "node": e.node,
                                         "error": error[:500]})
                 return
-            if not self.fleet.online(e.node):
+            if not self.parts.fleet.online(e.node):
                 e.status, e.error = "skipped", "went offline while baking"
                 changed.append(e)
         if changed:
@@ -266,7 +278,7 @@ class RolloutMachine:
         for i, e in enumerate(judged):
             if i % _YIELD_EVERY == _YIELD_EVERY - 1:
                 await asyncio.sleep(0)  # thousands of nodes: let telemetry in between
-            per_node[e.node] = self.fleet.metrics(e.node, spec.model, spec.version,
+            per_node[e.node] = self.parts.fleet.metrics(e.node, spec.model, spec.version,
                                                   since=max(since, e.active_at or since))
         gates = parse_gates(spec.gates)
         ready = {n: m for n, m in per_node.items() if m.samples >= spec.min_samples}
@@ -301,7 +313,7 @@ class RolloutMachine:
         await self.save(r, event=state, skipped=skipped[:50], **detail)
 
     async def _waiting(self, r: Rollout) -> None:
-        now = self.clock()
+        now = self.parts.clock()
         back = self._returning(r, r.waves)
         if back:
             r.state = "applying"
@@ -323,7 +335,7 @@ class RolloutMachine:
         key, version = self.label(r.spec.model), r.spec.version
         todo = [e for e in r.nodes.values() if e.prev_recorded and e.status != "rolled_back"]
         if todo:
-            results = await self.cluster.patch_many(
+            results = await self.parts.cluster.patch_many(
                 {e.node: {key: e.prev_version} for e in todo},
                 expect={e.node: {key: version} for e in todo},
             )
@@ -341,7 +353,7 @@ class RolloutMachine:
             await self.save(r, done)
             if len(done) < len(todo):
                 return
-        await self.finish(r, "rolled_back", self.clock())
+        await self.finish(r, "rolled_back", self.parts.clock())
 
     # ----------------------------------------------------------------------------- commands
     async def pause(self, r: Rollout, now: float, actor: str) -> None:

@@ -18,6 +18,7 @@ returned yet; they are upgraded and judged when they do, for up to ``offline_wai
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from edge_agent.contract.protocol import is_valid_name, is_valid_version
+from edge_agent.contract import protocol
 from hub.cluster.selectors import parse_selector
 from hub.errors import InvalidRequest
 from hub.rollouts.gates import parse_gates
@@ -45,8 +46,8 @@ class RolloutSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str
-    version: str
+    model: protocol.Name
+    version: protocol.Version
     #: Kubernetes label selector; empty selects every camera node.
     selector: str = ""
     #: Canary size as a node count (0: no canary wave).
@@ -64,20 +65,6 @@ class RolloutSpec(BaseModel):
     offline_wait_s: float = Field(3600.0, ge=0)
     #: Telemetry messages each judged node must send during a bake before gates can pass.
     min_samples: int = Field(2, ge=1, le=1000)
-
-    @field_validator("model")
-    @classmethod
-    def _model(cls, v: str) -> str:
-        if not is_valid_name(v):
-            raise ValueError("invalid model name: lowercase letters, digits and '-'")
-        return v
-
-    @field_validator("version")
-    @classmethod
-    def _version(cls, v: str) -> str:
-        if not is_valid_version(v):
-            raise ValueError("invalid version: letters, digits, '.', '_' and '-'")
-        return v
 
     @field_validator("selector")
     @classmethod
@@ -168,9 +155,6 @@ class NodeEntry:
     active_at: float | None = None
     error: str | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
 
 @dataclass
 class Rollout:
@@ -222,6 +206,6 @@ class Rollout:
         out["baseline"] = self.baseline
         out["plan"] = [[e.node for e in sorted(self.wave_nodes(i), key=lambda e: e.node)]
                        for i in range(self.waves)]
-        out["nodes"] = [e.as_dict() for e in sorted(self.nodes.values(),
-                                                    key=lambda e: (e.wave, e.node))]
+        out["nodes"] = [dataclasses.asdict(e) for e in sorted(self.nodes.values(),
+                                                              key=lambda e: (e.wave, e.node))]
         return out

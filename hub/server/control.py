@@ -29,7 +29,7 @@ from hub.cluster.kubernetes import KubernetesCluster
 from hub.cluster.selectors import Selector
 from hub.config import ClusterSettings, HubSettings
 from hub.fleet.view import Fleet
-from hub.rollouts.controller import RolloutController
+from hub.rollouts import controller, machine
 from hub.rollouts.desired import Catalog, Dispatcher, assigned_models
 from hub.rollouts.model import Rollout, RolloutSpec
 from hub.rollouts.store import RolloutStore
@@ -60,8 +60,6 @@ class ControlPlane:
                  clock: Callable[[], float] = time.time,
                  mqtt_client_id: str | None = None) -> None:
         self.settings = settings
-        self.catalog = catalog
-        self.clock = clock
         self.fleet = Fleet(settings.telemetry, clock, on_state_change=self._node_state_changed)
         self.cluster = make_cluster(settings.cluster, on_change=self._labels_changed)
         self.store = RolloutStore(settings.storage.data_dir)
@@ -74,10 +72,10 @@ class ControlPlane:
             fleet=self.fleet, public_url=settings.public_url(),
             label_prefix=settings.cluster.label_prefix,
         )
-        self.controller = RolloutController(
+        self.controller = controller.RolloutController(machine.Parts(
             settings=settings, store=self.store, cluster=self.cluster, fleet=self.fleet,
             dispatcher=self.dispatcher, catalog=catalog, clock=clock,
-        )
+        ))
         self._stack = contextlib.AsyncExitStack()
 
     # ------------------------------------------------------- callbacks from the lower parts

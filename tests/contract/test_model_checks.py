@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import pickle
-from typing import ClassVar
 
 import pytest
 
@@ -13,7 +12,7 @@ from edge_agent.contract import graph, tasks
 from edge_agent.contract import manifest as manifests
 from edge_agent.contract.rejection import Reason, Rejection
 from edge_agent.inference import postprocess
-from edge_agent.inference.postprocess.base import PostprocessUnit, register
+from edge_agent.inference.postprocess.base import PostprocessUnit
 from tests.contract.corpus import graph_bytes, manifest
 
 
@@ -24,16 +23,23 @@ def test_every_task_has_a_unit_with_the_contracts_schema() -> None:
 
 
 def test_a_unit_for_a_task_the_contract_does_not_know_is_refused() -> None:
-    class Segmentation(PostprocessUnit):
-        task: ClassVar[str] = "segmentation"
-        params_model = tasks.ClassificationParams
-
-        def __call__(self, outputs, metas):  # type: ignore[no-untyped-def]
-            return []
-
     with pytest.raises(RuntimeError, match="segmentation"):
-        register(Segmentation)
+
+        class Segmentation(PostprocessUnit[tasks.ClassificationParams], task="segmentation"):
+            def decode(self, outputs, meta):  # type: ignore[no-untyped-def]
+                return {}
+
     assert "segmentation" not in postprocess.tasks()
+
+
+def test_a_unit_with_another_tasks_params_is_refused() -> None:
+    with pytest.raises(RuntimeError, match="params must be the contract's"):
+
+        class Yolo2(PostprocessUnit[tasks.ClassificationParams], task="yolo"):
+            def decode(self, outputs, meta):  # type: ignore[no-untyped-def]
+                return {}
+
+    assert postprocess.get_unit("yolo").params_model is tasks.YoloParams
 
 
 def test_a_rejection_keeps_its_fields_across_pickling() -> None:

@@ -8,7 +8,6 @@ onnxruntime still loads.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,8 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from models.generate import sha256_file
 
 
 def make_classifier(
@@ -59,14 +60,6 @@ def make_classifier(
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def make_manifest(

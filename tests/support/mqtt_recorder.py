@@ -108,11 +108,19 @@ class Recorder:
         return [orjson.loads(p) for _, p, _ in msgs]
 
 
-def wait_until(pred: Callable[[], bool], timeout: float, what: str = "condition",
-               poll: float = 0.01) -> None:
-    """Poll ``pred`` until true or raise AssertionError after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(poll)
+def listen(port: int, topic: str, on_message: Callable[[paho.Client, object, paho.MQTTMessage],
+                                                       None],
+           *, qos: int = 1, client_id: str | None = None) -> paho.Client:
+    """A bare paho subscriber calling ``on_message`` on paho's thread (no recording, no
+    reconnect): for a probe whose own per-message work is what is measured or kept.
+
+    Subscribes before returning the started client; stop it with
+    ``edge_agent.common.mqtt.release`` after ``disconnect()``.
+    """
+    c = paho.Client(CallbackAPIVersion.VERSION2,
+                    client_id=client_id or f"listen-{uuid.uuid4().hex[:8]}")
+    c.on_message = on_message
+    c.connect("127.0.0.1", port)
+    c.subscribe(topic, qos=qos)
+    c.loop_start()
+    return c

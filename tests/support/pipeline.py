@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,17 +62,3 @@ class RecordingSink:
 
     def by_camera(self, camera: str) -> list[dict[str, Any]]:
         return [r for r in self.results if r["camera"] == camera]
-
-
-async def wait_until(cond: Callable[[], bool | Awaitable[bool]], timeout: float = 15.0,
-                     what: str = "condition") -> None:
-    """Poll ``cond`` (sync or async) every 20 ms; fail naming ``what`` after ``timeout`` s."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        r = cond()
-        if not isinstance(r, bool):
-            r = await r
-        if r:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

@@ -4,15 +4,11 @@ Kubernetes API with camera nodes, a real broker, simulated agents and an in-proc
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import io
 import json
 import os
 import subprocess
 import sys
 import time
-import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +21,7 @@ from hub.registry.service import Registry
 from hub.server.control import ControlPlane
 from tests.support.broker import wait_port
 from tests.support.fake_k8s import FakeKube
+from tests.support.inproc import Result, run_main
 from tests.support.sim_agents import Behaviour, SimAgent
 
 CAM = "edge.ai/camera-node"
@@ -33,13 +30,6 @@ LABEL = f"edge.ai/model.{MODEL}"
 TOKEN = "s3cret-token"
 
 
-async def until(cond: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
-    """Poll ``cond`` until true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met in {timeout}s: {what}")
-        await asyncio.sleep(0.01)
 
 
 class ManualClock:
@@ -205,22 +195,7 @@ def cli(hub_url: str, *args: str, timeout: float = 60) -> Any:
                           env=env, cwd=ROOT, timeout=timeout, check=False)
 
 
-def cli_inproc(hub_url: str, *args: str) -> Any:
+def cli_inproc(hub_url: str, *args: str) -> Result:
     """``edge-hub ARGS`` in this process (same code path as the console script, minus the
-    interpreter start-up); returns an object with returncode, stdout and stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    saved = {k: os.environ.get(k) for k in ("EDGE_HUB_URL", "EDGE_HUB_TOKEN")}
-    os.environ.update({"EDGE_HUB_URL": hub_url, "EDGE_HUB_TOKEN": TOKEN})
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                rc = main(list(args))
-            except SystemExit as exc:  # argparse usage errors
-                rc = int(exc.code or 0)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    return types.SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
+    interpreter start-up); returns the exit code, stdout and stderr."""
+    return run_main(main, args, env={"EDGE_HUB_URL": hub_url, "EDGE_HUB_TOKEN": TOKEN})

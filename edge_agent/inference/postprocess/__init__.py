@@ -5,17 +5,19 @@ A unit turns a batch of raw model outputs into plain-JSON results (``{"classes":
 task names, their ``postprocess`` parameter schemas and the outputs each reads are the
 contract's (``edge_agent.contract.tasks``), checked by the hub at push and by the manifest
 parser; a new task is an entry there plus a module here with a ``PostprocessUnit`` subclass
-decorated with ``@register`` (which refuses a task the contract does not know).
+that names the task and its parameter model, ``class Yolo(base.PostprocessUnit[tasks.YoloParams],
+task="yolo")``, and decodes one frame in ``decode`` (a task the contract does not know, or
+another parameter model, is refused when the class is made).
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 from edge_agent.inference.postprocess.base import (
     NonFiniteOutputError,
     PostprocessUnit,
-    register,
     registered,
 )
 
@@ -42,10 +44,10 @@ def tasks() -> frozenset[str]:
     return frozenset(registered())
 
 
-def get_unit(task: str) -> type[PostprocessUnit]:
+def get_unit(task: str) -> type[PostprocessUnit[Any]]:
     """The unit class registered for ``task``; ``KeyError`` when there is none."""
     _load_builtin()
     return registered()[task]
 
 
-__all__ = ["NonFiniteOutputError", "PostprocessUnit", "get_unit", "register", "tasks"]
+__all__ = ["NonFiniteOutputError", "PostprocessUnit", "get_unit", "tasks"]

@@ -2,14 +2,15 @@
 
 A unit decodes; what a task accepts (its parameter schema, the outputs it reads) is the
 contract's (``edge_agent.contract.tasks``), so the hub checks a pushed manifest exactly as the
-unit will read it. ``register`` refuses a unit whose task or schema the contract does not know.
+unit will read it. A unit registers by subclassing (``PostprocessUnit[Params]`` with ``task=``),
+which refuses a unit whose task or schema the contract does not know.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, cast, get_args, get_origin
 
 import numpy as np
 
@@ -26,50 +27,70 @@ class NonFiniteOutputError(ModelError):
     inference error, so rollout gates on the error rate see a broken model version)."""
 
 
-class PostprocessUnit(ABC):
-    """Decodes raw outputs of one task into JSON-ready result dicts (one per frame)."""
+_P = TypeVar("_P", bound=tasks.Params)
+
+
+class PostprocessUnit(ABC, Generic[_P]):
+    """Decodes raw outputs of one task into JSON-ready result dicts (one per frame).
+
+    A unit names its task and the contract's parameter model for it in its class statement,
+    ``class Yolo(PostprocessUnit[tasks.YoloParams], task="yolo")``, which registers it; a task
+    the contract does not know, or another parameter model, is refused right there.
+    """
 
     #: The manifest ``task`` value this unit serves (a name in ``contract.tasks.TASKS``).
     task: ClassVar[str]
     #: The contract's schema of the manifest's ``postprocess`` section for ``task``.
     params_model: ClassVar[type[tasks.Params]]
 
+    def __init_subclass__(cls, *, task: str, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _register(cls, task)
+
     def __init__(self, manifest: ModelManifest) -> None:
         self.manifest = manifest
         # the manifest passed the same schema when it was parsed: this cannot fail
-        self.params: Any = self.params_model.model_validate(manifest.postprocess)
+        self.params = cast("_P", self.params_model.model_validate(manifest.postprocess))
         self.labels = list(manifest.labels)
 
     def label(self, cls_id: int) -> str:
         """The label of class ``cls_id`` (its number when the manifest has no labels)."""
         return self.labels[cls_id] if 0 <= cls_id < len(self.labels) else str(cls_id)
 
-    @abstractmethod
-    def __call__(self, outputs: Sequence[np.ndarray], metas: Sequence[FrameMeta]) -> list[
-        dict[str, Any]
-    ]:
+    def __call__(
+        self, outputs: Sequence[np.ndarray], metas: Sequence[FrameMeta]
+    ) -> list[dict[str, Any]]:
         """One result dict per frame; ``outputs`` are batched ``[B, ...]`` arrays."""
+        return [self.decode([out[b] for out in outputs], meta) for b, meta in enumerate(metas)]
+
+    @abstractmethod
+    def decode(self, outputs: Sequence[np.ndarray], meta: FrameMeta) -> dict[str, Any]:
+        """One frame's result part (``{"detections": [...]}`` or ``{"classes": [...]}``) from
+        its outputs, in the manifest's order, with the batch axis taken off."""
 
 
-_REGISTRY: dict[str, type[PostprocessUnit]] = {}
-_U = TypeVar("_U", bound=type[PostprocessUnit])
+_REGISTRY: dict[str, type[PostprocessUnit[Any]]] = {}
 
 
-def register(unit: _U) -> _U:
-    """Class decorator: make ``unit`` serve manifests whose task is ``unit.task``."""
-    if unit.task in _REGISTRY and _REGISTRY[unit.task] is not unit:
-        raise RuntimeError(f"task {unit.task!r} is already registered")
-    spec = tasks.TASKS.get(unit.task)
-    if spec is None or spec.params is not unit.params_model:
+def _register(unit: type[PostprocessUnit[Any]], task: str) -> None:
+    """Make ``unit`` serve manifests whose task is ``task``: the contract's task, declared
+    with the contract's parameter model (``PostprocessUnit[<that model>]``)."""
+    spec = tasks.TASKS.get(task)
+    declared = [get_args(b) for b in unit.__dict__.get("__orig_bases__", ())
+                if get_origin(b) is PostprocessUnit]
+    if spec is None or declared != [(spec.params,)]:
         raise RuntimeError(
-            f"unit {unit.__name__}: task {unit.task!r} and its params must be the contract's "
+            f"unit {unit.__name__}: task {task!r} and its params must be the contract's "
             "(edge_agent.contract.tasks)"
         )
-    _REGISTRY[unit.task] = unit
-    return unit
+    if task in _REGISTRY and _REGISTRY[task] is not unit:
+        raise RuntimeError(f"task {task!r} is already registered")
+    unit.task = task
+    unit.params_model = spec.params
+    _REGISTRY[task] = unit
 
 
-def registered() -> dict[str, type[PostprocessUnit]]:
+def registered() -> dict[str, type[PostprocessUnit[Any]]]:
     """The registry (task name -> unit class)."""
     return _REGISTRY
 

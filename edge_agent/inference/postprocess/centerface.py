@@ -13,38 +13,25 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edge_agent.contract import tasks
-from edge_agent.inference.postprocess.base import (
-    PostprocessUnit,
-    detection,
-    nms,
-    register,
-)
+from edge_agent.inference.postprocess import base
 
 if TYPE_CHECKING:
     from edge_agent.inference.preprocess import FrameMeta
 
 
-@register
-class CenterFace(PostprocessUnit):
+class CenterFace(base.PostprocessUnit[tasks.CenterFaceParams], task="centerface"):
     """Face boxes with landmarks from CenterFace's four maps."""
 
-    task = "centerface"
-    params_model = tasks.CenterFaceParams
-
-    def __call__(
-        self, outputs: Sequence[np.ndarray], metas: Sequence[FrameMeta]
-    ) -> list[dict[str, Any]]:
+    def decode(self, outputs: Sequence[np.ndarray], meta: FrameMeta) -> dict[str, Any]:
+        """The faces of one frame: boxes, scores and five landmarks each."""
         heat, scale, offset, lms = outputs
-        return [
-            {"detections": self._one(heat[b, 0], scale[b], offset[b], lms[b], metas[b])}
-            for b in range(len(metas))
-        ]
+        return {"detections": self._faces(heat[0], scale, offset, lms, meta)}
 
-    def _one(
+    def _faces(
         self, heat: np.ndarray, scale: np.ndarray, offset: np.ndarray, lms: np.ndarray,
         meta: FrameMeta,
     ) -> list[dict[str, Any]]:
-        p: tasks.CenterFaceParams = self.params
+        p = self.params
         ys, xs = np.nonzero(heat > p.threshold)
         if ys.size == 0:
             return []
@@ -61,10 +48,10 @@ class CenterFace(PostprocessUnit):
         pts[:, :, 0] = lms[1::2, ys, xs].T * bw[:, None] + x1[:, None]
         pts[:, :, 1] = lms[0::2, ys, xs].T * bh[:, None] + y1[:, None]
         scores = heat[ys, xs].astype(np.float64)
-        keep = nms(boxes, scores, p.iou_threshold, p.max_detections)
+        keep = base.nms(boxes, scores, p.iou_threshold, p.max_detections)
         norm = meta.to_normalized(boxes[keep])
         npts = meta.points_to_normalized(pts[keep])
         label = self.label(0) if self.labels else "face"
         return [
-            detection(0, label, scores[k], norm[j], npts[j]) for j, k in enumerate(keep)
+            base.detection(0, label, scores[k], norm[j], npts[j]) for j, k in enumerate(keep)
         ]

@@ -15,34 +15,24 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edge_agent.contract import tasks
-from edge_agent.inference.postprocess.base import (
-    PostprocessUnit,
-    detection,
-    nms,
-    register,
-)
+from edge_agent.inference.postprocess import base
 
 if TYPE_CHECKING:
     from edge_agent.inference.preprocess import FrameMeta
 
 
-@register
-class Yolo(PostprocessUnit):
+class Yolo(base.PostprocessUnit[tasks.YoloParams], task="yolo"):
     """YOLO-style box decoding with class-wise NMS."""
 
-    task = "yolo"
-    params_model = tasks.YoloParams
+    def decode(self, outputs: Sequence[np.ndarray], meta: FrameMeta) -> dict[str, Any]:
+        """The boxes of one frame, after the score threshold and NMS."""
+        raw = outputs[0]
+        if raw.ndim != 2:
+            raise ValueError(f"yolo output must be 3-D ([B, ...]), got {raw.ndim + 1}-D")
+        return {"detections": self._boxes(raw, meta)}
 
-    def __call__(
-        self, outputs: Sequence[np.ndarray], metas: Sequence[FrameMeta]
-    ) -> list[dict[str, Any]]:
-        p: tasks.YoloParams = self.params
-        out = outputs[0]
-        if out.ndim != 3:
-            raise ValueError(f"yolo output must be 3-D, got shape {out.shape}")
-        return [{"detections": self._one(out[b], metas[b], p)} for b in range(len(metas))]
-
-    def _one(self, raw: np.ndarray, meta: FrameMeta, p: tasks.YoloParams) -> list[dict[str, Any]]:
+    def _boxes(self, raw: np.ndarray, meta: FrameMeta) -> list[dict[str, Any]]:
+        p = self.params
         if p.layout == "v8":
             pred = raw.T  # [N, 4+C]
             cls_scores = pred[:, 4:]
@@ -71,9 +61,9 @@ class Yolo(PostprocessUnit):
             # offset each class into its own region so one NMS pass never mixes classes
             span = float(np.abs(boxes).max()) * 2 + 1
             shifted = boxes + (cl.astype(np.float64) * span)[:, None]
-        keep = nms(shifted, sc, p.iou_threshold, p.max_detections)
+        keep = base.nms(shifted, sc, p.iou_threshold, p.max_detections)
         norm = meta.to_normalized(boxes[keep])
         return [
-            detection(int(cl[k]), self.label(int(cl[k])), sc[k], norm[j])
+            base.detection(int(cl[k]), self.label(int(cl[k])), sc[k], norm[j])
             for j, k in enumerate(keep)
         ]

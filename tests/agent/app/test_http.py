@@ -14,8 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edge_agent.app.compose import Agent
 from tests.support.broker import free_port
-from tests.support.pipeline import RecordingSink, agent_settings, wait_until
+from tests.support.pipeline import RecordingSink, agent_settings
 from tests.support.streams import MjpegServer
+from tests.support.waiting import until
 
 PATTERN = "test://pattern?width=320&height=240&fps=20"
 
@@ -56,7 +57,7 @@ async def test_probes_models_and_cameras(running: tuple[Agent, str]) -> None:
     async def ready() -> bool:
         return (await _get(base + "/readyz"))[0] == 200
 
-    await wait_until(ready, what="ready")
+    await until(ready, what="ready")
     status, body = await _get(base + "/healthz")
     assert status == 200 and body == {"status": "ok", "reasons": []}
     status, body = await _get(base + "/v1/models")
@@ -78,7 +79,7 @@ async def test_metrics_parse_and_carry_per_model_stage_histograms(
     running: tuple[Agent, str],
 ) -> None:
     agent, base = running
-    await wait_until(lambda: agent.pipeline is not None
+    await until(lambda: agent.pipeline is not None
                      and sum(agent.pipeline.published.values()) >= 5, what="results")
     status, text = await _get(base + "/metrics")
     assert status == 200
@@ -181,14 +182,14 @@ async def test_readyz_follows_the_camera(tmp_path: Path, models_dir: Path) -> No
         async def is_(code: int) -> bool:
             return await readyz() == code
 
-        await wait_until(lambda: is_(200), what="ready with the camera up")
+        await until(lambda: is_(200), what="ready with the camera up")
         server.stall.set()  # the camera goes silent
-        await wait_until(lambda: is_(503), what="not ready once the camera is silent")
+        await until(lambda: is_(503), what="not ready once the camera is silent")
         _, body = await _get(base + "/readyz")
         assert "no camera delivers frames" in body["reasons"]
         assert (await _get(base + "/healthz"))[0] == 200  # not ready, but alive
         server.stall.clear()
-        await wait_until(lambda: is_(200), timeout=20, what="ready again")
+        await until(lambda: is_(200), timeout=20, what="ready again")
     finally:
         await agent.stop()
         server.stop()

@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +19,11 @@ from edge_agent.config import load_settings
 from edge_agent.streaming.sinks import JsonLinesSink
 from models import generate
 from tests.support import modelsync as ms
+from tests.support.waiting import until
 
 PATTERN = "test://pattern?width=320&height=240&fps=20"
 
 
-async def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def _config(tmp: Path, models: dict[str, Path], cameras: dict[str, str], **extra: Any) -> Path:
@@ -84,20 +78,20 @@ async def test_file_change_swaps_a_model_and_adds_a_camera(
     running: Running, tmp_path: Path
 ) -> None:
     agent = running.agent
-    await wait_for(lambda: "1" in running.versions("cam0"), what="results of version 1")
+    await until(lambda: "1" in running.versions("cam0"), what="results of version 1")
     v2 = ms.version_of(tmp_path / "art", "det", "2", anchors=65)
     cls = ms.Artifact("cls", "1", generate.tiny_classifier(tmp_path / "art" / "cls-1", "cls", "1"))
     _config(tmp_path, {"det": v2.manifest_path, "cls": cls.manifest_path},
             {"cam0": "det", "cam1": "cls"})
-    await wait_for(lambda: agent.slots["det"].version == "2", what="det switched to 2")
-    await wait_for(lambda: "1" in running.versions("cam1"), what="results from the new camera")
-    await wait_for(lambda: running.versions("cam0")[-1:] == ["2"], what="cam0 on version 2")
+    await until(lambda: agent.slots["det"].version == "2", what="det switched to 2")
+    await until(lambda: "1" in running.versions("cam1"), what="results from the new camera")
+    await until(lambda: running.versions("cam0")[-1:] == ["2"], what="cam0 on version 2")
     assert set(agent.pipeline.cameras) == {"cam0", "cam1"}
     assert running.reloader.counters["reloads"] == 1
     # the camera goes away again on SIGHUP after the edit
     _config(tmp_path, {"det": v2.manifest_path, "cls": cls.manifest_path}, {"cam0": "det"})
     running.reloader.trigger()
-    await wait_for(lambda: set(agent.pipeline.cameras) == {"cam0"}, what="cam1 stopped")
+    await until(lambda: set(agent.pipeline.cameras) == {"cam0"}, what="cam1 stopped")
 
 
 async def test_bad_file_is_refused_and_nothing_changes(running: Running, tmp_path: Path) -> None:
@@ -119,6 +113,6 @@ async def test_sighup_triggers_a_reload(running: Running, tmp_path: Path) -> Non
     try:
         n = running.reloader.counters["reloads"]
         os.kill(os.getpid(), signal.SIGHUP)
-        await wait_for(lambda: running.reloader.counters["reloads"] == n + 1, what="reload")
+        await until(lambda: running.reloader.counters["reloads"] == n + 1, what="reload")
     finally:
         asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)

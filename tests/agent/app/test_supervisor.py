@@ -19,7 +19,7 @@ import yaml
 
 from edge_agent.app.supervisor import EXIT_TASK_DIED, LoopLagProbe, Supervisor
 from tests.support.broker import free_port
-from tests.support.pipeline import wait_until
+from tests.support.waiting import until
 
 
 async def _forever() -> None:
@@ -122,11 +122,11 @@ async def test_loop_lag_probe_sees_a_blocking_call() -> None:
     seen: list[float] = []
     probe.observe(seen.append)
     task = asyncio.create_task(probe.run())
-    await wait_until(lambda: probe.samples >= 3, what="samples")
+    await until(lambda: probe.samples >= 3, what="samples")
     assert probe.max_lag_s < 0.2
     time.sleep(0.3)  # noqa: ASYNC251 - blocking the loop on purpose
     n = probe.samples
-    await wait_until(lambda: probe.samples > n, what="a sample after the block")
+    await until(lambda: probe.samples > n, what="a sample after the block")
     task.cancel()
     assert probe.max_lag_s >= 0.25 and max(seen) == probe.max_lag_s
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,16 +13,7 @@ from edge_agent.capture.camera import Camera, Frame
 from edge_agent.config import CameraSettings, parse_source
 from tests.support.broker import free_port
 from tests.support.streams import MjpegServer, write_video
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll ``cond`` until true; fail with ``what`` after ``timeout`` seconds."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.support.waiting import wait_until
 
 
 class Slot:
@@ -118,7 +109,7 @@ def test_file_at_max_rate_delivers_every_frame_then_ends(tmp_path: Path,
         slot.take()
         return c.state == "ended" and slot.frame is None
 
-    wait_for(consume, what="file to end")
+    wait_until(consume, what="file to end")
     assert c.frames_read == 25
     assert len(slot.taken) == 25 and c.dropped == 0
     assert [f.index for f in slot.taken] == list(range(25))
@@ -136,7 +127,7 @@ def test_file_at_native_rate_is_paced_and_drops_what_nobody_takes(tmp_path: Path
     cameras.append(c)
     t0 = time.monotonic()
     c.start()
-    wait_for(lambda: c.state == "ended", what="file to end")
+    wait_until(lambda: c.state == "ended", what="file to end")
     took = time.monotonic() - t0
     assert took >= 14 / 50.0 * 0.9  # played at 50 fps, not as fast as it decodes
     assert c.frames_delivered == 15 and c.dropped == 14  # nobody took: newest wins
@@ -148,7 +139,7 @@ def test_looping_file_restarts(tmp_path: Path, cameras: list[Camera]) -> None:
     c = Camera(cam(str(video), rate="max", loop=True), slot)
     cameras.append(c)
     c.start()
-    wait_for(lambda: (slot.take() is not None and c.frames_read > 12), what="a few loops")
+    wait_until(lambda: (slot.take() is not None and c.frames_read > 12), what="a few loops")
     assert c.state == "connected" and c.reconnects == 0
 
 
@@ -157,7 +148,7 @@ def test_fps_cap_skips_frames(cameras: list[Camera]) -> None:
     c = Camera(cam("test://pattern?width=64&height=48&fps=100", fps_cap=20), slot)
     cameras.append(c)
     c.start()
-    wait_for(lambda: c.frames_read >= 60, what="60 frames")
+    wait_until(lambda: c.frames_read >= 60, what="60 frames")
     assert c.frames_skipped >= 30
     assert c.frames_delivered <= c.frames_read * 0.4
 
@@ -167,7 +158,7 @@ def test_missing_file_is_a_degraded_camera_not_a_crash(tmp_path: Path,
     c = Camera(cam(str(tmp_path / "nope.mp4"), reconnect_min_s=0.05, reconnect_max_s=0.1), Slot())
     cameras.append(c)
     c.start()
-    wait_for(lambda: c.reconnects >= 2, what="retries")
+    wait_until(lambda: c.reconnects >= 2, what="retries")
     assert c.alive and c.state in ("reconnecting", "connecting")
     assert c.last_error is not None and "no such file" in c.last_error
 
@@ -180,7 +171,7 @@ def test_unreachable_stream_retries_with_backoff(cameras: list[Camera]) -> None:
     c = Camera(cam(url, reconnect_min_s=0.05, reconnect_max_s=0.2, open_timeout_s=2), Slot())
     cameras.append(c)
     c.start()
-    wait_for(lambda: c.reconnects >= 2, what="reconnect attempts")
+    wait_until(lambda: c.reconnects >= 2, what="reconnect attempts")
     snap = c.snapshot()
     assert snap["connected"] is False and snap["last_error"]
     assert snap["last_frame_age_s"] is None
@@ -200,18 +191,18 @@ def test_stream_that_dies_is_reconnected_while_other_cameras_keep_going(
         cameras += [live, other]
         live.start()
         other.start()
-        wait_for(lambda: live.state == "connected" and live.frames_read > 5, what="stream up")
+        wait_until(lambda: live.state == "connected" and live.frames_read > 5, what="stream up")
 
         server.stop()  # the camera dies
-        wait_for(lambda: live.state in ("reconnecting", "connecting"), what="failure noticed")
+        wait_until(lambda: live.state in ("reconnecting", "connecting"), what="failure noticed")
         before = other.frames_read
-        wait_for(lambda: live.reconnects >= 2 and other.frames_read > before + 10,
+        wait_until(lambda: live.reconnects >= 2 and other.frames_read > before + 10,
                  what="retries while down, the other camera still reading")
         assert live.state != "connected" and other.state == "connected"
 
         server.start()  # and comes back on the same address
         n = live.frames_read
-        wait_for(lambda: live.state == "connected" and live.frames_read > n + 5, what="back")
+        wait_until(lambda: live.state == "connected" and live.frames_read > n + 5, what="back")
         assert other.state == "connected"
     finally:
         server.stop()
@@ -226,16 +217,16 @@ def test_stalled_stream_is_detected_and_reconnected(cameras: list[Camera]) -> No
                        reconnect_max_s=0.2), Slot())
         cameras.append(c)
         c.start()
-        wait_for(lambda: c.state == "connected" and c.frames_read > 5, what="stream up")
+        wait_until(lambda: c.state == "connected" and c.frames_read > 5, what="stream up")
         server.stall.set()  # connection open, no frames
         # whichever notices first, the watchdog (check_stall, called by the pipeline) or the
         # FFmpeg read timeout in the capture thread, the stall is counted once and named
-        wait_for(lambda: c.check_stall() or c.stalls >= 1, timeout=5, what="stall detected")
+        wait_until(lambda: c.check_stall() or c.stalls >= 1, timeout=5, what="stall detected")
         assert c.stalls == 1
-        wait_for(lambda: c.reconnects >= 1, timeout=10, what="reconnect after stall")
+        wait_until(lambda: c.reconnects >= 1, timeout=10, what="reconnect after stall")
         assert c.last_error is not None and c.last_error.startswith("stalled")
         server.stall.clear()
         n = c.frames_read
-        wait_for(lambda: c.state == "connected" and c.frames_read > n + 3, what="flowing again")
+        wait_until(lambda: c.state == "connected" and c.frames_read > n + 3, what="flowing again")
     finally:
         server.stop()

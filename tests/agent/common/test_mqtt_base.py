@@ -11,7 +11,8 @@ import pytest
 
 from edge_agent.common import mqtt, settings
 from tests.support.broker import Broker, free_port
-from tests.support.mqtt_recorder import Recorder, wait_until
+from tests.support.mqtt_recorder import Recorder
+from tests.support.waiting import wait_until
 
 
 class _WillClient(mqtt.MqttClient):

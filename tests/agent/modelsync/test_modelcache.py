@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import random
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -19,18 +18,10 @@ from edge_agent.config import HubClientSettings
 from edge_agent.contract.protocol import DesiredModel, signing_payload
 from edge_agent.errors import ModelError, ModelRejectedError, TemporaryError
 from edge_agent.modelsync.cache import ModelCache
-from edge_agent.modelsync.fetch import Fetcher, FetchPolicy, FetchStats
+from edge_agent.modelsync.fetch import Fetcher, FetchStats
 from tests.support.fileserver import FileServer
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[FileServer]:
-    s = FileServer()
-    await s.start()
-    yield s
-    await s.stop()
 
 
 def _publish(server: FileServer, name: str, version: str, size: int = 300_000,
@@ -65,9 +56,9 @@ def _cache(tmp_path: Path, fetcher: Fetcher | None = None, **over: object) -> Mo
 
 
 def _fetcher(sleep: FakeSleep, **over: object) -> Fetcher:
-    policy = FetchPolicy(**{"retries": 3, "stall_timeout_s": 5.0, "total_timeout_s": 20.0,
-                            **over})  # type: ignore[arg-type]
-    return Fetcher(policy, sleep=sleep, rng=random.Random(1))
+    limits = HubClientSettings(**{"download_retries": 3, "stall_timeout_s": 5.0,
+                                  "download_timeout_s": 20.0, **over})  # type: ignore[arg-type]
+    return Fetcher(limits, sleep=sleep, rng=random.Random(1))
 
 
 async def test_fetch_installs_verified_entry_and_hits_cache(
@@ -175,7 +166,7 @@ async def test_temporary_errors_are_retried_with_jittered_backoff(
 
 async def test_retries_are_bounded(tmp_path: Path, server: FileServer) -> None:
     sleep = FakeSleep()
-    cache = _cache(tmp_path, fetcher=_fetcher(sleep, retries=2))
+    cache = _cache(tmp_path, fetcher=_fetcher(sleep, download_retries=2))
     desired, _ = _publish(server, "det", "1")
     server.fail_next = 100
     with pytest.raises(TemporaryError, match="3 attempts"):
@@ -206,7 +197,7 @@ async def test_total_timeout_bounds_a_hanging_hub(tmp_path: Path) -> None:
     srv = await asyncio.start_server(hang, "127.0.0.1", 0)
     port = srv.sockets[0].getsockname()[1]
     try:
-        cache = _cache(tmp_path, fetcher=_fetcher(FakeSleep(), total_timeout_s=0.5,
+        cache = _cache(tmp_path, fetcher=_fetcher(FakeSleep(), download_timeout_s=0.5,
                                                   stall_timeout_s=30.0))
         base = f"http://127.0.0.1:{port}"
         desired = DesiredModel(version="1", sha256="ab" * 32, url=f"{base}/a",

@@ -10,7 +10,7 @@ import asyncio
 import json
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +27,11 @@ from edge_agent.contract.protocol import StateMessage
 from edge_agent.modelsync.sync import ModelSync
 from tests.support import modelsync as ms
 from tests.support.fileserver import FileServer
+from tests.support.waiting import until
 
 NODE = "n1"
 
 
-async def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    """Poll ``cond`` until true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or cond}")
-        await asyncio.sleep(0.01)
 
 
 class Harness:
@@ -96,14 +90,6 @@ class Harness:
     async def settled(self, timeout: float = 10.0) -> None:
         assert self.sync is not None
         await asyncio.wait_for(self.sync.idle.wait(), timeout)
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[FileServer]:
-    s = FileServer()
-    await s.start()
-    yield s
-    await s.stop()
 
 
 @pytest.fixture
@@ -204,7 +190,7 @@ async def test_first_inferences_failing_switch_back_on_their_own(h: Harness) -> 
     h.settings.model_sync.probation_failures = 3
     v2 = ms.version_of(h.tmp / "art", "det", "2", anchors=65)
     h.send({"det": h.publish(v2)})
-    await wait_for(lambda: h.slot.version == "2", what="switch to 2")
+    await until(lambda: h.slot.version == "2", what="switch to 2")
     new = h.slot.model
     for _ in range(3):  # outcomes come from inference worker threads
         await asyncio.to_thread(h.slot.report, new, 1, RuntimeError("boom"))

@@ -50,18 +50,13 @@ from tests.support import modelsync as ms
 from tests.support.broker import Broker
 from tests.support.hub_client import AUTH, hub_settings, running_hub, upload_form
 from tests.support.mqtt_recorder import Recorder
+from tests.support.waiting import until
 
 NODE = "edge-01"
 FPS = 25
 PATTERN = f"test://pattern?width=320&height=240&fps={FPS}"
 
 
-async def wait_for(cond: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 class World:
@@ -237,15 +232,15 @@ async def test_swap_under_a_running_stream(world: World) -> None:
     world.watch()
     agent = await world.start_agent()
     await world.wait_state(lambda m, d: d.status == "active" and d.version == "1", 10, "v1")
-    await wait_for(lambda: len(world.results()) >= FPS, what="a second of v1 results")
+    await until(lambda: len(world.results()) >= FPS, what="a second of v1 results")
     old = weakref.ref(agent.slots["det"].model)
     loss0, n0 = _loss(agent), len(world.results())
     t_desire = time.time()
     world.desire({"det": world.entry(v2)})
     msg = await world.wait_state(lambda m, d: d.status == "active" and d.version == "2"
                                  and m.generation == 1, 10, "v2 active")
-    await wait_for(lambda: agent.sync.counters["released"] == 1, 10, "old session released")
-    await wait_for(lambda: len(world.results()) >= n0 + FPS, what="a second of v2 results")
+    await until(lambda: agent.sync.counters["released"] == 1, 10, "old session released")
+    await until(lambda: len(world.results()) >= n0 + FPS, what="a second of v2 results")
     assert old() is None and agent.sync.counters["closed_while_referenced"] == 0
     lost = _loss(agent) - loss0
     assert lost <= 2, f"{lost} frames lost during the swap"
@@ -278,7 +273,7 @@ async def test_fifty_swaps_do_not_grow_memory(world: World) -> None:
     for i in range(1, 51):
         target = a if i % 2 else b
         gen = world.desire({"det": world.entry(target)})
-        await wait_for(lambda g=gen: agent.sync.generation == g
+        await until(lambda g=gen: agent.sync.generation == g
                        and agent.sync.counters["released"] >= g, 20, f"swap {gen}")
         assert agent.slots["det"].version == target.version
         rss.append(_retained_rss(proc))
@@ -333,7 +328,7 @@ async def test_bad_artifacts_are_refused_while_the_old_version_serves(world: Wor
         assert d.version == "1" and d.target_version == entry["version"], what
         assert reason in (d.error or ""), (what, d.error)
         assert elapsed < 5.0
-        await wait_for(lambda n=n: len(world.results()) >= n + 5, what=f"serving after {what}")
+        await until(lambda n=n: len(world.results()) >= n + 5, what=f"serving after {what}")
         assert {r["model"]["version"] for r in world.results()[n:]} == {"1"}, what
     assert agent.sync.counters["refused"] == len(cases)
     assert agent.slots["det"].version == "1"
@@ -351,7 +346,7 @@ async def test_restart_with_broker_and_hub_down_serves_the_cached_version(
         await w.push(v2)
         agent = await w.start_agent()
         w.desire({"det": w.entry(v2)})
-        await wait_for(lambda: agent.sync.generation == 1
+        await until(lambda: agent.sync.generation == 1
                        and agent.slots["det"].version == "2", 15, "v2 applied")
         await w.stop_agent()
         w.close_publisher()
@@ -368,12 +363,12 @@ async def test_restart_with_broker_and_hub_down_serves_the_cached_version(
                 frames[t.version] = frames.get(t.version, 0) + t.frames
             return frames
 
-        await wait_for(lambda: served().get("2", 0) >= 10, what="frames served offline")
+        await until(lambda: served().get("2", 0) >= 10, what="frames served offline")
         assert set(frames) == {"2"}
         # the broker comes back: what the node serves reaches subscribers, still version 2
         own_broker.start()
         w.watch()
-        await wait_for(lambda: len(w.results()) >= 10, what="results after the broker returned")
+        await until(lambda: len(w.results()) >= 10, what="results after the broker returned")
         assert {r["model"]["version"] for r in w.results()} == {"2"}
     finally:
         await w.stop_agent()
@@ -389,7 +384,7 @@ async def test_stale_and_malformed_desired_messages_change_nothing(world: World)
     agent = await world.start_agent()
     world.desire({"det": world.entry(v2)}, generation=7)
     await world.wait_state(lambda m, d: m.generation == 7 and d.version == "2", 10, "gen 7")
-    await wait_for(agent.sync.idle.is_set, what="idle")
+    await until(agent.sync.idle.is_set, what="idle")
     n_states = len(world.state_messages())
     cache_root = agent.sync.cache.root
     bad = [
@@ -403,7 +398,7 @@ async def test_stale_and_malformed_desired_messages_change_nothing(world: World)
     received = agent.sync.counters["desired_received"]
     for p in bad:
         world.publish_raw(p)
-    await wait_for(lambda: agent.sync.counters["desired_received"] == received + len(bad),
+    await until(lambda: agent.sync.counters["desired_received"] == received + len(bad),
                    what="all desired messages delivered")
     await asyncio.sleep(0.3)  # anything wrongly started would show within this
     assert agent.sync.counters["desired_malformed"] == 6

@@ -18,8 +18,9 @@ from edge_agent.inference.engine import LoadedModel
 from edge_agent.streaming.calibration import calibrate
 from edge_agent.streaming.sinks import JsonLinesSink
 from tests.support.broker import free_port
-from tests.support.pipeline import RecordingSink, agent_settings, wait_until
+from tests.support.pipeline import RecordingSink, agent_settings
 from tests.support.streams import MjpegServer
+from tests.support.waiting import until
 
 
 def pattern(name: str, fps: int = 20, model: str = "yolov8-head", w: int = 320,
@@ -37,7 +38,7 @@ async def test_results_flow_in_the_wire_format_with_per_camera_seq(
     agent = Agent(s, sink=sink)
     await agent.start()
     try:
-        await wait_until(lambda: min(len(sink.by_camera("cam-a")),
+        await until(lambda: min(len(sink.by_camera("cam-a")),
                                      len(sink.by_camera("cam-b"))) >= 10, what="results")
     finally:
         await agent.stop()
@@ -66,7 +67,7 @@ async def test_each_camera_runs_its_own_model(tmp_path: Path, models_dir: Path) 
     agent = Agent(s, sink=sink)
     await agent.start()
     try:
-        await wait_until(lambda: len(sink.by_camera("det")) >= 3
+        await until(lambda: len(sink.by_camera("det")) >= 3
                          and len(sink.by_camera("cls")) >= 3, what="both cameras")
     finally:
         await agent.stop()
@@ -88,7 +89,7 @@ async def test_overload_drops_frames_and_keeps_memory_and_latency_bounded(
     await agent.start()
     proc = psutil.Process()
     try:
-        await wait_until(lambda: len(sink.results) >= 15, timeout=60, what="warm")
+        await until(lambda: len(sink.results) >= 15, timeout=60, what="warm")
         rss0 = proc.memory_info().rss
         n0 = len(sink.results)
         assert agent.pipeline is not None
@@ -100,7 +101,7 @@ async def test_overload_drops_frames_and_keeps_memory_and_latency_bounded(
             waiting_max = max(waiting_max, sched.waiting)
             return len(sink.results) >= n0 + 30
 
-        await wait_until(enough, timeout=90, what="30 more results under overload")
+        await until(enough, timeout=90, what="30 more results under overload")
         rss1 = proc.memory_info().rss
         cams_now = agent.pipeline.cameras.values()
         delivered = sum(c.frames_delivered for c in cams_now)
@@ -132,7 +133,7 @@ async def test_batching_across_cameras_runs_waiting_frames_together(
     agent = Agent(s, sink=sink)
     await agent.start()
     try:
-        await wait_until(lambda: len(sink.results) >= 200, what="results")
+        await until(lambda: len(sink.results) >= 200, what="results")
         assert agent.pipeline is not None
         sched = agent.pipeline.scheduler
         assert sched.batch_limits == {"yolov8-head": 4}
@@ -170,7 +171,7 @@ async def test_jsonl_sink_resumes_each_cameras_seq_after_a_restart(
         pipeline = agent.pipeline
         assert pipeline is not None
         try:
-            await wait_until(lambda p=pipeline: sum(p.published.values()) >= 5,  # type: ignore[misc]
+            await until(lambda p=pipeline: sum(p.published.values()) >= 5,  # type: ignore[misc]
                              what="results")
         finally:
             await agent.stop()
@@ -198,9 +199,9 @@ async def test_unreachable_camera_is_a_degraded_state_not_a_crash(
     agent = Agent(s, sink=sink)
     await agent.start()
     try:
-        await wait_until(lambda: len(sink.by_camera("alive")) >= 5, what="the live camera")
+        await until(lambda: len(sink.by_camera("alive")) >= 5, what="the live camera")
         assert agent.pipeline is not None
-        await wait_until(lambda: agent.pipeline.cameras["dead"].reconnects >= 2,  # type: ignore[union-attr]
+        await until(lambda: agent.pipeline.cameras["dead"].reconnects >= 2,  # type: ignore[union-attr]
                          what="retries")
         snap = {c["name"]: c for c in agent.cameras_info()}
         assert snap["dead"]["connected"] is False and snap["dead"]["last_error"]
@@ -242,18 +243,18 @@ async def test_a_stream_that_dies_comes_back_while_the_other_cameras_keep_going(
     agent = Agent(s, sink=sink)
     await agent.start()
     try:
-        await wait_until(lambda: len(sink.by_camera("ipcam")) >= 5, what="ipcam results")
+        await until(lambda: len(sink.by_camera("ipcam")) >= 5, what="ipcam results")
         await asyncio.to_thread(server.stop)
         assert agent.pipeline is not None
         cam = agent.pipeline.cameras["ipcam"]
-        await wait_until(lambda: cam.state != "connected", what="ipcam down")
+        await until(lambda: cam.state != "connected", what="ipcam down")
         steady_at = len(sink.by_camera("steady"))
-        await wait_until(lambda: len(sink.by_camera("steady")) >= steady_at + 20
+        await until(lambda: len(sink.by_camera("steady")) >= steady_at + 20
                          and cam.reconnects >= 2, what="steady camera keeps going")
         assert cam.state != "connected"
         down_at = len(sink.by_camera("ipcam"))
         await asyncio.to_thread(server.start)
-        await wait_until(lambda: len(sink.by_camera("ipcam")) >= down_at + 10,
+        await until(lambda: len(sink.by_camera("ipcam")) >= down_at + 10,
                          what="ipcam results again")
         assert cam.state == "connected"
     finally:

@@ -20,7 +20,8 @@ import structlog
 from blockbuster import blockbuster_ctx
 
 from edge_agent.app.compose import Agent
-from tests.support.pipeline import agent_settings, wait_until
+from tests.support.pipeline import agent_settings
+from tests.support.waiting import until
 
 
 async def test_nothing_blocks_the_event_loop(tmp_path: Path, models_dir: Path) -> None:
@@ -39,7 +40,7 @@ async def test_nothing_blocks_the_event_loop(tmp_path: Path, models_dir: Path) -
         agent = Agent(s)  # the default sink: the JSON-lines file
         await agent.start()
         try:
-            await wait_until(lambda: agent.pipeline is not None
+            await until(lambda: agent.pipeline is not None
                              and sum(agent.pipeline.published.values()) >= 30,
                              what="results from both cameras")
             agent.lag.reset()
@@ -56,7 +57,7 @@ async def test_nothing_blocks_the_event_loop(tmp_path: Path, models_dir: Path) -
                         assert r.status == 200
                     await asyncio.sleep(0.2)
             n = sum(agent.pipeline.published.values())  # type: ignore[union-attr]
-            await wait_until(lambda: sum(agent.pipeline.published.values()) >= n + 20,  # type: ignore[union-attr]
+            await until(lambda: sum(agent.pipeline.published.values()) >= n + 20,  # type: ignore[union-attr]
                              what="more results")
             lag = agent.lag.max_lag_s
         finally:

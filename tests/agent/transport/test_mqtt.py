@@ -44,9 +44,10 @@ from edge_agent.transport.link import MqttLink
 from edge_agent.transport.metrics import register
 from edge_agent.transport.telemetry import TelemetryPublisher
 from tests.support.broker import Broker, free_port
-from tests.support.mqtt_recorder import Recorder, wait_until
+from tests.support.mqtt_recorder import Recorder
 from tests.support.outbox_driver import result
 from tests.support.outbox_faults import ROOT
+from tests.support.waiting import wait_until
 
 
 def settings(port: int, prefix: str, **kw: Any) -> MqttSettings:

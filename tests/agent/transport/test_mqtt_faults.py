@@ -33,7 +33,8 @@ from edge_agent.transport.drain import Drain
 from edge_agent.transport.link import MqttLink
 from tests.agent.outbox.test_outbox_faults import detection_result
 from tests.support.broker import Broker
-from tests.support.mqtt_recorder import Recorder, wait_until
+from tests.support.mqtt_recorder import Recorder
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
 

@@ -4,16 +4,13 @@ process (``hub.cli.main``) to keep the test fast; one push runs as a child on a 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import pty
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,6 +18,7 @@ import pytest
 from hub.cli import main
 from tests.support.hub_client import ROOT, TOKEN, HubProcess, hub_process
 from tests.support.hub_models import write_model
+from tests.support.inproc import Result, run_main
 
 
 @pytest.fixture(scope="module")
@@ -29,35 +27,14 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
         yield h
 
 
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
 def cli(*argv: str, hub: HubProcess | None = None, token: str | None = TOKEN,
         **env: str) -> Result:
     """Run ``edge-hub ARGV`` in this process (the hub it talks to is a real child process)."""
-    saved = dict(os.environ)
-    for k in [k for k in os.environ if k.startswith("EDGE_HUB_")]:
-        del os.environ[k]
     if hub is not None:
-        os.environ["EDGE_HUB_URL"] = hub.url
+        env.setdefault("EDGE_HUB_URL", hub.url)
     if token is not None:
-        os.environ["EDGE_HUB_TOKEN"] = token
-    os.environ.update(env)
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                rc = main(list(argv))
-            except SystemExit as exc:  # argparse usage errors
-                rc = int(exc.code or 0)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return Result(rc, out.getvalue(), err.getvalue())
+        env.setdefault("EDGE_HUB_TOKEN", token)
+    return run_main(main, argv, env=env, clear_prefix="EDGE_HUB_")
 
 
 def test_push_list_show_pull_rm(hub: HubProcess, tmp_path: Path) -> None:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,18 +21,10 @@ from hub.cluster.selectors import parse_selector
 from hub.config import ClusterSettings
 from hub.server.control import make_cluster
 from tests.support.fake_k8s import FakeKube
+from tests.support.waiting import until
 
 CAM = "edge.ai/camera-node"
 DET = "edge.ai/model.det"
-
-
-async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll ``cond`` until true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture

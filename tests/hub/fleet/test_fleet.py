@@ -22,8 +22,9 @@ from hub.fleet.aggregate import Sample, aggregate, combine
 from hub.fleet.view import Fleet
 from hub.transport.mqtt import HubMqtt
 from tests.support.broker import Broker
-from tests.support.rollout_env import ManualClock, until
+from tests.support.rollout_env import ManualClock
 from tests.support.sim_agents import SimAgent
+from tests.support.waiting import until
 
 
 def _tel(node: str, version: str, frames: int, errors: int, p99: float,

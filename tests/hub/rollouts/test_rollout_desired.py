@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from paho.mqtt import client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.common import mqtt as mqtt_base
 from edge_agent.contract import protocol
@@ -19,7 +18,9 @@ from hub.cluster.base import load_inventory, write_inventory
 from hub.registry.service import Registry
 from hub.rollouts.store import DB_FILE
 from tests.support.broker import Broker
-from tests.support.rollout_env import CAM, LABEL, control_plane, hub_settings, push_version, until
+from tests.support.mqtt_recorder import listen
+from tests.support.rollout_env import CAM, LABEL, control_plane, hub_settings, push_version
+from tests.support.waiting import until
 
 
 class Recorder:
@@ -29,11 +30,7 @@ class Recorder:
         self.got: list[tuple[str, int, dict[str, str]]] = []
         self.raw: list[protocol.DesiredMessage] = []
         self.lock = threading.Lock()
-        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"rec-{prefix}")
-        self.c.on_message = self._on
-        self.c.connect("127.0.0.1", port)
-        self.c.subscribe(f"{prefix}/+/desired", qos=1)
-        self.c.loop_start()
+        self.c = listen(port, f"{prefix}/+/desired", self._on, client_id=f"rec-{prefix}")
 
     def _on(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         d = protocol.decode_desired(msg.payload)

@@ -110,7 +110,7 @@ def test_spec_validation_and_plans() -> None:
     assert plan_waves(small, ["a", "b", "c"]) == [["a"], ["b"], ["c"]]  # empty waves dropped
     none = RolloutSpec(model="det", version="2", canary=0, waves=[100])
     assert plan_waves(none, ["a", "b"]) == [["a", "b"]]
-    for body, message in (({"model": "Det", "version": "1"}, "model: .*invalid model name"),
+    for body, message in (({"model": "Det", "version": "1"}, "model: .*lowercase letters"),
                           ({"model": "det", "version": "../1"}, "version"),
                           ({"model": "det", "version": "1", "waves": []}, "at least one"),
                           ({"model": "det", "version": "1", "waves": [0, 100]}, r"\(0, 100\]"),

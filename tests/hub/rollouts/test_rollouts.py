@@ -3,12 +3,13 @@ a real broker, a real registry, simulated agents that speak the wire contract.""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from blockbuster import blockbuster_ctx
 
+from hub.config import HubSettings
 from hub.registry.service import Registry
 from hub.rollouts.model import RolloutSpec
 from tests.support.broker import Broker
@@ -22,18 +23,11 @@ from tests.support.rollout_env import (
     control_plane,
     hub_settings,
     push_version,
-    until,
 )
 from tests.support.sim_agents import Behaviour, measure_latency_ms
+from tests.support.waiting import until
 
 NODES = [f"cam-{i}" for i in range(6)]
-
-
-@pytest.fixture
-def kube() -> Iterator[FakeKube]:
-    k = FakeKube(hang_s=10).start()
-    yield k
-    k.stop()
 
 
 @pytest.fixture
@@ -47,14 +41,9 @@ async def registry(tmp_path: Path, models_dir: Path) -> AsyncIterator[Registry]:
 
 
 @pytest.fixture
-def fleet(broker: Broker, topic_prefix: str) -> Iterator[Fleet]:
-    f = Fleet(broker.port, topic_prefix)
-    yield f
-    f.stop()
-
-
-def settings_for(tmp_path: Path, broker: Broker, prefix: str, kube: FakeKube):  # type: ignore[no-untyped-def]
-    return hub_settings(tmp_path / "data", mqtt_port=broker.port, prefix=prefix,
+def settings(tmp_path: Path, broker: Broker, topic_prefix: str, kube: FakeKube) -> HubSettings:
+    """The hub under test: its own data folder and topics, the shared broker, the fake API."""
+    return hub_settings(tmp_path / "data", mqtt_port=broker.port, prefix=topic_prefix,
                         kubeconfig=kube.write_kubeconfig(tmp_path / "kubeconfig"))
 
 
@@ -67,14 +56,14 @@ def spec(**kw: object) -> RolloutSpec:
     return RolloutSpec.model_validate(base)
 
 
-async def test_healthy_rollout_canary_waves_all(tmp_path: Path, broker: Broker, topic_prefix: str,
-                                                kube: FakeKube, registry: Registry,
-                                                fleet: Fleet) -> None:
+async def test_healthy_rollout_canary_waves_all(
+    settings: HubSettings, kube: FakeKube, registry: Registry, fleet: Fleet,
+) -> None:
     add_camera_nodes(kube, NODES, site="a")
     add_camera_nodes(kube, ["other-0"], site="b")
     for n in [*NODES, "other-0"]:
         fleet.add(n)
-    cp = await control_plane(settings_for(tmp_path, broker, topic_prefix, kube), registry)
+    cp = await control_plane(settings, registry)
     try:
         await until(lambda: all(cp.fleet.online(n) for n in NODES))
         # the initial desired state (the labels at start-up) has reached everyone
@@ -106,8 +95,7 @@ async def test_healthy_rollout_canary_waves_all(tmp_path: Path, broker: Broker, 
 
 
 async def test_slow_version_fails_gate_on_canary_and_rolls_back(
-    tmp_path: Path, broker: Broker, topic_prefix: str, kube: FakeKube, models_dir: Path,
-    fleet: Fleet,
+    settings: HubSettings, tmp_path: Path, kube: FakeKube, models_dir: Path, fleet: Fleet,
 ) -> None:
     # a generated model about 3x slower than the current one, timed for real on this machine
     fast, slow = measure_latency_ms(models_dir / "yolov8n-like" / "model.onnx",
@@ -120,7 +108,7 @@ async def test_slow_version_fails_gate_on_canary_and_rolls_back(
     timing = Behaviour(latency_ms={"1.0": fast, "2.0": slow})
     for n in NODES:
         fleet.add(n, behaviour=timing)
-    cp = await control_plane(settings_for(tmp_path, broker, topic_prefix, kube), reg)
+    cp = await control_plane(settings, reg)
     try:
         await until(lambda: all(cp.fleet.online(n) for n in NODES))
         # the initial desired state (the labels at start-up) has reached everyone
@@ -151,14 +139,14 @@ async def test_slow_version_fails_gate_on_canary_and_rolls_back(
         await reg.aclose()
 
 
-async def test_node_reporting_failed_stops_the_wave(tmp_path: Path, broker: Broker,
-                                                    topic_prefix: str, kube: FakeKube,
-                                                    registry: Registry, fleet: Fleet) -> None:
+async def test_node_reporting_failed_stops_the_wave(
+    settings: HubSettings, kube: FakeKube, registry: Registry, fleet: Fleet,
+) -> None:
     add_camera_nodes(kube, NODES, site="a")
     for n in NODES:
         # cam-1 is the second node of wave 1: the canary passes, then it fails
         fleet.add(n, behaviour=Behaviour(fail={"2.0"}) if n == "cam-1" else None)
-    cp = await control_plane(settings_for(tmp_path, broker, topic_prefix, kube), registry)
+    cp = await control_plane(settings, registry)
     try:
         await until(lambda: all(cp.fleet.online(n) for n in NODES))
         r = await cp.controller.create(spec(bake_s=0.2))
@@ -175,15 +163,14 @@ async def test_node_reporting_failed_stops_the_wave(tmp_path: Path, broker: Brok
         await cp.aclose()
 
 
-async def test_node_never_active_by_the_deadline(tmp_path: Path, broker: Broker,
-                                                 topic_prefix: str, kube: FakeKube,
-                                                 registry: Registry, fleet: Fleet) -> None:
+async def test_node_never_active_by_the_deadline(
+    settings: HubSettings, kube: FakeKube, registry: Registry, fleet: Fleet,
+) -> None:
     clock = ManualClock()
     add_camera_nodes(kube, NODES[:3], site="a")
     for n in NODES[:3]:
         fleet.add(n, behaviour=Behaviour(stuck={"2.0"}))
-    settings = settings_for(tmp_path, broker, topic_prefix, kube)
-    settings.telemetry.offline_after_s = 3600  # the jumps of the clock are not silence
+        settings.telemetry.offline_after_s = 3600  # the jumps of the clock are not silence
     cp = await control_plane(settings, registry, clock=clock)
     try:
         await until(lambda: all(cp.fleet.online(n) for n in NODES[:3]))
@@ -207,14 +194,13 @@ async def test_node_never_active_by_the_deadline(tmp_path: Path, broker: Broker,
 
 
 async def test_offline_node_skipped_then_upgraded_and_judged(
-    tmp_path: Path, broker: Broker, topic_prefix: str, kube: FakeKube, registry: Registry,
-    fleet: Fleet,
+    settings: HubSettings, kube: FakeKube, registry: Registry, fleet: Fleet,
 ) -> None:
     names = NODES[:4]
     add_camera_nodes(kube, names, site="a")
     for n in names:
         fleet.add(n)
-    cp = await control_plane(settings_for(tmp_path, broker, topic_prefix, kube), registry)
+    cp = await control_plane(settings, registry)
     try:
         await until(lambda: all(cp.fleet.online(n) for n in names))
         fleet.agents["cam-3"].kill()  # its last will says offline
@@ -243,8 +229,7 @@ async def test_offline_node_skipped_then_upgraded_and_judged(
 @pytest.mark.slow
 @pytest.mark.fault
 async def test_k8s_faults_during_a_wave_are_retried_once(
-    tmp_path: Path, broker: Broker, topic_prefix: str, kube: FakeKube, registry: Registry,
-    fleet: Fleet,
+    settings: HubSettings, kube: FakeKube, registry: Registry, fleet: Fleet,
 ) -> None:
     add_camera_nodes(kube, NODES, site="a")
     for n in NODES:
@@ -254,7 +239,7 @@ async def test_k8s_faults_during_a_wave_are_retried_once(
     kube.inject("PATCH", 500, node="cam-3")
     kube.inject("PATCH", hang=True, node="cam-4")  # applied, then never answered
     kube.inject("GET", 503, node="cam-4")  # and the re-read after the timeout fails once too
-    cp = await control_plane(settings_for(tmp_path, broker, topic_prefix, kube), registry)
+    cp = await control_plane(settings, registry)
     try:
         await until(lambda: all(cp.fleet.online(n) for n in NODES))
         r = await cp.controller.create(spec(canary=0, waves=[100], bake_s=0.1))
@@ -269,17 +254,16 @@ async def test_k8s_faults_during_a_wave_are_retried_once(
         await cp.aclose()
 
 
-async def test_nothing_blocks_the_event_loop(tmp_path: Path, broker: Broker, topic_prefix: str,
-                                             kube: FakeKube, registry: Registry,
-                                             fleet: Fleet) -> None:
+async def test_nothing_blocks_the_event_loop(
+    settings: HubSettings, kube: FakeKube, registry: Registry, fleet: Fleet,
+) -> None:
     """blockbuster raises in the loop thread on blocking socket, file and sleep calls: the
     whole control plane (start, a rollout with Kubernetes patches, SQLite, MQTT, a rollback,
     shutdown) must do its blocking work in threads."""
     add_camera_nodes(kube, NODES[:3], site="a")
     for n in NODES[:3]:
         fleet.add(n)
-    settings = settings_for(tmp_path, broker, topic_prefix, kube)
-    await registry.get(MODEL, "1.0")  # the registry's own start-up is its business
+        await registry.get(MODEL, "1.0")  # the registry's own start-up is its business
     with blockbuster_ctx():
         cp = await control_plane(settings, registry)
         try:

@@ -1,0 +1,18 @@
+"""Fixtures of the model-sync tests: a real HTTP file server standing in for the hub's downloads."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tests.support.fileserver import FileServer
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[FileServer]:
+    """A real aiohttp file server on a free loopback port, with injectable faults."""
+    s = FileServer()
+    await s.start()
+    yield s
+    await s.stop()
