@@ -6,7 +6,11 @@ gets a desired message, and sends telemetry once every 10 s (500 messages/s for 
 fake Kubernetes API server (``tests/support/fake_k8s.py``) runs in another child with one Node
 object
 per simulated node; the hub (``ControlPlane``: the real kubernetes client, paho, SQLite) runs in
-this process. A real mosquitto broker carries everything.
+this process. A real mosquitto broker carries everything, configured as in production (TLS with
+client certificates, the production ACL): the hub logs in as the hub, and so do the baselines'
+clients with identities of their own. The one shortcut: the simulator's single connection
+speaks for every simulated node, so it logs in as ``bench:fleet``, a bench-only identity that
+may read and write every topic (a real node may publish under its own topics only).
 
 Measured:
 
@@ -45,13 +49,14 @@ from paho.mqtt.enums import CallbackAPIVersion
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from edge_agent.common import mqtt as mqtt_base  # noqa: E402
 from edge_agent.common.logs import configure_logging  # noqa: E402
 from edge_agent.contract import protocol  # noqa: E402
 from hub.config import HubSettings  # noqa: E402
 from hub.registry.service import Registry  # noqa: E402
 from hub.rollouts.model import RolloutSpec  # noqa: E402
 from hub.server.control import ControlPlane  # noqa: E402
-from tests.support.broker import Broker, free_port  # noqa: E402
+from tests.support.broker import HUB, Broker, free_port  # noqa: E402
 from tests.support.fake_k8s import FakeKube  # noqa: E402
 from tests.support.mqtt_recorder import listen  # noqa: E402
 
@@ -59,6 +64,15 @@ MODEL = "det"
 CAM = "edge.ai/camera-node"
 LABEL = f"edge.ai/model.{MODEL}"
 INTERVAL_S = 10.0
+#: The simulator's identity on the broker (every topic: it speaks for every simulated node).
+FLEET = "bench:fleet"
+
+
+def tls_client(conn: dict[str, Any], client_id: str) -> mqtt.Client:
+    """A paho client with the TLS settings ``conn`` (``Broker.settings``), not connected."""
+    c = mqtt_base.PahoClient(CallbackAPIVersion.VERSION2, client_id=client_id)
+    c.tls_set_context(mqtt_base.tls_context(mqtt_base.ConnectionSettings(**conn)))
+    return c
 
 
 def node_name(i: int) -> str:
@@ -84,7 +98,7 @@ def run_fake_kube(port: int, nodes: int, ready: Any, stop: Any) -> None:
 class Simulator:
     """Thousands of nodes over one paho connection (no per-node will: offline is not tested)."""
 
-    def __init__(self, port: int, prefix: str, base_prefix: str, nodes: int,
+    def __init__(self, mqtt_conn: dict[str, Any], prefix: str, base_prefix: str, nodes: int,
                  conn: Any) -> None:
         self.prefix, self.base_prefix, self.nodes, self.conn = prefix, base_prefix, nodes, conn
         self.version: dict[str, str] = {node_name(i): "1.0" for i in range(nodes)}
@@ -93,11 +107,11 @@ class Simulator:
         self.got_base: set[str] = set()
         self.got_initial: set[str] = set()
         self.lock = threading.Lock()
-        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sim-{prefix}")
+        self.c = tls_client(mqtt_conn, f"sim-{prefix}")
         self.c.max_inflight_messages_set(1000)
         self.c.max_queued_messages_set(0)
         self.c.on_message = self.on_message
-        self.c.connect("127.0.0.1", port, keepalive=30)
+        self.c.connect(mqtt_conn["host"], mqtt_conn["port"], keepalive=30)
         self.c.subscribe([(f"{prefix}/+/desired", 1), (f"{base_prefix}/+/desired", 1)])
         self.c.loop_start()
 
@@ -160,8 +174,9 @@ class Simulator:
         return sent
 
 
-def run_simulator(port: int, prefix: str, base_prefix: str, nodes: int, conn: Any) -> None:
-    sim = Simulator(port, prefix, base_prefix, nodes, conn)
+def run_simulator(mqtt_conn: dict[str, Any], prefix: str, base_prefix: str, nodes: int,
+                  conn: Any) -> None:
+    sim = Simulator(mqtt_conn, prefix, base_prefix, nodes, conn)
     sim.publish_states()
     conn.send(("states_sent", time.time()))
     while True:
@@ -192,9 +207,9 @@ async def async_wait_for(conn: Any, kind: str, timeout: float) -> Any:
 class LagProbe:
     """The baseline subscriber: bare paho + orjson, receipt minus sent time."""
 
-    def __init__(self, port: int, prefix: str) -> None:
+    def __init__(self, broker: Broker, prefix: str) -> None:
         self.lags: list[float] = []
-        self.c = listen(port, f"{prefix}/+/telemetry", self.on_message, qos=0,
+        self.c = listen(broker, f"{prefix}/+/telemetry", self.on_message, qos=0,
                         client_id=f"probe-{prefix}")
 
     def on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
@@ -205,11 +220,12 @@ class LagProbe:
         self.c.loop_stop()
 
 
-def bare_publish(port: int, prefix: str, payloads: list[tuple[str, bytes]]) -> None:
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bare-{prefix}")
+def bare_publish(broker: Broker, prefix: str, payloads: list[tuple[str, bytes]]) -> None:
+    # the hub's identity, as the hub's own publishes: TLS on both sides of the comparison
+    c = broker.client(HUB, client_id=f"bare-{prefix}")
     c.max_inflight_messages_set(1000)
     c.max_queued_messages_set(0)
-    c.connect("127.0.0.1", port)
+    broker.connect(c)
     c.loop_start()
     infos = [c.publish(f"{prefix}/{node}/desired", p, qos=1, retain=True) for node, p in payloads]
     for info in infos:
@@ -218,12 +234,12 @@ def bare_publish(port: int, prefix: str, payloads: list[tuple[str, bytes]]) -> N
     c.loop_stop()
 
 
-def hub_settings(tmp: Path, broker_port: int, kube: FakeKube, prefix: str) -> HubSettings:
+def hub_settings(tmp: Path, broker: Broker, kube: FakeKube, prefix: str) -> HubSettings:
     """The hub under test: the fake Kubernetes API, the bench broker, long bake and windows."""
     return HubSettings(
         storage={"data_dir": tmp / "data"},
-        api={"public_url": "http://hub.bench:8081"},
-        mqtt={"port": broker_port, "topic_prefix": prefix},
+        api={"public_url": "https://hub.bench:8081"},
+        mqtt={**broker.settings(HUB), "topic_prefix": prefix},
         cluster={"backend": "kubernetes", "api_timeout_s": 10,
                  "kubeconfig": kube.write_kubeconfig(tmp / "kubeconfig"),
                  "watch_timeout_s": 300},
@@ -254,7 +270,7 @@ async def wait_online(cp: ControlPlane, n: int) -> None:
         await asyncio.sleep(0.2)
 
 
-async def measure_dispatch(cp: ControlPlane, parent: Connection, broker_port: int,
+async def measure_dispatch(cp: ControlPlane, parent: Connection, broker: Broker,
                            base_prefix: str, n: int) -> dict[str, Any]:
     """A 100 % wave to every node through the hub, then the same payloads by bare paho."""
     figures: dict[str, Any] = {}
@@ -274,7 +290,7 @@ async def measure_dispatch(cp: ControlPlane, parent: Connection, broker_port: in
             {"v": 1, "node": node_name(i), "generation": row.generation,
              "models": row.models})))
     t0 = time.time()
-    await asyncio.to_thread(bare_publish, broker_port, base_prefix, payloads)
+    await asyncio.to_thread(bare_publish, broker, base_prefix, payloads)
     t_base = await async_wait_for(parent, "baseline_done", 120)
     figures["baseline_dispatch_s"] = round(t_base - t0, 3)
     figures["dispatch_ratio"] = round(figures["wave_dispatch_s"]
@@ -282,7 +298,7 @@ async def measure_dispatch(cp: ControlPlane, parent: Connection, broker_port: in
     return figures
 
 
-async def measure_ingest(cp: ControlPlane, parent: Connection, broker_port: int, prefix: str,
+async def measure_ingest(cp: ControlPlane, parent: Connection, broker: Broker, prefix: str,
                          ingest_s: float) -> dict[str, Any]:
     """Telemetry from every node while the rollout bakes: hub ingest lag vs a bare subscriber."""
     rid = max(cp.controller.rollouts)
@@ -301,7 +317,7 @@ async def measure_ingest(cp: ControlPlane, parent: Connection, broker_port: int,
         ticks.append(time.perf_counter() - t)
 
     cp.controller.tick = timed_tick  # type: ignore[method-assign]
-    probe = LagProbe(broker_port, prefix)
+    probe = LagProbe(broker, prefix)
     cp.fleet.lags.clear()
     parent.send(("telemetry", ingest_s))
     sent = await async_wait_for(parent, "telemetry_done", ingest_s + 60)
@@ -328,7 +344,8 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     n = args.nodes
     ctx = mp.get_context("spawn")
     (tmp / "broker").mkdir()
-    broker = Broker(tmp / "broker", persistence=False)
+    broker = Broker(tmp / "broker", persistence=False,
+                    extra_users={FLEET: [("readwrite", "#")]})
     broker.start()
     kport = free_port()
     kready, kstop = ctx.Event(), ctx.Event()
@@ -336,7 +353,9 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     kproc.start()
     prefix, base_prefix = "bench", "bare"
     parent, child = ctx.Pipe()
-    sproc = ctx.Process(target=run_simulator, args=(broker.port, prefix, base_prefix, n, child),
+    sim_conn = {k: str(v) if isinstance(v, Path) else v
+                for k, v in broker.settings(FLEET).items()}
+    sproc = ctx.Process(target=run_simulator, args=(sim_conn, prefix, base_prefix, n, child),
                         daemon=True)
     figures: dict[str, Any] = {"nodes": n}
     cp: ControlPlane | None = None
@@ -346,7 +365,7 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         await async_wait_for(parent, "states_sent", 60)
         if not await asyncio.to_thread(kready.wait, 120):
             raise TimeoutError("fake Kubernetes API did not start")
-        settings = hub_settings(tmp, broker.port, FakeKube(port=kport), prefix)
+        settings = hub_settings(tmp, broker, FakeKube(port=kport), prefix)
         reg = Registry(settings)
         await push_versions(reg)
         t0 = time.time()
@@ -358,8 +377,8 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         await wait_online(cp, n)
         print(f"setup: {n} nodes online, initial desired sent in {figures['startup_s']}s",
               flush=True)
-        figures.update(await measure_dispatch(cp, parent, broker.port, base_prefix, n))
-        figures.update(await measure_ingest(cp, parent, broker.port, prefix, args.ingest_s))
+        figures.update(await measure_dispatch(cp, parent, broker, base_prefix, n))
+        figures.update(await measure_ingest(cp, parent, broker, prefix, args.ingest_s))
         parent.send(("stop",))
     finally:
         if cp is not None:

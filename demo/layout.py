@@ -1,20 +1,28 @@
-"""What the demo writes into its work dir: configs, the static inventory, the two model versions.
+"""What the demo writes into its work dir: configs, the static inventory, the two model versions,
+and where each party's certificate and the release key go.
 
 Everything a child process reads comes from here, as plain YAML and JSON files an operator could
 have written (docs/demo.md lists the layout), so a kept work dir (``--keep``) can be inspected
-or replayed by hand.
+or replayed by hand. The demo runs the secure setup, not a shortcut: every party has its own
+certificate from the demo's CA (``edge-hub pki``), the broker takes TLS with client
+certificates and the K3s ACL (``edge_agent.contract.acl.site_acl``), the hub serves HTTPS with
+tokens, agents download with their certificates, and every model version is signed.
 """
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
 import os
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from edge_agent.contract import acl
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_MODEL = ROOT / "models" / "out" / "efficientnet-lite0"
@@ -23,6 +31,45 @@ MODEL = "classifier"
 NODES = ("edge-1", "edge-2", "edge-3")
 CAMERA = "cam0"
 LABEL_PREFIX = "edge.ai"
+
+
+@dataclass(frozen=True)
+class Party:
+    """One certificate the demo issues: ``edge-hub pki issue NAME --role ROLE --out pki/DIR``."""
+
+    dir: str
+    name: str
+    role: str
+    #: Server certificates name what clients dial.
+    extra: tuple[str, ...] = ()
+
+    def files(self, pki: Path) -> dict[str, Path]:
+        """``ca_file``, ``cert_file`` and ``key_file`` as ``edge-hub pki issue`` writes them."""
+        out = pki / self.dir
+        return {"ca_file": out / "ca.crt", "cert_file": out / "tls.crt",
+                "key_file": out / "tls.key"}
+
+
+_LOOPBACK = ("--ip", "127.0.0.1", "--dns", "localhost")
+BROKER = Party("broker", "mosquitto", "server", _LOOPBACK)
+HUB_HTTPS = Party("hub-https", "edge-hub", "server", _LOOPBACK)
+#: The hub's MQTT identity and the two consumers: the names the K3s ACL lists, so the demo's
+#: broker runs the K3s ACL file unchanged.
+HUB_MQTT = Party("hub-mqtt", acl.SITE_HUBS[0], "hub")
+WATCHER = Party("dashboard", "consumer:dashboard", "consumer")
+OPERATOR = Party("operator", "consumer:operator", "consumer")
+
+
+def parties() -> list[Party]:
+    """Every certificate the demo issues, the agents' last."""
+    assert {WATCHER.name, OPERATOR.name} <= set(acl.SITE_CONSUMERS)
+    return [BROKER, HUB_HTTPS, HUB_MQTT, WATCHER, OPERATOR,
+            *(Party(f"node-{n}", n, "agent") for n in NODES)]
+
+
+def node_party(node: str) -> Party:
+    """The agent certificate of ``node``."""
+    return Party(f"node-{node}", node, "agent")
 
 
 def missing_inputs() -> list[Path]:
@@ -55,12 +102,19 @@ def write_inventory(path: Path, assigned: str | None) -> None:
 
 
 def hub_config(*, hub_dir: Path, port: int, broker_port: int, token_file: Path,
-               inventory: Path) -> dict[str, Any]:
-    """``edge-hub serve --config``: static cluster backend, quick ticks for a short demo."""
+               inventory: Path, pki: Path, signing_key: Path) -> dict[str, Any]:
+    """``edge-hub serve --config``: HTTPS with its server certificate, the fleet CA for the
+    agents' download certificates, its own MQTT identity, signatures required, static cluster
+    backend, quick ticks for a short demo."""
+    https = HUB_HTTPS.files(pki)
     return {
-        "api": {"host": "127.0.0.1", "port": port, "token_file": str(token_file)},
+        "api": {"host": "127.0.0.1", "port": port, "token_file": str(token_file),
+                "tls_cert_file": str(https["cert_file"]), "tls_key_file": str(https["key_file"]),
+                "client_ca_file": str(https["ca_file"])},
         "storage": {"data_dir": str(hub_dir / "data")},
-        "mqtt": {"host": "127.0.0.1", "port": broker_port},
+        "mqtt": {"host": "127.0.0.1", "port": broker_port,
+                 **{k: str(v) for k, v in HUB_MQTT.files(pki).items()}},
+        "signing": {"require_signed": True, "public_key_files": [str(signing_key)]},
         "cluster": {"backend": "static", "inventory_file": str(inventory),
                     "label_prefix": LABEL_PREFIX, "inventory_poll_s": 0.5},
         # a node is offline after 10 s of silence (the agents report every second here)
@@ -71,9 +125,11 @@ def hub_config(*, hub_dir: Path, port: int, broker_port: int, token_file: Path,
 
 
 def agent_config(node: str, *, agent_dir: Path, fps: float, broker_port: int, http_port: int,
-                 hub_url: str) -> dict[str, Any]:
+                 hub_url: str, pki: Path, signing_key: Path) -> dict[str, Any]:
     """``edge-agent run --config`` for one node: the looping sample video, no model until the
-    hub assigns one, results through the outbox to the broker."""
+    hub assigns one, results through the outbox to the broker; its own certificate on MQTT and
+    for downloads, signatures checked."""
+    own = {k: str(v) for k, v in node_party(node).files(pki).items()}
     return {
         "node": node,
         "log": {"json_lines": True},
@@ -84,13 +140,45 @@ def agent_config(node: str, *, agent_dir: Path, fps: float, broker_port: int, ht
         # three agents share this machine: one worker each, no startup measurement
         "pipeline": {"workers": 1, "max_batch": 1, "sink": "mqtt"},
         "mqtt": {"host": "127.0.0.1", "port": broker_port, "telemetry_interval_s": 1.0,
-                 "reconnect_min_s": 0.2, "reconnect_max_s": 2.0},
+                 "reconnect_min_s": 0.2, "reconnect_max_s": 2.0, **own},
         "outbox": {"path": str(agent_dir / "outbox.sqlite3")},
         "http": {"host": "127.0.0.1", "port": http_port},
-        "hub": {"url": hub_url, "cache_dir": str(agent_dir / "models")},
+        "hub": {"url": hub_url, "cache_dir": str(agent_dir / "models"), **own,
+                "public_key_file": str(signing_key)},
         "model_sync": {"reload_poll_s": 0},
         "shutdown_timeout_s": 5.0,
     }
+
+
+def broker_config(workdir: Path, port: int, pki: Path) -> Path:
+    """mosquitto as on K3s (k3s/base/mosquitto): TLS on ``127.0.0.1:port``, a client
+    certificate from the demo's CA required, its name the user name and the client id, the K3s
+    ACL; its config, ACL and log in ``workdir``. Returns the config file."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    server = BROKER.files(pki)
+    (workdir / "acl").write_text(acl.site_acl(), encoding="utf-8")
+    conf = workdir / "mosquitto.conf"
+    conf.write_text("\n".join([
+        # started by root, mosquitto would switch to its own user, who cannot read the key
+        # (mode 0600, ours); started by anyone else this line does nothing
+        f"user {getpass.getuser()}",
+        "per_listener_settings false",
+        f"listener {port} 127.0.0.1",
+        f"cafile {server['ca_file']}",
+        f"certfile {server['cert_file']}",
+        f"keyfile {server['key_file']}",
+        "require_certificate true",
+        "use_identity_as_username true",
+        "use_username_as_clientid true",
+        "allow_anonymous false",
+        f"acl_file {workdir / 'acl'}",
+        "log_dest stdout",
+        "log_type error", "log_type warning", "log_type notice",
+        # three agents publishing QoS 1 results: let them pipeline
+        "max_inflight_messages 1000",
+        "max_queued_messages 100000",
+    ]) + "\n", encoding="utf-8")
+    return conf
 
 
 def _write_manifest(folder: Path, source: dict[str, Any], version: str, sha256: str) -> None:

@@ -174,18 +174,6 @@ def mosquitto() -> str:
     return exe
 
 
-def broker_child(workdir: Path, port: int) -> Child:
-    """A mosquitto on ``127.0.0.1:port`` with its config and log in ``workdir``."""
-    exe = mosquitto()
-    workdir.mkdir(parents=True, exist_ok=True)
-    conf = workdir / "mosquitto.conf"
-    conf.write_text("\n".join([
-        f"listener {port} 127.0.0.1",
-        "allow_anonymous true",
-        "log_dest stdout",
-        "log_type error", "log_type warning", "log_type notice",
-        # three agents publishing QoS 1 results: let them pipeline
-        "max_inflight_messages 1000",
-        "max_queued_messages 100000",
-    ]) + "\n", encoding="utf-8")
-    return Child("broker", [exe, "-c", str(conf)], workdir / "mosquitto.log")
+def broker_child(conf: Path) -> Child:
+    """A mosquitto with the config ``conf`` (``layout.broker_config``), logging beside it."""
+    return Child("broker", [mosquitto(), "-c", str(conf)], conf.parent / "mosquitto.log")

@@ -6,6 +6,12 @@ as child processes, the ``edge-hub`` client verbs to push models and start the r
 REST API to follow it, and MQTT (``hub.client.results``, the consumer API) to watch the results. It
 imports nothing from the agent but the wire contract, so it shows what a user gets.
 
+Secure as on a site (docs/security.md): first a CA and a certificate per party (``edge-hub pki
+init`` / ``issue``: the broker, the hub's HTTPS and MQTT identities, a consumer, three nodes) and
+a release key (``edge-hub keygen``); the broker takes TLS with client certificates and the K3s
+ACL, the hub serves HTTPS with a token and requires signed models, agents download with their
+certificates and check signatures.
+
 The story: the hub starts with a static inventory of three camera nodes (``edge-1..3``, no
 Kubernetes); each agent plays the sample video in a loop as its camera; two versions of an
 ImageNet classifier are pushed (v1: efficientnet-lite0 as built by ``models/build.py``; v2: the
@@ -25,7 +31,6 @@ import shlex
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +41,7 @@ if __package__ in (None, ""):  # run as a file (python demo/run.py): make ``demo
 
 from demo import layout
 from demo.layout import CAMERA, LABEL_PREFIX, MODEL, NODES, VIDEO
+from demo.options import DEFAULT_GATES, parse_args, workdir
 from demo.procs import (
     Child,
     DemoError,
@@ -49,9 +55,6 @@ from demo.view import Display, NodeRow, Snapshot, cause_text, summary_text
 from demo.watch import HubApi, NodeFigures, ResultsWatcher
 from hub.client.results import ResultsUnavailableError
 
-#: Gates that pass on any healthy machine, loaded or not (the point is the mechanism; try
-#: ``--gate 'p99_ms<=1'`` to watch an automatic rollback).
-DEFAULT_GATES = ("error_rate<=0.01", "p99_ms<=1000")
 TERMINAL = ("succeeded", "rolled_back", "aborted")
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_ROLLED_OUT, EXIT_INTERRUPTED = 1, 2, 4, 130
 
@@ -70,16 +73,15 @@ class Demo:
         self.hub: Child | None = None
         self.agents: list[Child] = []
         self.watcher: ResultsWatcher | None = None
-        self.broker_port = free_port()
-        self.hub_port = free_port()
-        self.hub_url = f"http://127.0.0.1:{self.hub_port}"
-        self.api = HubApi(self.hub_url)
+        self.pki = workdir / "pki"
+        self.ca_file = self.pki / "ca" / "ca.crt"
+        self.release_key = workdir / "keys" / "release"
         self.token_file = workdir / "hub" / "token"
+        self.pick_ports()
         self.inventory = workdir / "hub" / "inventory.yaml"
         self.phase = "starting"
         self.nodes: dict[str, dict[str, Any]] = {}
         self.rollout: dict[str, Any] | None = None
-        self.agent_ports = {name: free_port() for name in NODES}
         self._polled = 0.0
         # the children get a clean environment: EDGE_AGENT_*/EDGE_HUB_* of the caller's shell
         # would override the demo's config files
@@ -89,6 +91,15 @@ class Demo:
         self.bindir = Path(sys.executable).parent
 
     # ------------------------------------------------------------------------------ helpers
+
+    def pick_ports(self) -> None:
+        """Free loopback ports for the broker, the hub and each agent's HTTP. Picked again right
+        before the configs name them: a port is free when picked, not for ever after."""
+        self.broker_port = free_port()
+        self.hub_port = free_port()
+        self.hub_url = f"https://127.0.0.1:{self.hub_port}"
+        self.api = HubApi(self.hub_url, ca_file=self.ca_file, token_file=self.token_file)
+        self.agent_ports = {name: free_port() for name in NODES}
 
     def tool(self, name: str) -> list[str]:
         """argv of a console script of this environment (``edge-hub``, ``edge-agent``)."""
@@ -146,9 +157,13 @@ class Demo:
 
     def cli(self, *argv: str) -> str:
         """Run an ``edge-hub`` client verb against the demo's hub (shown); its stdout."""
-        full = [*self.tool("edge-hub"), *argv, "--hub", self.hub_url,
-                "--token-file", str(self.token_file)]
-        self.out.step("$ edge-hub " + shlex.join(argv), bold=True)
+        return self.local(*argv, "--hub", self.hub_url, "--token-file", str(self.token_file),
+                          "--ca-file", str(self.ca_file), shown=len(argv))
+
+    def local(self, *argv: str, shown: int | None = None) -> str:
+        """Run ``edge-hub ARGV`` (its first ``shown`` arguments printed); its stdout."""
+        full = [*self.tool("edge-hub"), *argv]
+        self.out.step("$ edge-hub " + shlex.join(argv[:shown]), bold=True)
         proc = run_cli(full, env=self.env, timeout=120)
         if proc.returncode != 0:
             raise DemoError(f"edge-hub {' '.join(argv[:3])} exited {proc.returncode}",
@@ -159,22 +174,33 @@ class Demo:
 
     def prepare(self) -> None:
         """The hub's token, config and inventory, and the agents' configs."""
-        missing = layout.missing_inputs()
-        if missing:
-            raise DemoError(f"{missing[0]} is missing: run `bash scripts/setup.sh` first "
-                            "(it builds models/out)")
+        self.pick_ports()
         hub_dir = self.wd / "hub"
         layout.write_token(self.token_file)
         layout.write_inventory(self.inventory, assigned=None)
+        pub = self.release_key.with_suffix(".pub")
         layout.dump(hub_dir / "hub.yaml", layout.hub_config(
             hub_dir=hub_dir, port=self.hub_port, broker_port=self.broker_port,
-            token_file=self.token_file, inventory=self.inventory))
+            token_file=self.token_file, inventory=self.inventory, pki=self.pki,
+            signing_key=pub))
         for name in NODES:
             adir = self.wd / "agents" / name
             adir.mkdir(parents=True)
             layout.dump(adir / "agent.yaml", layout.agent_config(
                 name, agent_dir=adir, fps=self.args.fps, broker_port=self.broker_port,
-                http_port=self.agent_ports[name], hub_url=self.hub_url))
+                http_port=self.agent_ports[name], hub_url=self.hub_url, pki=self.pki,
+                signing_key=pub))
+
+    def credentials(self) -> None:
+        """The CA, a certificate for every party, and the release key, with the CLI."""
+        self.phase = "issuing certificates"
+        ca_dir = str(self.pki / "ca")
+        self.local("pki", "init", "--dir", ca_dir)
+        for party in layout.parties():
+            self.local("pki", "issue", party.name, "--role", party.role, *party.extra,
+                       "--out", str(self.pki / party.dir), "--dir", ca_dir)
+        self.release_key.parent.mkdir(parents=True, exist_ok=True)
+        self.local("keygen", str(self.release_key))
 
     # ------------------------------------------------------------------------------ steps
 
@@ -183,7 +209,8 @@ class Demo:
         self.phase = "starting the broker, the hub and three agents"
         # all forked before the first wait (which starts the live view's thread); the hub and
         # the agents connect to the broker with retries, so the order here does not matter
-        self.broker = broker_child(self.wd / "broker", self.broker_port).start()
+        self.broker = broker_child(layout.broker_config(
+            self.wd / "broker", self.broker_port, self.pki)).start()
         self.hub = Child("hub", [*self.tool("edge-hub"), "serve", "--config",
                                  str(self.wd / "hub" / "hub.yaml")],
                          self.wd / "hub" / "hub.log", self.env).start()
@@ -193,7 +220,8 @@ class Demo:
                                             str(adir / "agent.yaml")],
                                      adir / "agent.log", self.env).start())
         self.wait("the broker", lambda: port_open(self.broker_port), 15)
-        self.out.step(f"broker: mosquitto on 127.0.0.1:{self.broker_port}")
+        self.out.step(f"broker: mosquitto on 127.0.0.1:{self.broker_port} (TLS, client "
+                      "certificates, the K3s ACL)")
         self.wait("the hub to answer", self.api.ready, 60)
         self.out.step(f"hub: {self.hub_url} (static inventory: {', '.join(NODES)}; "
                       f"API token in {self.token_file})")
@@ -203,7 +231,8 @@ class Demo:
     def start_watcher(self) -> None:
         """Subscribe to every node's results, as a downstream consumer would."""
         try:
-            self.watcher = ResultsWatcher(self.broker_port).start()
+            self.watcher = ResultsWatcher(self.broker_port,
+                                          layout.WATCHER.files(self.pki)).start()
         except ResultsUnavailableError as exc:
             raise DemoError(f"cannot subscribe to the results: {exc}") from exc
 
@@ -215,7 +244,7 @@ class Demo:
                                ("2", "efficientnet-lite0, ORT graph-optimized re-export")):
             path = files[version]
             out = self.cli("models", "push", str(path), "--name", MODEL, "--version", version,
-                           "--notes", notes)
+                           "--notes", notes, "--sign", str(self.release_key.with_suffix(".key")))
             self.out.step("  " + out.strip().splitlines()[-1])
             self.refresh()
 
@@ -306,17 +335,31 @@ class Demo:
             "nodes": nodes,
             "results": {"delivered": stats["delivered"], "duplicates": stats["duplicates"],
                         "malformed": stats["malformed"], "gaps": stats["gaps"],
-                        "missing": stats["missing"]},
+                        "missing": stats["missing"], "resets": stats["resets"]},
             "broker": {"host": "127.0.0.1", "port": self.broker_port},
             "hub": self.hub_url,
-            "tail": f"edge-hub results tail --port {self.broker_port}",
+            "tail": self.tail_command(),
+            "pki": str(self.pki),
             "workdir": str(self.wd),
             "pids": {c.name: c.pid for c in self.children()},
         }
 
+    def tail_command(self, bin_prefix: str = "") -> str:
+        """``edge-hub results tail`` as the operator's consumer identity."""
+        files = layout.OPERATOR.files(self.pki)
+        return shlex.join([f"{bin_prefix}edge-hub", "results", "tail", "--port",
+                           str(self.broker_port), "--ca-file", str(files["ca_file"]),
+                           "--cert-file", str(files["cert_file"]),
+                           "--key-file", str(files["key_file"])])
+
     def run(self) -> dict[str, Any]:
         """Every step, in order; the summary."""
         self.out.step(f"work dir: {self.wd}")
+        missing = layout.missing_inputs()
+        if missing:
+            raise DemoError(f"{missing[0]} is missing: run `bash scripts/setup.sh` first "
+                            "(it builds models/out)")
+        self.credentials()
         self.prepare()
         self.start_services()
         self.start_watcher()
@@ -345,47 +388,6 @@ class Demo:
         return codes
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="demo/run.py",
-        description="Local demo: an MQTT broker, the hub with three static nodes and three "
-        "agents on this machine; two model versions pushed; v2 rolled out canary -> all with "
-        "health gates; live progress, a summary, then results keep flowing until Ctrl-C.",
-    )
-    p.add_argument("--exit-after-summary", action="store_true",
-                   help="stop everything after the summary instead of waiting for Ctrl-C")
-    p.add_argument("--workdir", type=Path, metavar="DIR",
-                   help="work in DIR (new or empty; kept afterwards) instead of a temp dir")
-    p.add_argument("--keep", action="store_true",
-                   help="keep the temporary work dir (configs, logs, databases) at the end")
-    p.add_argument("--json", action="store_true",
-                   help="print the summary as one JSON object on stdout (progress on stderr)")
-    p.add_argument("--gate", action="append", metavar="GATE",
-                   help="rollout gate, repeatable (default: "
-                   + " and ".join(DEFAULT_GATES) + "); e.g. 'p99_ms<=1' to see a rollback")
-    p.add_argument("--bake", type=float, default=5.0, metavar="S",
-                   help="seconds each wave runs before it is judged (default 5)")
-    p.add_argument("--fps", type=float, default=5.0,
-                   help="frames per second each agent processes (default 5)")
-    p.add_argument("--rollout-timeout", type=float, default=180.0, metavar="S",
-                   help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.fps <= 0 or args.bake < 0:
-        p.error("--fps must be > 0 and --bake >= 0")
-    return args
-
-
-def _workdir(args: argparse.Namespace) -> tuple[Path, bool]:
-    """The work dir and whether to remove it at the end."""
-    if args.workdir is None:
-        return Path(tempfile.mkdtemp(prefix="edge-demo-")), not args.keep
-    wd = args.workdir.resolve()
-    if wd.exists() and any(wd.iterdir()):
-        raise DemoError(f"--workdir {wd} is not empty (a fresh folder keeps runs apart)")
-    wd.mkdir(parents=True, exist_ok=True)
-    return wd, False
-
-
 def _log_to(path: Path) -> None:
     """Our own structlog output (hub.client.results' events) goes to a file, not the terminal."""
     import structlog  # noqa: PLC0415
@@ -401,7 +403,8 @@ def _print_after(out: Display, summary: dict[str, Any], args: argparse.Namespace
                  demo: Demo) -> None:
     bin_hint = os.path.relpath(demo.bindir, Path.cwd())
     bin_hint = "" if bin_hint.startswith("..") or os.path.isabs(bin_hint) else bin_hint + "/"
-    hub = f"--hub {demo.hub_url}"
+    hub = shlex.join(["--hub", demo.hub_url, "--token-file", str(demo.token_file),
+                      "--ca-file", str(demo.ca_file)])
     if args.json:
         sys.stdout.write(json.dumps(summary) + "\n")
         sys.stdout.flush()
@@ -413,7 +416,7 @@ def _print_after(out: Display, summary: dict[str, Any], args: argparse.Namespace
     agents = "  ".join(f"{c.name} http://127.0.0.1:{demo.agent_ports[c.name]}"
                        for c in demo.agents)
     out.step("results keep flowing on MQTT; from another shell, watch them (--json: payloads):",
-             f"{bin_hint}edge-hub results tail --port {demo.broker_port}",
+             demo.tail_command(bin_hint),
              "the fleet and the rollout, as the hub sees them:",
              f"{bin_hint}edge-hub nodes {hub}",
              f"{bin_hint}edge-hub rollout status {summary['rollout']['id']} {hub}",
@@ -430,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        wd, remove = _workdir(args)
+        wd, remove = workdir(args)
     except DemoError as exc:
         out.step(f"error: {exc}")
         return EXIT_USAGE

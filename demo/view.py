@@ -203,7 +203,8 @@ def summary_text(s: dict[str, Any]) -> str:
         lines.append(("  " + "  ".join(cells)).rstrip())
     res = s["results"]
     lines.append(f"  results on MQTT: {res['delivered']} delivered, {res['duplicates']} "
-                 f"duplicates dropped, {res['missing']} missing (seq gaps)")
+                 f"duplicates dropped, {res['missing']} missing (seq gaps), "
+                 f"{res['resets']} seq resets (an outbox replaced, not a loss)")
     lines.append("  latency: end to end per frame (capture to result), over the last "
                  f"{s['window_s']:.0f} s of each node's results")
     return "\n".join(lines)

@@ -3,18 +3,21 @@
 ``ResultsWatcher`` is a downstream consumer built on ``hub.client.results.ResultSubscriber`` (the
 de-duplicating subscriber the hub ships for consumers): it counts results per node and keeps a
 short window of end-to-end latencies and arrival times, from which fps and p50/p99 are computed.
-``HubApi`` reads the fleet and rollouts over the hub's HTTP API, nothing else.
+``HubApi`` reads the fleet and rollouts over the hub's HTTPS API (the hub verified against the
+demo's CA, a token sent), nothing else.
 """
 
 from __future__ import annotations
 
 import math
+import ssl
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -57,15 +60,17 @@ class _Node:
 class ResultsWatcher:
     """Subscribe to every node's results and keep per-node figures (thread-safe)."""
 
-    def __init__(self, port: int, *, topic_prefix: str = "edge", window_s: float = 5.0) -> None:
+    def __init__(self, port: int, tls: dict[str, Path], *, topic_prefix: str = "edge",
+                 window_s: float = 5.0) -> None:
         self.window_s = window_s
         self.gaps = 0
         self.missing = 0
         self._nodes: dict[str, _Node] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        # a consumer identity of its own (``tls``: ca_file, cert_file, key_file)
         self._sub = ResultSubscriber("127.0.0.1", port, topic_prefix=topic_prefix,
-                                     on_gap=self._on_gap)
+                                     on_gap=self._on_gap, **tls)
         self._thread = threading.Thread(target=self._run, name="demo-results", daemon=True)
 
     def start(self) -> ResultsWatcher:
@@ -128,13 +133,21 @@ class ResultsWatcher:
 class HubApi:
     """GET requests to the hub's REST API (the demo's reads; writes go through the CLI)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, ca_file: Path, token_file: Path) -> None:
         self.url = url.rstrip("/")
+        self.ca_file = ca_file
+        self.token_file = token_file
+        self._tls: ssl.SSLContext | None = None
 
     def get(self, path: str, timeout: float = 5.0) -> Any:
         """The decoded JSON body; DemoError when the hub does not answer or refuses."""
+        if self._tls is None:
+            self._tls = ssl.create_default_context(cafile=str(self.ca_file))
+        token = self.token_file.read_text(encoding="utf-8").strip()
+        req = urllib.request.Request(self.url + path,  # noqa: S310 - our own https URL
+                                     headers={"Authorization": f"Bearer {token}"})
         try:
-            with urllib.request.urlopen(self.url + path, timeout=timeout) as r:  # noqa: S310
+            with urllib.request.urlopen(req, timeout=timeout, context=self._tls) as r:  # noqa: S310
                 return orjson.loads(r.read())
         except urllib.error.HTTPError as exc:
             body = exc.read()[:300].decode("utf-8", "replace")

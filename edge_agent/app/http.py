@@ -4,24 +4,37 @@
 Kubernetes restarts the pod when it fails. ``/readyz`` is readiness (a model is loaded and
 warmed, and at least one camera delivers). ``/metrics`` is the Prometheus exposition,
 rendered in a thread so a large registry never stalls the loop. ``/v1/models`` and
-``/v1/cameras`` show what the agent serves and sees. ``POST /v1/infer`` takes one image
-(the raw body, or a multipart form with one file) and returns the result; the body size is
-bounded before it is read, and every error is a 4xx/5xx JSON body
-``{"error": {"code": ..., "message": ...}}``, never an HTML page.
+``/v1/cameras`` show what the agent serves and sees (camera URLs without credentials).
+
+``POST /v1/infer`` takes one image (the raw body, or a multipart form with one file) and
+returns the result. It is the one endpoint that costs memory and CPU, so in this order: it
+needs the bearer token of ``http.token_file`` (without one it is open on a loopback address
+only, off elsewhere); it takes one of ``max_infers`` slots (429 when none is free) before it
+reads anything; it reads at most ``max_upload_bytes``; it reads the image's header and refuses
+more than ``max_image_pixels`` (``app.images``) before anything is decoded; decoding and
+inference then run in the agent's one infer thread. Every error is a 4xx/5xx JSON body
+``{"error": {"code": ..., "message": ...}}``, never an HTML page, aiohttp's own included, and
+the server runs under the header, body and idle timeouts and the connection cap of
+``edge_agent.common.httpserver``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-import numpy as np
 import orjson
 import structlog
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from edge_agent.app import images
+from edge_agent.common import httpserver
+from edge_agent.common import settings as common_settings
+from edge_agent.config import ConfigError, HttpSettings
 from edge_agent.errors import AgentError, InputError, ModelError
 
 log = structlog.get_logger(__name__)
@@ -51,13 +64,25 @@ class AgentView(Protocol):
         """Each camera's state and counters."""
         ...
 
-    async def infer_image(self, image: np.ndarray, model: str | None) -> dict[str, Any]:
-        """One result for a decoded BGR image (raises InputError/ModelError, BusyError)."""
+    async def infer_upload(self, data: bytes, model: str | None,
+                           max_pixels: int) -> dict[str, Any]:
+        """One result for an encoded image whose header ``images.check`` passed: decoded and
+        inferred in the infer thread (raises LookupError, InputError, ModelError)."""
         ...
 
 
-class BusyError(Exception):
-    """Too many uploads are already being inferred (429)."""
+#: The ``Server`` header: the program, never its version.
+SERVER_NAME = "edge-agent"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen address reaches this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -69,8 +94,9 @@ def error_response(status: int, code: str, message: str) -> web.Response:
     return _json({"error": {"code": code, "message": message}}, status)
 
 
-_STATUS_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
-                 413: "too_large", 415: "unsupported_media_type"}
+_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                 405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type",
+                 431: "headers_too_large"}
 
 
 @web.middleware
@@ -84,27 +110,27 @@ async def _json_errors(request: web.Request,
             raise
         code = _STATUS_CODES.get(exc.status, "http_error")
         return error_response(exc.status, code, exc.reason)
+    except ConnectionResetError:
+        raise  # the client went away (or was cut off by a timeout): nobody to answer
     except Exception as exc:  # a bug: the client gets JSON, the log gets the traceback
         log.exception("http_handler_failed", path=request.path)
         return error_response(500, "internal", f"internal error: {type(exc).__name__}")
 
 
-def _decode_image(data: bytes) -> np.ndarray:
-    import cv2  # noqa: PLC0415 - heavy, and only this endpoint needs it here
-
-    buf = np.frombuffer(data, dtype=np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-    if img is None or img.size == 0:
-        raise InputError("body is not a decodable image (JPEG, PNG, BMP, WebP, TIFF...)")
-    return img
-
-
 class Endpoints:
     """Request handlers bound to one agent."""
 
-    def __init__(self, agent: AgentView, max_upload_bytes: int) -> None:
+    def __init__(self, agent: AgentView, *, max_upload_bytes: int, max_image_pixels: int,
+                 max_infers: int, token: str | None, infer_off: str | None) -> None:
         self.agent = agent
         self.max_upload_bytes = max_upload_bytes
+        self.max_image_pixels = max_image_pixels
+        self.max_infers = max_infers
+        self._token = token.encode("utf-8") if token else None
+        #: Why ``POST /v1/infer`` is off (None: it is on).
+        self.infer_off = infer_off
+        #: Uploads holding a slot now (read, checked, waiting for or in the infer thread).
+        self.infers = 0
 
     async def healthz(self, request: web.Request) -> web.Response:
         ok, reasons = self.agent.health()
@@ -128,33 +154,64 @@ class Endpoints:
     async def cameras(self, request: web.Request) -> web.Response:
         return _json({"cameras": self.agent.cameras_info()})
 
-    async def infer(self, request: web.Request) -> web.Response:  # noqa: PLR0911
+    def _refusal(self, request: web.Request) -> web.Response | None:
+        """The answer to an upload refused before anything is read (None: go on)."""
+        if self.infer_off is not None:
+            return error_response(403, "infer_off", self.infer_off)
+        if self._token is not None:
+            scheme, _, value = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
+            given = value.strip().encode("utf-8", "surrogateescape")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given, self._token):
+                resp = error_response(401, "unauthorized",
+                                      "POST /v1/infer needs the bearer token of http.token_file")
+                resp.headers["WWW-Authenticate"] = 'Bearer realm="edge-agent"'
+                return resp
         limit = self.max_upload_bytes
         if request.content_length is not None and request.content_length > limit:
             return error_response(413, "too_large",
                                   f"body of {request.content_length} bytes exceeds {limit}")
         ctype = request.content_type
+        if not (ctype.startswith(("multipart/", "image/"))
+                or ctype in ("application/octet-stream", "")):
+            return error_response(415, "unsupported_media_type",
+                                  f"send an image (image/* or application/octet-stream "
+                                  f"body, or multipart/form-data), not {ctype}")
+        if self.infers >= self.max_infers:
+            return error_response(429, "busy", f"{self.max_infers} uploads are already being "
+                                  "inferred; retry")
+        return None
+
+    async def infer(self, request: web.Request) -> web.Response:
+        refused = self._refusal(request)
+        if refused is not None:
+            return refused
+        self.infers += 1  # the slot is taken before a byte of the body is read
         try:
-            if ctype.startswith("multipart/"):
+            return await self._infer(request)
+        finally:
+            self.infers -= 1
+
+    async def _infer(self, request: web.Request) -> web.Response:  # noqa: PLR0911
+        limit = self.max_upload_bytes
+        try:
+            if request.content_type.startswith("multipart/"):
                 data = await self._read_multipart(request, limit)
-            elif ctype.startswith("image/") or ctype in ("application/octet-stream", ""):
-                data = await self._read_limited(request, limit)
             else:
-                return error_response(415, "unsupported_media_type",
-                                      f"send an image (image/* or application/octet-stream "
-                                      f"body, or multipart/form-data), not {ctype}")
+                data = await self._read_limited(request, limit)
         except web.HTTPRequestEntityTooLarge:
             return error_response(413, "too_large", f"body exceeds {limit} bytes")
         if not data:
             return error_response(400, "empty_body", "the request has no image")
-        model = request.query.get("model")
         try:
-            image = await asyncio.to_thread(_decode_image, data)
-            result = await self.agent.infer_image(image, model)
+            images.check(data, self.max_image_pixels)  # nothing is decoded before this
+            result = await self.agent.infer_upload(data, request.query.get("model"),
+                                                   self.max_image_pixels)
+        except images.UnsupportedImageError as exc:
+            return error_response(415, "unsupported_image", str(exc))
+        except images.TooManyPixelsError as exc:
+            return error_response(413, "too_many_pixels", str(exc))
         except InputError as exc:
             return error_response(400, "invalid_image", str(exc))
-        except BusyError as exc:
-            return error_response(429, "busy", str(exc))
         except LookupError as exc:
             return error_response(404, "unknown_model", str(exc.args[0]) if exc.args else "")
         except ModelError as exc:
@@ -192,11 +249,15 @@ class Endpoints:
         return b""
 
 
-def build_app(agent: AgentView, *, max_upload_bytes: int) -> web.Application:
-    """The aiohttp application serving ``agent``."""
+def build_app(agent: AgentView, *, max_upload_bytes: int, max_image_pixels: int,
+              max_infers: int, token: str | None = None,
+              infer_off: str | None = None) -> web.Application:
+    """The aiohttp application serving ``agent`` (see the module docstring for the limits)."""
     # client_max_size bounds what aiohttp itself buffers; our readers enforce the exact limit
     app = web.Application(middlewares=[_json_errors], client_max_size=max_upload_bytes + 65536)
-    ep = Endpoints(agent, max_upload_bytes)
+    httpserver.harden(app, SERVER_NAME)
+    ep = Endpoints(agent, max_upload_bytes=max_upload_bytes, max_image_pixels=max_image_pixels,
+                   max_infers=max_infers, token=token, infer_off=infer_off)
     app.router.add_get("/healthz", ep.healthz)
     app.router.add_get("/readyz", ep.readyz)
     app.router.add_get("/metrics", ep.metrics)
@@ -207,12 +268,15 @@ def build_app(agent: AgentView, *, max_upload_bytes: int) -> web.Application:
 
 
 class HttpServer:
-    """Runs ``build_app`` on host:port; ``port=0`` in the config disables it (not here)."""
+    """Runs ``build_app`` on host:port under ``limits``; ``port=0`` in the config disables it
+    (not here: here 0 picks a free port, for tests)."""
 
-    def __init__(self, app: web.Application, host: str, port: int) -> None:
+    def __init__(self, app: web.Application, host: str, port: int,
+                 limits: httpserver.ServerLimits, gate: httpserver.Gate | None = None) -> None:
         self.app = app
         self.host = host
         self.port = port
+        self.gate = gate or httpserver.Gate(limits, SERVER_NAME, error_codes=_STATUS_CODES)
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> int:
@@ -220,16 +284,17 @@ class HttpServer:
         runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=2.0)
         await runner.setup()
         self._runner = runner
-        site = web.TCPSite(runner, self.host, self.port)
+        site = httpserver.GuardedSite(runner, self.host, self.port, gate=self.gate)
         try:
             await site.start()
         except OSError as exc:
             raise AgentError(f"cannot listen on {self.host}:{self.port}: "
                              f"{exc.strerror or exc}") from exc
-        server = getattr(site, "_server", None)
-        if server is not None and server.sockets:
-            self.port = server.sockets[0].getsockname()[1]
-        log.info("http_listening", host=self.host, port=self.port)
+        self.port = site.port
+        limits = self.gate.limits
+        log.info("http_listening", host=self.host, port=self.port,
+                 idle_timeout_s=limits.idle_timeout_s, header_timeout_s=limits.header_timeout_s,
+                 body_timeout_s=limits.body_timeout_s, max_connections=limits.max_connections)
         return self.port
 
     async def aclose(self) -> None:
@@ -237,3 +302,34 @@ class HttpServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+async def open_server(agent: AgentView, h: HttpSettings,
+                      secret_files: common_settings.SecretFilePolicy,
+                      max_infers: int) -> HttpServer:
+    """The agent's HTTP server as ``h`` configures it, not yet listening: the token of
+    ``h.token_file`` read (ConfigError naming the field), ``POST /v1/infer`` off when neither
+    a token nor a loopback address protects it, or ``h.infer`` is false."""
+    token = None
+    if h.token_file is not None:
+        try:
+            token = await asyncio.to_thread(common_settings.read_secret, h.token_file,
+                                            secret_files)
+        except OSError as exc:
+            raise ConfigError([("http.token_file", f"cannot read: {exc.strerror or exc}",
+                                str(h.token_file))]) from exc
+        if not token.strip():
+            raise ConfigError([("http.token_file", "the file holds no token",
+                                str(h.token_file))])
+    off = None
+    if not h.infer:
+        off = "POST /v1/infer is off (http.infer: false)"
+    elif token is None and not is_loopback(h.host):
+        off = (f"POST /v1/infer is off: the agent listens on {h.host}, beyond loopback, "
+               "and http.token_file is not set")
+    if off is not None:
+        log.info("http_infer_off", reason=off)
+    app = build_app(agent, max_upload_bytes=h.max_upload_bytes,
+                    max_image_pixels=h.max_image_pixels, max_infers=max_infers, token=token,
+                    infer_off=off)
+    return HttpServer(app, h.host, h.port, h)

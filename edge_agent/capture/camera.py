@@ -206,7 +206,7 @@ class Camera:
         age = self.frame_age()
         return {
             "name": self.name,
-            "url": self.settings.url,
+            "url": self.settings.display_url,  # never the camera's password
             "model": self.settings.model,
             "state": self.state,
             "connected": self.state == "connected",
@@ -242,7 +242,7 @@ class Camera:
                 if self._stop.wait(delay):
                     break
         except Exception as exc:  # a bug, not a camera fault: say so loudly, end the thread
-            self.last_error = repr(exc)
+            self.last_error = self.settings.redact(repr(exc))
             log.exception("camera_thread_crashed", camera=self.name)
             raise
         finally:
@@ -257,10 +257,10 @@ class Camera:
             reader = open_source(self.spec, open_timeout_s=s.open_timeout_s,
                                  read_timeout_s=s.stall_timeout_s, stop=self._stop)
         except CaptureError as exc:
-            self.last_error = str(exc)
+            self.last_error = self.settings.redact(str(exc))
             return "failed"
         except Exception as exc:  # OpenCV raises cv2.error for some bad URLs
-            self.last_error = f"cannot open source: {exc}"
+            self.last_error = self.settings.redact(f"cannot open source: {exc}")
             return "failed"
         self.source_fps = reader.fps
         try:
@@ -342,9 +342,10 @@ class Camera:
                 self._prepare(frame, img)
             except Exception as exc:
                 self.errors += 1
-                if self.last_error != str(exc):
-                    self.last_error = str(exc)
-                    log.warning("frame_prepare_failed", camera=self.name, error=str(exc))
+                message = self.settings.redact(str(exc))
+                if self.last_error != message:
+                    self.last_error = message
+                    log.warning("frame_prepare_failed", camera=self.name, error=self.last_error)
                 return
             frame.preprocess_ms = (time.perf_counter() - t_read) * 1000.0
         if backpressure:

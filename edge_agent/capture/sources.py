@@ -1,8 +1,8 @@
 """Video sources by URL: files, RTSP/HTTP streams, USB devices and a synthetic test pattern.
 
-A camera is configured as one URL. The config owns the URL grammar (``config.parse_source``, so
-a typo is a config error with its field path); this module opens what it accepted:
-``open_source`` opens a ``config.SourceSpec`` with OpenCV's FFmpeg backend for files and
+A camera is configured as one URL. The URL grammar is ``edge_agent.camera_urls`` (the config
+runs it, so a typo is a config error with its field path); this module opens what it accepted:
+``open_source`` opens a ``camera_urls.SourceSpec`` with OpenCV's FFmpeg backend for files and
 network streams (with open and read timeouts, so a stalled stream ends a blocked read instead
 of hanging a thread forever), the default backend (V4L2) for ``usb://N``, or a pure-numpy
 generator for ``test://pattern?width=W&height=H&fps=F``. Every source is a ``Reader``: ``grab``
@@ -12,6 +12,7 @@ colour-converted.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,8 +20,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from edge_agent import config
+from edge_agent import camera_urls
 
+#: The device node behind ``usb://N`` (Video4Linux).
+USB_DEVICE = "/dev/video{}"
 #: Frame rate assumed when a file does not say (0 or NaN from the container).
 DEFAULT_FPS = 30.0
 
@@ -104,8 +107,24 @@ class _PatternReader:
         return None
 
 
+def _usb_device(index: str) -> int:
+    """The V4L2 device index of ``usb://N``, after checking that ``/dev/videoN`` exists.
+
+    OpenCV would only say "cannot open" (and log a warning of its own to stderr); a missing
+    device node is the usual cause on an edge box (camera unplugged, or the device not passed
+    into the container), so it gets a message that names both.
+    """
+    device = Path(USB_DEVICE.format(index))
+    if sys.platform.startswith("linux") and not device.exists():
+        raise CaptureError(
+            f"no video device {device} for usb://{index}: is the camera plugged in, and is "
+            f"{device} passed into the container (a hostPath or device plugin)?")
+    return int(index)
+
+
 def open_source(
-    spec: config.SourceSpec, *, open_timeout_s: float, read_timeout_s: float, stop: threading.Event
+    spec: camera_urls.SourceSpec, *, open_timeout_s: float, read_timeout_s: float,
+    stop: threading.Event,
 ) -> Reader:
     """Open ``spec``; raise ``CaptureError`` with a readable reason when it cannot be opened."""
     if spec.kind == "test":
@@ -116,7 +135,7 @@ def open_source(
     if spec.kind == "file" and not Path(spec.target).is_file():
         raise CaptureError(f"no such file: {spec.target}")
     if spec.kind == "usb":
-        cap = cv2.VideoCapture(int(spec.target))
+        cap = cv2.VideoCapture(_usb_device(spec.target))
     else:
         params = [
             cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, max(1, int(open_timeout_s * 1000)),
@@ -125,6 +144,9 @@ def open_source(
         cap = cv2.VideoCapture(spec.target, cv2.CAP_FFMPEG, params)
     if not cap.isOpened():
         cap.release()
+        if spec.kind == "usb":
+            raise CaptureError(f"cannot open {USB_DEVICE.format(spec.target)} (usb://"
+                               f"{spec.target}): busy or not a video capture device")
         raise CaptureError(f"cannot open {spec.kind} source {spec.target}")
     fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
     if not (0.0 < fps <= 1000.0):  # NaN and nonsense from some containers included

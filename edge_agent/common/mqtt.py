@@ -33,12 +33,12 @@ from typing import Any, Literal
 
 import paho.mqtt.client as paho
 import structlog
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from edge_agent.common import backoff, settings
 
@@ -46,28 +46,37 @@ log = structlog.get_logger(__name__)
 
 
 class ConnectionSettings(settings.Section):
-    """How to reach and log in to the MQTT broker (both programs' ``mqtt`` section)."""
+    """How to reach and log in to the MQTT broker (both programs' ``mqtt`` section).
 
-    #: Broker host name or address. Default 127.0.0.1 (a broker on the same box).
+    TLS is the default: the client verifies the broker against ``ca_file`` and presents its own
+    certificate (``cert_file``/``key_file``), whose common name is its identity on the broker
+    (docs/security.md). A plain connection only when asked for (``tls: false``, port 1883).
+    """
+
+    #: Broker host name or address; with TLS it must match the broker certificate's names.
+    #: Default 127.0.0.1 (a broker on the same box).
     host: str = "127.0.0.1"
-    #: Broker port. Default 1883 (8883 is conventional with TLS).
-    port: int = Field(1883, ge=1, le=65535)
+    #: Broker port. Default 8883, the MQTT-over-TLS port (1883 for ``tls: false``).
+    port: int = Field(8883, ge=1, le=65535)
     #: 5 or 3 (3.1.1). Default 5: reason codes, flow control and shared subscriptions.
     protocol: Literal[5, 3] = 5
     #: Seconds between keepalive pings; a dead link is detected after 1.5x this. Default 15 s:
     #: fast enough to notice a cut within ~20 s, cheap on metered links.
     keepalive_s: int = Field(15, ge=5, le=3600)
-    #: Broker user name; None = anonymous.
+    #: Broker user name; None = the certificate's identity (or anonymous without TLS).
     username: str | None = None
     #: File holding the password (a mounted Secret), never the password itself.
     password_file: Path | None = None
-    #: Connect with TLS (then usually port 8883). Default false: a site-local broker.
-    tls: bool = False
-    #: CA bundle (PEM) that verifies the broker; None = the system store.
+    #: Connect with TLS and verify the broker. Default true: every node proves who it is with
+    #: its certificate, and nobody on the site network reads or forges results in transit.
+    tls: bool = True
+    #: CA bundle (PEM) that verifies the broker, normally the hub's CA (``edge-hub pki``);
+    #: None = the system store.
     ca_file: Path | None = None
-    #: Client certificate (PEM) for mutual TLS; None = no client certificate.
+    #: This client's certificate (PEM): its identity on the broker, which requires one.
+    #: None = no client certificate (a broker that takes passwords instead).
     cert_file: Path | None = None
-    #: Private key (PEM) of ``cert_file``.
+    #: Private key (PEM) of ``cert_file``; set both or neither.
     key_file: Path | None = None
     #: Reconnect backoff bounds, seconds: attempt k waits in [d/2, d], d = min(max, min * 2**k)
     #: (half fixed, half jitter, so a fleet that lost its broker does not return in lockstep).
@@ -75,6 +84,84 @@ class ConnectionSettings(settings.Section):
     reconnect_min_s: float = Field(0.5, gt=0)
     #: Upper bound of the reconnect delay, seconds (see ``reconnect_min_s``).
     reconnect_max_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _cert_and_key(self) -> ConnectionSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: set both or neither")
+        return self
+
+    def tls_problems(self, prefix: str = "mqtt.") -> list[settings.FieldError]:
+        """What is wrong with the TLS files, one (field, message, value) each (blocking).
+
+        Empty when TLS is off or every named file can be read; ``validate-config`` and
+        ``open_sync`` both report these.
+        """
+        if not self.tls:
+            return []
+        out: list[settings.FieldError] = []
+        for name in ("ca_file", "cert_file", "key_file"):
+            path: Path | None = getattr(self, name)
+            if path is None:
+                continue
+            try:
+                with path.open("rb") as f:
+                    f.read(1)
+            except OSError as exc:
+                out.append((f"{prefix}{name}", f"cannot read TLS file: {exc.strerror}",
+                            str(path)))
+        return out
+
+
+def tls_context(s: ConnectionSettings) -> ssl.SSLContext:
+    """A client TLS context: the broker verified against ``ca_file`` (or the system store) and
+    its host name checked, TLS 1.2 at least, our certificate presented when configured.
+
+    Blocking (reads the files); raises ``OSError``/``ssl.SSLError`` for files that cannot be used.
+    """
+    ctx = ssl.create_default_context(cafile=None if s.ca_file is None else str(s.ca_file))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if s.cert_file is not None and s.key_file is not None:
+        ctx.load_cert_chain(str(s.cert_file), str(s.key_file))
+    return ctx
+
+
+class PahoClient(paho.Client):
+    """paho's client, except that a TLS handshake that fails closes its socket at once.
+
+    paho 2.x leaves the socket of a failed handshake (a broker whose certificate we do not
+    trust, one that refuses ours) to the garbage collector, which closes it with a
+    ``ResourceWarning``; a fleet retrying against a misconfigured broker would do that on
+    every attempt. Same steps as paho's own wrap otherwise: SNI and host name checked by the
+    context (``tls_context`` turns ``check_hostname`` on), the connect timeout on the handshake.
+    The reason of the last failed handshake is kept in ``tls_error`` (None after a good one),
+    so a log line can tell "the broker's certificate is not trusted" from "no broker".
+    """
+
+    tls_error: str | None = None
+
+    def _ssl_wrap_socket(self, tcp_sock: socket.socket) -> ssl.SSLSocket:
+        ctx = self._ssl_context
+        if ctx is None or not ctx.check_hostname:
+            return super()._ssl_wrap_socket(tcp_sock)  # a context we did not make: paho's way
+        ssl_sock = ctx.wrap_socket(tcp_sock, server_hostname=self._host,
+                                   do_handshake_on_connect=False)
+        try:
+            ssl_sock.settimeout(self._connect_timeout)
+            ssl_sock.do_handshake()
+        except BaseException as exc:
+            self.tls_error = str(exc)[:200] or type(exc).__name__
+            ssl_sock.close()
+            raise
+        self.tls_error = None
+        return ssl_sock
+
+    def loop_start(self) -> MQTTErrorCode:
+        # paho opens a new wake-up socket pair on every start and leaves the previous one to the
+        # garbage collector: a restart (``reconnect_with_new_identity_sync``) closes it first
+        if self._thread is None:
+            self._reset_sockets(sockpair_only=True)
+        return super().loop_start()
 
 
 def release(client: paho.Client) -> None:
@@ -136,8 +223,13 @@ class MqttClient:
         self._backoff = backoff.Backoff(settings_.reconnect_min_s, settings_.reconnect_max_s, rand)
         self._connected = threading.Event()
         self._running = False
+        #: The TLS context paho connects with, kept so a renewed certificate can be loaded.
+        self._tls: ssl.SSLContext | None = None
+        #: Held while paho's thread is stopped and started again for a renewed certificate,
+        #: so a close never lands in between (and nothing restarts a closed client).
+        self._restart_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._client = paho.Client(
+        self._client = PahoClient(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=MQTTProtocolVersion.MQTTv5 if self.v5 else MQTTProtocolVersion.MQTTv311,
@@ -181,6 +273,11 @@ class MqttClient:
         be used.
         """
         self._configure_security()
+        self._connect_async()
+        self._client.loop_start()
+        self._running = True
+
+    def _connect_async(self) -> None:
         props = None
         if self.v5 and self._properties:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -190,12 +287,37 @@ class MqttClient:
         s = self.settings
         self._client.connect_async(s.host, s.port, keepalive=s.keepalive_s, properties=props,
                                    **kw)
-        self._client.loop_start()
-        self._running = True
+
+    def reconnect_with_new_identity_sync(self) -> None:
+        """Present ``cert_file``/``key_file`` as they are now (a renewed certificate) and
+        connect again with them: a clean DISCONNECT (the broker publishes no last will), then a
+        new connection at once; unacknowledged messages are sent again on it, as after any
+        reconnect. Blocking (reads the files, joins paho's thread): from a worker thread.
+
+        Raises ``settings.ConfigError`` when the files cannot be used (the old certificate then
+        stays loaded).
+        """
+        s = self.settings
+        if self._tls is None or s.cert_file is None or s.key_file is None:
+            return
+        try:
+            self._tls.load_cert_chain(str(s.cert_file), str(s.key_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise settings.ConfigError([(f"{self._field_prefix}cert_file",
+                                         f"renewed certificate cannot be used: {exc}",
+                                         str(s.cert_file))]) from exc
+        with self._restart_lock:
+            if not self._running:  # closed meanwhile: nothing to reconnect
+                return
+            self._client.disconnect()
+            self._client.loop_stop()
+            self._connect_async()
+            self._client.loop_start()
 
     def close_sync(self) -> None:
         """Disconnect cleanly, stop paho's thread and close its sockets (blocking)."""
-        self._running = False
+        with self._restart_lock:
+            self._running = False
         with contextlib.suppress(Exception):
             self._client.disconnect()
         release(self._client)
@@ -204,9 +326,15 @@ class MqttClient:
     def drop_connection(self) -> None:
         """Vanish without a DISCONNECT, as a killed process would: the broker publishes the
         last will and no reconnect follows. For fault injection (tests, demos)."""
-        self._running = False
+        with self._restart_lock:
+            self._running = False
         drop(self._client)
         self._connected.clear()
+
+    @property
+    def tls_error(self) -> str | None:
+        """Why the last TLS handshake failed (None after a good one or before any)."""
+        return self._client.tls_error if isinstance(self._client, PahoClient) else None
 
     def socket(self) -> socket.socket | None:
         """The connected network socket, None between connections (fault tests watch it)."""
@@ -227,16 +355,17 @@ class MqttClient:
                     )]) from exc
             self._client.username_pw_set(s.username, password)
         if s.tls:
+            problems = s.tls_problems(self._field_prefix)
+            if problems:
+                raise settings.ConfigError(problems)
             try:
-                self._client.tls_set(
-                    ca_certs=None if s.ca_file is None else str(s.ca_file),
-                    certfile=None if s.cert_file is None else str(s.cert_file),
-                    keyfile=None if s.key_file is None else str(s.key_file),
-                    cert_reqs=ssl.CERT_REQUIRED,
-                )
-            except (OSError, ssl.SSLError) as exc:
+                # verifies the broker's chain and host name; presents our certificate
+                self._tls = tls_context(s)
+                self._client.tls_set_context(self._tls)
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                field = "cert_file" if s.cert_file is not None else "ca_file"
                 raise settings.ConfigError([(
-                    f"{self._field_prefix}tls", f"TLS files cannot be used: {exc}",
+                    f"{self._field_prefix}{field}", f"TLS files cannot be used: {exc}",
                     str(s.cert_file or s.ca_file),
                 )]) from exc
 

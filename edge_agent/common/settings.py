@@ -6,20 +6,31 @@ overrides, the environment (a per-program prefix, nested keys joined by ``__``),
 JSON, a subset of YAML) file, field defaults. Unknown keys are rejected everywhere, so a typo
 never silently runs with a default. Every problem is reported at once, each as (field path,
 message, offending value), and a program exits 2 on them. Secrets (passwords, tokens) are read
-from files named in the config, never written in it, by ``read_secret``.
+from files named in the config, never written in it, by ``read_secret``, which refuses a file
+that other users can read (``check_secret_file``): a token in a world-readable file is a token
+every account on the box holds.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import structlog
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+log = structlog.get_logger(__name__)
+
 #: One config problem: (field path, message, offending value).
 FieldError = tuple[str, str, Any]
+#: What happens to a secret file other users can read: refused (an error naming the file and
+#: the fix), or read with a warning.
+SecretFilePolicy = Literal["refuse", "warn"]
 
 
 class ConfigError(Exception):
@@ -71,6 +82,12 @@ class ProgramSettings(BaseSettings):
     )
 
     log: LogSettings = LogSettings()
+    #: A secret file (token, password, private key) that other users can read: ``refuse`` to
+    #: start, naming the file and the fix (default), or ``warn`` and read it anyway. Readable
+    #: by others is always too much; readable by a group only when the file belongs to root
+    #: and the group is one this process runs in (a Kubernetes Secret mounted with
+    #: ``defaultMode: 0440`` and the pod's ``fsGroup``), see docs/security.md.
+    secret_files: SecretFilePolicy = "refuse"  # noqa: S105 - a policy, not a secret
 
     @classmethod
     def settings_customise_sources(
@@ -144,11 +161,50 @@ def override(section: BaseModel, prefix: str, values: dict[str, Any],
         raise error(field_errors(exc, prefix)) from exc
 
 
-def read_secret(path: Path | str) -> str:
+def secret_file_problem(path: Path | str) -> str | None:
+    """Why other users could read the file at ``path`` (None: only this process's user can).
+
+    Refused: any permission for others; any permission for a group, unless the file belongs
+    to root and the group is one this process is in (how Kubernetes mounts a Secret for a
+    non-root pod: ``root:<fsGroup>``, mode 0440). Blocking; ``OSError`` when it cannot be
+    examined.
+    """
+    st = os.stat(path)
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o007:
+        return f"readable by other users (mode {mode:04o})"
+    if mode & 0o070:
+        ours = {os.getegid(), *os.getgroups()}
+        if st.st_uid != 0 or st.st_gid not in ours or os.geteuid() == 0:
+            return f"readable by its group (mode {mode:04o}, group id {st.st_gid})"
+    return None
+
+
+def check_secret_file(path: Path | str, policy: SecretFilePolicy = "refuse") -> None:
+    """Refuse (``PermissionError``, with the fix in its message) or warn about a secret file
+    that other users can read; see ``secret_file_problem``. Blocking."""
+    problem = secret_file_problem(path)
+    if problem is None:
+        return
+    if policy == "warn":
+        log.warning("secret_file_exposed", path=str(path), problem=problem,
+                    fix="chmod 600 (or 0440 root:<your group>)")
+        return
+    raise PermissionError(
+        errno.EACCES,
+        f"secret file is {problem}: chmod 600 it (or give it to root:<this process's group> "
+        "mode 0440), or set secret_files: warn",
+        str(path),
+    )
+
+
+def read_secret(path: Path | str, policy: SecretFilePolicy = "refuse") -> str:
     """The secret held in a file (a mounted Secret): its text without trailing line breaks.
 
-    Blocking; raises ``OSError`` for the caller to turn into its own error naming the field.
-    Only line breaks are stripped: a password may end in a space, and a file written by
-    ``echo`` or an editor ends in a newline that is no part of it.
+    Blocking; raises ``OSError`` for the caller to turn into its own error naming the field:
+    also (``PermissionError``) for a file other users can read, unless ``policy`` is
+    ``warn`` (``check_secret_file``). Only line breaks are stripped: a password may end in a
+    space, and a file written by ``echo`` or an editor ends in a newline that is no part of it.
     """
+    check_secret_file(path, policy)
     return Path(path).read_text(encoding="utf-8").rstrip("\r\n")

@@ -4,6 +4,8 @@ Both programs import it; the hub imports nothing else from the agent but ``edge_
 
 - ``protocol``: topics, payload schemas (results, telemetry, state, desired), label keys, name
   patterns.
+- ``acl``: the broker's topic rights per identity (a node its own topics, the hub, consumers),
+  rendered as the Mosquitto ACL file that K3s, the demo and the tests' broker all run.
 - ``results``: the result-message builder (scheduler, batch and HTTP uploads build results here).
 - ``manifest``: the model manifest schema (what a ``.json`` beside an ``.onnx`` must say).
 - ``tasks``: the task names, each task's ``postprocess`` parameter schema and the outputs it

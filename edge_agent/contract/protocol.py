@@ -16,11 +16,22 @@ from collections.abc import Callable
 from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 PROTOCOL_VERSION = 1
 DEFAULT_TOPIC_PREFIX = "edge"
 DEFAULT_LABEL_PREFIX = "edge.ai"
+#: The hub's HTTP path where an agent pod trades its projected ServiceAccount token and a CSR
+#: for its node's certificate (``hub/api/pki.py`` serves it, ``edge_agent/identity`` asks).
+BOOTSTRAP_PATH = "/v1/pki/bootstrap"
 
 #: Largest payload a receiver parses; anything bigger is rejected before decoding.
 MAX_PAYLOAD_BYTES = 256 * 1024
@@ -36,6 +47,9 @@ _SHA256_RE = re.compile(SHA256_PATTERN)
 #: Node names in Kubernetes may contain dots (FQDNs); topics use them as they are.
 NODE_PATTERN = r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$"
 _NODE_RE = re.compile(NODE_PATTERN)
+#: Desired generations are integers in [0, 2^53): exact in every JSON implementation (a
+#: JavaScript dashboard, a double-based parser) and far inside SQLite's 64-bit integers.
+MAX_GENERATION = 2**53
 
 
 class ProtocolError(ValueError):
@@ -87,6 +101,18 @@ Node = Annotated[
 Sha256 = Annotated[str, _rule(is_valid_sha256, "must be 64 lowercase hex digits")]
 
 
+def _generation(v: object) -> int:
+    # strict: a JSON string ("1000000"), a float or a bool is refused, not coerced
+    if type(v) is not int or not 0 <= v < MAX_GENERATION:
+        raise ValueError(f"must be an integer in [0, 2^53), got {str(v)[:40]!r}")
+    return v
+
+
+#: A desired-state generation (``DesiredMessage`` and ``StateMessage``): an integer in
+#: [0, 2^53), never a string, a float or a negative number.
+Generation = Annotated[int, BeforeValidator(_generation)]
+
+
 # --------------------------------------------------------------------------------------- topics
 
 
@@ -133,6 +159,10 @@ def parse_topic(prefix: str, topic: str) -> tuple[str, TopicKind, str | None]:
     if not topic.startswith(prefix + "/"):
         raise ProtocolError(f"topic {topic!r} is outside prefix {prefix!r}")
     parts = topic[len(prefix) + 1 :].split("/")
+    if not is_valid_node(parts[0]):
+        # a hub or consumer identity may write under its own name (the broker's pattern rights
+        # apply to everyone): such names are never node names (docs/security.md)
+        raise ProtocolError(f"topic {topic!r}: {parts[0][:80]!r} is not a node name")
     if len(parts) == 3 and parts[1] == "results":
         return parts[0], "results", parts[2]
     if len(parts) == 2 and parts[1] in ("telemetry", "state", "desired"):
@@ -210,13 +240,39 @@ class FrameSize(_Msg):
     height: int
 
 
+#: Why a camera's seq series started over (``SeqReset.reason``): the outbox file was created
+#: (first start, or the previous file was deleted or lost), the previous file was corrupt and
+#: moved aside, the file had no series for this camera, or the file came from an agent version
+#: that reserved seqs in blocks (the rest of the last block is skipped once).
+SEQ_RESET_REASONS = ("new_outbox", "corrupt_outbox", "new_camera", "upgrade")
+
+
+class SeqReset(_Msg):
+    """On the first result of a new seq series: seqs below ``first`` are another series.
+
+    A subscriber that has seen the camera's previous series restarts its bookkeeping here
+    instead of reporting the jump as missing results; seqs ``first`` .. ``seq - 1`` of the new
+    series are missing (the outbox dropped them, counted) when the marked result is not the
+    first one.
+    """
+
+    first: int = Field(ge=0)
+    #: One of ``SEQ_RESET_REASONS``; a receiver accepts other words (a newer sender's).
+    reason: str
+
+
 class ResultMessage(_Msg):
-    """One result per processed frame, on ``results_topic``. Dedup key: (node, camera, seq)."""
+    """One result per processed frame, on ``results_topic``. Dedup key: (node, camera, seq).
+
+    ``seq`` counts a camera's committed results without holes (a hole is a lost result);
+    ``seq_reset`` is set only on the first result of a new series.
+    """
 
     v: Literal[1] = 1
     node: str
     camera: str
     seq: int = Field(ge=0)
+    seq_reset: SeqReset | None = None
     #: Capture time of the frame, Unix seconds.
     ts: float
     model: ModelRef
@@ -302,7 +358,8 @@ class StateMessage(_Msg):
     node: str
     online: bool
     ts: float = 0.0
-    generation: int = 0
+    #: The desired generation the node applied last (0 before any).
+    generation: Generation = 0
     agent_version: str = ""
     providers: list[str] = Field(default_factory=list)
     models: list[ModelState] = Field(default_factory=list)
@@ -329,7 +386,7 @@ class DesiredMessage(_Msg):
 
     v: Literal[1] = 1
     node: str
-    generation: int = Field(ge=0)
+    generation: Generation
     models: dict[str, DesiredModel]
 
     @field_validator("models")

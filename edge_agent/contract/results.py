@@ -5,7 +5,10 @@ per-frame path cannot afford a pydantic model per frame, so a result is a plain 
 the ``ResultMessage`` shape, and the scheduler's workers, ``edge-agent batch`` and the HTTP
 upload endpoint all build it here, so the three can never drift apart. Key order is the order
 ``docs/protocol.md`` shows (orjson keeps insertion order); ``seq`` is not set here: the sink
-assigns it, last, when the result is accepted.
+assigns it. The durable outbox assigns it only when the result is committed, to bytes that were
+serialized earlier: ``with_seq`` appends ``seq`` (and, on the first result of a new series, the
+``seq_reset`` marker) as the last fields of the serialized object, so that wire format is
+defined here too.
 """
 
 from __future__ import annotations
@@ -13,10 +16,30 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from edge_agent.contract.protocol import PROTOCOL_VERSION
+from edge_agent.contract.protocol import PROTOCOL_VERSION, SEQ_RESET_REASONS
 
 #: The ``latency_ms`` stages, in the order they appear on the wire.
 STAGES = ("capture_to_start", "preprocess", "inference", "postprocess", "end_to_end")
+
+#: Bytes ``with_seq`` adds without a marker, for seqs below 10^16 (``,"seq":`` + 16 digits;
+#: a seq started from the wall clock in microseconds has 16 digits until the year 2286).
+SEQ_FIELD_BYTES = 23
+
+
+def with_seq(body: bytes, seq: int, reset: tuple[int, str] | None = None) -> bytes:
+    """``body`` (a serialized result object without ``seq``) with ``seq`` as its last field.
+
+    ``reset`` = (first seq of the series, reason) adds the ``seq_reset`` marker after it. The
+    reason must be one of ``protocol.SEQ_RESET_REASONS`` (it is written without escaping).
+    Runs on the outbox's commit thread for every row: bytes only, no parsing (~0.5 us).
+    """
+    if reset is None:
+        return body[:-1] + b',"seq":%d}' % seq
+    first, reason = reset
+    if reason not in SEQ_RESET_REASONS:
+        raise ValueError(f"unknown seq reset reason {reason!r}")
+    return b'%b,"seq":%d,"seq_reset":{"first":%d,"reason":"%b"}}' % (
+        body[:-1], seq, first, reason.encode())
 
 
 class ResultModel(Protocol):

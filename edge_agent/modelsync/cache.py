@@ -155,10 +155,13 @@ class ModelCache:
     for startup (before the loop serves) and for those threads.
     """
 
-    def __init__(self, settings: HubClientSettings, *, fetcher: Fetcher | None = None) -> None:
+    def __init__(self, settings: HubClientSettings, *, fetcher: Fetcher | None = None,
+                 exposed_files: common_settings.SecretFilePolicy = "refuse") -> None:
         self.settings = settings
         self.root = Path(settings.cache_dir)
         self._fetcher = fetcher
+        #: What to do with a token or key file other users can read (``secret_files``).
+        self._exposed_files = exposed_files
         self._key: Ed25519PublicKey | None = (
             load_public_key(settings.public_key_file) if settings.public_key_file else None
         )
@@ -238,10 +241,11 @@ class ModelCache:
         token = None
         if s.token_file is not None:
             try:
-                token = common_settings.read_secret(s.token_file) or None
+                token = common_settings.read_secret(s.token_file, self._exposed_files) or None
             except OSError as exc:
-                raise ModelError(f"cannot read hub.token_file {s.token_file}: {exc}") from exc
-        return Fetcher(s, token=token)
+                raise ModelError(f"cannot read hub.token_file {s.token_file}: "
+                                 f"{exc.strerror or exc}") from exc
+        return Fetcher(s, token=token, exposed_files=self._exposed_files)
 
     async def fetch(
         self,

@@ -10,6 +10,14 @@ something that may heal (connection, timeout, 5xx), ``ModelError`` when retrying
 
 The digest is computed while the bytes arrive; nothing here decides whether the bytes are a model
 (``modelcache`` verifies the digest and signature, the engine the rest).
+
+Credentials go to the hub only. The agent proves who it is with its client certificate
+(``hub.cert_file``, mutual TLS, re-read for every fetch so a renewed certificate is used at
+once) and verifies the hub against ``hub.ca_file``; a token, when one is configured, rides along.
+A URL off the hub's origin (scheme, host, port of ``hub.url``) is refused before any connection
+(``same_origin``), redirects are not followed, and a response body never becomes an error
+message: errors are our own words (they reach the node's ``state``, which the hub shows), the
+body only goes, truncated, into the log.
 """
 
 from __future__ import annotations
@@ -17,15 +25,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
 
 from edge_agent.common import backoff
+from edge_agent.common import settings as common_settings
 from edge_agent.errors import ModelError, TemporaryError
 
 if TYPE_CHECKING:
@@ -37,8 +48,11 @@ log = structlog.get_logger(__name__)
 _WRITE_CHUNK = 1024 * 1024
 #: Statuses worth retrying: the hub is restarting, overloaded or a proxy timed out.
 _RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
-#: Longest foreign error body quoted in an error message.
+#: Longest piece of a foreign error body written to the log (never into an error message).
 _BODY_QUOTE = 200
+#: Longest piece of our own reason text for a connection failure.
+_REASON_CHARS = 200
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 Sleep = Callable[[float], Awaitable[None]]
 _T = TypeVar("_T")
@@ -51,6 +65,25 @@ class FetchStats:
     attempts: int = 0
     resumed_from: list[int] = field(default_factory=list)
     waits: list[float] = field(default_factory=list)
+
+
+def origin_of(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an http(s) URL without credentials in it; None otherwise."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname or "@" in parts.netloc:
+        return None
+    return scheme, parts.hostname.lower(), port or _DEFAULT_PORTS[scheme]
+
+
+def same_origin(url: str, hub_url: str) -> bool:
+    """Whether ``url`` is on the hub's origin (scheme, host and port of ``hub_url``)."""
+    ours = origin_of(hub_url)
+    return ours is not None and origin_of(url) == ours
 
 
 class _RetryError(Exception):
@@ -74,11 +107,13 @@ class Fetcher:
         settings: HubClientSettings,
         *,
         token: str | None = None,
+        exposed_files: common_settings.SecretFilePolicy = "refuse",
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
     ) -> None:
         self.settings = settings
         self._token = token
+        self._exposed_files = exposed_files
         self._sleep = sleep
         self._rng = rng or random.Random()
 
@@ -87,16 +122,45 @@ class Fetcher:
             return {"Authorization": f"Bearer {self._token}"}
         return {}
 
-    def _session(self) -> aiohttp.ClientSession:
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        """Verify the hub against ``ca_file`` and present ``cert_file`` (read now, so a renewed
+        certificate counts from the next fetch); None: aiohttp's default verification."""
+        s = self.settings
+        if s.ca_file is None and s.cert_file is None:
+            return None
+        field, path = "hub.ca_file", s.ca_file
+        try:
+            ctx = ssl.create_default_context(cafile=None if s.ca_file is None else str(s.ca_file))
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            if s.cert_file is not None:
+                field, path = "hub.key_file", s.key_file or s.cert_file
+                common_settings.check_secret_file(s.key_file or s.cert_file, self._exposed_files)
+                field, path = "hub.cert_file", s.cert_file
+                ctx.load_cert_chain(s.cert_file, s.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            raise ModelError(f"{field} {path} cannot be used: {reason}") from exc
+        return ctx
+
+    def _check_origin(self, url: str) -> None:
+        """Refuse, before any connection, a URL off the hub's origin (when ``url`` is set)."""
+        hub = self.settings.url
+        if hub is not None and not same_origin(url, hub):
+            raise ModelError(f"refused to fetch {url[:120]}: not on the hub's origin {hub}")
+
+    async def _session(self) -> aiohttp.ClientSession:
         stall = self.settings.stall_timeout_s
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=stall, sock_read=stall)
-        return aiohttp.ClientSession(timeout=timeout, headers=self._headers())
+        tls = await asyncio.to_thread(self._ssl_context)
+        connector = aiohttp.TCPConnector(ssl=tls if tls is not None else True)
+        return aiohttp.ClientSession(timeout=timeout, headers=self._headers(),
+                                     connector=connector)
 
     async def fetch_bytes(self, url: str, max_bytes: int = 1024 * 1024) -> bytes:
         """GET a small document (a manifest) with the same retries and total timeout."""
 
         async def attempt(session: aiohttp.ClientSession) -> bytes:
-            async with session.get(url) as resp:
+            async with session.get(url, allow_redirects=False) as resp:
                 await _check_status(resp, url)
                 if resp.content_length is not None and resp.content_length > max_bytes:
                     raise ModelError(f"{url}: document of {resp.content_length} bytes is too big")
@@ -132,9 +196,10 @@ class Fetcher:
         stats: FetchStats,
     ) -> _T:
         s = self.settings
+        self._check_origin(url)
 
         async def loop() -> _T:
-            async with self._session() as session:
+            async with await self._session() as session:
                 last = ""
                 for n in range(s.download_retries + 1):
                     if n:
@@ -149,8 +214,12 @@ class Fetcher:
                         return await attempt(session)
                     except _RetryError as exc:
                         last = exc.reason
+                    except aiohttp.ClientSSLError as exc:  # retrying cannot fix a certificate
+                        raise ModelError(f"{url[:120]}: TLS with the hub failed "
+                                         f"({type(exc).__name__}); check hub.ca_file and "
+                                         "hub.cert_file") from exc
                     except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-                        last = f"{type(exc).__name__}: {exc}"[:_BODY_QUOTE]
+                        last = f"{type(exc).__name__}: {exc}"[:_REASON_CHARS]
                     except asyncio.TimeoutError:
                         last = "stalled (no bytes within stall_timeout_s)"
                 raise TemporaryError(
@@ -167,7 +236,7 @@ class Fetcher:
     ) -> str:
         have = await asyncio.to_thread(_size_or_zero, part)
         headers = {"Range": f"bytes={have}-"} if have else {}
-        async with session.get(url, headers=headers) as resp:
+        async with session.get(url, headers=headers, allow_redirects=False) as resp:
             if resp.status == 416 and have:
                 # what we hold is not a prefix of what the server has: start over
                 await asyncio.to_thread(part.unlink, True)
@@ -223,17 +292,23 @@ def _range_starts_at(content_range: str | None, offset: int) -> bool:
 
 
 async def _check_status(resp: aiohttp.ClientResponse, url: str) -> None:
+    """Raise for anything but 200/206. The message is ours: a foreign body goes, truncated,
+    into the log only (it could be anything, and the error text reaches the node's state)."""
     if resp.status in (200, 206):
         return
     try:
         body = (await resp.text(errors="replace"))[:_BODY_QUOTE]
     except (aiohttp.ClientError, asyncio.TimeoutError):
         body = ""
+    log.warning("model_fetch_http_error", url=url[:200], status=resp.status, body=body)
     if resp.status in _RETRY_STATUSES:
-        raise _RetryError(f"HTTP {resp.status}: {body}")
+        raise _RetryError(f"HTTP {resp.status}")
+    if 300 <= resp.status < 400:
+        raise ModelError(f"{url[:120]}: HTTP {resp.status}, a redirect (not followed)")
     if resp.status in (401, 403):
-        raise ModelError(f"{url}: HTTP {resp.status} (check hub.token_file): {body}")
-    raise ModelError(f"{url}: HTTP {resp.status}: {body}")
+        raise ModelError(f"{url[:120]}: HTTP {resp.status}: the hub refused this node "
+                         "(check hub.cert_file, or hub.token_file)")
+    raise ModelError(f"{url[:120]}: HTTP {resp.status}")
 
 
 def _size_or_zero(path: Path) -> int:

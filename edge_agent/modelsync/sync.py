@@ -85,7 +85,7 @@ class ModelSync:
     ) -> None:
         self.settings = settings
         self.slots: dict[str, ModelSlot] = slots if slots is not None else {}
-        self.cache = cache or ModelCache(settings.hub)
+        self.cache = cache or ModelCache(settings.hub, exposed_files=settings.secret_files)
         self.publish_cb = publish_state
         self._loader: Loader = loader or (
             lambda path, sha: load_checked(path, settings.engine, settings.model_sync, sha)
@@ -184,11 +184,16 @@ class ModelSync:
 
         Subscribes to this node's retained desired topic (the broker sends the retained message
         on every (re)subscribe; repeats are ignored by generation) and publishes the current
-        state, which the link re-sends on every reconnect.
+        state, which the link re-sends on every reconnect. Without ``hub.url`` the agent serves
+        its configured models only and does not subscribe at all: a desired message could
+        otherwise send it (and its credentials) to any URL it names.
         """
         self.publish_cb = link.publish_state
-        link.subscribe(desired_topic(link.topic_prefix, self.settings.node), self.on_desired,
-                       qos=1)
+        if self.settings.hub.url is not None:
+            link.subscribe(desired_topic(link.topic_prefix, self.settings.node),
+                           self.on_desired, qos=1)
+        else:
+            log.info("desired_state_off", reason="no hub.url: serving the configured models")
         self.publish_state()
 
     def on_desired(self, topic: str, payload: bytes) -> None:

@@ -1,9 +1,10 @@
 """Targets: which version a model should serve, and where that version's files come from.
 
-A version arrives from the hub (a desired entry: fetched into the cache, its URLs checked
-against the configured hub) or from the agent's config (a local manifest, e.g. after a reload).
-Either way model sync needs a manifest path on disk and the digest to expect before it loads
-anything; this module turns a ``Target`` into those, and reads what a local manifest claims.
+A version arrives from the hub (a desired entry: fetched into the cache, its URLs checked to be
+on the configured hub's origin before anything connects) or from the agent's config (a local
+manifest, e.g. after a reload). Either way model sync needs a manifest path on disk and the
+digest to expect before it loads anything; this module turns a ``Target`` into those, and
+reads what a local manifest claims.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Literal
 from edge_agent.config import ModelSpec
 from edge_agent.contract.protocol import DesiredModel
 from edge_agent.errors import ModelError
+from edge_agent.modelsync import fetch
 from edge_agent.modelsync.cache import ModelCache
 
 
@@ -41,20 +43,23 @@ def manifest_facts(path: Path) -> tuple[str | None, str | None]:
 
 
 def check_origin(dm: DesiredModel, hub_url: str | None) -> DesiredModel:
-    """Resolve relative URLs against the hub; refuse any URL outside it (``ModelError``).
+    """Resolve relative URLs against the hub; refuse (``ModelError``) any URL off the hub's
+    origin (scheme, host, port of ``hub.url``), and every URL when there is no hub.
 
     Artifacts come only from the configured hub, so a forged desired entry cannot make the
-    agent fetch, with its credentials, from anywhere else.
+    agent connect, with its certificate or token, anywhere else: the refusal comes before
+    any connection.
     """
     if hub_url is None:
-        return dm
+        raise ModelError("no hub.url is configured: this agent takes no models from a hub")
     base = hub_url.rstrip("/")
     fixed = {k: base + u for k, u in (("url", dm.url), ("manifest_url", dm.manifest_url))
-             if u.startswith("/")}
+             if u.startswith("/") and not u.startswith("//")}
     dm = dm.model_copy(update=fixed) if fixed else dm
     for u in (dm.url, dm.manifest_url):
-        if not u.startswith(base + "/"):
-            raise ModelError(f"URL {u[:120]} is outside the configured hub {base}")
+        if not fetch.same_origin(u, base):
+            raise ModelError(f"URL {u[:120]} is outside the configured hub {base} "
+                             "(another scheme, host or port): refused, nothing fetched")
     return dm
 
 

@@ -24,7 +24,7 @@ import functools
 import shutil
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,9 +53,26 @@ CREATE TABLE IF NOT EXISTS results (
 );
 CREATE TABLE IF NOT EXISTS seqs (
     camera TEXT PRIMARY KEY,
-    next_free INTEGER NOT NULL
+    next_free INTEGER NOT NULL,
+    reset_first INTEGER,
+    reset_reason TEXT,
+    mark_id INTEGER NOT NULL DEFAULT 0
 );
 """
+
+#: A file written by the agent version that reserved seqs in blocks has ``seqs`` without the
+#: marker columns; its ``next_free`` is the end of the last reserved block, so the series goes
+#: on there with an ``upgrade`` reset marker (the skipped rest of the block is not a loss).
+_MIGRATE = """
+ALTER TABLE seqs ADD COLUMN reset_first INTEGER;
+ALTER TABLE seqs ADD COLUMN reset_reason TEXT;
+ALTER TABLE seqs ADD COLUMN mark_id INTEGER NOT NULL DEFAULT 0;
+UPDATE seqs SET reset_first = next_free, reset_reason = 'upgrade';
+"""
+
+#: One camera's row of ``seqs``: (next seq, first seq of the outstanding reset marker or
+#: None, its reason or None, id of the row carrying it or 0).
+SeqRow = tuple[int, int | None, str | None, int]
 
 
 #: Rows per INSERT statement (4 parameters each, well under SQLite's 32,766 limit).
@@ -101,7 +118,9 @@ class Loaded:
     bytes: int
     oldest_t: float | None
     max_id: int
-    seqs: dict[str, int]
+    seqs: dict[str, SeqRow]
+    #: The file had no ``seqs`` table: created now (first start, or the old one was lost).
+    created: bool
 
 
 def wal_limit_bytes(max_bytes: int) -> int:
@@ -146,12 +165,23 @@ class OutboxDB:
             ok = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
             if ok != "ok":
                 raise CorruptDatabaseError(str(ok)[:200])
+            created = conn.execute(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'seqs'"
+            ).fetchone()[0] == 0
             conn.executescript(_SCHEMA)
+            columns = {str(r[1]) for r in conn.execute("PRAGMA table_info(seqs)")}
+            if "mark_id" not in columns:
+                conn.executescript(f"BEGIN IMMEDIATE; {_MIGRATE} COMMIT;")
             n, size, oldest, max_id = conn.execute(
                 "SELECT count(*), coalesce(sum(length(topic) + length(payload)), 0), "
                 "min(t), coalesce(max(id), 0) FROM results"
             ).fetchone()
-            seqs = {str(c): int(s) for c, s in conn.execute("SELECT camera, next_free FROM seqs")}
+            seqs: dict[str, SeqRow] = {
+                str(c): (int(n), None if f is None else int(f), None if r is None else str(r),
+                         int(m))
+                for c, n, f, r, m in conn.execute(
+                    "SELECT camera, next_free, reset_first, reset_reason, mark_id FROM seqs")
+            }
         except sqlite3.Error as exc:
             conn.close()
             if error_kind(exc) == "corrupt":
@@ -167,6 +197,7 @@ class OutboxDB:
             oldest_t=None if oldest is None else float(oldest),
             max_id=int(max_id),
             seqs=seqs,
+            created=created,
         )
 
     def close(self) -> None:
@@ -296,17 +327,23 @@ class OutboxDB:
         out.sort(key=lambda r: r[0])
         return out
 
-    def oldest_t(self) -> float | None:
-        """Accept time of the oldest row, or None when empty."""
-        row = self._c().execute("SELECT t FROM results ORDER BY id LIMIT 1").fetchone()
+    def oldest_t(self, skip: Collection[int] = ()) -> float | None:
+        """Accept time of the oldest row (other than the ids in ``skip``), or None."""
+        # only placeholders are joined in, one per id of ``skip`` (a few: one per camera)
+        where = f"WHERE id NOT IN ({','.join('?' * len(skip))}) " if skip else ""
+        row = self._c().execute(
+            f"SELECT t FROM results {where}ORDER BY id LIMIT 1", tuple(skip)  # noqa: S608
+        ).fetchone()
         return None if row is None else float(row[0])
 
-    def set_seqs(self, next_free: dict[str, int]) -> None:
-        """Raise each camera's durable next-free seq (never lowers it)."""
+    def set_seqs(self, rows: Iterable[tuple[str, SeqRow]]) -> None:
+        """Store cameras' seq state: (camera, (next seq, reset first, reset reason, mark id))."""
         self._c().executemany(
-            "INSERT INTO seqs (camera, next_free) VALUES (?, ?) "
-            "ON CONFLICT(camera) DO UPDATE SET next_free = max(next_free, excluded.next_free)",
-            next_free.items(),
+            "INSERT INTO seqs (camera, next_free, reset_first, reset_reason, mark_id) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT(camera) DO UPDATE SET "
+            "next_free = excluded.next_free, reset_first = excluded.reset_first, "
+            "reset_reason = excluded.reset_reason, mark_id = excluded.mark_id",
+            ((cam, *row) for cam, row in rows),
         )
 
     def used_bytes(self) -> int:

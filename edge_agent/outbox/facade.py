@@ -6,14 +6,15 @@ this SQLite file first and leaves it only when the broker acknowledged it (PUBAC
 
 How (threads and invariants):
 
-- ``publish`` (event loop thread, microseconds) assigns the camera's next ``seq``, serializes,
-  and appends to an in-memory deque. A commit thread writes the deque to SQLite every
+- ``publish`` (event loop thread, microseconds) serializes the result (without ``seq``) and
+  appends it to an in-memory deque. A commit thread writes the deque to SQLite every
   ``commit_interval_ms`` in one transaction: that interval is the only window a crash can lose.
-- Seqs: each camera draws from a block reserved durably *before* its seqs are handed out (the
-  commit thread tops blocks up ahead of use; an exhausted block is reserved synchronously). A
-  restart skips the rest of the reserved block, so a seq is never handed out twice, not even
-  one whose result was lost in the crash window. A camera new to the file starts at the wall
-  clock in microseconds, so even a deleted or corrupt file does not restart seqs at 0.
+- Seqs (``seq``): the commit thread gives each result its camera's next seq in the transaction
+  that inserts it and stores the next one there too, so seqs are contiguous across crashes and
+  restarts and never reused: a result lost in the crash window never had one, and every gap
+  downstream is a counted drop. A new series (a camera new to the file, a file created or moved
+  aside) starts at the wall clock in microseconds and its first result carries a ``seq_reset``
+  marker, so a subscriber tells a restarted counter from a loss.
 - Delivery order: rows get increasing ids in publish order; the drain claims them in id order
   (``claim``) and acknowledges them (``ack``); acknowledged rows are deleted by the commit
   thread. Claimed rows are never dropped (they may already be at the broker), so the drop
@@ -26,7 +27,7 @@ How (threads and invariants):
   is moved aside (counted) and a fresh one started; an unopenable file is retried with backoff.
   Nothing here raises into ``publish``.
 
-The parts (``store`` for the commit side, ``seq`` for seq blocks, ``db`` for the SQLite file)
+The parts (``store`` for the commit side, ``seq`` for seq series, ``db`` for the SQLite file)
 share one ``state.Shared``, built here and passed to them; which side writes what, and the lock
 order (``db_lock`` before ``lock``), are in ``edge_agent.outbox.state``.
 """
@@ -37,7 +38,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ import structlog
 
 from edge_agent.config import OutboxSettings
 from edge_agent.contract.protocol import OutboxTelemetry, encode_dict, results_topic
+from edge_agent.contract.results import SEQ_FIELD_BYTES
 from edge_agent.outbox.db import ROW_OVERHEAD, CorruptDatabaseError, OutboxDB
 from edge_agent.outbox.seq import seq_base_us
 from edge_agent.outbox.state import OutboxStats, Row, Shared
@@ -64,7 +66,6 @@ class Outbox:
         settings: OutboxSettings,
         *,
         topic_prefix: str,
-        cameras: Iterable[str] = (),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -77,7 +78,6 @@ class Outbox:
         self._state = Shared()
         self._db = OutboxDB(self.path, settings.max_bytes)
         self._store = Store(self._state, self._db, settings, clock=clock)
-        self._known_cams = list(cameras)
         # the hot path's own cache: only ``publish`` reads or writes it
         self._topics: dict[tuple[str, str], str] = {}
         self._wake = threading.Event()
@@ -90,7 +90,6 @@ class Outbox:
     def open(self) -> Outbox:
         """Open the file (never raises for disk trouble) and start the commit thread."""
         self._store.open_db()
-        self._store.seqs.reserve_known(self._known_cams)
         self._thread = threading.Thread(target=self._run, name="outbox-commit", daemon=True)
         self._thread.start()
         return self
@@ -138,43 +137,35 @@ class Outbox:
 
     # ------------------------------------------------------------------ hot path
 
-    def publish(self, result: dict[str, Any]) -> int:
-        """Assign the camera's next seq (set into ``result``), serialize, queue; return the seq.
+    def publish(self, result: dict[str, Any]) -> None:
+        """Serialize ``result`` (without ``seq``) and queue it; the commit gives it its seq.
 
-        Never raises for a full outbox: a refused or dropped result is counted and logged.
+        ``result`` must not hold ``seq``: the commit appends it to the serialized bytes.
+        Never raises for a full outbox: a refused or dropped result is counted and logged (and
+        its seq stays unused, so subscribers see the loss as a gap).
         """
         cam = result["camera"]
+        key = (result["node"], cam)
+        topic = self._topics.get(key)  # the hot path's own cache: no lock
+        if topic is None:
+            topic = self._topics[key] = results_topic(self.topic_prefix, key[0], cam)
+        body = encode_dict(result)
+        cost = len(body) + SEQ_FIELD_BYTES + len(topic) + ROW_OVERHEAD
         st = self._state
-        lock = st.lock
-        with lock:
-            c = st.cams.get(cam)
-            if c is None or c.next >= c.limit:
-                lock.release()
-                try:
-                    self._store.seqs.reserve(cam)
-                finally:
-                    lock.acquire()
-                c = st.cams[cam]
-            seq = c.next
-            c.next = seq + 1
-            result["seq"] = seq
-            key = (result["node"], cam)
-            topic = self._topics.get(key)
-            if topic is None:
-                topic = self._topics[key] = results_topic(self.topic_prefix, key[0], cam)
-            payload = encode_dict(result)
-            cost = len(payload) + len(topic) + ROW_OVERHEAD
+        with st.lock:
+            numbers = st.next_idx
+            idx = numbers.get(cam, 0)
+            numbers[cam] = idx + 1
             # the common case decides with two comparisons; the rest is _refuse_reason's
             if self._reject_new or st.pend_bytes + cost > self._max_pending:
                 reason = self._refuse_reason(cost)
                 if reason is not None:
                     st.hot_drops.add(reason, 1)
-                    return seq
-            st.pending.append((self._clock(), topic, payload, cost))
+                    return
+            st.pending.append((self._clock(), cam, idx, topic, body, cost))
             st.pend_bytes += cost
-            if self._interval == 0:
-                self._wake.set()
-        return seq
+        if self._interval == 0:
+            self._wake.set()
 
     def _refuse_reason(self, cost: int) -> str | None:
         """Under ``lock``: why a new result must be refused now, or None."""
@@ -183,7 +174,7 @@ class Outbox:
             if s.policy == "reject-new":
                 return st.memory_reason()
             while st.pending and st.pend_bytes + cost > s.max_pending_bytes:
-                st.pend_bytes -= st.pending.popleft()[3]
+                st.pend_bytes -= st.pending.popleft()[5]
                 st.hot_drops.add(st.memory_reason(), 1)
         if s.policy != "reject-new":
             return None
@@ -278,7 +269,7 @@ class Outbox:
     def holding_db(self) -> Iterator[None]:
         """Hold the SQLite connection while the block runs, as a long commit does.
 
-        A test hook: ``publish`` within a reserved seq block must not wait for it.
+        A test hook: ``publish`` must never wait for it.
         """
         with self._state.db_lock:
             yield

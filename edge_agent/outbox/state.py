@@ -2,22 +2,22 @@
 
 Why it exists: three sides of the outbox hand work to each other. The hot path (``publish``)
 queues results; the commit side (the commit thread, running ``store`` and ``seq``) takes them,
-writes them and knows what the file holds; the drain side (``claim`` on the drain thread,
-``ack``/``reject`` from PUBACK callbacks) reads rows and hands acknowledgements back. All of
-that lives in ``Shared``, guarded by ``Shared.lock``. The façade builds one ``Shared`` and
-passes it to each part at construction; no part holds the façade or reaches into another.
+gives them their seqs, writes them and knows what the file holds; the drain side (``claim`` on
+the drain thread, ``ack``/``reject`` from PUBACK callbacks) reads rows and hands
+acknowledgements back. All of that lives in ``Shared``, guarded by ``Shared.lock``. The façade
+builds one ``Shared`` and passes it to each part at construction; no part holds the façade or
+reaches into another. The seq series themselves are the commit side's alone (``seq.SeqBook``).
 
 Who writes what (the others only read):
 
-- hot path: appends to ``pending`` (and pops its oldest under drop-oldest), ``Cam.next``,
-  ``hot_drops``.
+- hot path: appends to ``pending`` (and pops its oldest under drop-oldest), ``hot_drops`` and
+  ``next_idx`` (per camera, how many results it numbered: the commit turns a number into a
+  seq, so a dropped result's seq stays unused, a gap in its place).
 - commit side: takes ``pending`` and ``acked`` (and puts back what a failed transaction held),
   ``taken``, ``file``, ``commit``, ``commit_drops``, the round counters. "Commit side" is the
   commit thread, or the thread in ``open``/``close`` while no commit thread runs.
 - drain side: appends to ``acked``; ``cursor`` and ``claimed_unacked`` (``claim``, ``ack``);
   ``delivered`` (``ack``) and ``drain_drops`` (``reject``).
-- seq reservation (``Cam.limit``, ``Cam.durable``, ``Cam.block``): whoever reserves, the
-  commit thread or ``publish`` when a block ran out, holding both locks.
 
 Each counter therefore has one writing side; ``dropped()`` and ``stats()`` add them up. Every
 write is under ``lock``; a side reads what only it writes without taking it. ``commit.db_open``
@@ -31,27 +31,11 @@ import collections
 import threading
 from dataclasses import asdict, dataclass, field
 
-#: One queued result: (accept time, topic, payload, cost in bytes).
-Pending = tuple[float, str, bytes, int]
+#: One queued result: (accept time, camera, its number for the camera in this process (see
+#: ``seq``), topic, payload without ``seq``, estimated cost in bytes with the seq it will get).
+Pending = tuple[float, str, int, str, bytes, int]
 #: One claimed row handed to the drain: (id, topic, payload).
 Row = tuple[int, str, bytes]
-
-
-@dataclass(slots=True)
-class Cam:
-    """One camera's seq state (created only by ``seq.SeqBlocks``)."""
-
-    #: The next seq to hand out (written by ``publish``).
-    next: int
-    #: Seqs below this may be handed out without asking SQLite first.
-    limit: int
-    #: The next-free seq on disk. Normally ``durable >= limit``; only while the file cannot be
-    #: written does ``limit`` run ahead (seqs then handed out unreserved, see docs/outbox.md).
-    durable: int
-    #: Seqs reserved per block (adapts to the rate).
-    block: int
-    #: ``next`` at the previous commit round (the rate that sizes the next block).
-    at_round: int
 
 
 @dataclass(slots=True)
@@ -125,7 +109,6 @@ class Shared:
     db_lock: threading.Lock = field(default_factory=threading.Lock)
     #: On ``lock``: notified when rows were committed, a round ended, or the outbox closed.
     cond: threading.Condition = field(init=False)
-    cams: dict[str, Cam] = field(default_factory=dict)
     #: Results accepted by ``publish`` and not yet taken by a commit round.
     pending: collections.deque[Pending] = field(default_factory=collections.deque)
     pend_bytes: int = 0
@@ -147,6 +130,9 @@ class Shared:
     commit: CommitCounters = field(default_factory=CommitCounters)
     delivered: int = 0
     hot_drops: Drops = field(default_factory=Drops)
+    #: Per camera, the number ``publish`` gives the next result (results taken since start,
+    #: refused ones included).
+    next_idx: dict[str, int] = field(default_factory=dict)
     commit_drops: Drops = field(default_factory=Drops)
     drain_drops: Drops = field(default_factory=Drops)
 

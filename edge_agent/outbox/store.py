@@ -7,10 +7,12 @@ the commit thread (or on the thread in ``open``/``close`` while no commit thread
 ``read_claim``, which runs on the drain's thread.
 
 A round: take the queued results and the acknowledgements, then in one transaction delete the
-acknowledged rows, persist seq reservations, expire old rows, make room (drop-oldest) or trim
-(reject-new), insert, commit. Results that would make one transaction larger than half the
-WAL's budget are committed in several transactions, so the WAL never outgrows its slice of the
-disk budget. A failed transaction puts everything back and is retried next round.
+acknowledged rows, expire old rows, make room (drop-oldest) or trim (reject-new), give every
+taken result its seq (``seq``), insert the kept ones, store each camera's next seq, commit.
+Results that would make one transaction larger than half the WAL's budget are committed in
+several transactions, each storing the seqs it used, so the WAL never outgrows its slice of the
+disk budget. A failed transaction puts everything back (no seq was used) and is retried next
+round.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import collections
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +28,7 @@ import structlog
 
 from edge_agent.config import OutboxSettings
 from edge_agent.outbox.db import ROW_OVERHEAD, CorruptDatabaseError, Loaded, OutboxDB, error_kind
-from edge_agent.outbox.seq import SeqBlocks
+from edge_agent.outbox.seq import Draft, SeqBook
 from edge_agent.outbox.state import Pending, Row, Shared
 
 log = structlog.get_logger("edge_agent.outbox.facade")
@@ -48,18 +50,25 @@ class Txn:
 
     chunk: list[Pending]
     cost: int
-    #: Acks and seq targets ride on the round's first transaction only.
+    #: Acks ride on the round's first transaction; ``upto`` (``publish``'s next number per
+    #: camera when the round began) on its last.
     acks: list[tuple[int, int]]
-    seqs: dict[str, int] | None
+    first: bool
+    upto: dict[str, int] | None
     drops: dict[str, int] = field(default_factory=dict)
-    kept: list[Pending] = field(default_factory=list)
+    #: ``chunk[lo:hi]`` is kept (``_fit``); the rest is dropped by the policy.
+    lo: int = 0
+    hi: int = 0
     #: Rows and bytes left in the file after making room, before the insert.
     room_rows: int = 0
     room_bytes: int = 0
+    #: Exact bytes of the inserted rows, and the seq changes (set by ``_txn``).
+    kept_cost: int = 0
+    draft: Draft | None = None
 
 
 class Store:
-    """Opening, commit rounds and claims for one outbox file (seq blocks: ``seqs``)."""
+    """Opening, commit rounds and claims for one outbox file (seq series: ``seqs``)."""
 
     def __init__(self, state: Shared, db: OutboxDB, settings: OutboxSettings, *,
                  clock: Callable[[], float]) -> None:
@@ -74,7 +83,7 @@ class Store:
         self._ratio = INITIAL_RATIO
         self._calibrated_at = 0.0
         self._err_logged: dict[str, float] = {}
-        self.seqs = SeqBlocks(state, db, self._log_error)
+        self.seqs = SeqBook()
         self._update_limit()
 
     # ------------------------------------------------------------------ helpers
@@ -107,10 +116,12 @@ class Store:
     def open_db(self) -> bool:
         """Open the file, moving a corrupt one aside; False (and retry later) on failure."""
         state, db = self.state, self.db
+        moved_aside = False
         with state.db_lock:
             try:
                 loaded = db.open()
             except CorruptDatabaseError as exc:
+                moved_aside = True
                 try:
                     moved = db.move_aside()
                 except OSError as mexc:
@@ -132,7 +143,7 @@ class Store:
             except OSError as exc:
                 self._open_failed("io", exc)
                 return False
-            self._adopt(loaded)
+            self._adopt(loaded, moved_aside=moved_aside)
         return True
 
     def _open_failed(self, kind: str, exc: BaseException) -> None:
@@ -144,10 +155,12 @@ class Store:
                         retry_in_s=round(self._retry_delay, 1))
         self._retry_delay = min(REOPEN_MAX_S, self._retry_delay * 2)
 
-    def _adopt(self, loaded: Loaded) -> None:
+    def _adopt(self, loaded: Loaded, *, moved_aside: bool) -> None:
         """Take over what an opened file holds (under ``db_lock``)."""
         state = self.state
         f = state.file
+        self.seqs.adopt(loaded.seqs, first_open=not self._opened_before,
+                        created=loaded.created, moved_aside=moved_aside)
         with state.lock:
             base = max(f.next_id - 1, loaded.max_id)
             f.next_id = base + 1
@@ -161,7 +174,6 @@ class Store:
             else:
                 f.last_id = loaded.max_id
             f.rows, f.bytes, f.oldest_t = loaded.rows, loaded.bytes, loaded.oldest_t
-            self.seqs.adopt(loaded.seqs)
             state.commit.db_open = True
             state.commit.disk_full = False
         self._opened_before = True
@@ -181,11 +193,11 @@ class Store:
     def round(self) -> bool:
         """One commit round; True when everything taken was written."""
         state = self.state
-        if not state.commit.db_open:
-            if time.monotonic() < self._retry_at or not self.open_db():
-                with state.lock:
-                    return not state.pending
-            self.seqs.reserve_known(())
+        if not state.commit.db_open and (
+            time.monotonic() < self._retry_at or not self.open_db()
+        ):
+            with state.lock:
+                return not state.pending
         with state.lock:
             batch = list(state.pending)
             state.pending = collections.deque()
@@ -195,27 +207,29 @@ class Store:
             state.acked = []
             state.taken.acks, state.taken.ack_bytes = len(acks), state.acked_bytes
             state.acked_bytes = 0
-            seqs = self.seqs.targets()
-        if not batch and not acks and not seqs and not self._expiry_due():
+            upto = dict(state.next_idx)
+        seqs = self.seqs
+        if not (batch or acks or seqs.dirty or seqs.behind(upto) or self._expiry_due()):
             return True
         with state.db_lock:
-            return self._write(batch, acks, seqs)
+            return self._write(batch, acks, upto)
 
     def _expiry_due(self) -> bool:
         t = self.state.file.oldest_t
         return t is not None and t < self._clock() - self.settings.max_age_s
 
     def _write(self, batch: list[Pending], acks: list[tuple[int, int]],
-               seqs: dict[str, int]) -> bool:
+               upto: dict[str, int]) -> bool:
         """Commit ``batch`` in transactions of at most half the WAL budget each."""
         max_txn = self.db.wal_limit // 2
         i, first = 0, True
         while first or i < len(batch):
             j, cost = i, 0
-            while j < len(batch) and (j == i or cost + batch[j][3] <= max_txn):
-                cost += batch[j][3]
+            while j < len(batch) and (j == i or cost + batch[j][5] <= max_txn):
+                cost += batch[j][5]
                 j += 1
-            txn = Txn(batch[i:j], cost, acks if first else [], seqs if first else None)
+            txn = Txn(batch[i:j], cost, acks if first else [], first,
+                      upto if j == len(batch) else None)
             started = time.perf_counter()
             try:
                 self._txn(txn)
@@ -226,52 +240,55 @@ class Store:
             self._applied(txn, time.perf_counter() - started)
             first = False
             i = j
-        oldest = self.db.oldest_t()
+        # a row carrying a reset marker stays until delivered: it must not keep expiry due
+        oldest = self.db.oldest_t(skip=list(self.seqs.marked_rows))
         with self.state.lock:
             self.state.file.oldest_t = oldest
         self._calibrate()
         return True
 
     def _txn(self, txn: Txn) -> None:
-        """One transaction: acks, seqs, expiry, room, insert."""
+        """One transaction: acks, expiry, room, seqs, insert."""
         db, f = self.db, self.state.file
         rows, size = f.rows, f.bytes  # only the commit side writes them: no lock needed
+        draft = txn.draft = self.seqs.draft(txn.upto)
         db.begin()
         if txn.acks:
-            db.delete_ids([a for a, _ in txn.acks])
+            ids = [a for a, _ in txn.acks]
+            db.delete_ids(ids)
+            draft.acked(ids)
             rows -= len(txn.acks)
             size -= sum(c for _, c in txn.acks)
-        if txn.seqs:
-            db.set_seqs(txn.seqs)
         if self._expiry_due():
             n, b = self._delete_oldest(0, 0, self._clock() - self.settings.max_age_s)
             rows, size = rows - n, size - b
             txn.drops["max_age"] = n
         self._fit(txn, rows, size)
-        ids = range(f.next_id, f.next_id + len(txn.kept))
-        db.insert([(k, p[0], p[1], p[2]) for k, p in zip(ids, txn.kept, strict=True)])
+        inserts, txn.kept_cost = draft.stamp(txn.chunk, txn.lo, txn.hi, f.next_id)
+        db.insert(inserts)
+        db.set_seqs(draft.rows())
         db.commit()
 
     def _applied(self, txn: Txn, elapsed: float) -> None:
         """Update the shared state after a committed transaction."""
         state = self.state
         f, c = state.file, state.commit
-        kept = txn.kept
-        kept_cost = sum(p[3] for p in kept)
+        kept = txn.hi - txn.lo
+        if txn.draft is not None:
+            self.seqs.apply(txn.draft)  # the commit side's own: no lock needed
         with state.lock:
             if kept:
-                f.next_id += len(kept)
+                f.next_id += kept
                 f.last_id = f.next_id - 1
             state.taken.rows -= len(txn.chunk)
             state.taken.bytes -= txn.cost
-            if txn.seqs is not None:
+            if txn.first:  # the round's first transaction took the acks
                 state.taken.acks = state.taken.ack_bytes = 0
-                self.seqs.made_durable(txn.seqs)
             f.rows = txn.room_rows
-            f.bytes = txn.room_bytes + kept_cost
+            f.bytes = txn.room_bytes + txn.kept_cost
             for reason, n in txn.drops.items():
                 state.commit_drops.add(reason, n)
-            c.appended += len(kept)
+            c.appended += kept
             c.commits += 1
             c.commit_seconds += elapsed
             c.last_commit_seconds = elapsed
@@ -279,46 +296,43 @@ class Store:
             state.cond.notify_all()
 
     def _fit(self, txn: Txn, rows: int, size: int) -> None:
-        """Make room for ``txn.chunk`` by the policy; set ``txn.kept`` to the part to insert.
+        """Make room for ``txn.chunk`` by the policy; set ``txn.lo``/``hi`` to the part to keep.
 
         Sets ``txn.room_rows``/``room_bytes`` to the rows (with the insert) and bytes (without
         it) in the file after making room. Only rows above the drain's cursor are deleted
-        (claimed ones may be in flight).
+        (claimed ones may be in flight), and never a row carrying a reset marker.
         """
         s, limit, drops = self.settings, self.state.file.data_limit, txn.drops
-        kept = txn.chunk
+        chunk = txn.chunk
+        lo, hi = 0, len(chunk)
         cost = txn.cost
-        need_rows = rows + len(kept) - s.max_rows
+        need_rows = rows + hi - s.max_rows
         need_bytes = size + cost - limit
         reason = "max_bytes" if need_bytes > 0 else "max_rows"
         if need_rows > 0 or need_bytes > 0:
             if s.policy == "drop-oldest":
                 n, b = self._delete_oldest(need_rows, need_bytes, None)
                 rows, size = rows - n, size - b
-                drops[reason] = drops.get(reason, 0) + n
-                start = 0
-                while start < len(kept) and (
-                    rows + len(kept) - start > s.max_rows or size + cost > limit
-                ):
-                    cost -= kept[start][3]
-                    start += 1
-                kept = kept[start:]
-                drops[reason] = drops.get(reason, 0) + start
+                while lo < hi and (rows + hi - lo > s.max_rows or size + cost > limit):
+                    cost -= chunk[lo][5]
+                    lo += 1
+                drops[reason] = drops.get(reason, 0) + n + lo
             else:
-                end = len(kept)
-                while end > 0 and (rows + end > s.max_rows or size + cost > limit):
-                    end -= 1
-                    cost -= kept[end][3]
-                drops[reason] = drops.get(reason, 0) + len(kept) - end
-                kept = kept[:end]
-        txn.kept = kept
-        txn.room_rows = rows + len(kept)
+                while hi > 0 and (rows + hi > s.max_rows or size + cost > limit):
+                    hi -= 1
+                    cost -= chunk[hi][5]
+                drops[reason] = drops.get(reason, 0) + len(chunk) - hi
+        txn.lo, txn.hi = lo, hi
+        txn.room_rows = rows + hi - lo
         txn.room_bytes = size
 
     def _delete_oldest(self, need_rows: int, need_bytes: int,
                        older_than: float | None) -> tuple[int, int]:
-        """Delete the oldest unclaimed rows: enough for the needs, or all older than a time."""
-        db = self.db
+        """Delete the oldest unclaimed rows: enough for the needs, or all older than a time.
+
+        Rows carrying an undelivered reset marker are kept (one per camera at most).
+        """
+        db, keep = self.db, self.seqs.marked_rows
         with self.state.lock:
             after = self.state.cursor
         n = b = 0
@@ -326,22 +340,11 @@ class Store:
             olds = db.oldest_after(after, SCAN)
             if not olds:
                 break
-            upto = after
-            done = False
-            for rid, t, sz in olds:
-                if older_than is not None:
-                    if t >= older_than:
-                        done = True
-                        break
-                elif n >= need_rows and b >= need_bytes:
-                    done = True
-                    break
-                n += 1
-                b += sz + ROW_OVERHEAD
-                upto = rid
-            if upto > after:
-                db.delete_range(after, upto)
-                after = upto
+            runs, after, dn, dbytes, done = _pick(olds, keep, older_than, need_rows - n,
+                                                   need_bytes - b)
+            for lo, hi in runs:
+                db.delete_range(lo - 1, hi)
+            n, b = n + dn, b + dbytes
             if done:
                 break
         return n, b
@@ -351,7 +354,7 @@ class Store:
         """Put back what a failed transaction held, bound memory, and react to the kind."""
         state, s = self.state, self.settings
         kind = error_kind(exc)
-        rest_cost = sum(p[3] for p in rest)
+        rest_cost = sum(p[5] for p in rest)
         with state.lock:
             state.pending.extendleft(reversed(rest))
             state.pend_bytes += rest_cost
@@ -367,8 +370,8 @@ class Store:
             n = 0
             while over > 0 and state.pending:
                 p = state.pending.popleft() if s.policy == "drop-oldest" else state.pending.pop()
-                state.pend_bytes -= p[3]
-                over -= p[3]
+                state.pend_bytes -= p[5]
+                over -= p[5]
                 n += 1
             state.commit_drops.add(reason, n)
             queued = len(state.pending)
@@ -435,3 +438,29 @@ class Store:
                 else:
                     state.cursor = max(state.cursor, state.file.last_id)
         return rows
+
+
+def _pick(olds: list[tuple[int, float, int]], keep: Container[int], older_than: float | None,
+          rows_left: int, bytes_left: int) -> tuple[list[tuple[int, int]], int, int, int, bool]:
+    """From one page of the oldest rows (id, t, size): the runs of ids to delete (inclusive),
+    the id scanned up to, the rows and bytes they free, and whether the page met the need.
+
+    ``older_than`` set: every row older than it goes; else the oldest until ``rows_left`` and
+    ``bytes_left`` are freed. Ids in ``keep`` stay (and split the runs).
+    """
+    runs: list[tuple[int, int]] = []
+    n = b = 0
+    scanned = olds[0][0] - 1
+    for rid, t, sz in olds:
+        if rid not in keep:
+            if (t >= older_than) if older_than is not None else (
+                    n >= rows_left and b >= bytes_left):
+                return runs, scanned, n, b, True
+            n += 1
+            b += sz + ROW_OVERHEAD
+            if runs and runs[-1][1] == scanned:
+                runs[-1] = (runs[-1][0], rid)
+            else:
+                runs.append((rid, rid))
+        scanned = rid
+    return runs, scanned, n, b, False

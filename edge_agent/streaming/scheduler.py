@@ -126,6 +126,8 @@ class Scheduler:
         self._stopping = False
         self._drain = False
         self._threads: list[threading.Thread] = []
+        #: Worker threads started and not retired (``resize`` retires the surplus).
+        self._running = 0  # guarded by _lock
         #: Per worker: ``time.monotonic()`` when its current batch started, or None when idle.
         self._busy_since: list[float | None] = [None] * workers
         #: Per worker: what it counted (see ``Tally``).
@@ -163,11 +165,42 @@ class Scheduler:
 
     def start(self) -> None:
         """Start the worker threads."""
+        with self._lock:
+            self._running = self.workers
         for i in range(self.workers):
-            t = threading.Thread(target=self._worker, args=(i,), name=f"infer[{i}]",
-                                 daemon=True)
-            t.start()
-            self._threads.append(t)
+            self._spawn(i)
+
+    def _spawn(self, idx: int) -> None:
+        t = threading.Thread(target=self._worker, args=(idx,), name=f"infer[{idx}]",
+                             daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def resize(self, workers: int) -> None:
+        """Run ``workers`` worker threads from now on (a re-measured layout, adopted live).
+
+        More: new threads start at once. Fewer: the surplus workers exit when they next look
+        for work (after their current batch). Tallies of exited workers stay in the sums.
+        """
+        if workers < 1:
+            raise ValueError("workers must be >= 1")
+        with self._lock:
+            if self._stopping:
+                return
+            new = list(range(len(self._tallies),
+                             len(self._tallies) + max(0, workers - self._running)))
+            self._tallies += [Tally() for _ in new]
+            self._busy_since += [None for _ in new]
+            self.workers = workers
+            self._running += len(new)
+            self._work.notify_all()  # idle surplus workers wake up and exit
+        for i in new:
+            self._spawn(i)
+
+    def set_batch_limit(self, model_name: str, limit: int) -> None:
+        """The largest batch of ``model_name`` from the next batch on."""
+        with self._lock:
+            self.batch_limits = {**self.batch_limits, model_name: max(1, limit)}
 
     def stop(self, *, drain: bool = True, timeout: float | None = None) -> bool:
         """Stop the workers (after running the waiting frames when ``drain``); True if joined."""
@@ -217,7 +250,10 @@ class Scheduler:
 
     def _take(self) -> list[Job] | None:
         with self._lock:
-            while not self._ready:
+            while not self._ready or self._running > self.workers:
+                if self._running > self.workers:  # resized down: this worker retires
+                    self._running -= 1
+                    return None
                 if self._stopping:
                     return None
                 self._work.wait()

@@ -28,14 +28,15 @@ log = structlog.get_logger(__name__)
 class ResultSink(Protocol):
     """Takes results (``protocol.ResultMessage``-shaped dicts without ``seq``).
 
-    ``publish`` is called on the event loop thread and must be cheap: it assigns the per-camera
-    ``seq`` (never going back for a camera), serializes with ``protocol.encode_dict`` and queues
-    the bytes. It never raises because the sink is full: drops are counted and logged by the
+    ``publish`` is called on the event loop thread and must be cheap: it serializes with
+    ``protocol.encode_dict`` and queues the bytes; the sink gives the result its per-camera
+    ``seq`` (never going back for a camera), at once or, in the durable outbox, when the result
+    is committed. It never raises because the sink is full: drops are counted and logged by the
     sink. ``aclose`` writes out what is queued, within the caller's time bound.
     """
 
-    def publish(self, result: dict[str, Any]) -> int:
-        """Queue ``result``; return the ``seq`` it was given."""
+    def publish(self, result: dict[str, Any]) -> int | None:
+        """Queue ``result``; return the ``seq`` it was given, or None if it gets one later."""
         ...
 
     async def aclose(self) -> None:

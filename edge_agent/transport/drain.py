@@ -16,6 +16,14 @@ row not yet acknowledged, from the oldest.
 
 Counters have one writer each: the drain thread counts what it handed to paho, paho's thread
 what the broker answered (acked, refused, deferred); in flight is the difference.
+
+A clean stop (``aclose``) stops claiming, then waits for every message already handed to paho
+to be answered, so the outbox (closed after the drain and the link) deletes every row the
+broker acknowledged: after a SIGTERM the file holds no acknowledged row, and the next start
+sends nothing twice. The check that claiming is on and the count of what is handed to paho
+happen under one lock, so no message can slip out after ``aclose`` decided that nothing is in
+flight (it did: the broker acknowledged it, the process exited before the PUBACK was read,
+and the row was sent again by the next start).
 """
 
 from __future__ import annotations
@@ -221,7 +229,8 @@ class Drain:
             return window - self._inflight()
 
     def _send(self, n: int) -> str:
-        """Publish up to ``n`` rows from the buffer: ``sent``, ``not_queued`` or ``resend``."""
+        """Publish up to ``n`` rows from the buffer: ``sent``, ``not_queued``, ``resend`` or
+        ``stopped`` (``aclose`` stopped claiming: nothing more goes out)."""
         link, buf = self.link, self._buf
         with link.send_lock:
             if link.generation != self._gen:
@@ -230,6 +239,8 @@ class Drain:
                         return "resend"
                 self._gen = link.generation
             with self._cond:
+                if not self._claiming:
+                    return "stopped"
                 self._sent += n
             for sent in range(n):
                 rid, topic, payload = buf[0]

@@ -256,7 +256,9 @@ class MqttLink(mqtt.MqttClient):
 
     def _connect_failed(self) -> None:
         self.stats.connect_failures += 1
-        self._log_limited("mqtt_connect_failed", attempt=self._backoff.attempt)
+        # a TLS reason (an untrusted broker, a refused or expired certificate) is named
+        self._log_limited("mqtt_connect_failed", attempt=self._backoff.attempt,
+                          tls_error=self.tls_error)
 
     def _connection_down(self, reason: ReasonCode, was_connected: bool) -> None:
         self._call_in_loop(self._set_aconnected, False)

@@ -1,9 +1,10 @@
 """The REST API of the rollout side: nodes, rollouts and their commands, ``/metrics``.
 
 Hooked into the hub's app by ``setup(app, control, ...)`` (called from ``hub/server/app.py``),
-where ``control`` answers the questions ``hub/api/ports.py`` names. Errors and bearer-token
-checks are the registry API's (``hub/api/httputil.py``): every mutating route needs the token,
-bad input is a 4xx JSON error and changes nothing. The paths are added to the hub's OpenAPI
+where ``control`` answers the questions ``hub/api/ports.py`` names. Errors and caller checks
+are the registry API's (``hub/api/httputil.py``): every read needs a ``read`` token, every
+mutating route an ``admin`` one (an agent's certificate reads none of this), bad input is a
+4xx JSON error and changes nothing. The paths are added to the hub's OpenAPI
 document (``hub/api/fleet_openapi.py``).
 
 Routes::
@@ -28,7 +29,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from hub.api import fleet_openapi, openapi, ports
-from hub.api.httputil import authorize
+from hub.api.httputil import Caller, authorize
 from hub.cluster.selectors import parse_selector
 from hub.errors import InvalidRequest, NotFound
 from hub.rollouts.controller import VERBS
@@ -45,10 +46,13 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
-def _actor(request: web.Request) -> str:
-    """Who asked (``X-Actor`` header, informational; the token is the authority)."""
-    actor = request.headers.get("X-Actor", "api").strip()[:_MAX_ACTOR]
-    return actor if actor.isprintable() else "api"
+def _actor(request: web.Request, caller: Caller) -> str:
+    """Who asked: the token's holder, with the ``X-Actor`` header (informational, e.g. a CI
+    job's name) after it when given; the token is the authority."""
+    actor = request.headers.get("X-Actor", "").strip()[:_MAX_ACTOR]
+    if actor and actor.isprintable() and actor != caller.name:
+        return f"{caller.name} ({actor})"
+    return caller.name
 
 
 def _rollout_id(request: web.Request) -> int:
@@ -59,13 +63,13 @@ def _rollout_id(request: web.Request) -> int:
 
 
 async def list_nodes(request: web.Request) -> web.Response:
-    authorize(request, write=False)
+    authorize(request, "read")
     selector = parse_selector(request.query.get("selector", ""))
     return _json({"nodes": request.app[CONTROL_KEY].nodes(selector)})
 
 
 async def show_node(request: web.Request) -> web.Response:
-    authorize(request, write=False)
+    authorize(request, "read")
     name = request.match_info["node"]
     node = request.app[CONTROL_KEY].node(name)
     if node is None:
@@ -74,7 +78,7 @@ async def show_node(request: web.Request) -> web.Response:
 
 
 async def list_rollouts(request: web.Request) -> web.Response:
-    authorize(request, write=False)
+    authorize(request, "read")
     raw = request.query.get("limit", "50")
     if not raw.isdigit() or not 1 <= int(raw) <= 1000:
         raise InvalidRequest("limit must be an integer in [1, 1000]")
@@ -82,7 +86,7 @@ async def list_rollouts(request: web.Request) -> web.Response:
 
 
 async def create_rollout(request: web.Request) -> web.Response:
-    authorize(request, write=True)
+    caller = authorize(request, "admin")
     try:
         body = orjson.loads(await request.read())
     except orjson.JSONDecodeError as exc:
@@ -96,28 +100,28 @@ async def create_rollout(request: web.Request) -> web.Response:
     control = request.app[CONTROL_KEY]
     if dry_run:
         return _json({"plan": await control.plan_rollout(spec)})
-    return _json({"rollout": await control.start_rollout(spec, actor=_actor(request))},
+    return _json({"rollout": await control.start_rollout(spec, actor=_actor(request, caller))},
                  status=201)
 
 
 async def show_rollout(request: web.Request) -> web.Response:
-    authorize(request, write=False)
+    authorize(request, "read")
     out = await request.app[CONTROL_KEY].rollout(_rollout_id(request), events=True)
     return _json({"rollout": out})
 
 
 async def rollout_command(request: web.Request) -> web.Response:
-    authorize(request, write=True)
+    caller = authorize(request, "admin")
     verb = request.match_info["command"]
     if verb not in VERBS:
         raise NotFound(f"unknown rollout command {verb!r} (one of {', '.join(VERBS)})")
     out = await request.app[CONTROL_KEY].command(_rollout_id(request), verb,
-                                                 actor=_actor(request))
+                                                 actor=_actor(request, caller))
     return _json({"rollout": out})
 
 
 async def metrics(request: web.Request) -> web.Response:
-    authorize(request, write=False)
+    authorize(request, "read")
     body = generate_latest(request.app[METRICS_KEY])
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

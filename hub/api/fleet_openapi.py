@@ -9,7 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
-_READ: list[dict[str, list[str]]] = [{}, {"bearerAuth": []}]
+#: Reads need a token of any scope (an agent's certificate reads none of this); open to
+#: all only with ``api.read_requires_token: false`` (the empty requirement).
+_READ: list[dict[str, list[str]]] = [{"bearerAuth": []}, {}]
 _WRITE: list[dict[str, list[str]]] = [{"bearerAuth": []}]
 
 
@@ -24,7 +26,9 @@ def _ok(description: str, ref: str) -> dict[str, Any]:
 
 _BAD = _err("invalid request: invalid_request, invalid_selector, invalid_gate, "
             "unknown_model_version")
-_UNAUTH = _err("missing or wrong bearer token (code unauthorized)")
+_UNAUTH = _err("no known bearer token (code unauthorized)")
+_FORBIDDEN = _err("the token's scope is too small (code forbidden): changes need admin, "
+                  "reads read; an agent's certificate reads only models")
 _ID = {"name": "id", "in": "path", "required": True,
        "schema": {"type": "string", "pattern": "^[0-9]{1,12}$"}}
 _OBJ: dict[str, Any] = {"type": "object", "additionalProperties": True}
@@ -104,13 +108,14 @@ PATHS: dict[str, Any] = {
         "security": _READ,
         "parameters": [{"name": "selector", "in": "query", "required": False,
                         "schema": {"type": "string"}}],
-        "responses": {"200": _ok("nodes", "NodeList"), "400": _BAD, "401": _UNAUTH},
+        "responses": {"200": _ok("nodes", "NodeList"), "400": _BAD, "401": _UNAUTH,
+                      "403": _FORBIDDEN},
     }},
     "/v1/nodes/{node}": {"get": {
         "operationId": "showNode", "summary": "One camera node", "security": _READ,
         "parameters": [{"name": "node", "in": "path", "required": True,
                         "schema": {"type": "string"}}],
-        "responses": {"200": _ok("the node", "FleetNode"), "401": _UNAUTH,
+        "responses": {"200": _ok("the node", "FleetNode"), "401": _UNAUTH, "403": _FORBIDDEN,
                       "404": _err("not a camera node of this hub")},
     }},
     "/v1/rollouts": {
@@ -120,7 +125,7 @@ PATHS: dict[str, Any] = {
             "parameters": [{"name": "limit", "in": "query", "required": False,
                             "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}],
             "responses": {"200": _ok("rollouts", "RolloutList"), "400": _BAD,
-                          "401": _UNAUTH},
+                          "401": _UNAUTH, "403": _FORBIDDEN},
         },
         "post": {
             "operationId": "startRollout",
@@ -130,6 +135,7 @@ PATHS: dict[str, Any] = {
                 "schema": {"$ref": "#/components/schemas/RolloutSpec"}}}},
             "responses": {"200": _ok("the plan (dry run)", "RolloutPlan"),
                           "201": _ok("started", "RolloutDoc"), "400": _BAD, "401": _UNAUTH,
+                          "403": _FORBIDDEN,
                           "409": _err("another active rollout of the model covers some of "
                                       "the nodes (code conflict)")},
         },
@@ -139,6 +145,7 @@ PATHS: dict[str, Any] = {
         "summary": "A rollout: plan, per-node progress and live metrics, events",
         "security": _READ, "parameters": [_ID],
         "responses": {"200": _ok("the rollout", "RolloutDoc"), "400": _BAD, "401": _UNAUTH,
+                      "403": _FORBIDDEN,
                       "404": _err("no such rollout")},
     }},
     "/v1/rollouts/{id}/{command}": {"post": {
@@ -149,7 +156,8 @@ PATHS: dict[str, Any] = {
         "parameters": [_ID, {"name": "command", "in": "path", "required": True, "schema": {
             "type": "string", "enum": ["pause", "resume", "promote", "abort", "rollback"]}}],
         "responses": {"200": _ok("the rollout after the command", "RolloutDoc"),
-                      "400": _BAD, "401": _UNAUTH, "404": _err("no such rollout"),
+                      "400": _BAD, "401": _UNAUTH, "403": _FORBIDDEN,
+                      "404": _err("no such rollout"),
                       "409": _err("not possible in the rollout's state (code conflict)")},
     }},
     "/metrics": {"get": {

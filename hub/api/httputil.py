@@ -1,32 +1,79 @@
-"""HTTP plumbing shared by the hub's API modules: JSON errors, bearer auth, ETag and Range.
+"""HTTP plumbing shared by the hub's API modules: JSON errors, who may call, ETag and Range.
 
 Kept apart from the handlers so that the rollout API (``hub/api/fleet.py``) answers errors and
-checks tokens exactly as the registry API does. Range and conditional-request rules follow
-RFC 9110 (single byte ranges only; a Range the server cannot parse is ignored, as the RFC
-allows, and the whole representation is sent).
+checks callers exactly as the registry API does. A caller is known by a bearer token (each with
+a scope: ``admin`` changes things, ``read`` reads everything) or by a client certificate from
+the fleet CA with the role ``agent`` (scope ``fetch``: downloads models and nothing else);
+``authorize`` answers 401 to an unknown caller and 403 to one whose scope is too small. The
+certificate bootstrap (``hub.api.pki``) never comes through ``authorize``: a pod proves itself
+with its ServiceAccount token, which only the API server can judge and which is no API token
+here (``tests/security/test_bootstrap_auth.py`` holds both ways). Range and conditional-request
+rules follow RFC 9110 (single byte ranges only; a Range the server cannot parse is ignored, as
+the RFC allows, and the whole representation is sent).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hmac
 import re
+import ssl
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import structlog
 from aiohttp import hdrs, web
 
 from hub.config import HubSettings
-from hub.errors import ArtifactRejected, HubError, Unauthorized
+from hub.errors import ArtifactRejected, Forbidden, HubError, Unauthorized
+from hub.pki import ca
 
 log = structlog.get_logger(__name__)
 
-SETTINGS_KEY = web.AppKey("hub_settings", HubSettings)
-#: The bearer token mutating requests must carry (None: none configured, writes refused).
-TOKEN_KEY = web.AppKey("hub_api_token", str)
+#: What a caller may do, each scope including the ones before it: ``fetch`` downloads models
+#: (an agent's certificate), ``read`` reads everything, ``admin`` also pushes, deletes and
+#: rolls out.
+Scope = Literal["fetch", "read", "admin"]
+_RANK: dict[str, int] = {"fetch": 0, "read": 1, "admin": 2}
+#: The certificate role that may fetch, and the scope it gets.
+AGENT_ROLE = "agent"
 
-_STATUS_CODES = {
+
+@dataclass(frozen=True)
+class ApiToken:
+    """A bearer token the hub accepts, with its scope and its holder's name (for logs)."""
+
+    secret: bytes
+    scope: Scope
+    name: str
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who made a request: a token's holder or a node's certificate, and the scope."""
+
+    name: str
+    scope: Scope
+    via: Literal["token", "certificate", "open"]
+
+
+SETTINGS_KEY = web.AppKey("hub_settings", HubSettings)
+#: The tokens the hub accepts (empty: none configured; every change is refused).
+TOKENS_KEY = web.AppKey("hub_api_tokens", tuple[ApiToken, ...])
+#: Who the request being handled came from, once ``authorize`` found out. aiohttp runs each
+#: request in a task of its own, so the value never leaks from one request into another.
+_CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("hub_caller",
+                                                                       default=None)
+
+
+def current_caller() -> Caller | None:
+    """Who ``authorize`` found this request came from (None before, or when refused)."""
+    return _CALLER.get()
+
+STATUS_CODES = {
     400: "invalid_request",
     401: "unauthorized",
     403: "forbidden",
@@ -86,7 +133,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         message = exc.reason if exc.text is None or exc.text.startswith(str(exc.status)) \
             else exc.text
         return error_response(
-            exc.status, _STATUS_CODES.get(exc.status, "http_error"), message, headers
+            exc.status, STATUS_CODES.get(exc.status, "http_error"), message, headers
         )
     except (asyncio.CancelledError, ConnectionResetError):
         status = 499  # the client went away; nothing to answer
@@ -96,30 +143,72 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(500, "internal", "internal error; see the hub's log")
     finally:
         if status >= 400 or request.method not in ("GET", "HEAD"):
+            caller = current_caller()
             log.info(
                 "http_request", method=request.method, path=request.path, status=status,
                 ms=round((time.monotonic() - t0) * 1000, 1),
+                caller=None if caller is None else caller.name,
             )
 
 
-def authorize(request: web.Request, *, write: bool) -> None:
-    """Raise Unauthorized unless the request may proceed.
-
-    Writes always need the bearer token; reads only with ``api.read_requires_token``. A hub
-    without a configured token refuses every write (fail closed).
-    """
-    settings = request.app[SETTINGS_KEY]
-    if not write and not settings.api.read_requires_token:
-        return
-    token = request.app.get(TOKEN_KEY)
-    if not token:
-        raise Unauthorized("this hub has no API token configured; writes are disabled")
+def _token_caller(request: web.Request) -> Caller | None:
+    """The caller a bearer token names; Unauthorized for a token the hub does not know."""
     scheme, _, value = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
+    if not scheme and not value:
+        return None
     if scheme.lower() != "bearer" or not value.strip():
-        raise Unauthorized("missing bearer token (Authorization: Bearer TOKEN)")
+        raise Unauthorized("malformed Authorization header (Authorization: Bearer TOKEN)")
     given = value.strip().encode("utf-8", "surrogateescape")
-    if not hmac.compare_digest(given, token.encode("utf-8")):
-        raise Unauthorized("wrong bearer token")
+    found: ApiToken | None = None
+    for token in request.app.get(TOKENS_KEY, ()):
+        # compare with every token, so the time taken says nothing about which one matched
+        if hmac.compare_digest(given, token.secret) and found is None:
+            found = token
+    if found is None:
+        raise Unauthorized("unknown bearer token")
+    return Caller(found.name, found.scope, "token")
+
+
+def _certificate_caller(request: web.Request) -> Caller | None:
+    """The node a verified client certificate of role ``agent`` names, if any."""
+    transport = request.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    if not isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    if not der:  # no certificate offered (the handshake refuses one that does not verify)
+        return None
+    try:
+        name, role = ca.identity(ssl.DER_cert_to_PEM_cert(der).encode("ascii"))
+    except (ca.PkiError, ValueError):
+        return None
+    if role != AGENT_ROLE:
+        return None
+    return Caller(f"node/{name}", "fetch", "certificate")
+
+
+def authorize(request: web.Request, need: Scope) -> Caller:
+    """The caller, if it may do what needs ``need``; Unauthorized (401) for an unknown caller,
+    Forbidden (403) for a known one whose scope is too small.
+
+    A token wins over a certificate (a human on an agent's box still acts as a human). With
+    ``api.read_requires_token: false``, anyone may do what needs ``read`` or less.
+    """
+    if need == "admin" and not any(t.scope == "admin" for t in request.app.get(TOKENS_KEY, ())):
+        raise Unauthorized("this hub has no admin API token configured; changes are disabled")
+    caller = _token_caller(request) or _certificate_caller(request)
+    settings = request.app[SETTINGS_KEY]
+    if caller is None:
+        if need != "admin" and not settings.api.read_requires_token:
+            return Caller("anonymous", "read", "open")
+        raise Unauthorized("missing bearer token (Authorization: Bearer TOKEN) or client "
+                           "certificate")
+    if _RANK[caller.scope] < _RANK[need]:
+        what = {"admin": "push, delete and roll out", "read": "read the fleet, rollouts and "
+                "metrics", "fetch": "download models"}[need]
+        raise Forbidden(f"{caller.name} has scope {caller.scope}; to {what} needs {need}")
+    _CALLER.set(caller)
+    return caller
 
 
 def quoted_etag(digest: str) -> str:

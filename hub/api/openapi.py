@@ -32,10 +32,12 @@ def _json(description: str, ref: str) -> dict[str, Any]:
 
 
 _BAD = _err("malformed name, version or request (code invalid_request)")
-_UNAUTH = _err("missing or wrong bearer token (code unauthorized)")
+_UNAUTH = _err("no known bearer token and no client certificate (code unauthorized)")
+_FORBIDDEN = _err("the token's scope is too small: changes need admin (code forbidden)")
 _NOT_FOUND = _err("no such model version (code not_found)")
-#: Reads are open unless ``api.read_requires_token``; then they need the bearer token too.
-_READ_SECURITY: list[dict[str, list[str]]] = [{}, {"bearerAuth": []}]
+#: Reads need a token of any scope, or an agent's client certificate (mutual TLS, which
+#: OpenAPI 3.0 cannot name); open to all only with ``api.read_requires_token: false``.
+_READ_SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}, {}]
 _WRITE_SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}]
 _REF_PARAMS = [
     {"$ref": "#/components/parameters/name"},
@@ -213,6 +215,7 @@ _PATHS: dict[str, Any] = {
                 "201": _json("stored", "Version"),
                 "400": _BAD,
                 "401": _UNAUTH,
+                "403": _FORBIDDEN,
                 "409": _err("the version exists with other bytes (code conflict)"),
                 "413": _err("over api.max_upload_bytes (code too_large)"),
                 "415": _err("not multipart/form-data, or compressed"),
@@ -226,6 +229,7 @@ _PATHS: dict[str, Any] = {
             "summary": "Delete a version (refused while any node is assigned it)",
             "security": _WRITE_SECURITY,
             "responses": {"200": _json("deleted", "Deleted"), "400": _BAD, "401": _UNAUTH,
+                          "403": _FORBIDDEN,
                           "404": _NOT_FOUND,
                           "409": _err("assigned to nodes (code conflict)")},
         },
@@ -301,7 +305,10 @@ def build_document() -> dict[str, Any]:
             "title": "edge-hub",
             "version": __version__,
             "description": "Model registry and rollouts for edge inference agents. Errors "
-            "are JSON: {\"error\": {\"code\", \"message\"}}. Writes need a bearer token.",
+            "are JSON: {\"error\": {\"code\", \"message\"}}. HTTPS. Changes need a bearer "
+            "token of scope admin; reads a token of any scope, and model downloads also accept "
+            "an agent's client certificate from the fleet CA (the empty security requirement "
+            "below stands for that certificate).",
         },
         "paths": copy.deepcopy(_PATHS),
         "components": {

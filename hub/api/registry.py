@@ -5,7 +5,9 @@ Paths are fixed (agents and the CLI rely on them; see docs/registry.md). Uploads
 optional ``signature``, ``notes`` and ``pushed_by``; the artifact is streamed to a temporary
 file and hashed as it arrives, never held whole in memory. Downloads stream from disk in
 256 KiB reads with ``ETag`` = the sha256, single ``Range`` requests (206/416) and
-``If-None-Match`` (304), so a node on a slow link can resume where it stopped.
+``If-None-Match`` (304), so a node on a slow link can resume where it stopped. Reads need the
+``fetch`` scope (an agent's client certificate, or any token), changes an ``admin`` token
+(``hub/api/httputil.py``).
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ def _ref(request: web.Request) -> tuple[str, str]:
 
 async def list_versions(request: web.Request) -> web.Response:
     """``GET /v1/models[?name=N]``."""
-    authorize(request, write=False)
+    authorize(request, "fetch")
     name = request.query.get("name")
     versions = await request.app[REGISTRY_KEY].list(name)
     return web.json_response({"versions": [summary_json(v) for v in versions]})
@@ -117,14 +119,14 @@ async def list_versions(request: web.Request) -> web.Response:
 
 async def show_version(request: web.Request) -> web.Response:
     """``GET /v1/models/{name}/versions/{version}``."""
-    authorize(request, write=False)
+    authorize(request, "fetch")
     v = await request.app[REGISTRY_KEY].get(*_ref(request))
     return web.json_response(version_json(v, _base_url(request)))
 
 
 async def get_manifest(request: web.Request) -> web.Response:
     """``GET .../manifest``: the exact manifest bytes the signature covers."""
-    authorize(request, write=False)
+    authorize(request, "fetch")
     v = await request.app[REGISTRY_KEY].get(*_ref(request))
     headers = {hdrs.ETAG: quoted_etag(v.manifest_sha256), hdrs.CACHE_CONTROL: "no-cache"}
     if none_match(request.headers.get(hdrs.IF_NONE_MATCH), v.manifest_sha256):
@@ -134,7 +136,7 @@ async def get_manifest(request: web.Request) -> web.Response:
 
 async def get_artifact(request: web.Request) -> web.StreamResponse:
     """``GET|HEAD .../artifact``: the ONNX file, streamed, resumable."""
-    authorize(request, write=False)
+    authorize(request, "fetch")
     registry = request.app[REGISTRY_KEY]
     v = await registry.get(*_ref(request))
     headers = {
@@ -201,7 +203,7 @@ async def expect_upload(request: web.Request) -> web.StreamResponse | None:
     if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
         return error_response(417, "expectation_failed", "only Expect: 100-continue is known")
     try:
-        authorize(request, write=True)
+        authorize(request, "admin")
         _ref(request)
         _check_upload_headers(request)
     except HubError as exc:
@@ -282,7 +284,7 @@ def _text(fields: dict[str, bytes], name: str) -> str | None:
 
 async def put_version(request: web.Request) -> web.Response:
     """``PUT /v1/models/{name}/versions/{version}``: push (201) or exact repeat (200)."""
-    authorize(request, write=True)
+    authorize(request, "admin")
     name, version = _ref(request)
     _check_upload_headers(request)
     registry = request.app[REGISTRY_KEY]
@@ -309,7 +311,7 @@ async def put_version(request: web.Request) -> web.Response:
 
 async def delete_version(request: web.Request) -> web.Response:
     """``DELETE /v1/models/{name}/versions/{version}``: refused (409) while assigned."""
-    authorize(request, write=True)
+    authorize(request, "admin")
     v = await request.app[REGISTRY_KEY].delete(*_ref(request))
     return web.json_response({"deleted": summary_json(v)})
 

@@ -5,5 +5,6 @@ It never imports server internals.
 - ``http``: the asyncio HTTP client of the hub's API, and ``add_client_verb`` for the CLI
   verbs that use it.
 - ``output``: tables, JSON and progress bars for the terminal.
-- ``results``: a de-duplicating results subscriber with gap detection.
+- ``results``: a de-duplicating results subscriber that reports gaps and resets apart.
+- ``seqs``: its per-stream seq bookkeeping (``Deduplicator``), usable without MQTT.
 """

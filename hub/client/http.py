@@ -2,7 +2,11 @@
 
 It turns the hub's JSON errors back into the same ``HubError`` classes the server raised (so a
 refused push exits non-zero with the server's message), streams uploads from disk with a
-progress callback, and never reads an artifact whole into memory.
+progress callback, and never reads an artifact whole into memory. It speaks HTTPS, verifying
+the hub against a CA file (``--ca-file``: the fleet CA, whose server certificate the hub
+holds) or the system's store, may present a client certificate, and sends its token to the
+hub's URL only: no redirect is followed, and a token never goes over plain HTTP beyond
+loopback.
 """
 
 from __future__ import annotations
@@ -10,13 +14,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import inspect
+import ipaddress
 import os
+import ssl
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
+import yarl
 from aiohttp import hdrs
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload
@@ -26,6 +33,7 @@ from edge_agent.common import settings as common_settings
 from hub.errors import (
     ArtifactRejected,
     Conflict,
+    Forbidden,
     HubError,
     InvalidRequest,
     NotFound,
@@ -33,13 +41,14 @@ from hub.errors import (
     Unauthorized,
 )
 
-DEFAULT_HUB_URL = "http://127.0.0.1:8081"
+DEFAULT_HUB_URL = "https://127.0.0.1:8081"
 #: Bytes per read when streaming a file up or down.
 CHUNK = 1024 * 1024
 
 _BY_STATUS: dict[int, type[HubError]] = {
     400: InvalidRequest,
     401: Unauthorized,
+    403: Forbidden,
     404: NotFound,
     409: Conflict,
     413: TooLarge,
@@ -57,14 +66,16 @@ class UnreachableError(HubError, code="unreachable", exit_code=3):
 
 #: Said in the description of every verb group that talks to the hub.
 CONNECTION_NOTE = ("The hub URL comes from --hub or EDGE_HUB_URL, the token from --token-file "
-                   "or EDGE_HUB_TOKEN.")
+                   "or EDGE_HUB_TOKEN, the CA that signed the hub's certificate from --ca-file "
+                   "or EDGE_HUB_CA_FILE.")
 
 
 def add_client_verb(sub: Any, name: str, run: AsyncVerb, *, help: str,
                     description: str | None = None) -> argparse.ArgumentParser:
     """Add verb (or action) ``name`` that talks to the hub: ``run`` is awaited in its own event
-    loop; ``description`` defaults to its docstring. ``--hub``, ``--token-file``, ``--timeout``
-    and ``--json`` are added to the returned parser, which the verb adds its own arguments to."""
+    loop; ``description`` defaults to its docstring. ``--hub``, ``--token-file``, the TLS
+    files, ``--timeout`` and ``--json`` are added to the returned parser, which the verb adds
+    its own arguments to."""
     p = cli.add_verb(sub, name, lambda args: asyncio.run(run(args)), help=help,
                      description=inspect.getdoc(run) if description is None else description)
     conn = p.add_argument_group("connection to the hub")
@@ -77,11 +88,54 @@ def add_client_verb(sub: Any, name: str, run: AsyncVerb, *, help: str,
         help="file holding the API bearer token (env EDGE_HUB_TOKEN holds the token itself)",
     )
     conn.add_argument(
+        "--ca-file", metavar="PEM", type=Path, default=None,
+        help="CA certificate that signed the hub's (env EDGE_HUB_CA_FILE; default: the "
+        "system's trusted CAs)",
+    )
+    conn.add_argument(
+        "--cert-file", metavar="PEM", type=Path, default=None,
+        help="client certificate to present (env EDGE_HUB_CERT_FILE; optional)",
+    )
+    conn.add_argument(
+        "--key-file", metavar="PEM", type=Path, default=None,
+        help="its private key, mode 0600 (env EDGE_HUB_KEY_FILE)",
+    )
+    conn.add_argument(
         "--timeout", metavar="S", type=float, default=30.0,
         help="seconds to wait for the hub to answer a request (default 30)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
+
+
+def client_ssl_context(ca_file: Path | None, cert_file: Path | None = None,
+                       key_file: Path | None = None) -> ssl.SSLContext:
+    """A TLS context that verifies the hub (against ``ca_file``, else the system's CAs) and
+    presents ``cert_file`` when given; InvalidRequest naming the file that cannot be used."""
+    what, path = "--ca-file", ca_file
+    try:
+        ctx = ssl.create_default_context(cafile=None if ca_file is None else str(ca_file))
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if cert_file is not None:
+            what, path = "--key-file", key_file or cert_file
+            common_settings.check_secret_file(key_file or cert_file)
+            what, path = "--cert-file", cert_file
+            ctx.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise InvalidRequest(f"cannot use {what} {path}: {reason}") from exc
+    return ctx
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host is None:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def client_from_args(args: argparse.Namespace) -> HubClient:
@@ -98,7 +152,17 @@ def client_from_args(args: argparse.Namespace) -> HubClient:
                 from exc
     else:
         token = os.environ.get("EDGE_HUB_TOKEN") or None
-    return HubClient(url, token=token, timeout_s=args.timeout)
+
+    def path_of(value: Path | None, env: str) -> Path | None:
+        return value if value is not None else (Path(os.environ[env]) if os.environ.get(env)
+                                                else None)
+
+    tls = None
+    if url.startswith("https://"):
+        tls = client_ssl_context(path_of(args.ca_file, "EDGE_HUB_CA_FILE"),
+                                 path_of(args.cert_file, "EDGE_HUB_CERT_FILE"),
+                                 path_of(args.key_file, "EDGE_HUB_KEY_FILE"))
+    return HubClient(url, token=token, timeout_s=args.timeout, ssl_context=tls)
 
 
 class FilePayload(Payload):
@@ -145,13 +209,31 @@ def _error_from(status: int, body: Any, reason: str) -> HubError:
     return cls(f"{message} ({code or status})")
 
 
+def _check_redirect(resp: aiohttp.ClientResponse) -> None:
+    if 300 <= resp.status < 400 and resp.status != 304:
+        where = resp.headers.get(hdrs.LOCATION, "?")[:200]
+        raise HubError(f"the hub answered {resp.status} to {where}; redirects are not "
+                       "followed (the token goes to --hub only)")
+
+
+def _tls_error(base_url: str, exc: aiohttp.ClientSSLError) -> HubError:
+    return UnreachableError(f"TLS with the hub at {base_url} failed: {exc}; is --ca-file "
+                            "(EDGE_HUB_CA_FILE) the CA that signed the hub's certificate?")
+
+
 class HubClient:
     """Requests to one hub. Use as ``async with HubClient(url, token=...) as hub:``."""
 
-    def __init__(self, base_url: str, *, token: str | None = None, timeout_s: float = 30.0):
+    def __init__(self, base_url: str, *, token: str | None = None, timeout_s: float = 30.0,
+                 ssl_context: ssl.SSLContext | None = None):
         self.base_url = base_url.rstrip("/")
+        parts = yarl.URL(self.base_url)
+        if token and parts.scheme == "http" and not _is_loopback(parts.host):
+            raise InvalidRequest(f"refusing to send the API token over plain HTTP to "
+                                 f"{parts.host}: use https://")
         self.token = token
         self.timeout_s = timeout_s
+        self.ssl_context = ssl_context
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> HubClient:
@@ -159,7 +241,9 @@ class HubClient:
         timeout = aiohttp.ClientTimeout(
             total=None, connect=self.timeout_s, sock_read=self.timeout_s
         )
-        self._session = aiohttp.ClientSession(timeout=timeout, raise_for_status=False)
+        connector = aiohttp.TCPConnector(ssl=self.ssl_context if self.ssl_context else True)
+        self._session = aiohttp.ClientSession(timeout=timeout, raise_for_status=False,
+                                              connector=connector)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -178,12 +262,15 @@ class HubClient:
         headers = self._headers(kw.pop("headers", None))
         try:
             async with self._session.request(
-                method, self.base_url + path, headers=headers, **kw
+                method, self.base_url + path, headers=headers, allow_redirects=False, **kw
             ) as resp:
                 raw = await resp.read()
+                _check_redirect(resp)
                 if resp.status >= 400:
                     raise _error_from(resp.status, _json_or_none(raw), resp.reason or "")
                 return resp.status, raw
+        except aiohttp.ClientSSLError as exc:
+            raise _tls_error(self.base_url, exc) from exc
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
             raise UnreachableError(f"cannot reach the hub at {self.base_url}: {exc or 'timeout'}") \
                 from exc
@@ -214,8 +301,9 @@ class HubClient:
         assert self._session is not None, "use 'async with'"
         try:
             async with self._session.get(
-                self.base_url + path, headers=self._headers(headers)
+                self.base_url + path, headers=self._headers(headers), allow_redirects=False
             ) as resp:
+                _check_redirect(resp)
                 if resp.status >= 400:
                     raw = await resp.read()
                     raise _error_from(resp.status, _json_or_none(raw), resp.reason or "")
@@ -229,6 +317,8 @@ class HubClient:
                 finally:
                     await asyncio.to_thread(f.close)
                 return resp
+        except aiohttp.ClientSSLError as exc:
+            raise _tls_error(self.base_url, exc) from exc
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
             raise UnreachableError(f"download from {self.base_url} failed: {exc or 'timeout'}") \
                 from exc

@@ -14,12 +14,18 @@ Design:
   the consumer's thread, in ``get()``. Acknowledging only when the consumer takes a result
   (``manual_ack``) together with MQTT 5 *Receive Maximum* makes the broker hold back instead of
   flooding a slow consumer, and acknowledgements go out in the order messages came in.
-- Per (node, camera) stream it keeps the highest seq seen, the newest frame timestamp and the
-  ranges of seqs still missing. A seq above the highest opens a gap for the seqs skipped; a
-  missing seq that arrives later is delivered (``late``); any other seq at or below the highest is
-  a duplicate, unless its timestamp is newer than anything seen on that stream: then the agent's
-  counter started over (its outbox was wiped) and the stream is reset (a duplicate is a copy of a
-  result already seen, so it can never carry a newer timestamp).
+- Per (node, camera) stream it keeps the highest seq seen, the newest frame timestamp, the
+  first seq of the current series when known, and the ranges of seqs still missing. The agent
+  numbers a camera's committed results without holes, across its restarts, so a seq above the
+  highest + 1 opens a gap: results were lost. A missing seq that arrives later is delivered
+  (``late``); any other seq at or below the highest is a duplicate.
+- A reset is not a loss: when an agent's outbox file was replaced (deleted, lost, moved aside as
+  corrupt) its camera starts a new series, and the first result of it carries ``seq_reset``
+  (the series' first seq and why). A marker for a series other than the stream's current one
+  restarts the stream there (``on_reset``), with a gap only for the new series' own seqs that
+  are missing. Without a marker (an older agent), a seq at or below the highest whose frame
+  time is newer than anything seen on the stream is taken as a reset too (a duplicate is a copy
+  of a result already seen, so it can never carry a newer timestamp).
 - With a group, it subscribes with an MQTT 5 shared subscription ``$share/{group}/{filter}`` so
   several consumers split the load. The broker hands each message to one member, so members see
   interleaved subsets of each stream: gap reporting is off in a group (every member would see
@@ -33,7 +39,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -52,15 +58,11 @@ from edge_agent.contract.protocol import (
     parse_topic,
     results_filter,
 )
+from hub.client.seqs import Deduplicator, Gap, Reset
 from hub.config import ConfigError
 from hub.errors import HubError
 
 log = structlog.get_logger(__name__)
-
-#: Missing-seq ranges remembered per stream. Beyond it the oldest range is forgotten (a result
-#: from it arriving later then counts as a duplicate). 1,024 ranges cover any realistic outage.
-MAX_MISSING_RANGES = 1024
-
 
 class ResultsUnavailableError(HubError, code="broker_unavailable", http_status=503,
                               exit_code=3):
@@ -68,21 +70,6 @@ class ResultsUnavailableError(HubError, code="broker_unavailable", http_status=5
 
     Exit 3 as the hub client's "unreachable": scripts tell "no broker" from "no results" (1).
     """
-
-
-@dataclass(frozen=True)
-class Gap:
-    """Seqs ``first``..``last`` (inclusive) of one camera that never arrived before ``after``."""
-
-    node: str
-    camera: str
-    first: int
-    last: int
-
-    @property
-    def count(self) -> int:
-        """How many results are missing."""
-        return self.last - self.first + 1
 
 
 @dataclass(frozen=True)
@@ -94,6 +81,8 @@ class Received:
     message: ResultMessage
     #: True when this seq had been reported missing and arrived after all.
     late: bool = False
+    #: True when this result started a new series of its stream (see ``Reset``).
+    reset: bool = False
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -124,76 +113,6 @@ class SubscriberStats:
         return dict(self.__dict__)
 
 
-@dataclass
-class _Stream:
-    """What one (node, camera) stream has delivered so far."""
-
-    high: int
-    max_ts: float
-    #: Sorted, disjoint, inclusive [lo, hi] ranges of seqs below ``high`` not yet seen.
-    missing: list[list[int]] = field(default_factory=list)
-
-    def take_missing(self, seq: int) -> bool:
-        """Remove ``seq`` from the missing ranges; True if it was missing."""
-        for i, (lo, hi) in enumerate(self.missing):
-            if seq < lo:
-                return False
-            if seq <= hi:
-                if lo == hi:
-                    del self.missing[i]
-                elif seq == lo:
-                    self.missing[i][0] = seq + 1
-                elif seq == hi:
-                    self.missing[i][1] = seq - 1
-                else:
-                    self.missing[i : i + 1] = [[lo, seq - 1], [seq + 1, hi]]
-                return True
-        return False
-
-
-class Deduplicator:
-    """The per-stream bookkeeping, without MQTT: feed it (node, camera, seq, ts) in arrival order.
-
-    ``report_gaps=False`` (used in shared-subscription groups, where each member sees only a
-    share of every stream) still remembers which seqs it has not seen, so a redelivery of one of
-    them is not mistaken for a duplicate, but reports neither gaps nor late arrivals.
-    """
-
-    def __init__(self, *, report_gaps: bool = True, max_ranges: int = MAX_MISSING_RANGES) -> None:
-        self.report_gaps = report_gaps
-        self.max_ranges = max_ranges
-        self._streams: dict[tuple[str, str], _Stream] = {}
-
-    def offer(self, node: str, camera: str, seq: int, ts: float) -> tuple[str, Gap | None]:
-        """Classify one result as ``new``, ``late``, ``reset`` or ``duplicate``, with any gap."""
-        st = self._streams.get((node, camera))
-        if st is None:
-            self._streams[(node, camera)] = _Stream(high=seq, max_ts=ts)
-            return "new", None
-        if seq > st.high:
-            gap = None
-            if seq > st.high + 1:
-                st.missing.append([st.high + 1, seq - 1])
-                if len(st.missing) > self.max_ranges:
-                    del st.missing[0]
-                if self.report_gaps:
-                    gap = Gap(node, camera, st.high + 1, seq - 1)
-            st.high = seq
-            st.max_ts = max(st.max_ts, ts)
-            return "new", gap
-        if st.take_missing(seq):
-            st.max_ts = max(st.max_ts, ts)
-            return ("late" if self.report_gaps else "new"), None
-        if ts > st.max_ts:
-            self._streams[(node, camera)] = _Stream(high=seq, max_ts=ts)
-            return "reset", None
-        return "duplicate", None
-
-    def streams(self) -> int:
-        """How many (node, camera) streams have been seen."""
-        return len(self._streams)
-
-
 class _RateLimitedLog:
     """One warning per ``every_s`` per event, with how many were suppressed in between."""
 
@@ -221,6 +140,18 @@ class _Raw:
     gen: int
 
 
+def _log_reset(reset: Reset) -> None:
+    log.warning(
+        "results_stream_reset",
+        node=reset.node,
+        camera=reset.camera,
+        first=reset.first,
+        seq=reset.seq,
+        previous=reset.previous,
+        reason=reset.reason,
+    )
+
+
 def _log_gap(gap: Gap) -> None:
     log.warning(
         "results_gap",
@@ -236,17 +167,20 @@ class ResultSubscriber(mqtt_base.MqttClient):
     """Subscribe to results, drop duplicates, report gaps. Use as a context manager.
 
     ``node`` / ``camera`` narrow the subscription (MQTT wildcards otherwise). ``group`` makes it a
-    shared subscription so consumers in the same group split the messages. ``on_gap`` is called in
-    the consumer's thread, in order with the results (default: a ``results_gap`` warning).
+    shared subscription so consumers in the same group split the messages. ``on_gap`` and
+    ``on_reset`` are called in the consumer's thread, in order with the results (default: a
+    ``results_gap`` / ``results_stream_reset`` warning); a reset is never reported as a gap.
     ``receive_maximum`` bounds the results the broker sends before the consumer takes them.
     ``session_expiry_s`` > 0 with a fixed ``client_id`` keeps the broker session across restarts
-    (results queued while away are delivered on return).
+    (results queued while away are delivered on return). TLS by default: ``ca_file`` verifies
+    the broker, ``cert_file``/``key_file`` are the consumer's own identity (a ``consumer:...``
+    certificate, docs/security.md).
     """
 
     def __init__(
         self,
         host: str = "127.0.0.1",
-        port: int = 1883,
+        port: int = 8883,
         *,
         topic_prefix: str = DEFAULT_TOPIC_PREFIX,
         node: str | None = None,
@@ -255,8 +189,10 @@ class ResultSubscriber(mqtt_base.MqttClient):
         username: str | None = None,
         password: str | None = None,
         password_file: str | Path | None = None,
-        tls: bool = False,
+        tls: bool = True,
         ca_file: str | Path | None = None,
+        cert_file: str | Path | None = None,
+        key_file: str | Path | None = None,
         client_id: str = "",
         protocol: int = 5,
         keepalive_s: int = 15,
@@ -264,12 +200,14 @@ class ResultSubscriber(mqtt_base.MqttClient):
         session_expiry_s: int = 0,
         max_queue: int = 100_000,
         on_gap: Callable[[Gap], None] | None = _log_gap,
+        on_reset: Callable[[Reset], None] | None = _log_reset,
     ) -> None:
         if group is not None and (not group or any(c in group for c in "/+#")):
             raise ValueError("group must be non-empty and contain no '/', '+' or '#'")
         connection = mqtt_base.ConnectionSettings(
             host=host, port=port, protocol=protocol, keepalive_s=keepalive_s,
             username=username, password_file=password_file, tls=tls, ca_file=ca_file,
+            cert_file=cert_file, key_file=key_file,
         )
         props = {"ReceiveMaximum": receive_maximum}
         if session_expiry_s:
@@ -284,6 +222,7 @@ class ResultSubscriber(mqtt_base.MqttClient):
         self.group = group
         self.stats = SubscriberStats()
         self.on_gap = on_gap
+        self.on_reset = on_reset
         self._dedup = Deduplicator(report_gaps=group is None)
         self._queue: queue.Queue[_Raw] = queue.Queue()
         self._max_queue = max_queue
@@ -373,8 +312,8 @@ class ResultSubscriber(mqtt_base.MqttClient):
     def get(self, timeout: float | None = None) -> Received | None:
         """The next new result, or None when none came within ``timeout`` seconds.
 
-        Duplicates and malformed payloads are acknowledged, counted and skipped here; gaps are
-        passed to ``on_gap`` before the result that revealed them.
+        Duplicates and malformed payloads are acknowledged, counted and skipped here; resets
+        and gaps are passed to ``on_reset`` and ``on_gap`` before the result that revealed them.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -409,19 +348,30 @@ class ResultSubscriber(mqtt_base.MqttClient):
             self.stats.malformed += 1
             self._bad.warning("results_malformed", topic=raw.topic, error=str(exc)[:200])
             return None
-        verdict, gap = self._dedup.offer(msg.node, msg.camera, msg.seq, msg.ts)
+        mark = msg.seq_reset
+        verdict, gap = self._dedup.offer(msg.node, msg.camera, msg.seq, msg.ts,
+                                         None if mark is None else mark.first)
         if verdict == "duplicate":
             self.stats.duplicates += 1
             return None
+        if verdict == "late":
+            self.stats.late += 1
+        elif verdict == "reset":
+            self.stats.resets += 1
+            if self.on_reset is not None:
+                self.on_reset(Reset(
+                    msg.node, msg.camera, msg.seq if mark is None else mark.first, msg.seq,
+                    self._dedup.previous(msg.node, msg.camera),
+                    "inferred" if mark is None else mark.reason))
         if gap is not None:
             self.stats.gaps += 1
             self.stats.missing += gap.count
             if self.on_gap is not None:
                 self.on_gap(gap)
-        if verdict == "late":
-            self.stats.late += 1
-        elif verdict == "reset":
-            self.stats.resets += 1
-            log.warning("results_stream_reset", node=msg.node, camera=msg.camera, seq=msg.seq)
         self.stats.delivered += 1
-        return Received(raw.topic, raw.payload, msg, late=verdict == "late")
+        return Received(raw.topic, raw.payload, msg, late=verdict == "late",
+                        reset=verdict == "reset")
+
+
+__all__ = ["Deduplicator", "Gap", "Received", "Reset", "ResultSubscriber",
+           "ResultsUnavailableError", "SubscriberStats"]

@@ -11,6 +11,9 @@ failed attempt did land (a request that hung after the server applied it) nothin
 Patches are JSON merge patches of ``metadata.labels`` (a value sets, null removes); a
 compare-and-set patch (``expect=``) carries the ``resourceVersion`` it was checked against, so
 the server refuses it with 409 when anyone changed the node in between.
+
+For the certificate bootstrap (``hub.pki.bootstrap``) it also reviews tokens (TokenReview) and
+reads pods, returning their JSON as the API server sends it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -198,6 +201,25 @@ class KubernetesCluster(Cluster):
         )
         return node_from(orjson.loads(resp.data))
 
+    def _review_raw(self, body: client.V1TokenReview) -> dict[str, Any]:
+        if self._api_client is None:
+            raise ClusterError("cluster is not started")
+        resp: Any = client.AuthenticationV1Api(self._api_client).create_token_review(
+            body, _preload_content=False, _request_timeout=self._timeout)
+        data = orjson.loads(resp.data)
+        return data if isinstance(data, dict) else {}
+
+    def _pod_raw(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            resp: Any = self.api.read_namespaced_pod(name, namespace, _preload_content=False,
+                                                     _request_timeout=self._timeout)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        data = orjson.loads(resp.data)
+        return data if isinstance(data, dict) else {}
+
     # ---------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -301,6 +323,22 @@ class KubernetesCluster(Cluster):
 
     async def _get(self, name: str) -> Node:
         return await self._retrying(f"read node {name}", self._get_raw, name)
+
+    async def review_token(self, token: str, audiences: Sequence[str]) -> dict[str, Any]:
+        """The ``status`` of a TokenReview of ``token`` for ``audiences``: ``authenticated``,
+        ``user`` (``username``, ``extra``…), ``audiences``, ``error``. The answer's ``spec``
+        echoes the token and is dropped here, so nothing downstream can log it."""
+        body = client.V1TokenReview(
+            api_version="authentication.k8s.io/v1", kind="TokenReview",
+            spec=client.V1TokenReviewSpec(token=token, audiences=list(audiences)))
+        data = await self._retrying("token review", self._review_raw, body)
+        status = data.get("status")
+        return status if isinstance(status, dict) else {}
+
+    async def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The Pod object ``namespace/name``, None when there is none."""
+        return await self._retrying(f"read pod {namespace}/{name}", self._pod_raw,
+                                    namespace, name)
 
     # ------------------------------------------------------------------------------ writing
     async def patch_labels(

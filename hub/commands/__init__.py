@@ -6,4 +6,5 @@
 - ``nodes``: the fleet as the hub sees it.
 - ``results``: tail the agents' results, de-duplicated, with gaps.
 - ``keygen``: an ed25519 key pair for signing.
+- ``pki``: the CA (``init``) and certificates for agents, consumers, the hub, servers (``issue``).
 """

@@ -1,4 +1,4 @@
-"""``edge-hub results tail``: watch the agents' results, de-duplicated, with gaps reported.
+"""``edge-hub results tail``: watch the agents' results, de-duplicated, gaps and resets reported.
 
 For the people downstream of the agents (dashboards, PLC bridges, data lakes): a quick look at
 what a node or camera produces, a JSON-lines capture to a file, or, with ``--group``, one of
@@ -22,7 +22,7 @@ import structlog
 
 from edge_agent.common import cli
 from edge_agent.common.logs import configure_logging
-from hub.client.results import Gap, Received, ResultSubscriber
+from hub.client.results import Gap, Received, Reset, ResultSubscriber
 from hub.config import load_settings
 
 
@@ -32,9 +32,11 @@ def register(sub: Any) -> None:
                          description="Subscribe to the results the agents publish.")
     t = cli.add_verb(
         acts, "tail", run,
-        help="print results as they arrive (de-duplicated, gaps reported)",
+        help="print results as they arrive (de-duplicated, gaps and resets reported)",
         description="Subscribe to results, drop duplicates by (node, camera, seq), report gaps "
-        "on stderr, and print each result (a line per result, or JSON lines with --json or "
+        "(lost results) and resets (an agent's outbox was replaced and its seqs started a new "
+        "series: not a loss) apart on stderr, and print each result (a line per result, or "
+        "JSON lines with --json or "
         "--output). Ends after --count results or --timeout seconds, or on Ctrl-C, with a "
         "summary on stderr. Exit 1 when --count results did not arrive within --timeout, "
         "3 when the broker is unreachable or refuses the login or the subscription.",
@@ -45,6 +47,15 @@ def register(sub: Any) -> None:
     t.add_argument("--prefix", help="topic prefix (default: mqtt.topic_prefix, 'edge')")
     t.add_argument("--username", help="broker user (default: mqtt.username)")
     t.add_argument("--password-file", type=Path, help="file holding the broker password")
+    t.add_argument("--tls", action=argparse.BooleanOptionalAction, default=None,
+                   help="TLS to the broker (default: mqtt.tls of the config, on)")
+    t.add_argument("--ca-file", type=Path,
+                   help="CA bundle that verifies the broker (default: mqtt.ca_file)")
+    t.add_argument("--cert-file", type=Path,
+                   help="this consumer's certificate, its identity on the broker "
+                   "(default: mqtt.cert_file)")
+    t.add_argument("--key-file", type=Path,
+                   help="the certificate's private key (default: mqtt.key_file)")
     t.add_argument("--node", help="only this node's results")
     t.add_argument("--camera", help="only this camera's results")
     t.add_argument(
@@ -80,7 +91,7 @@ def _line(r: Received) -> str:
         what = f"class={top.label}:{top.score:.2f}"
     else:
         what = "no output"
-    late = " (late)" if r.late else ""
+    late = " (late)" if r.late else " (new series)" if r.reset else ""
     return (
         f"{m.node}/{m.camera} seq={m.seq}{late} model={m.model.name}@{m.model.version} "
         f"{what} e2e={m.latency_ms.end_to_end:.1f}ms"
@@ -98,6 +109,11 @@ def run(args: argparse.Namespace) -> int:
     def on_gap(gap: Gap) -> None:
         _err(f"gap: {gap.node}/{gap.camera} seq {gap.first}..{gap.last} ({gap.count} missing)")
 
+    def on_reset(r: Reset) -> None:
+        after = f" after seq {r.previous}" if r.previous >= 0 else ""
+        _err(f"reset: {r.node}/{r.camera} seq series restarted at {r.first}{after} "
+             f"({r.reason}; not a loss)")
+
     sub = ResultSubscriber(
         args.host or mq.host,
         args.port or mq.port,
@@ -107,11 +123,14 @@ def run(args: argparse.Namespace) -> int:
         group=args.group,
         username=args.username or mq.username,
         password_file=args.password_file or mq.password_file,
-        tls=mq.tls,
-        ca_file=mq.ca_file,
+        tls=mq.tls if args.tls is None else args.tls,
+        ca_file=args.ca_file or mq.ca_file,
+        cert_file=args.cert_file or mq.cert_file,
+        key_file=args.key_file or mq.key_file,
         protocol=args.mqtt_protocol or mq.protocol,
         keepalive_s=mq.keepalive_s,
         on_gap=on_gap,
+        on_reset=on_reset,
     )
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     delivered = 0

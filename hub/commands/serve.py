@@ -1,8 +1,10 @@
 """``edge-hub serve``: run the hub's HTTP API (registry now; rollouts and fleet hook in).
 
 Settings come from ``--config`` plus ``EDGE_HUB_*`` environment variables; the few flags here
-(``--host``, ``--port``, ``--data-dir``, ``--token-file``) override both, for a quick start
-without a config file. A bad config exits 2 with each field's path.
+(``--host``, ``--port``, ``--data-dir``, ``--token-file``, the TLS files) override both, for a
+quick start without a config file. The hub serves HTTPS: it needs ``--tls-cert-file`` and
+``--tls-key-file`` (``edge-hub pki issue NAME --role server``) unless ``--plain-http``. A bad
+config exits 2 with each field's path.
 """
 
 from __future__ import annotations
@@ -31,14 +33,30 @@ def register(sub: Any) -> None:
     p.add_argument("--host", help="listen address (api.host)")
     p.add_argument("--port", type=int, help="listen port (api.port)")
     p.add_argument("--data-dir", type=Path, metavar="DIR", help="storage.data_dir")
-    p.add_argument("--token-file", type=Path, metavar="FILE", help="api.token_file")
+    p.add_argument("--token-file", type=Path, metavar="FILE",
+                   help="file holding an admin API token (api.token_file); more tokens, "
+                   "with scopes, go in api.tokens")
+    tls = p.add_argument_group("TLS (HTTPS is the default)")
+    tls.add_argument("--tls-cert-file", type=Path, metavar="PEM",
+                     help="the hub's server certificate (api.tls_cert_file)")
+    tls.add_argument("--tls-key-file", type=Path, metavar="PEM",
+                     help="its private key, mode 0600 (api.tls_key_file)")
+    tls.add_argument("--client-ca-file", type=Path, metavar="PEM",
+                     help="the fleet CA: agents' client certificates may download models "
+                     "(api.client_ca_file)")
+    tls.add_argument("--plain-http", action="store_true", default=None,
+                     help="serve plain HTTP (api.plain_http; only behind a TLS proxy)")
 
 
 def settings_from_args(args: argparse.Namespace) -> config.HubSettings:
     """Config file + env, then the command-line overrides (ConfigError names the field)."""
     settings = config.load_settings(args.config)
     api = {k: v for k, v in (("host", args.host), ("port", args.port),
-                             ("token_file", args.token_file)) if v is not None}
+                             ("token_file", args.token_file),
+                             ("tls_cert_file", args.tls_cert_file),
+                             ("tls_key_file", args.tls_key_file),
+                             ("client_ca_file", args.client_ca_file),
+                             ("plain_http", args.plain_http)) if v is not None}
     if api:
         settings.api = common_settings.override(settings.api, "api", api, config.ConfigError)
     if args.data_dir is not None:

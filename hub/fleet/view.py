@@ -9,6 +9,10 @@ errors and latency percentiles over the agent's interval). The hub keeps, per no
 * per (model, version) the telemetry samples of the last ``telemetry.window_s``, from which
   ``metrics()`` aggregates fps, error rate and latency p50/p95/p99 for any sub-window.
 
+A node speaks only for itself: a message whose ``node`` differs from the node it arrived for
+is dropped and counted (``rejected["node_mismatch"]``), here as in the MQTT link that checks it
+first, so no code path can credit one node with another's state or telemetry.
+
 Rollout gates read these aggregates; the API, the CLI and ``/metrics`` show them. Everything
 here runs on the event loop (the MQTT thread hands decoded messages over in batches), so no
 locks are needed; every timestamp is the hub's clock at receipt, so agents' clock skew does not
@@ -18,14 +22,18 @@ matter (the agent's own ``ts`` is only used to measure ingest lag).
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
+
 from edge_agent.contract.protocol import ModelState, StateMessage, TelemetryMessage
 from hub.config import TelemetrySettings
 from hub.fleet import aggregate as figures
+
+log = structlog.get_logger(__name__)
 
 Clock = Callable[[], float]
 
@@ -58,7 +66,8 @@ class Fleet:
         #: Called with the node name when its state changes (the rollout controller wakes up).
         self._on_state_change = on_state_change
         self.messages = 0
-        self.invalid = 0
+        #: Payloads dropped, by reason (``malformed``, ``node_mismatch``).
+        self.rejected: Counter[str] = Counter()
         self.lags: deque[float] = deque(maxlen=_LAG_KEEP)
 
     def _node(self, name: str) -> NodeHealth:
@@ -68,8 +77,23 @@ class Fleet:
         return h
 
     # -------------------------------------------------------------------------------- input
+    @property
+    def invalid(self) -> int:
+        """Every payload dropped, whatever the reason."""
+        return sum(self.rejected.values())
+
+    def _foreign(self, node: str, msg: StateMessage | TelemetryMessage) -> bool:
+        if msg.node == node:
+            return False
+        self.on_invalid("node_mismatch")
+        log.warning("fleet_node_mismatch", node=node, payload_node=msg.node[:80],
+                    total=self.rejected["node_mismatch"])
+        return True
+
     def on_state(self, node: str, msg: StateMessage) -> None:
         """A state message (retained, or the last will) for ``node``."""
+        if self._foreign(node, msg):
+            return
         now = self.clock()
         self.messages += 1
         h = self._node(node)
@@ -87,6 +111,8 @@ class Fleet:
 
     def on_telemetry(self, node: str, msg: TelemetryMessage) -> None:
         """A telemetry message for ``node``: one sample per model version."""
+        if self._foreign(node, msg):
+            return
         now = self.clock()
         self.messages += 1
         if msg.ts > 0:
@@ -104,9 +130,9 @@ class Fleet:
             while dq and dq[0].t < horizon:
                 dq.popleft()
 
-    def on_invalid(self) -> None:
-        """A payload that broke the wire contract (counted; the MQTT layer logs it)."""
-        self.invalid += 1
+    def on_invalid(self, reason: str = "malformed") -> None:
+        """A payload dropped for ``reason`` (counted; the MQTT layer logs it)."""
+        self.rejected[reason] += 1
 
     # ------------------------------------------------------------------------------ queries
     def online(self, node: str) -> bool:

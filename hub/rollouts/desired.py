@@ -8,6 +8,11 @@ gives it the next ``generation`` (which only grows), writes it to the database f
 publishes it retained with QoS 1. The broker's acknowledgement is recorded, so a hub that was
 killed between the write and the publish sends exactly the unacknowledged ones again on start.
 Nodes whose labels did not change get nothing: a restart or a wave never re-sends to bystanders.
+
+One node never holds up the others: a node whose desired message cannot be decided (its agent
+claims a generation at the top of the contract's range, [0, 2^53), or anything else fails for
+it alone) is logged, counted in ``failed`` and left out of the batch, and the rest of the batch
+is written and published as usual.
 """
 
 from __future__ import annotations
@@ -89,6 +94,8 @@ class Dispatcher:
         self._closed = False
         self.sent = 0
         self.unknown_versions = 0
+        #: Nodes left out of a sync because their message could not be decided.
+        self.failed = 0
 
     # ---------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -181,7 +188,7 @@ class Dispatcher:
             pairs = {(m, v) for a in wanted.values() for m, v in a.items()}
             entries = await self._entries(pairs)
             new_rows = [row for name, assigned in wanted.items()
-                        if (row := self._decide(name, assigned, entries)) is not None]
+                        if (row := self._decide_one(name, assigned, entries)) is not None]
             if not new_rows:
                 return {}
             # the database first: a generation once decided is never reused
@@ -191,6 +198,17 @@ class Dispatcher:
                 self._publish(row)
             log.info("desired_published", nodes=len(new_rows))
             return {r.node: r.generation for r in new_rows}
+
+    def _decide_one(self, name: str, assigned: dict[str, str],
+                    entries: dict[tuple[str, str], dict[str, Any]]) -> DesiredRow | None:
+        """``_decide`` for one node, whose failure is that node's alone (logged, counted)."""
+        try:
+            return self._decide(name, assigned, entries)
+        except Exception as exc:
+            self.failed += 1
+            log.error("desired_node_failed", node=name, error=str(exc)[:200],
+                      failed_total=self.failed)
+            return None
 
     def _decide(self, name: str, assigned: dict[str, str],
                 entries: dict[tuple[str, str], dict[str, Any]]) -> DesiredRow | None:
@@ -212,6 +230,11 @@ class Dispatcher:
         if old is None and not models:
             return None  # never assigned anything: nothing to say yet
         gen = max(old.generation if old else 0, self.fleet.generation(name)) + 1
+        if gen >= protocol.MAX_GENERATION:
+            # only the node itself can claim such a generation (its own retained state): it
+            # cannot be sent anything newer, and nobody else is held up by it
+            raise HubError(f"generation {gen} is beyond the contract's range [0, 2^53) "
+                           "(the node's state claims an impossible applied generation)")
         return DesiredRow(name, gen, models, d, False)
 
     def _publish(self, row: DesiredRow) -> None:

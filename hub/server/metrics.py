@@ -73,9 +73,13 @@ class FleetCollector(Collector):
         yield rollouts
         yield CounterMetricFamily("edge_hub_telemetry_messages", "state and telemetry received",
                                   value=c.fleet.messages)
-        yield CounterMetricFamily("edge_hub_invalid_payloads",
-                                  "payloads that broke the wire contract",
-                                  value=c.mqtt.invalid)
+        invalid = CounterMetricFamily(
+            "edge_hub_invalid_payloads",
+            "state and telemetry payloads dropped: malformed (broke the wire contract) or "
+            "node_mismatch (payload node differs from its topic's)", labels=["reason"])
+        for reason in ("malformed", "node_mismatch"):
+            invalid.add_metric([reason], c.fleet.rejected[reason])
+        yield invalid
         yield CounterMetricFamily("edge_hub_desired_messages", "desired messages published",
                                   value=c.dispatcher.sent)
         lag = c.fleet.ingest_lag_p99()

@@ -3,10 +3,13 @@
 One paho-mqtt 2.x client with its own network thread, built on ``edge_agent.common.mqtt``
 (login, TLS, jittered reconnect, guarded callbacks). Inbound messages are decoded in that thread
 (so the event loop does not pay for JSON parsing and validation) and handed to the loop in
-batches; payloads that break the wire contract are counted and logged at most every
-``_INVALID_LOG_EVERY_S``. Outbound ``desired`` messages are published from the loop; paho keeps
-QoS 1 messages across reconnects, and each broker acknowledgement is reported back on the loop
-(``on_ack(token)``) so the dispatcher can record what the broker holds.
+batches. Payloads that break the wire contract, and payloads whose ``node`` differs from the
+node in their topic (a node may only publish under its own topics, so such a payload is a
+forgery or a bug: it is never believed), are dropped, counted by reason (``rejected``) and
+logged at most every ``_INVALID_LOG_EVERY_S`` per reason. Outbound ``desired`` messages are
+published from the loop; paho keeps QoS 1 messages across reconnects, and each broker
+acknowledgement is reported back on the loop (``on_ack(token)``) so the dispatcher can record
+what the broker holds.
 """
 
 from __future__ import annotations
@@ -41,6 +44,12 @@ _INVALID_LOG_EVERY_S = 10.0
 
 StateHandler = Callable[[str, StateMessage], None]
 TelemetryHandler = Callable[[str, TelemetryMessage], None]
+#: Called on the loop with the reason of each dropped payload (``malformed``, ``node_mismatch``).
+InvalidHandler = Callable[[str], None]
+
+
+class NodeMismatchError(ProtocolError):
+    """A payload's ``node`` is not the node its topic names."""
 
 
 class HubMqtt(mqtt_base.MqttClient):
@@ -52,7 +61,7 @@ class HubMqtt(mqtt_base.MqttClient):
         *,
         on_state: StateHandler,
         on_telemetry: TelemetryHandler,
-        on_invalid: Callable[[], None] | None = None,
+        on_invalid: InvalidHandler | None = None,
         on_ack: Callable[[Any], None] | None = None,
         client_id: str | None = None,
     ) -> None:
@@ -71,8 +80,10 @@ class HubMqtt(mqtt_base.MqttClient):
         self._scheduled = False
         self._lock = threading.Lock()
         self._pending: dict[int, Any] = {}
-        self.invalid = 0
-        self._invalid_logged = 0.0
+        #: Dropped payloads by reason; written only by paho's thread, under ``_lock``.
+        self.rejected: dict[str, int] = {}
+        self._invalid_logged: dict[str, float] = {}
+        self._failed_logged = -1e9
         self.published = 0
 
     # ---------------------------------------------------------------------------- lifecycle
@@ -124,6 +135,15 @@ class HubMqtt(mqtt_base.MqttClient):
     def _connection_ready(self) -> None:
         log.info("mqtt_connected", host=self.settings.host, port=self.settings.port)
 
+    def _connect_failed(self) -> None:
+        # at most one line per interval while the broker is away; a TLS reason (an untrusted
+        # broker, a refused or expired certificate) is named
+        now = time.monotonic()
+        if now - self._failed_logged >= _INVALID_LOG_EVERY_S:
+            self._failed_logged = now
+            log.warning("mqtt_connect_failed", host=self.settings.host, port=self.settings.port,
+                        tls_error=self.tls_error)
+
     def _connection_down(self, reason: ReasonCode, was_connected: bool) -> None:
         log.warning("mqtt_disconnected", reason=str(reason))
 
@@ -138,7 +158,8 @@ class HubMqtt(mqtt_base.MqttClient):
             else:
                 return
             if obj.node != node:
-                raise ProtocolError(f"payload node {obj.node!r} differs from topic {node!r}")
+                raise NodeMismatchError(
+                    f"payload node {obj.node[:80]!r} differs from topic node {node!r}")
         except ProtocolError as exc:
             self._invalid(msg.topic, exc)
             return
@@ -150,18 +171,25 @@ class HubMqtt(mqtt_base.MqttClient):
         self._acks.append(mid)
         self._kick()
 
-    def _invalid(self, topic: str, exc: Exception) -> None:
+    @property
+    def invalid(self) -> int:
+        """Every dropped payload, whatever the reason."""
         with self._lock:
-            self.invalid += 1
+            return sum(self.rejected.values())
+
+    def _invalid(self, topic: str, exc: Exception) -> None:
+        reason = "node_mismatch" if isinstance(exc, NodeMismatchError) else "malformed"
+        with self._lock:
+            total = self.rejected[reason] = self.rejected.get(reason, 0) + 1
             now = time.monotonic()
-            due = now - self._invalid_logged >= _INVALID_LOG_EVERY_S
+            due = now - self._invalid_logged.get(reason, -1e9) >= _INVALID_LOG_EVERY_S
             if due:
-                self._invalid_logged = now
+                self._invalid_logged[reason] = now
         if self._loop is not None and self._on_invalid is not None:
-            self._call_in_loop(self._on_invalid)
+            self._call_in_loop(self._on_invalid, reason)
         if due:
-            log.warning("mqtt_invalid_payload", topic=topic, error=str(exc)[:200],
-                        invalid_total=self.invalid)
+            event = "mqtt_node_mismatch" if reason == "node_mismatch" else "mqtt_invalid_payload"
+            log.warning(event, topic=topic, error=str(exc)[:200], total=total)
 
     def _kick(self) -> None:
         with self._lock:

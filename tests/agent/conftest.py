@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 
 from tests.support.broker import Broker
+from tests.support.pki import TestPki
 
 
 @pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[Broker]:
-    """A broker of the test's own, for tests that kill and restart it."""
-    b = Broker(tmp_path)
+def own_broker(tmp_path: Path, pki: TestPki) -> Iterator[Broker]:
+    """A broker of the test's own (TLS, the session's CA), for tests that kill and restart it."""
+    b = Broker(tmp_path, pki=pki)
     b.start()
     yield b
     b.stop()

@@ -21,7 +21,14 @@ from edge_agent.contract.rejection import Reason, Rejection
 from edge_agent.errors import ModelError
 from edge_agent.inference.engine import LoadedModel
 from tests.contract.corpus import CASES, Case
-from tests.support.hub_client import AUTH, HubProcess, hub_process, upload_form
+from tests.support.hub_client import (
+    AUTH,
+    READ_AUTH,
+    HubProcess,
+    hub_process,
+    hub_session,
+    upload_form,
+)
 
 CPU = EngineSettings(providers=["cpu"], warmup_runs=1)
 #: The hub's broad error code for a reason (TASK_OUTPUTS: either, by where it is seen).
@@ -44,7 +51,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
 
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
+    async with hub_session(headers=READ_AUTH) as s:
         yield s
 
 

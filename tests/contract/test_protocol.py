@@ -15,6 +15,9 @@ def test_topics_round_trip() -> None:
         p.parse_topic("edge", "other/n1/state")
     with pytest.raises(p.ProtocolError):
         p.parse_topic("edge", "edge/n1/unknown")
+    # a hub or consumer identity's name is never a node name: its topics are nobody's
+    with pytest.raises(p.ProtocolError, match="not a node name"):
+        p.parse_topic("edge", "edge/hub:edge-hub/state")
 
 
 @pytest.mark.parametrize("version", ["../x", "..", "a/b", "", "-a", "a" * 70, "1..2"])
@@ -50,6 +53,11 @@ def test_desired_decodes_and_ignores_unknown_fields() -> None:
         b"[]",
         _desired(v=2),
         _desired(generation=-1),
+        _desired(generation=2**63 - 1),
+        _desired(generation=2**53),
+        _desired(generation="7"),
+        _desired(generation=7.0),
+        _desired(generation=True),
         _desired(models={"Bad Name": {"version": "1", "sha256": "ab" * 32, "url": "u",
                                       "manifest_url": "m"}}),
         _desired(models={"det": {"version": "../1", "sha256": "ab" * 32, "url": "u",
@@ -61,3 +69,9 @@ def test_desired_decodes_and_ignores_unknown_fields() -> None:
 def test_malformed_desired_rejected(payload: bytes) -> None:
     with pytest.raises(p.ProtocolError):
         p.decode_desired(payload)
+
+
+def test_the_largest_generation_is_2_to_the_53_minus_1() -> None:
+    assert p.decode_desired(_desired(generation=2**53 - 1)).generation == 2**53 - 1
+    assert p.decode_state(orjson.dumps({"v": 1, "node": "n1", "online": True,
+                                        "generation": 0})).generation == 0

@@ -10,6 +10,9 @@ nasty case: the client times out but the change landed).
 
 ``label()`` plays ``kubectl label node``. ``effective_patches`` counts patches that changed a
 node, ``requests`` logs every request, so tests can prove nothing was applied twice.
+
+``identity`` (``tests/support/fake_k8s_auth.py``) serves what the certificate bootstrap asks:
+TokenReviews of projected ServiceAccount tokens, and pods (``add_pod``, ``issue_token``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from aiohttp import web
 
 from hub.cluster.selectors import SelectorError, parse_selector
 from tests.support.broker import free_port
+from tests.support.fake_k8s_auth import FakeIdentity
 
 
 @dataclass
@@ -80,6 +84,8 @@ class FakeKube:
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         self._ready = threading.Event()
+        #: Pods and ServiceAccount tokens (TokenReview), for the certificate bootstrap.
+        self.identity = FakeIdentity(self._log, self._read_fault)
 
     # ----------------------------------------------------------------------- lifecycle
     @property
@@ -109,6 +115,7 @@ class FakeKube:
         app.router.add_get("/api/v1/nodes", self._list)
         app.router.add_get("/api/v1/nodes/{name}", self._get)
         app.router.add_patch("/api/v1/nodes/{name}", self._patch)
+        self.identity.add_routes(app)
         self._runner = web.AppRunner(app, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)

@@ -2,7 +2,9 @@
 
 It serves ``/files/{name}`` from a dict of bytes, honours ``Range`` (206 + Content-Range), records
 every request's headers, and can fail the next N requests with 503 or cut a response after some
-bytes (the connection is aborted mid-body, as a dropped uplink would do).
+bytes (the connection is aborted mid-body, as a dropped uplink would do). ``error_body``
+replaces the body of every error answer (what a hostile or broken server might say), and
+``redirect_to`` answers every request with a 302 there.
 """
 
 from __future__ import annotations
@@ -21,28 +23,39 @@ class FileServer:
     cut_after: int | None = None
     cut_times: int = 0
     token: str | None = None
+    error_body: bytes | None = None
+    redirect_to: str | None = None
     requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     port: int = 0
     _runner: web.AppRunner | None = None
 
+    @property
+    def base(self) -> str:
+        """The server's origin, as an agent's ``hub.url``."""
+        return f"http://127.0.0.1:{self.port}"
+
     def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.port}/files/{name}"
+        return f"{self.base}/files/{name}"
+
+    def _error(self, status: int, code: str, message: str) -> web.Response:
+        if self.error_body is not None:
+            return web.Response(status=status, body=self.error_body, content_type="text/plain")
+        return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
         self.requests.append((name, dict(request.headers)))
+        if self.redirect_to is not None:
+            raise web.HTTPFound(self.redirect_to)
         auth = request.headers.get("Authorization")
         if self.token is not None and auth != f"Bearer {self.token}":
-            return web.json_response({"error": {"code": "unauthorized", "message": "no"}},
-                                     status=401)
+            return self._error(401, "unauthorized", "no")
         if self.fail_next > 0:
             self.fail_next -= 1
-            return web.json_response({"error": {"code": "busy", "message": "try later"}},
-                                     status=503)
+            return self._error(503, "busy", "try later")
         body = self.files.get(name)
         if body is None:
-            return web.json_response({"error": {"code": "not_found", "message": name}},
-                                     status=404)
+            return self._error(404, "not_found", name)
         start, status = 0, 200
         rng = request.headers.get("Range")
         resp_headers = {"ETag": '"x"', "Accept-Ranges": "bytes"}

@@ -1,13 +1,24 @@
 """Helpers for the hub's tests: a hub on a real loopback port (in-process or as an
-``edge-hub serve`` subprocess), upload requests, and a snapshot of what the hub stored."""
+``edge-hub serve`` subprocess), upload requests, and a snapshot of what the hub stored.
+
+Every test hub serves HTTPS with a server certificate from a test CA (``tests.support.pki``)
+and asks for client certificates from the same CA, as in production; ``TOKEN`` is its admin
+token and ``READ_TOKEN`` its read-scope token. ``hub_session`` / ``client_ssl`` /
+``requests_verify`` give test clients the CA (and, when asked, a node's certificate).
+"""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import io
 import os
+import shutil
+import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -18,12 +29,58 @@ import aiohttp
 from aiohttp import web
 
 from hub.config import HubSettings, load_settings
+from hub.server import app as server_app
 from hub.server.app import build_app
 from tests.support.broker import free_port, wait_port
+from tests.support.pki import Identity, TestPki
 
 TOKEN = "t0ken-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+READ_TOKEN = "r3ad-only-t0ken"
+READ_AUTH = {"Authorization": f"Bearer {READ_TOKEN}"}
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@functools.cache
+def default_pki() -> TestPki:
+    """The CA of test hubs and their clients: one per test process, removed at exit."""
+    folder = Path(tempfile.mkdtemp(prefix="edge-test-hub-pki-"))
+    atexit.register(shutil.rmtree, folder, True)
+    return TestPki(folder)
+
+
+def client_ssl(identity: Identity | None = None, pki: TestPki | None = None) -> ssl.SSLContext:
+    """A TLS context that trusts the test CA and presents ``identity``'s certificate."""
+    ctx = ssl.create_default_context(cafile=str((pki or default_pki()).ca_file))
+    if identity is not None:
+        ctx.load_cert_chain(identity.cert_file, identity.key_file)
+    return ctx
+
+
+def hub_session(identity: Identity | None = None, **kw: Any) -> aiohttp.ClientSession:
+    """An aiohttp session for a test hub (its CA trusted, ``identity`` presented)."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_ssl(identity)), **kw)
+
+
+def requests_verify() -> str:
+    """``verify=`` for ``requests`` (and schemathesis) calls to a test hub."""
+    return str(default_pki().ca_file)
+
+
+def write_secret(path: Path, value: str) -> Path:
+    """A secret file as a careful operator writes one: mode 0600 (the hub refuses others)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(value + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def tls_api(pki: TestPki | None = None) -> dict[str, str]:
+    """The ``api`` settings of a hub serving HTTPS and asking for client certificates."""
+    pki = pki or default_pki()
+    server = pki.server()
+    return {"tls_cert_file": str(server.cert_file), "tls_key_file": str(server.key_file),
+            "client_ca_file": str(pki.ca_file)}
 
 
 @dataclass
@@ -38,22 +95,26 @@ class InProcessHub:
 
 
 def hub_settings(data_dir: Path, **api: Any) -> HubSettings:
-    """Settings for a test hub: token set, port 0, data under ``data_dir``."""
-    api_cfg = {"token": TOKEN, "port": 0, **api}
+    """Settings for a test hub: HTTPS with client certificates, admin token ``TOKEN``, read
+    token ``READ_TOKEN`` (in a file beside ``data_dir``), port 0, data under ``data_dir``."""
+    read_file = write_secret(data_dir.parent / f"{data_dir.name}-read-token", READ_TOKEN)
+    api_cfg = {"token": TOKEN, "port": 0, **tls_api(),
+               "tokens": [{"file": str(read_file), "scope": "read", "name": "ci"}], **api}
     return load_settings(None, storage={"data_dir": str(data_dir)}, api=api_cfg)
 
 
 @contextlib.asynccontextmanager
 async def running_hub(settings: HubSettings, **components: Any) -> AsyncIterator[InProcessHub]:
-    """The hub's app served on 127.0.0.1 on a free port, in this event loop."""
+    """The hub's app served on 127.0.0.1 on a free port, in this event loop, through the same
+    guarded (TLS) listener ``edge-hub serve`` uses."""
     app = build_app(settings, **components)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    tls = server_app.ssl_context(settings)
+    site = await server_app.listen(runner, "127.0.0.1", 0, tls)
+    scheme = "https" if tls is not None else "http"
     try:
-        yield InProcessHub(f"http://127.0.0.1:{port}", settings, app)
+        yield InProcessHub(f"{scheme}://127.0.0.1:{site.port}", settings, app)
     finally:
         await runner.cleanup()
 
@@ -85,20 +146,27 @@ def stored_files(data_dir: Path) -> set[str]:
 
 
 class HubProcess:
-    """``edge-hub serve`` as a child process on a free port."""
+    """``edge-hub serve`` as a child process on a free port, serving HTTPS (``tls_api``), with
+    the admin token in ``token_file`` and ``READ_TOKEN`` (through the environment)."""
 
     def __init__(self, data_dir: Path, token_file: Path, *extra: str,
                  env: dict[str, str] | None = None) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"https://127.0.0.1:{self.port}"
         self.data_dir = data_dir
         self.log_path = data_dir.parent / f"hub-{self.port}.log"
+        tls = tls_api()
+        read_file = write_secret(data_dir.parent / f"read-token-{self.port}", READ_TOKEN)
+        tokens = f'[{{"file": "{read_file}", "scope": "read", "name": "ci"}}]'
         self.argv = [
             sys.executable, "-m", "hub", "serve", "--host", "127.0.0.1",
             "--port", str(self.port), "--data-dir", str(data_dir),
-            "--token-file", str(token_file), *extra,
+            "--token-file", str(token_file), "--tls-cert-file", tls["tls_cert_file"],
+            "--tls-key-file", tls["tls_key_file"], "--client-ca-file", tls["client_ca_file"],
+            *extra,
         ]
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGE_HUB_API__TOKENS": tokens,
+                    **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> HubProcess:
@@ -133,11 +201,18 @@ class HubProcess:
         return self.proc.returncode
 
 
+def cli_env(hub_url: str, token: str | None = TOKEN) -> dict[str, str]:
+    """The environment an ``edge-hub`` CLI needs for a test hub: URL, token, the CA."""
+    env = {"EDGE_HUB_URL": hub_url, "EDGE_HUB_CA_FILE": str(default_pki().ca_file)}
+    if token is not None:
+        env["EDGE_HUB_TOKEN"] = token
+    return env
+
+
 @contextlib.contextmanager
 def hub_process(tmp_path: Path, *extra: str) -> Iterator[HubProcess]:
-    """A running ``edge-hub serve`` with token ``TOKEN``, stopped afterwards."""
-    token_file = tmp_path / "token"
-    token_file.write_text(TOKEN + "\n")
+    """A running ``edge-hub serve`` with admin token ``TOKEN``, stopped afterwards."""
+    token_file = write_secret(tmp_path / "token", TOKEN)
     hub = HubProcess(tmp_path / "data", token_file, *extra).start()
     try:
         yield hub

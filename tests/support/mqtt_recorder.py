@@ -3,7 +3,8 @@
 It records every message that arrives (topic, payload, retain flag) so a test can check what a
 downstream subscriber really saw: missing results, duplicates, order. It reconnects by itself
 (clean session, subscriptions renewed on every connect) and can wait on conditions with a
-timeout instead of sleeping.
+timeout instead of sleeping. It logs in as the tests' read-only observer
+(``tests.support.broker.OBSERVER``) unless told to be someone else.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ from collections.abc import Callable
 
 import orjson
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from tests.support.broker import OBSERVER, Broker
 
 
 class Recorder:
     """Subscribes to ``filters`` on a broker and records what arrives."""
 
-    def __init__(self, port: int, filters: list[str], *, qos: int = 1,
-                 host: str = "127.0.0.1") -> None:
-        self.port = port
+    def __init__(self, broker: Broker, filters: list[str], *, qos: int = 1,
+                 identity: str = OBSERVER) -> None:
+        self.broker = broker
         self.filters = filters
         self.qos = qos
         self.messages: list[tuple[str, bytes, bool]] = []
@@ -31,20 +33,15 @@ class Recorder:
         self.payloads: set[bytes] = set()
         self.subscribed_count = 0
         self._cond = threading.Condition()
-        self._client = paho.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"recorder-{uuid.uuid4().hex[:8]}",
-            protocol=MQTTProtocolVersion.MQTTv5,
-        )
+        self._client = broker.client(identity, client_id=f"recorder-{uuid.uuid4().hex[:8]}")
         self._client.reconnect_delay_set(0.05, 0.2)  # type: ignore[arg-type]
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
-        self._host = host
 
     def start(self, timeout: float = 10.0) -> Recorder:
         """Connect and wait until the subscription is acknowledged."""
-        self._client.connect_async(self._host, self.port, keepalive=5)
+        self._client.connect_async("127.0.0.1", self.broker.port, keepalive=5)
         self._client.loop_start()
         self.wait(lambda: self.subscribed_count > 0, timeout, "recorder subscribed")
         return self
@@ -108,19 +105,19 @@ class Recorder:
         return [orjson.loads(p) for _, p, _ in msgs]
 
 
-def listen(port: int, topic: str, on_message: Callable[[paho.Client, object, paho.MQTTMessage],
-                                                       None],
-           *, qos: int = 1, client_id: str | None = None) -> paho.Client:
+def listen(broker: Broker, topic: str,
+           on_message: Callable[[paho.Client, object, paho.MQTTMessage], None],
+           *, qos: int = 1, client_id: str | None = None,
+           identity: str = OBSERVER) -> paho.Client:
     """A bare paho subscriber calling ``on_message`` on paho's thread (no recording, no
     reconnect): for a probe whose own per-message work is what is measured or kept.
 
     Subscribes before returning the started client; stop it with
     ``edge_agent.common.mqtt.release`` after ``disconnect()``.
     """
-    c = paho.Client(CallbackAPIVersion.VERSION2,
-                    client_id=client_id or f"listen-{uuid.uuid4().hex[:8]}")
+    c = broker.client(identity, client_id=client_id or f"listen-{uuid.uuid4().hex[:8]}")
     c.on_message = on_message
-    c.connect("127.0.0.1", port)
+    broker.connect(c)
     c.subscribe(topic, qos=qos)
     c.loop_start()
     return c

@@ -1,16 +1,19 @@
 """A stand-in agent process for fault tests: the real Outbox, MqttLink and Drain, nothing else.
 
-Run as ``python -m tests.support.outbox_driver --db PATH --port N --prefix P --node NODE``. It
+Run as ``python -m tests.support.outbox_driver --db PATH --mqtt JSON --prefix P --node NODE``
+(``--mqtt``: the ``mqtt`` settings section, ``mqtt_args`` builds it from a test broker). It
 publishes results for ``--cameras`` cameras in small batches forever and, on stdout, one JSON
 line per event the test checks against (each with the process's ``pid``):
 
 - ``{"ready": true}`` once the outbox is open and the link started;
-- ``{"issued": [[camera, seq], ...]}`` right after ``publish`` returned those seqs;
-- ``{"committed": [[camera, seq], ...]}`` after ``flush`` said they are on disk.
+- ``{"issued": [[camera, x], ...]}`` right after ``publish`` took those results;
+- ``{"committed": [[camera, x], ...]}`` after ``flush`` said they are on disk;
+- ``{"exit": code}`` when a driver that was not killed ends (its outbox closed).
 
 Every payload carries ``"x": "<pid>-<n>"``, unique per result, so a subscriber can tell a
-redelivery (same bytes) from a reused seq (same seq, other bytes). SIGTERM exits cleanly; the
-tests mostly ``kill -9`` it.
+redelivery (same bytes) from a reused seq (same seq, other bytes), and a test can find a
+committed result whatever seq the commit gave it. SIGTERM stops it as the agent stops: the
+drain (waiting for the PUBACKs of what is in flight), then the link, then the outbox.
 
 ``python -m tests.support.outbox_driver zygote`` imports everything once and then forks one driver
 per line of JSON argv it reads on stdin: a test that kills and restarts the agent 20 times pays the
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -35,6 +39,11 @@ from edge_agent.contract.protocol import StateMessage
 from edge_agent.outbox.facade import Outbox
 from edge_agent.transport.drain import Drain
 from edge_agent.transport.link import MqttLink
+
+
+def mqtt_args(settings: dict[str, object]) -> list[str]:
+    """``--mqtt JSON`` for ``settings`` (``Broker.settings(node)``), paths as strings."""
+    return ["--mqtt", orjson.dumps(settings, default=str).decode()]
 
 
 def _emit(obj: dict[str, object]) -> None:
@@ -56,13 +65,16 @@ def result(node: str, camera: str, marker: str) -> dict[str, object]:
 async def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--db", type=Path, required=True)
-    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--mqtt", type=orjson.loads, required=True,
+                    help="the mqtt settings section as JSON (host, port, TLS files)")
     ap.add_argument("--prefix", required=True)
     ap.add_argument("--node", required=True)
     ap.add_argument("--cameras", type=int, default=2)
     ap.add_argument("--batch", type=int, default=20)
     ap.add_argument("--commit-ms", type=int, default=5)
     ap.add_argument("--max-batches", type=int, default=0, help="0 = forever")
+    ap.add_argument("--fps", type=float, default=0.0,
+                    help="results per second per camera, 0 = as fast as commits allow")
     args = ap.parse_args(argv)
 
     # logs go to stderr: stdout carries the JSON events the test parses
@@ -76,7 +88,7 @@ async def main(argv: list[str] | None = None) -> None:
         topic_prefix=args.prefix,
     ).aopen()
     link = MqttLink(
-        MqttSettings(port=args.port, topic_prefix=args.prefix, reconnect_min_s=0.05,
+        MqttSettings(**args.mqtt, topic_prefix=args.prefix, reconnect_min_s=0.05,
                      reconnect_max_s=0.5, keepalive_s=5),
         args.node,
     )
@@ -89,11 +101,21 @@ async def main(argv: list[str] | None = None) -> None:
     n = 0
     batches = 0
     pid = os.getpid()
+    period = args.batch / (args.fps * len(cams)) if args.fps > 0 else 0.0
+    t_next = loop.time()
     while not stop.is_set() and (args.max_batches == 0 or batches < args.max_batches):
+        if period:
+            t_next += period
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(0.0, t_next - loop.time()))
+            if stop.is_set():
+                break
         issued = []
         for _ in range(args.batch):
             cam = cams[n % len(cams)]
-            issued.append([cam, outbox.publish(result(args.node, cam, f"{pid}-{n}"))])
+            marker = f"{pid}-{n}"
+            outbox.publish(result(args.node, cam, marker))
+            issued.append([cam, marker])
             n += 1
         _emit({"issued": issued})
         if await outbox.aflush(10.0):
@@ -128,7 +150,7 @@ def zygote() -> None:
                 traceback.print_exc()
                 code = 1
             finally:
-                sys.stdout.flush()
+                _emit({"exit": code})
                 os._exit(code)
 
 

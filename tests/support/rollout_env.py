@@ -19,8 +19,9 @@ from hub.cli import main
 from hub.config import HubSettings
 from hub.registry.service import Registry
 from hub.server.control import ControlPlane
-from tests.support.broker import wait_port
+from tests.support.broker import HUB, Broker, wait_port
 from tests.support.fake_k8s import FakeKube
+from tests.support.hub_client import default_pki, tls_api
 from tests.support.inproc import Result, run_main
 from tests.support.sim_agents import Behaviour, SimAgent
 
@@ -28,8 +29,6 @@ CAM = "edge.ai/camera-node"
 MODEL = "det"
 LABEL = f"edge.ai/model.{MODEL}"
 TOKEN = "s3cret-token"
-
-
 
 
 class ManualClock:
@@ -45,9 +44,11 @@ class ManualClock:
         self.now += seconds
 
 
-def hub_settings(data_dir: Path, *, mqtt_port: int, prefix: str, kubeconfig: Path | None = None,
-                 inventory: Path | None = None, **extra: Any) -> HubSettings:
-    """Settings for a test hub: fast ticks, short retries, the given cluster backend."""
+def hub_settings(data_dir: Path, *, broker: Broker | None, prefix: str,
+                 kubeconfig: Path | None = None, inventory: Path | None = None,
+                 **extra: Any) -> HubSettings:
+    """Settings for a test hub: fast ticks, short retries, the given cluster backend, the hub's
+    identity on ``broker`` (None: a broker that is never reached, for tests without MQTT)."""
     cluster: dict[str, Any] = {"api_timeout_s": 0.5, "api_backoff_s": 0.01,
                                "api_backoff_max_s": 0.05, "watch_timeout_s": 5,
                                "inventory_poll_s": 0.05}
@@ -59,7 +60,8 @@ def hub_settings(data_dir: Path, *, mqtt_port: int, prefix: str, kubeconfig: Pat
         "storage": {"data_dir": data_dir},
         "api": {"token": TOKEN, "host": "127.0.0.1", "port": 0,
                 "public_url": "http://hub.test:8081"},
-        "mqtt": {"host": "127.0.0.1", "port": mqtt_port, "topic_prefix": prefix},
+        "mqtt": {**(broker.settings(HUB) if broker is not None else {"port": 1}),
+                 "topic_prefix": prefix},
         "cluster": cluster,
         "telemetry": {"window_s": 60, "offline_after_s": 30},
         "rollouts": {"tick_s": 0.05, "startup_grace_s": 0.3},
@@ -95,13 +97,13 @@ def add_camera_nodes(kube: FakeKube, names: list[str], version: str | None = "1.
 class Fleet:
     """Simulated agents by node name, stopped together."""
 
-    def __init__(self, port: int, prefix: str) -> None:
-        self.port, self.prefix = port, prefix
+    def __init__(self, broker: Broker, prefix: str) -> None:
+        self.broker, self.prefix = broker, prefix
         self.agents: dict[str, SimAgent] = {}
 
     def add(self, name: str, *, version: str | None = "1.0", behaviour: Behaviour | None = None,
             start: bool = True, interval_s: float = 0.05) -> SimAgent:
-        a = SimAgent(self.port, self.prefix, name, models={MODEL: version} if version else {},
+        a = SimAgent(self.broker, self.prefix, name, models={MODEL: version} if version else {},
                      behaviour=behaviour, interval_s=interval_s)
         self.agents[name] = a
         if start:
@@ -124,15 +126,16 @@ async def control_plane(settings: HubSettings, registry: Registry,
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def write_hub_config(path: Path, *, data_dir: Path, port: int, token_file: Path, mqtt_port: int,
+def write_hub_config(path: Path, *, data_dir: Path, port: int, token_file: Path, broker: Broker,
                      prefix: str, kubeconfig: Path) -> Path:
     """A YAML config for ``edge-hub serve`` in a subprocess (fast ticks, short retries)."""
     cfg = {
         "log": {"level": "info", "json_lines": True},
         "api": {"host": "127.0.0.1", "port": port, "token_file": str(token_file),
-                "public_url": "http://hub.test:8081"},
+                "public_url": "http://hub.test:8081", **tls_api()},
         "storage": {"data_dir": str(data_dir)},
-        "mqtt": {"host": "127.0.0.1", "port": mqtt_port, "topic_prefix": prefix},
+        "mqtt": {**{k: str(v) if isinstance(v, Path) else v
+                    for k, v in broker.settings(HUB).items()}, "topic_prefix": prefix},
         "cluster": {"backend": "kubernetes", "kubeconfig": str(kubeconfig),
                     "api_timeout_s": 0.5, "api_backoff_s": 0.01, "api_backoff_max_s": 0.05,
                     "watch_timeout_s": 5},
@@ -148,7 +151,7 @@ class HubProc:
 
     def __init__(self, config: Path, port: int, log_path: Path) -> None:
         self.config, self.port, self.log_path = config, port, log_path
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"https://127.0.0.1:{port}"
         self.proc: Any = None
 
     def start(self) -> HubProc:
@@ -190,7 +193,7 @@ class HubProc:
 def cli(hub_url: str, *args: str, timeout: float = 60) -> Any:
     """Run ``edge-hub ARGS`` in a subprocess against ``hub_url``; the CompletedProcess."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGE_HUB_URL": hub_url,
-           "EDGE_HUB_TOKEN": TOKEN}
+           "EDGE_HUB_TOKEN": TOKEN, "EDGE_HUB_CA_FILE": str(default_pki().ca_file)}
     return subprocess.run([sys.executable, "-m", "hub", *args], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=timeout, check=False)
 
@@ -198,4 +201,5 @@ def cli(hub_url: str, *args: str, timeout: float = 60) -> Any:
 def cli_inproc(hub_url: str, *args: str) -> Result:
     """``edge-hub ARGS`` in this process (same code path as the console script, minus the
     interpreter start-up); returns the exit code, stdout and stderr."""
-    return run_main(main, args, env={"EDGE_HUB_URL": hub_url, "EDGE_HUB_TOKEN": TOKEN})
+    return run_main(main, args, env={"EDGE_HUB_URL": hub_url, "EDGE_HUB_TOKEN": TOKEN,
+                                     "EDGE_HUB_CA_FILE": str(default_pki().ca_file)})

@@ -1,11 +1,12 @@
 """Lightweight simulated agents that speak the wire contract over a real broker.
 
-A ``SimAgent`` is one node: its own paho connection with the agent's last will (retained
-``online: false`` state), a subscription to its ``desired`` topic, a retained ``state`` that
-follows what it was told (loading, then active, or failed for versions it is told to fail, or
-stuck loading for versions that never come up), and ``telemetry`` every ``interval_s`` with the
-latency, error rate and fps configured per version. Everything it received is kept in
-``desired_log`` so tests can check that no node was sent two versions.
+A ``SimAgent`` is one node: its own paho connection, with the node's own certificate from the
+broker's CA (so the broker's ACL gives it exactly a real agent's rights), the agent's last will
+(retained ``online: false`` state), a subscription to its ``desired`` topic, a retained
+``state`` that follows what it was told (loading, then active, or failed for versions it is told
+to fail, or stuck loading for versions that never come up), and ``telemetry`` every
+``interval_s`` with the latency, error rate and fps configured per version. Everything it
+received is kept in ``desired_log`` so tests can check that no node was sent two versions.
 
 ``measure_latency_ms`` times real ONNX Runtime sessions, so "a version 3× slower" can be a real
 generated model rather than a number typed into a test.
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from paho.mqtt import client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import MQTTProtocolVersion
 
 from edge_agent.common import mqtt as mqtt_base
 from edge_agent.contract import protocol
@@ -34,6 +35,7 @@ from edge_agent.contract.protocol import (
     StateMessage,
     TelemetryMessage,
 )
+from tests.support.broker import Broker
 
 
 def measure_latency_ms(*model_paths: Path, runs: int = 7) -> list[float]:
@@ -74,12 +76,12 @@ class Behaviour:
 
 
 class SimAgent:
-    """One simulated node on the broker at ``port`` under topic ``prefix``."""
+    """One simulated node on ``broker`` under topic ``prefix``, logged in as ``node``."""
 
-    def __init__(self, port: int, prefix: str, node: str, *,
+    def __init__(self, broker: Broker, prefix: str, node: str, *,
                  models: dict[str, str] | None = None, behaviour: Behaviour | None = None,
                  interval_s: float = 0.05) -> None:
-        self.port = port
+        self.broker = broker
         self.prefix = prefix
         self.node = node
         self.behaviour = behaviour or Behaviour()
@@ -97,14 +99,14 @@ class SimAgent:
 
     # ---------------------------------------------------------------------------- lifecycle
     def start(self) -> SimAgent:
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sim-{self.prefix}-{self.node}",
-                        protocol=mqtt.MQTTv311)
+        c = self.broker.client(self.node, client_id=f"sim-{self.prefix}-{self.node}",
+                               protocol=MQTTProtocolVersion.MQTTv311)
         will = protocol.encode(StateMessage(node=self.node, online=False, ts=time.time()))
         c.will_set(protocol.state_topic(self.prefix, self.node), will, qos=1, retain=True)
         c.on_connect = self._on_connect
         c.on_message = self._on_message
         self._client = c  # before connecting: on_connect publishes the state through it
-        c.connect("127.0.0.1", self.port, keepalive=5)
+        c.connect("127.0.0.1", self.broker.port, keepalive=5)
         c.loop_start()
         if not self._connected.wait(10):
             raise RuntimeError(f"sim agent {self.node} could not connect")
@@ -239,10 +241,10 @@ class SimAgent:
             return m.version if m is not None and m.status == "active" else None
 
 
-def start_fleet(port: int, prefix: str, names: list[str], *, models: dict[str, str],
+def start_fleet(broker: Broker, prefix: str, names: list[str], *, models: dict[str, str],
                 behaviour: Callable[[str], Behaviour] | None = None,
                 interval_s: float = 0.05) -> dict[str, SimAgent]:
     """Start one SimAgent per name."""
-    return {n: SimAgent(port, prefix, n, models=models,
+    return {n: SimAgent(broker, prefix, n, models=models,
                         behaviour=behaviour(n) if behaviour else None,
                         interval_s=interval_s).start() for n in names}

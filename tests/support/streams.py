@@ -4,13 +4,19 @@
 IP cameras speak) from its own thread and event loop, so OpenCV's FFmpeg backend reads it like
 a camera. It can be stopped and started again on the same port (a camera that dies and comes
 back) and can stall (keep the connection open but send nothing). ``write_video`` encodes a
-small real video file with OpenCV.
+small real video file with OpenCV. ``RtspCamera`` runs a real RTSP server process (GStreamer's
+RTSP server library, ``rtsp_server.py`` beside this file) that streams the sample clip and can
+be killed, restarted and stalled.
 """
 
 from __future__ import annotations
 
 import asyncio
+import queue
+import signal
+import subprocess
 import threading
+import time
 from pathlib import Path
 
 import cv2
@@ -102,3 +108,107 @@ class MjpegServer:
         self._thread.join(10)
         self._loop = None
         self._thread = None
+
+
+#: The interpreter with GStreamer's Python bindings (Debian's, not the virtualenv's).
+SYSTEM_PYTHON = "/usr/bin/python3"
+RTSP_SERVER = Path(__file__).with_name("rtsp_server.py")
+SAMPLE_CLIP = Path(__file__).resolve().parents[2] / "models" / "out" / "samples" / "bikes.mp4"
+
+
+class RtspCamera:
+    """A real RTSP server process (``tests/support/rtsp_server.py``) streaming a clip in a loop.
+
+    ``kill`` is a crash (``kill -9``), ``start`` again brings it back on the same port, ``stall``
+    and ``resume`` keep the sessions open but stop and restart the frames.
+    """
+
+    def __init__(self, clip: Path = SAMPLE_CLIP, port: int | None = None) -> None:
+        if not clip.is_file():
+            raise RuntimeError(f"{clip} is missing: run scripts/setup.sh (models/build.py)")
+        probe = subprocess.run(
+            [SYSTEM_PYTHON, "-c", "import gi; gi.require_version('GstRtspServer', '1.0'); "
+             "from gi.repository import GstRtspServer"], capture_output=True, timeout=30)
+        if probe.returncode != 0:
+            raise RuntimeError(
+                "GStreamer's RTSP server is not installed for /usr/bin/python3 (python3-gi, "
+                "gir1.2-gst-rtsp-server-1.0, gstreamer1.0-plugins-good): run scripts/setup.sh; "
+                + probe.stderr.decode(errors="replace")[-400:])
+        self.clip = clip
+        self.port = port or free_port()
+        self.url = f"rtsp://127.0.0.1:{self.port}/cam"
+        self.proc: subprocess.Popen[str] | None = None
+        self._lines: queue.Queue[str] = queue.Queue()
+        self._pump: threading.Thread | None = None
+        self.output: list[str] = []
+
+    def _expect(self, word: str, timeout: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                line = self._lines.get(timeout=max(0.0, left))
+            except queue.Empty:
+                raise AssertionError(
+                    f"rtsp_server said no {word!r} in {timeout}s: {self.output[-20:]}") from None
+            if line.startswith(word):
+                return line
+            if line == "<exit>":
+                raise AssertionError(f"rtsp_server exited: {self.output[-20:]}")
+
+    def start(self) -> None:
+        """Start the server process and wait until it accepts connections."""
+        proc = subprocess.Popen(
+            [SYSTEM_PYTHON, str(RTSP_SERVER), "--port", str(self.port), "--clip", str(self.clip)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = proc
+        lines = self._lines = queue.Queue()
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                self.output.append(line.rstrip())
+                lines.put(line.rstrip())
+            lines.put("<exit>")
+
+        self._pump = threading.Thread(target=pump, name="rtsp-server-out", daemon=True)
+        self._pump.start()
+        self._expect("ready")
+
+    def stall(self) -> None:
+        """Stop sending frames; sessions and sockets stay open."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGUSR1)
+        self._expect("stalled")
+
+    def resume(self) -> None:
+        """Send frames again."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGUSR2)
+        self._expect("resumed")
+
+    def kill(self) -> None:
+        """``kill -9`` the server: every connection drops at once."""
+        if self.proc is not None:
+            self.proc.kill()
+            self._reap()
+
+    def stop(self) -> None:
+        """Stop the server cleanly."""
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self._reap()
+
+    def _reap(self) -> None:
+        """Wait for the process and its output to end, then close the pipe."""
+        assert self.proc is not None
+        self.proc.wait(10)
+        if self._pump is not None:
+            self._pump.join(10)  # the pipe is at EOF once the process is gone
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self.proc = None

@@ -1,6 +1,7 @@
-"""Dockerfile.arm64 cannot be built here (no Docker engine): its structure is checked instead:
-stages, a pinned base, a non-root final stage, the entry point, a health check on the agent's
-/healthz, nothing secret, and agreement with the K3s manifests and pyproject.toml."""
+"""Dockerfile.arm64's structure: stages, a pinned base, a non-root final stage, the entry
+point, a health check on the agent's /healthz, nothing secret, hash-checked installs from the
+constraints file, and agreement with the K3s manifests and pyproject.toml. The image itself is
+built and run by tests/system/test_image.py (slow)."""
 
 from __future__ import annotations
 
@@ -71,9 +72,15 @@ def dockerfile() -> tuple[dict[str, str], list[Stage]]:
 
 
 def runtime_requirements() -> list[Requirement]:
-    """The project's run-time dependencies (pyproject.toml, as installed in .venv), no extras."""
+    """What the images install (pyproject.toml, as installed in .venv): the common dependencies
+    and the `agent` and `hub` extras."""
     reqs = [Requirement(r) for r in importlib.metadata.requires("edge-inference-agent") or []]
-    return [r for r in reqs if r.marker is None or "extra" not in str(r.marker)]
+    return [r for r in reqs
+            if r.marker is None or any(r.marker.evaluate({"extra": e}) for e in ("agent", "hub"))]
+
+
+def constraint_lines() -> list[str]:
+    return [x for x in CONSTRAINTS.read_text().splitlines() if x.strip() and not x.startswith("#")]
 
 
 def resolve(image: str, args: dict[str, str]) -> str:
@@ -170,7 +177,7 @@ def test_no_secrets_and_no_remote_adds(dockerfile: tuple[dict[str, str], list[St
     assert not [p for p in patterns if p.startswith("!") and re.search(r"venv|models|\.git", p)]
 
 
-def test_build_stage_installs_headless_opencv_and_onnxruntime(
+def test_build_stage_installs_by_hash_and_smoke_tests(
     dockerfile: tuple[dict[str, str], list[Stage]],
 ) -> None:
     _, stages = dockerfile
@@ -178,10 +185,17 @@ def test_build_stage_installs_headless_opencv_and_onnxruntime(
     arg_defaults = dict(a.partition("=")[::2] for a in build.all("ARG"))
     assert arg_defaults["ORT_PACKAGE"] == "onnxruntime"
     assert arg_defaults["CONSTRAINTS"] == CONSTRAINTS.name
+    assert arg_defaults["EXTRAS"] == "agent", "a plain build makes the DaemonSet's image"
     assert "ORT_INDEX" in arg_defaults
     runs = " ".join(build.all("RUN"))
-    assert '--constraint "$CONSTRAINTS"' in runs and "pip install" in runs
-    assert "import cv2, onnxruntime" in runs, "the build proves the wheels import"
+    # pip and setuptools by hash first, then every dependency in hash-checking mode
+    assert "grep -E '^(pip|setuptools)=='" in runs and "--require-hashes --no-deps" in runs
+    assert '--require-hashes --only-binary=:all: --constraint "$CONSTRAINTS"' in runs
+    assert "$pip check" in runs and "pip uninstall -y pip setuptools" in runs
+    # the last step proves the wheels load and the entry points start, under emulation too
+    assert build.all("RUN")[-1] == '/opt/venv/bin/python Dockerfile.arm64.smoke "$EXTRAS"'
+    smoke = (ROOT / "Dockerfile.arm64.smoke").read_text()
+    assert "QEMU_LD_PREFIX" in smoke and "InferenceSession" in smoke and "cv2.imdecode" in smoke
     # the Jetson path is documented where the build arguments are
     text = DOCKERFILE.read_text()
     assert "onnxruntime-gpu" in text and "l4t-jetpack" in text
@@ -190,18 +204,27 @@ def test_build_stage_installs_headless_opencv_and_onnxruntime(
             if "apt-get install" in run:
                 assert "--no-install-recommends" in run and "rm -rf /var/lib/apt/lists" in run
     names = {d.name for d in runtime_requirements()}
-    assert {"onnxruntime", "opencv-python-headless"} <= names
+    assert {"onnxruntime", "opencv-python-headless", "kubernetes"} <= names
     assert "opencv-python" not in names, "the GUI build of OpenCV has no place on an edge box"
+    # the context holds what the build copies, and the optional pre-downloaded wheels
+    ignore = (ROOT / "Dockerfile.arm64.dockerignore").read_text().splitlines()
+    assert {"!Dockerfile.arm64.smoke", "!.wheels/"} <= set(ignore)
 
 
-def test_constraints_pin_every_dependency_within_pyproject_ranges() -> None:
+def test_constraints_pin_and_hash_every_dependency_within_pyproject_ranges() -> None:
     pins: dict[str, str] = {}
-    for line in CONSTRAINTS.read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, _, version = line.partition("==")
-            assert version, f"not an exact pin: {line}"
-            pins[name.lower()] = version
+    for line in constraint_lines():
+        pin, *hashes = line.split()
+        name, _, version = pin.partition("==")
+        assert version, f"not an exact pin: {line}"
+        assert hashes and all(re.fullmatch(r"--hash=sha256:[0-9a-f]{64}", h) for h in hashes), line
+        pins[name.lower()] = version
     for d in runtime_requirements():
         key = d.name.lower()
         assert key in pins, f"{d.name} is not pinned in {CONSTRAINTS.name}"
         assert d.specifier.contains(pins[key]), f"{d.name}=={pins[key]} is outside {d}"
+    assert {"pip", "setuptools"} <= set(pins), "the build tools are pinned too"
+    # platform wheels carry one hash per architecture (aarch64 and x86_64)
+    for line in constraint_lines():
+        if line.startswith(("numpy==", "onnxruntime==", "opencv-python-headless==")):
+            assert line.count("--hash=") == 2, line

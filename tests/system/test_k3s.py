@@ -52,19 +52,6 @@ def render(path: Path) -> list[Obj]:
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
-@pytest.fixture(scope="module")
-def with_token_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of k3s/ with an overlay that adds the agent-hub-token component."""
-    root = tmp_path_factory.mktemp("k3s") / "k3s"
-    shutil.copytree(K3S, root)
-    ov = root / "overlays" / "token"
-    ov.mkdir()
-    (ov / "kustomization.yaml").write_text(
-        "resources: [../../base]\ncomponents: [../../components/agent-hub-token]\n"
-    )
-    return ov
-
-
 TARGETS = {
     "base": K3S,
     "gpu": K3S / "overlays" / "gpu",
@@ -73,10 +60,8 @@ TARGETS = {
 
 
 @pytest.fixture(scope="module")
-def rendered(with_token_dir: Path) -> dict[str, list[Obj]]:
-    out = {name: render(path) for name, path in TARGETS.items()}
-    out["token"] = render(with_token_dir)
-    return out
+def rendered() -> dict[str, list[Obj]]:
+    return {name: render(path) for name, path in TARGETS.items()}
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +122,7 @@ def test_root_renders_the_base() -> None:
     assert render(K3S) == render(K3S / "base")
 
 
-@pytest.mark.parametrize("target", ["base", "gpu", "mig", "token"])
+@pytest.mark.parametrize("target", ["base", "gpu", "mig"])
 def test_every_object_validates_against_the_kubernetes_schemas(
     rendered: dict[str, list[Obj]], target: str
 ) -> None:
@@ -162,6 +147,10 @@ def test_the_base_holds_what_docs_deploy_lists(base: list[Obj]) -> None:
         ("ServiceAccount", "edge-hub"),
         ("ClusterRole", "edge-hub-nodes"),
         ("ClusterRoleBinding", "edge-hub-nodes"),
+        ("ClusterRole", "edge-hub-tokenreview"),
+        ("ClusterRoleBinding", "edge-hub-tokenreview"),
+        ("Role", "edge-hub-agent-pods"),
+        ("RoleBinding", "edge-hub-agent-pods"),
         ("HorizontalPodAutoscaler", "edge-hub"),
         ("Deployment", "mosquitto"),
         ("Service", "mosquitto"),
@@ -187,7 +176,7 @@ def test_the_base_holds_what_docs_deploy_lists(base: list[Obj]) -> None:
 # ------------------------------------------------------------------------------------- policies
 
 
-@pytest.mark.parametrize("target", ["base", "gpu", "mig", "token"])
+@pytest.mark.parametrize("target", ["base", "gpu", "mig"])
 def test_every_pod_is_non_root_read_only_unprivileged_and_limited(
     rendered: dict[str, list[Obj]], target: str
 ) -> None:
@@ -231,7 +220,7 @@ def _agent(objs: list[Obj]) -> tuple[Obj, Obj, Obj]:
     return ds, spec, container(spec, "agent")
 
 
-@pytest.mark.parametrize("target", ["base", "gpu", "mig", "token"])
+@pytest.mark.parametrize("target", ["base", "gpu", "mig"])
 def test_agent_runs_on_camera_nodes_with_probes(
     rendered: dict[str, list[Obj]], target: str
 ) -> None:
@@ -272,24 +261,71 @@ def test_the_agent_has_no_kubernetes_api_rights(base: list[Obj]) -> None:
             assert s["name"] == "edge-hub", f"{b['metadata']['name']} binds {s['name']}"
 
 
-def test_rbac_is_nodes_get_list_watch_patch_for_the_hub_only(base: list[Obj]) -> None:
-    roles = [o for o in base if o["kind"] in ("Role", "ClusterRole")]
-    assert [r["metadata"]["name"] for r in roles] == ["edge-hub-nodes"]
-    assert roles[0]["rules"] == [
-        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch"]}
-    ]
-    binding = find(base, "ClusterRoleBinding", "edge-hub-nodes")
-    assert binding["roleRef"] == {
-        "apiGroup": "rbac.authorization.k8s.io",
-        "kind": "ClusterRole",
-        "name": "edge-hub-nodes",
+def test_rbac_is_nodes_token_reviews_and_agent_pods_for_the_hub_only(base: list[Obj]) -> None:
+    roles = {(r["kind"], r["metadata"]["name"]): r["rules"] for r in base
+             if r["kind"] in ("Role", "ClusterRole")}
+    assert roles == {
+        # the fleet: read nodes, write their model labels
+        ("ClusterRole", "edge-hub-nodes"): [
+            {"apiGroups": [""], "resources": ["nodes"],
+             "verbs": ["get", "list", "watch", "patch"]}],
+        # the certificate bootstrap: is this token a pod's, and where does that pod run
+        ("ClusterRole", "edge-hub-tokenreview"): [
+            {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
+             "verbs": ["create"]}],
+        ("Role", "edge-hub-agent-pods"): [
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}],
     }
-    assert binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": "edge-hub", "namespace": NAMESPACE}
-    ]
+    assert find(base, "Role", "edge-hub-agent-pods")["metadata"]["namespace"] == NAMESPACE
+    for kind, name in roles:
+        binding = find(base, kind + "Binding", name)
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": name}
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "edge-hub", "namespace": NAMESPACE}
+        ]
     hub = find(base, "Deployment", "edge-hub")["spec"]["template"]["spec"]
     assert hub["serviceAccountName"] == "edge-hub"
     assert hub["automountServiceAccountToken"] is True
+
+
+def test_agents_prove_their_node_with_a_projected_token_for_the_hub_only(
+    base: list[Obj], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The certificate bootstrap (docs/security.md): the DaemonSet's token is for the audience the
+    hub checks, mounted where the agent reads it; the hub signs for pods of exactly this
+    namespace and ServiceAccount, with the CA from its Secret."""
+    ds, spec, c = _agent(base)
+    mounts = _mounts(c, spec)
+    projected = [v for v in spec["volumes"] if "projected" in v]
+    assert len(projected) == 1  # the only token the agent holds
+    (source,) = projected[0]["projected"]["sources"]
+    token = source["serviceAccountToken"]
+    assert 600 <= token["expirationSeconds"] <= 3600
+    mount = next(p for p, v in mounts.items() if v is projected[0])
+    for k in list(os.environ):
+        if k.startswith(("EDGE_AGENT_", "EDGE_HUB_")):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("NODE_NAME", "box-1")
+    agent_cm = find(base, "ConfigMap", mounts["/etc/edge-agent/config"]["configMap"]["name"])
+    (tmp_path / "agent.yaml").write_text(agent_cm["data"]["config.yaml"])
+    agent = agent_config.load_settings(tmp_path / "agent.yaml")
+    assert agent.identity.bootstrap
+    assert str(agent.identity.token_file) == f"{mount}/{token['path']}"
+    hub_spec = find(base, "Deployment", "edge-hub")["spec"]["template"]["spec"]
+    hub_c = container(hub_spec, "hub")
+    hub_mounts = _mounts(hub_c, hub_spec)
+    hub_cm = find(base, "ConfigMap", hub_mounts["/etc/edge-hub/config"]["configMap"]["name"])
+    (tmp_path / "hub.yaml").write_text(hub_cm["data"]["hub.yaml"])
+    hub = hub_config.load_settings(tmp_path / "hub.yaml")
+    boot = hub.pki.bootstrap
+    assert boot.enabled and boot.audience == token["audience"]
+    assert boot.namespace == NAMESPACE and ds["metadata"]["namespace"] == NAMESPACE
+    assert boot.service_account == spec["serviceAccountName"]
+    # the CA and its key come from a Secret mounted read-only at pki.dir, never from the PVC
+    ca_volume = hub_mounts[str(hub.pki_dir())]
+    assert {i["path"] for i in ca_volume["secret"]["items"]} == {"ca.crt", "ca.key"}
+    assert ca_volume["secret"]["defaultMode"] & 0o007 == 0
 
 
 def test_hub_deployment_service_volume_and_hpa(base: list[Obj]) -> None:
@@ -300,9 +336,9 @@ def test_hub_deployment_service_volume_and_hpa(base: list[Obj]) -> None:
     c = container(spec, "hub")
     assert c["command"] == ["edge-hub"] and c["args"][0] == "serve"
     port = hub_config.ApiSettings().port
-    assert {"name": "http", "containerPort": port, "protocol": "TCP"} in c["ports"]
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert {"name": "https", "containerPort": port, "protocol": "TCP"} in c["ports"]
+    for probe in ("livenessProbe", "readinessProbe"):  # the hub serves HTTPS only
+        assert c[probe]["httpGet"] == {"scheme": "HTTPS", "path": "/healthz", "port": "https"}
     svc = find(base, "Service", "edge-hub")
     assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
     assert svc["spec"]["ports"][0]["port"] == port
@@ -316,33 +352,6 @@ def test_hub_deployment_service_volume_and_hpa(base: list[Obj]) -> None:
     }
     # SQLite on a ReadWriteOnce volume and one rollout controller: see hpa.yaml
     assert hpa["spec"]["maxReplicas"] == 1
-
-
-def test_mosquitto_has_auth_persistence_and_acls(base: list[Obj]) -> None:
-    cm = generated(base, "ConfigMap", "mosquitto-config")
-    conf = dict(
-        line.split(None, 1)
-        for line in cm["data"]["mosquitto.conf"].splitlines()
-        if line.strip() and not line.startswith("#")
-    )
-    assert conf["allow_anonymous"] == "false"
-    assert conf["persistence"] == "true"
-    assert conf["password_file"] == "/mosquitto/secrets/passwd"
-    assert conf["acl_file"] == "/mosquitto/config/acl"
-    assert conf["listener"].split()[0] == "1883"
-    acl = cm["data"]["acl"]
-    assert "user agent\n" in acl and "topic write edge/+/results/+" in acl
-    assert "user consumer\ntopic read edge/+/results/+" in acl
-    dep = find(base, "Deployment", "mosquitto")
-    spec = dep["spec"]["template"]["spec"]
-    mounts = {m["mountPath"]: m["name"] for m in container(spec, "mosquitto")["volumeMounts"]}
-    vols = {v["name"]: v for v in spec["volumes"]}
-    assert vols[mounts["/mosquitto/data"]]["persistentVolumeClaim"]["claimName"] == (
-        "mosquitto-data"
-    )
-    assert vols[mounts["/mosquitto/secrets"]]["secret"]["secretName"] == "mosquitto-passwd"
-    assert dep["spec"]["strategy"]["type"] == "Recreate"
-    assert find(base, "Service", "mosquitto")["spec"]["ports"][0]["port"] == 1883
 
 
 def test_no_secret_is_committed(base: list[Obj]) -> None:
@@ -376,7 +385,7 @@ def _settings_paths(model: type[BaseModel], prefix: str = "") -> set[str]:
     return out
 
 
-@pytest.mark.parametrize("target", ["base", "gpu", "mig", "token"])
+@pytest.mark.parametrize("target", ["base", "gpu", "mig"])
 def test_env_settings_exist(rendered: dict[str, list[Obj]], target: str) -> None:
     known = {
         "EDGE_AGENT_": _settings_paths(agent_config.AgentSettings),
@@ -395,6 +404,15 @@ def _mounts(c: Obj, spec: Obj) -> dict[str, Obj]:
     return {m["mountPath"]: vols[m["name"]] for m in c["volumeMounts"]}
 
 
+def _configmap_files(mounts: dict[str, Obj]) -> set[str]:
+    return {
+        f"{path}/{item['path']}"
+        for path, v in mounts.items()
+        if "configMap" in v
+        for item in v["configMap"].get("items", [])
+    }
+
+
 def _secret_files(mounts: dict[str, Obj]) -> set[str]:
     return {
         f"{path}/{item['path']}"
@@ -404,11 +422,10 @@ def _secret_files(mounts: dict[str, Obj]) -> set[str]:
     }
 
 
-@pytest.mark.parametrize("target", ["base", "token"])
 def test_agent_config_loads_and_matches_the_pod(
-    rendered: dict[str, list[Obj]], target: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    base: list[Obj], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    objs = rendered[target]
+    objs = base
     _, spec, c = _agent(objs)
     mounts = _mounts(c, spec)
     cfg_path = c["args"][c["args"].index("--config") + 1]
@@ -432,13 +449,19 @@ def test_agent_config_loads_and_matches_the_pod(
     assert s.mqtt.host == f"mosquitto.{NAMESPACE}.svc.cluster.local"
     assert s.mqtt.port == svc["spec"]["ports"][0]["port"]
     secrets = _secret_files(mounts)
-    assert str(s.mqtt.password_file) in secrets
-    if target == "token":
-        assert str(s.hub.token_file) in secrets
-    else:
-        assert s.hub.token_file is None
+    # MQTT over TLS: the fleet CA from its ConfigMap, the node's own certificate on its state
+    # volume (no password, no shared identity)
+    assert s.mqtt.tls and s.mqtt.username is None and s.mqtt.password_file is None
+    assert str(s.mqtt.ca_file) in _configmap_files(mounts)
+    state_dir = next(p for p, v in mounts.items() if "hostPath" in v)
+    for f in (s.mqtt.cert_file, s.mqtt.key_file):
+        assert f is not None and Path(f).is_relative_to(state_dir), f
+    # signatures are checked before a model loads
+    assert str(s.hub.public_key_file) in _configmap_files(mounts)
+    # no API token on a box: the agent downloads with its certificate (test_k3s_security.py)
+    assert s.hub.token_file is None and not secrets
     hub_port = find(objs, "Service", "edge-hub")["spec"]["ports"][0]["port"]
-    assert s.hub.url == f"http://edge-hub.{NAMESPACE}.svc.cluster.local:{hub_port}"
+    assert s.hub.url == f"https://edge-hub.{NAMESPACE}.svc.cluster.local:{hub_port}"
     # everything the agent keeps lives on the hostPath
     state = next(p for p, v in mounts.items() if "hostPath" in v)
     for p in (s.outbox.path, s.hub.cache_dir, s.engine.trt_cache_dir):
@@ -460,11 +483,21 @@ def test_hub_config_loads_and_matches_the_pod(
         if k.startswith("EDGE_HUB_"):
             monkeypatch.delenv(k)
     s = hub_config.load_settings(tmp_path / "hub.yaml")
+    # MQTT: TLS to the broker's service with the hub's own certificate, mounted from its Secret
+    svc = find(base, "Service", "mosquitto")
+    assert s.mqtt.tls and s.mqtt.port == svc["spec"]["ports"][0]["port"]
+    mqtt_files = {str(s.mqtt.ca_file), str(s.mqtt.cert_file), str(s.mqtt.key_file)}
+    assert mqtt_files <= _secret_files(mounts)
+    assert s.mqtt.username is None and s.mqtt.password_file is None
+    # signatures required, against the release key's public half
+    assert s.signing.require_signed
+    keys = {str(k) for k in s.signing.public_key_files}
+    assert keys and keys <= _configmap_files(mounts)
     assert s.api.host == "0.0.0.0" and s.api.port == 8081
     assert s.cluster.backend == "kubernetes" and s.cluster.kubeconfig is None
-    assert s.public_url() == f"http://edge-hub.{NAMESPACE}.svc.cluster.local:8081"
+    assert s.public_url() == f"https://edge-hub.{NAMESPACE}.svc.cluster.local:8081"
     secrets = _secret_files(mounts)
-    assert {str(s.api.token_file), str(s.mqtt.password_file)} <= secrets
+    assert s.api.tokens and {str(t.file) for t in s.api.tokens} <= secrets
     assert "persistentVolumeClaim" in mounts[str(s.storage.data_dir)]
     assert s.mqtt.host == f"mosquitto.{NAMESPACE}.svc.cluster.local"
 
@@ -495,7 +528,7 @@ def test_gpu_overlays(rendered: dict[str, list[Obj]], target: str) -> None:
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
     # only the agent moves to the GPU image
     hub = container(find(objs, "Deployment", "edge-hub")["spec"]["template"]["spec"], "hub")
-    assert hub["image"] == "edge-agent:0.1.0"
+    assert hub["image"] == "edge-hub:0.1.0"
 
 
 def exported_metric_names() -> set[str]:

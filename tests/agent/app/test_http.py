@@ -125,8 +125,12 @@ async def test_infer_returns_a_result_for_an_uploaded_image(running: tuple[Agent
     [
         (b"\0" * (64 * 1024 + 1), {"Content-Type": "image/png"}, "model=yolov8-head", 413,
          "too_large"),
-        (b"this is not an image", {"Content-Type": "image/jpeg"}, "model=yolov8-head", 400,
-         "invalid_image"),
+        (b"this is not an image", {"Content-Type": "image/jpeg"}, "model=yolov8-head", 415,
+         "unsupported_image"),
+        (b"\xff\xd8\xff\xe0\x00\x10JFIF", {"Content-Type": "image/jpeg"}, "model=yolov8-head",
+         400, "invalid_image"),  # a JPEG cut off before its frame header
+        (b"II*\x00" + b"\x00" * 64, {"Content-Type": "image/tiff"}, "model=yolov8-head", 415,
+         "unsupported_image"),  # TIFF: OpenCV would decode it; its size is not read first
         (b'{"a": 1}', {"Content-Type": "application/json"}, "model=yolov8-head", 415,
          "unsupported_media_type"),
         (b"", {"Content-Type": "image/png"}, "model=yolov8-head", 400, "empty_body"),

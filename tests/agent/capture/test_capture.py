@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,16 +45,6 @@ class Slot:
 
 def cam(url: str, **kw: object) -> CameraSettings:
     return CameraSettings(name=str(kw.pop("name", "cam0")), url=url, model="m", **kw)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def cameras() -> Iterator[list[Camera]]:
-    made: list[Camera] = []
-    yield made
-    for c in made:
-        c.stop()
-    for c in made:
-        assert c.join(10), f"camera {c.name} did not stop"
 
 
 # ------------------------------------------------------------------------------ pure logic
@@ -161,6 +150,19 @@ def test_missing_file_is_a_degraded_camera_not_a_crash(tmp_path: Path,
     wait_until(lambda: c.reconnects >= 2, what="retries")
     assert c.alive and c.state in ("reconnecting", "connecting")
     assert c.last_error is not None and "no such file" in c.last_error
+
+
+def test_usb_camera_without_a_device_names_the_missing_device(cameras: list[Camera]) -> None:
+    # /dev/video57 exists on no machine this runs on; OpenCV alone would only say "cannot open"
+    assert not Path("/dev/video57").exists()
+    c = Camera(cam("usb://57", reconnect_min_s=0.05, reconnect_max_s=0.1), Slot())
+    cameras.append(c)
+    c.start()
+    wait_until(lambda: c.reconnects >= 2, what="retries")
+    snap = c.snapshot()
+    assert snap["connected"] is False and snap["state"] in ("reconnecting", "connecting")
+    assert snap["last_error"].startswith("no video device /dev/video57 for usb://57")
+    assert "plugged in" in snap["last_error"]
 
 
 # -------------------------------------------------------------------- real streams

@@ -1,5 +1,6 @@
 """The MQTT client base against a real Mosquitto: closing releases every socket, dropping the
-connection is a crash the broker answers with the last will, and credentials come from a file."""
+connection is a crash the broker answers with the last will, credentials come from a file, TLS
+is the default and a TLS file that cannot be used is a config error naming the field."""
 
 from __future__ import annotations
 
@@ -8,21 +9,23 @@ import random
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from edge_agent.common import mqtt, settings
 from tests.support.broker import Broker, free_port
 from tests.support.mqtt_recorder import Recorder
+from tests.support.pki import TestPki
 from tests.support.waiting import wait_until
 
 
 class _WillClient(mqtt.MqttClient):
-    """A client whose last will says ``gone`` on ``{prefix}/will``."""
+    """A client (node ``base-node``) whose last will says ``gone`` on its state topic."""
 
-    def __init__(self, port: int, prefix: str) -> None:
-        conn = mqtt.ConnectionSettings(port=port, keepalive_s=5, reconnect_min_s=0.05,
-                                       reconnect_max_s=0.2)
+    def __init__(self, broker: Broker, prefix: str, **kw: object) -> None:
+        conn = broker.connection("base-node", keepalive_s=5, reconnect_min_s=0.05,
+                                 reconnect_max_s=0.2, **kw)
         super().__init__(conn, f"base-{prefix}", rand=random.Random(3).random)
-        self.topic = f"{prefix}/will"
+        self.topic = f"{prefix}/base-node/state"
         self.ups = 0
         self.failures = 0
 
@@ -44,10 +47,10 @@ def _fds() -> int:
 def test_close_releases_sockets_and_only_a_crash_sends_the_will(
     broker: Broker, topic_prefix: str, crash: bool
 ) -> None:
-    rec = Recorder(broker.port, [f"{topic_prefix}/will"]).start()
+    rec = Recorder(broker, [f"{topic_prefix}/base-node/state"]).start()
     try:
         before = _fds()
-        c = _WillClient(broker.port, topic_prefix)
+        c = _WillClient(broker, topic_prefix)
         c.open_sync()
         wait_until(lambda: c.connected, 10, "connected")
         assert c.running and c.ups == 1 and c.socket() is not None
@@ -79,10 +82,9 @@ def test_unreadable_password_file_names_the_field(tmp_path: Path) -> None:
 
 
 def test_it_keeps_reconnecting_until_a_broker_appears(tmp_path: Path, topic_prefix: str) -> None:
-    port = free_port()
-    c = _WillClient(port, topic_prefix)
+    b = Broker(tmp_path)  # not started yet
+    c = _WillClient(b, topic_prefix)
     c.open_sync()
-    b = Broker(tmp_path, port=port)
     try:
         wait_until(lambda: c.failures >= 3, 10, "three failed attempts")
         assert not c.connected and c.ups == 0
@@ -92,3 +94,39 @@ def test_it_keeps_reconnecting_until_a_broker_appears(tmp_path: Path, topic_pref
     finally:
         c.close_sync()
         b.stop()
+
+
+def test_tls_on_port_8883_is_the_default() -> None:
+    conn = mqtt.ConnectionSettings()
+    assert conn.tls and conn.port == 8883
+
+
+def test_a_certificate_without_its_key_is_refused() -> None:
+    with pytest.raises(ValidationError, match="cert_file and key_file go together"):
+        mqtt.ConnectionSettings(cert_file=Path("c.pem"))
+
+
+@pytest.mark.parametrize("field", ["ca_file", "cert_file", "key_file"])
+def test_a_missing_tls_file_names_the_field(broker: Broker, tmp_path: Path, field: str) -> None:
+    conn = broker.connection("n1", **{field: tmp_path / "missing.pem"})
+    c = mqtt.MqttClient(conn, "x", field_prefix="mqtt.")
+    with pytest.raises(settings.ConfigError) as info:
+        c.open_sync()
+    assert [e[0] for e in info.value.errors] == [f"mqtt.{field}"]
+    assert "cannot read TLS file" in info.value.errors[0][1]
+    assert not c.running
+    c.close_sync()
+
+
+def test_a_broker_from_another_ca_is_not_trusted(broker: Broker, tmp_path: Path,
+                                                 topic_prefix: str) -> None:
+    """The client verifies the broker: with another CA's bundle it never connects."""
+    other = TestPki(tmp_path / "other")
+    c = _WillClient(broker, topic_prefix, ca_file=other.ca_file)
+    c.open_sync()
+    try:
+        wait_until(lambda: c.failures >= 2, 10, "refused handshakes")
+        assert not c.connected and c.ups == 0
+        assert c.tls_error is not None and "certificate verify failed" in c.tls_error
+    finally:
+        c.close_sync()

@@ -85,6 +85,7 @@ def test_override_names_the_section() -> None:
 def test_secret_files_lose_their_line_break_only(tmp_path: Path) -> None:
     f = tmp_path / "secret"
     f.write_text("s3cret \r\n")
+    f.chmod(0o600)  # a secret no other user can read (tests/security/test_http_secret_files.py)
     assert settings.read_secret(f) == "s3cret "
     with pytest.raises(OSError):
         settings.read_secret(tmp_path / "missing")

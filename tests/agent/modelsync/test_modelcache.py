@@ -20,6 +20,7 @@ from edge_agent.errors import ModelError, ModelRejectedError, TemporaryError
 from edge_agent.modelsync.cache import ModelCache
 from edge_agent.modelsync.fetch import Fetcher, FetchStats
 from tests.support.fileserver import FileServer
+from tests.support.hub_client import write_secret
 
 MiB = 1024 * 1024
 
@@ -213,8 +214,7 @@ async def test_total_timeout_bounds_a_hanging_hub(tmp_path: Path) -> None:
 
 
 async def test_bearer_token_comes_from_token_file(tmp_path: Path, server: FileServer) -> None:
-    token_file = tmp_path / "token"
-    token_file.write_text("s3cret\n")
+    token_file = write_secret(tmp_path / "token", "s3cret")
     server.token = "s3cret"
     cache = _cache(tmp_path, token_file=token_file)
     desired, _ = _publish(server, "det", "1")
@@ -223,6 +223,11 @@ async def test_bearer_token_comes_from_token_file(tmp_path: Path, server: FileSe
     desired2, _ = _publish(server, "det", "2")
     with pytest.raises(ModelError, match="HTTP 401"):
         await cache.fetch("det", desired2)
+    token_file.chmod(0o644)  # readable by every account on the box: refused, never sent
+    n = len(server.requests)
+    with pytest.raises(ModelError, match="readable by other users"):
+        await cache.fetch("det", desired2)
+    assert len(server.requests) == n
 
 
 def _keypair(tmp_path: Path) -> tuple[Ed25519PrivateKey, Path]:

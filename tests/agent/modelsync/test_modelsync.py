@@ -46,8 +46,8 @@ class Harness:
             node=NODE,
             engine=EngineSettings(providers=["cpu"], warmup_runs=1),
             models=[ModelSpec(name="det", manifest=self.v1.manifest_path)],
-            hub=HubClientSettings(cache_dir=tmp / "cache", retry_min_s=0.01, retry_max_s=0.05,
-                                  download_retries=1),
+            hub=HubClientSettings(url=server.base, cache_dir=tmp / "cache", retry_min_s=0.01,
+                                  retry_max_s=0.05, download_retries=1),
             model_sync=ModelSyncSettings(**{"probation_frames": 5, "probation_timeout_s": 0.3,
                                             "drain_timeout_s": 2.0, **sync_over}),
         )

@@ -29,11 +29,9 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import paho.mqtt.client as paho
 import psutil
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from edge_agent.app.compose import Agent
 from edge_agent.config import AgentSettings, load_settings
@@ -47,8 +45,15 @@ from edge_agent.contract.protocol import (
 from hub.registry.metadata import ModelVersion
 from hub.registry.service import Registry
 from tests.support import modelsync as ms
-from tests.support.broker import Broker
-from tests.support.hub_client import AUTH, hub_settings, running_hub, upload_form
+from tests.support.broker import HUB, Broker
+from tests.support.hub_client import (
+    AUTH,
+    default_pki,
+    hub_session,
+    hub_settings,
+    running_hub,
+    upload_form,
+)
 from tests.support.mqtt_recorder import Recorder
 from tests.support.waiting import until
 
@@ -76,6 +81,7 @@ class World:
     # ----------------------------------------------------------------------------- setup
 
     def settings(self, hub: dict[str, Any] | None = None, **sync: Any) -> AgentSettings:
+        node = default_pki().identity(NODE, "agent")
         return load_settings(
             None,
             node=NODE,
@@ -85,11 +91,13 @@ class World:
             pipeline={"workers": 1, "max_batch": 1, "sink": "mqtt"},
             outbox={"path": str(self.tmp / "outbox.sqlite3"), "commit_interval_ms": 10},
             http={"port": 0},
-            mqtt={"host": "127.0.0.1", "port": self.broker.port, "topic_prefix": self.prefix,
+            mqtt={**self.broker.settings(NODE), "topic_prefix": self.prefix,
                   "reconnect_min_s": 0.05, "reconnect_max_s": 0.5},
             hub={"url": self.hub_url or None, "cache_dir": str(self.tmp / "cache"),
                  "retry_min_s": 0.01, "retry_max_s": 0.1, "download_retries": 2,
-                 **(hub or {})},
+                 # the node's own certificate proves who it is to the hub (mutual TLS)
+                 "ca_file": str(node.ca_file), "cert_file": str(node.cert_file),
+                 "key_file": str(node.key_file), **(hub or {})},
             model_sync={"probation_frames": 5, "probation_timeout_s": 5.0, **sync},
         )
 
@@ -105,8 +113,8 @@ class World:
 
     def watch(self) -> None:
         """Subscribe to the node's state and results (before the agent starts)."""
-        self.states = Recorder(self.broker.port, [state_topic(self.prefix, NODE)]).start()
-        self.results_rec = Recorder(self.broker.port,
+        self.states = Recorder(self.broker, [state_topic(self.prefix, NODE)]).start()
+        self.results_rec = Recorder(self.broker,
                                     [results_filter(self.prefix, NODE)]).start()
 
     def stop_watching(self) -> None:
@@ -118,7 +126,7 @@ class World:
 
     async def push(self, art: ms.Artifact) -> None:
         url = f"{self.hub_url}/v1/models/{art.name}/versions/{art.version}"
-        async with aiohttp.ClientSession() as http, http.put(
+        async with hub_session() as http, http.put(
             url, data=upload_form(art.onnx_bytes, art.manifest_bytes), headers=AUTH
         ) as r:
             assert r.status == 201, await r.text()
@@ -147,9 +155,8 @@ class World:
 
     def publish_raw(self, payload: bytes) -> None:
         if self._pub is None:
-            self._pub = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                                    protocol=MQTTProtocolVersion.MQTTv5)
-            self._pub.connect("127.0.0.1", self.broker.port)
+            self._pub = self.broker.client(HUB)  # desired state comes from the hub
+            self.broker.connect(self._pub)
             self._pub.loop_start()
         info = self._pub.publish(desired_topic(self.prefix, NODE), payload, qos=1, retain=True)
         info.wait_for_publish(10)

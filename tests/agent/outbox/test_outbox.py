@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,8 +18,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from edge_agent.config import OutboxSettings
 from edge_agent.contract.protocol import decode_result
 from edge_agent.outbox.facade import Outbox
-from edge_agent.outbox.seq import SEQ_BLOCK_MAX
 from edge_agent.transport.metrics import register
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def res(camera: str = "cam0", i: int = 0, node: str = "node-a") -> dict[str, Any]:
@@ -28,9 +32,8 @@ def res(camera: str = "cam0", i: int = 0, node: str = "node-a") -> dict[str, Any
 
 def make(tmp_path: Path, **kw: Any) -> Outbox:
     clock = kw.pop("clock", time.time)
-    cams = kw.pop("cameras", ())
     settings = OutboxSettings(path=tmp_path / "outbox.sqlite3", commit_interval_ms=10, **kw)
-    return Outbox(settings, topic_prefix="pfx", cameras=cams, clock=clock).open()
+    return Outbox(settings, topic_prefix="pfx", clock=clock).open()
 
 
 def claim_all(ob: Outbox) -> list[tuple[int, str, bytes]]:
@@ -42,75 +45,259 @@ def claim_all(ob: Outbox) -> list[tuple[int, str, bytes]]:
         rows.extend(got)
 
 
+def ack_all(ob: Outbox, rows: list[tuple[int, str, bytes]]) -> None:
+    for rid, topic, payload in rows:
+        ob.ack(rid, len(topic) + len(payload))
+    assert ob.flush()
+
+
 def seqs_of(rows: list[tuple[int, str, bytes]]) -> list[int]:
     return [orjson.loads(p)["seq"] for _, _, p in rows]
 
 
-def test_publish_assigns_increasing_seqs_per_camera_and_commits(tmp_path: Path) -> None:
+def resets_of(rows: list[tuple[int, str, bytes]]) -> list[tuple[int, dict[str, Any]]]:
+    """(seq, marker) of the rows that carry a ``seq_reset`` marker."""
+    out = []
+    for _, _, p in rows:
+        obj = orjson.loads(p)
+        if "seq_reset" in obj:
+            out.append((obj["seq"], obj["seq_reset"]))
+    return out
+
+
+def publish_n(ob: Outbox, n: int, camera: str = "cam0") -> None:
+    for i in range(n):
+        ob.publish(res(camera, i))
+
+
+def test_commit_gives_contiguous_seqs_per_camera_and_marks_a_new_series(tmp_path: Path) -> None:
     before = time.time_ns() // 1000
-    ob = make(tmp_path, cameras=["cam0"])
+    ob = make(tmp_path)
     try:
-        a = [ob.publish(res("cam0", i)) for i in range(5)]
-        b = [ob.publish(res("cam1", i)) for i in range(3)]
-        assert a == list(range(a[0], a[0] + 5))
-        assert b == list(range(b[0], b[0] + 3))
-        # a camera new to the file starts at the wall clock in microseconds, not at 0
-        assert a[0] >= before and b[0] >= before
+        for i in range(5):
+            ob.publish(res("cam0", i))
+            if i < 3:
+                ob.publish(res("cam1", i))
         assert ob.flush()
         assert ob.depth == 8
         rows = claim_all(ob)
-        assert [r[1] for r in rows] == ["pfx/node-a/results/cam0"] * 5 + \
-            ["pfx/node-a/results/cam1"] * 3
+        assert [r[1] for r in rows] == ["pfx/node-a/results/cam0", "pfx/node-a/results/cam1"] \
+            * 3 + ["pfx/node-a/results/cam0"] * 2
         msgs = [decode_result(p) for _, _, p in rows]
-        assert [m.seq for m in msgs] == a + b
+        a = [m.seq for m in msgs if m.camera == "cam0"]
+        b = [m.seq for m in msgs if m.camera == "cam1"]
+        assert a == list(range(a[0], a[0] + 5))
+        assert b == list(range(b[0], b[0] + 3))
+        # a new series starts at the wall clock in microseconds, not at 0, and says so once
+        assert a[0] >= before and b[0] >= before
+        marks = [(m.camera, m.seq, m.seq_reset) for m in msgs if m.seq_reset is not None]
+        assert [(c, s, r.first, r.reason) for c, s, r in marks if r is not None] == [
+            ("cam0", a[0], a[0], "new_outbox"), ("cam1", b[0], b[0], "new_outbox")]
         assert msgs[0].classes is not None and msgs[0].classes[0].label == "cat"
+        # seq is the payload's last field, as before
+        assert rows[2][2].endswith(b',"seq":%d}' % a[1])
     finally:
         ob.close()
 
 
-def test_seqs_never_go_back_after_reopen(tmp_path: Path) -> None:
+def test_seqs_go_on_without_a_gap_after_reopen(tmp_path: Path) -> None:
     ob = make(tmp_path)
-    first = [ob.publish(res("cam0", i)) for i in range(1000)]
+    publish_n(ob, 1000)
     ob.close()
     ob = make(tmp_path)
     try:
-        nxt = ob.publish(res("cam0"))
-        assert nxt > first[-1]
-        assert nxt - first[-1] <= SEQ_BLOCK_MAX  # at most one reserved block skipped
+        publish_n(ob, 1)
+        assert ob.flush()
+        rows = claim_all(ob)
+        seqs = seqs_of(rows)
+        assert seqs == list(range(seqs[0], seqs[0] + 1001))  # no block skipped
+        assert [s for s, _ in resets_of(rows)] == [seqs[0]]  # one marker, the first series' own
+    finally:
+        ob.close()
+
+
+_CRASH = """
+import os, signal, sys
+from pathlib import Path
+from edge_agent.config import OutboxSettings
+from edge_agent.outbox.facade import Outbox
+from tests.agent.outbox.test_outbox import publish_n
+ob = Outbox(OutboxSettings(path=Path(sys.argv[1]), commit_interval_ms=10),
+            topic_prefix="pfx").open()
+publish_n(ob, 10)
+assert ob.flush()
+with ob.holding_db():  # no commit can run: these 5 die in memory with the process
+    publish_n(ob, 5)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_results_lost_in_a_crash_never_had_a_seq(tmp_path: Path) -> None:
+    """kill -9 with results not yet committed: the next process goes on right after the last
+    committed seq (the lost ones were never numbered on the wire)."""
+    proc = subprocess.run([sys.executable, "-c", _CRASH, str(tmp_path / "outbox.sqlite3")],
+                          cwd=ROOT, capture_output=True, text=True, check=False, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    ob = make(tmp_path)
+    try:
+        assert ob.depth == 10
+        publish_n(ob, 1)
+        assert ob.flush()
+        seqs = seqs_of(claim_all(ob))
+        assert seqs == list(range(seqs[0], seqs[0] + 11))
+    finally:
+        ob.close()
+
+
+def test_results_dropped_in_memory_leave_their_gap(tmp_path: Path) -> None:
+    """In a running process, a result that was taken and then dropped keeps its seq unused."""
+    ob = make(tmp_path, policy="reject-new", max_rows=3)
+    try:
+        publish_n(ob, 5)  # the last 2 are refused in publish (3 rows at most)
+        assert ob.flush()
+        rows = claim_all(ob)
+        s0 = seqs_of(rows)[0]
+        ack_all(ob, rows)
+        ob.close()  # a clean restart: the refused ones' seqs are stored as used
+        ob = make(tmp_path, policy="reject-new", max_rows=3)
+        publish_n(ob, 1)
+        assert ob.flush()
+        assert seqs_of(rows) == [s0, s0 + 1, s0 + 2]
+        assert seqs_of(claim_all(ob)) == [s0 + 5]
     finally:
         ob.close()
 
 
 def test_unacked_rows_survive_reopen_and_acked_are_deleted(tmp_path: Path) -> None:
     ob = make(tmp_path)
-    seqs = [ob.publish(res("cam0", i)) for i in range(10)]
+    publish_n(ob, 10)
     assert ob.flush()
     rows = ob.claim(4, timeout=1.0)
-    assert seqs_of(rows) == seqs[:4]
-    for rid, topic, payload in rows:
-        ob.ack(rid, len(topic) + len(payload))
-    assert ob.flush()
+    seqs = seqs_of(rows)
+    ack_all(ob, rows)
     assert ob.depth == 6
     assert ob.stats.delivered == 4
     ob.close()
     ob = make(tmp_path)
     try:
         assert ob.depth == 6
-        assert seqs_of(claim_all(ob)) == seqs[4:]
+        assert seqs_of(claim_all(ob)) == list(range(seqs[0] + 4, seqs[0] + 10))
+    finally:
+        ob.close()
+
+
+def test_a_deleted_outbox_starts_a_new_series_with_a_marker(tmp_path: Path) -> None:
+    ob = make(tmp_path)
+    publish_n(ob, 20)
+    assert ob.flush()
+    old = seqs_of(claim_all(ob))
+    ob.close()
+    for f in tmp_path.glob("outbox.sqlite3*"):
+        f.unlink()
+    ob = make(tmp_path)
+    try:
+        publish_n(ob, 3)
+        assert ob.flush()
+        rows = claim_all(ob)
+        new = seqs_of(rows)
+        assert new[0] > old[-1] and new == list(range(new[0], new[0] + 3))
+        assert resets_of(rows) == [(new[0], {"first": new[0], "reason": "new_outbox"})]
+    finally:
+        ob.close()
+
+
+def test_the_marker_stays_until_its_row_is_acknowledged(tmp_path: Path) -> None:
+    ob = make(tmp_path)
+    publish_n(ob, 3)
+    assert ob.flush()
+    first = claim_all(ob)  # claimed, never acknowledged: the next process sends it again
+    ob.close()
+    ob = make(tmp_path)
+    rows = claim_all(ob)
+    assert rows == first and len(resets_of(rows)) == 1
+    ack_all(ob, rows)
+    ob.close()
+    ob = make(tmp_path)
+    try:
+        publish_n(ob, 2)
+        assert ob.flush()
+        later = claim_all(ob)
+        assert resets_of(later) == []
+        assert seqs_of(later)[0] == seqs_of(rows)[-1] + 1
+    finally:
+        ob.close()
+
+
+def test_the_marked_row_is_never_dropped_by_the_bounds(tmp_path: Path) -> None:
+    now = [1000.0]
+    ob = make(tmp_path, max_rows=3, max_age_s=60.0, clock=lambda: now[0])
+    try:
+        publish_n(ob, 1)
+        assert ob.flush()  # the series' first row, marked
+        publish_n(ob, 10)
+        assert ob.flush()  # room for 2 of them
+        publish_n(ob, 5)
+        assert ob.flush()  # drop-oldest deletes those 2, skipping the marked row
+        assert ob.dropped() == {"max_rows": 13}
+        now[0] += 61  # everything but the marked row expires
+        assert ob.flush()
+        assert ob.dropped() == {"max_rows": 13, "max_age": 2}
+        assert ob.oldest_age_s() == 0.0  # the marked row does not keep expiry due
+        rows = claim_all(ob)
+        s0 = seqs_of(rows)[0]
+        assert seqs_of(rows) == [s0]
+        assert resets_of(rows) == [(s0, {"first": s0, "reason": "new_outbox"})]
+        publish_n(ob, 1)
+        assert ob.flush()
+        assert seqs_of(claim_all(ob)) == [s0 + 16]  # the 15 dropped ones are a gap
+    finally:
+        ob.close()
+
+
+def test_a_file_of_the_block_reserving_version_is_upgraded_with_a_marker(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE results (id INTEGER PRIMARY KEY, t REAL NOT NULL, topic TEXT NOT NULL, "
+        "payload BLOB NOT NULL);"
+        "CREATE TABLE seqs (camera TEXT PRIMARY KEY, next_free INTEGER NOT NULL);"
+        "INSERT INTO seqs VALUES ('cam0', 5256);"
+        f"INSERT INTO results VALUES (7, {time.time()}, 'pfx/node-a/results/cam0', "
+        "'{\"v\":1,\"seq\":5000}');")
+    conn.close()
+    ob = make(tmp_path)
+    try:
+        publish_n(ob, 2)
+        assert ob.flush()
+        rows = claim_all(ob)
+        assert rows[0][0] == 7 and seqs_of(rows) == [5000, 5256, 5257]
+        assert resets_of(rows) == [(5256, {"first": 5256, "reason": "upgrade"})]
     finally:
         ob.close()
 
 
 @pytest.mark.parametrize("policy", ["drop-oldest", "reject-new"])
 def test_row_cap_policy(tmp_path: Path, policy: str) -> None:
+    """The dropped results take their seqs: the loss is a gap downstream."""
     ob = make(tmp_path, max_rows=10, policy=policy)
     try:
-        seqs = [ob.publish(res("cam0", i)) for i in range(15)]
+        publish_n(ob, 1)
+        assert ob.flush()
+        rows = claim_all(ob)
+        s0 = seqs_of(rows)[0]
+        ack_all(ob, rows)
+        publish_n(ob, 15)
         assert ob.flush()
         assert ob.depth == 10
         assert ob.dropped() == {"max_rows": 5}
+        seqs = list(range(s0 + 1, s0 + 16))
         kept = seqs[5:] if policy == "drop-oldest" else seqs[:10]
-        assert seqs_of(claim_all(ob)) == kept
+        rows = claim_all(ob)
+        assert seqs_of(rows) == kept
+        ack_all(ob, rows)
+        publish_n(ob, 1)  # reject-new refused 5 in publish: they took seqs too
+        assert ob.flush()
+        assert seqs_of(claim_all(ob)) == [s0 + 16]
     finally:
         ob.close()
 
@@ -118,10 +305,12 @@ def test_row_cap_policy(tmp_path: Path, policy: str) -> None:
 def test_drop_oldest_never_drops_claimed_rows(tmp_path: Path) -> None:
     ob = make(tmp_path, max_rows=10)
     try:
-        seqs = [ob.publish(res("cam0", i)) for i in range(10)]
+        publish_n(ob, 10)
         assert ob.flush()
         claimed = ob.claim(3, timeout=1.0)  # in flight: the broker may already have them
-        seqs += [ob.publish(res("cam0", i)) for i in range(5)]
+        s0 = seqs_of(claimed)[0]
+        seqs = list(range(s0, s0 + 15))
+        publish_n(ob, 5)
         assert ob.flush()
         assert ob.dropped() == {"max_rows": 5}
         assert seqs_of(claim_all(ob)) == seqs[8:]
@@ -137,19 +326,25 @@ def test_max_age_expires_old_results(tmp_path: Path) -> None:
     now = [1000.0]
     ob = make(tmp_path, max_age_s=60.0, clock=lambda: now[0])
     try:
-        old = [ob.publish(res("cam0", i)) for i in range(5)]
+        publish_n(ob, 5)
         assert ob.flush()
+        rows = ob.claim(1, timeout=1.0)
+        ack_all(ob, rows)  # the marked row: delivered, so it may expire like any other
+        publish_n(ob, 4)
+        assert ob.flush()
+        old = seqs_of(claim_all(ob))
+        ob.close()
+        ob = make(tmp_path, max_age_s=60.0, clock=lambda: now[0])
         assert ob.oldest_age_s() == 0.0
         now[0] += 30
         assert ob.oldest_age_s() == pytest.approx(30.0)
         assert ob.flush()
-        assert ob.depth == 5
+        assert ob.depth == 8
         now[0] += 31
-        new = [ob.publish(res("cam0", i)) for i in range(2)]
+        publish_n(ob, 2)
         assert ob.flush()
-        assert ob.dropped() == {"max_age": 5}
-        assert seqs_of(claim_all(ob)) == new
-        assert new[0] > old[-1]
+        assert ob.dropped() == {"max_age": 8}
+        assert seqs_of(claim_all(ob)) == [old[-1] + 1, old[-1] + 2]
     finally:
         ob.close()
 
@@ -166,6 +361,9 @@ def test_garbage_file_is_moved_aside_and_a_new_one_started(tmp_path: Path) -> No
         ob.publish(res())
         assert ob.flush()
         assert ob.depth == 1
+        rows = claim_all(ob)
+        s0 = seqs_of(rows)[0]
+        assert resets_of(rows) == [(s0, {"first": s0, "reason": "corrupt_outbox"})]
     finally:
         ob.close()
 
@@ -205,8 +403,7 @@ def test_unopenable_path_keeps_accepting_within_memory_bound(tmp_path: Path) -> 
     ob = Outbox(settings, topic_prefix="pfx").open()
     try:
         assert not ob.stats.db_open
-        seqs = [ob.publish(res("cam0", i)) for i in range(1000)]  # never raises
-        assert seqs == sorted(seqs) and len(set(seqs)) == 1000
+        publish_n(ob, 1000)  # never raises
         assert not ob.flush(timeout=2.0)
         dropped = ob.dropped()
         assert set(dropped) == {"db_error"}
@@ -252,14 +449,14 @@ def test_metrics_and_snapshot(tmp_path: Path) -> None:
         ob.close()
 
 
-def test_publish_does_not_touch_the_disk_within_a_reserved_block(tmp_path: Path) -> None:
+def test_publish_never_touches_the_disk(tmp_path: Path) -> None:
     """publish only appends in memory: a commit in progress does not stall it."""
-    ob = make(tmp_path, cameras=["cam0"])
+    ob = make(tmp_path)
     try:
         with ob.holding_db():  # hold the database as a long commit would
-            for i in range(200):  # the block reserved at open covers these
-                ob.publish(res("cam0", i))
+            for cam in ("cam0", "cam1"):  # cameras the file has never seen, too
+                publish_n(ob, 1000, cam)
         assert ob.flush()
-        assert ob.depth == 200
+        assert ob.depth == 2000
     finally:
         ob.close()

@@ -27,13 +27,13 @@ async def test_results_telemetry_and_state_reach_the_broker(
     s = agent_settings(
         tmp_path, models_dir, cams, http=False,
         pipeline={"sink": "mqtt"},
-        mqtt={"host": "127.0.0.1", "port": broker.port, "topic_prefix": topic_prefix,
+        mqtt={**broker.settings("test-node"), "topic_prefix": topic_prefix,
               "telemetry_interval_s": 0.5},
         outbox={"path": str(tmp_path / "outbox.sqlite3"), "commit_interval_ms": 20},
     )
     node = s.node
     rec = await asyncio.to_thread(
-        Recorder(broker.port, [results_filter(topic_prefix), telemetry_topic(topic_prefix, node),
+        Recorder(broker, [results_filter(topic_prefix), telemetry_topic(topic_prefix, node),
                                state_topic(topic_prefix, node)]).start)
     agent = Agent(s)
     await agent.start()

@@ -1,11 +1,10 @@
-"""The agent's MQTT link against a real Mosquitto: state and will, subscriptions, bad input,
-MQTT 3.1.1, TLS with a password file, reconnects, telemetry and metrics."""
+"""The agent's MQTT link against a real Mosquitto (TLS, client certificates, the production
+ACL): state and will, subscriptions, bad input, MQTT 3.1.1, a password over server-only TLS,
+reconnects, telemetry and metrics."""
 
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import subprocess
 import sys
 import threading
@@ -13,13 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import paho.mqtt.client as paho
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import CollectorRegistry, generate_latest
 
 from edge_agent.config import MqttSettings, OutboxSettings
@@ -43,23 +36,27 @@ from edge_agent.transport.drain import Drain
 from edge_agent.transport.link import MqttLink
 from edge_agent.transport.metrics import register
 from edge_agent.transport.telemetry import TelemetryPublisher
-from tests.support.broker import Broker, free_port
+from tests.support.broker import HUB, Broker, free_port
 from tests.support.mqtt_recorder import Recorder
-from tests.support.outbox_driver import result
+from tests.support.outbox_driver import mqtt_args, result
 from tests.support.outbox_faults import ROOT
+from tests.support.pki import TestPki
 from tests.support.waiting import wait_until
 
 
-def settings(port: int, prefix: str, **kw: Any) -> MqttSettings:
+def settings(broker: Broker, node: str, prefix: str, **kw: Any) -> MqttSettings:
+    """The agent's mqtt settings on ``broker``, logged in as ``node``."""
     kw.setdefault("reconnect_min_s", 0.05)
     kw.setdefault("reconnect_max_s", 0.2)
-    return MqttSettings(port=port, topic_prefix=prefix, keepalive_s=5, **kw)
+    return MqttSettings(**{**broker.settings(node), **kw}, topic_prefix=prefix, keepalive_s=5)
 
 
-def publish_raw(port: int, topic: str, payloads: list[bytes], retain: bool = False) -> None:
-    """Publish with a plain paho client (QoS 1) and wait for every PUBACK."""
-    c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2)
-    c.connect("127.0.0.1", port)
+def publish_raw(broker: Broker, topic: str, payloads: list[bytes], retain: bool = False,
+                identity: str = HUB) -> None:
+    """Publish as ``identity`` (default the hub) with a plain paho client (QoS 1) and wait for
+    every PUBACK."""
+    c = broker.client(identity)
+    broker.connect(c)
     c.loop_start()
     try:
         infos = [c.publish(topic, p, qos=1, retain=retain) for p in payloads]
@@ -77,10 +74,9 @@ def desired(node: str, generation: int) -> bytes:
 
 
 async def test_retries_until_a_broker_appears(tmp_path: Path, topic_prefix: str) -> None:
-    port = free_port()
-    link = MqttLink(settings(port, topic_prefix), "node-r")
+    broker = Broker(tmp_path)  # not started yet
+    link = MqttLink(settings(broker, "node-r", topic_prefix), "node-r")
     await link.start()
-    broker = Broker(tmp_path, port=port)
     try:
         await asyncio.to_thread(wait_until, lambda: link.stats.connect_failures >= 3, 10,
                                 "repeated attempts")
@@ -100,11 +96,11 @@ async def test_state_is_retained_and_clean_close_says_offline(
     broker: Broker, topic_prefix: str
 ) -> None:
     node = "node-s"
-    link = MqttLink(settings(broker.port, topic_prefix), node, agent_version="1.0")
+    link = MqttLink(settings(broker, node, topic_prefix), node, agent_version="1.0")
     await link.start()
     assert await link.wait_connected(10)
     link.publish_state(StateMessage(node=node, online=True, generation=7, agent_version="1.0"))
-    rec = Recorder(broker.port, [state_topic(topic_prefix, node)]).start()
+    rec = Recorder(broker, [state_topic(topic_prefix, node)]).start()
     try:
         rec.wait(lambda: rec.count() >= 1, 10, "retained state")
         _topic, payload, retained = rec.messages[0]
@@ -116,7 +112,7 @@ async def test_state_is_retained_and_clean_close_says_offline(
         assert not off.online and off.generation == 7
     finally:
         rec.stop()
-    late = Recorder(broker.port, [state_topic(topic_prefix, node)]).start()
+    late = Recorder(broker, [state_topic(topic_prefix, node)]).start()
     try:
         late.wait(lambda: late.count() >= 1, 10, "retained offline state")
         assert not decode_state(late.messages[0][1]).online
@@ -128,10 +124,10 @@ def test_last_will_says_offline_when_the_agent_is_killed(
     broker: Broker, topic_prefix: str, tmp_path: Path
 ) -> None:
     node = "node-w"
-    rec = Recorder(broker.port, [state_topic(topic_prefix, node)]).start()
+    rec = Recorder(broker, [state_topic(topic_prefix, node)]).start()
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.support.outbox_driver", "--db", str(tmp_path / "o.sqlite3"),
-         "--port", str(broker.port), "--prefix", topic_prefix, "--node", node,
+         *mqtt_args(broker.settings(node)), "--prefix", topic_prefix, "--node", node,
          "--max-batches", "1"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
@@ -158,14 +154,14 @@ async def test_subscription_runs_on_the_loop_and_survives_a_broker_restart(
     node = "node-d"
     got: list[tuple[str, DesiredMessage, int]] = []
     loop_thread = threading.get_ident()
-    link = MqttLink(settings(own_broker.port, topic_prefix), node)
+    link = MqttLink(settings(own_broker, node, topic_prefix), node)
     link.subscribe(desired_topic(topic_prefix, node),
                    lambda t, m: got.append((t, m, threading.get_ident())),
                    decode=decode_desired)
     await link.start()
     try:
         assert await link.wait_connected(10)
-        await asyncio.to_thread(publish_raw, own_broker.port, desired_topic(topic_prefix, node),
+        await asyncio.to_thread(publish_raw, own_broker, desired_topic(topic_prefix, node),
                                 [desired(node, 1)], True)
         await asyncio.to_thread(wait_until, lambda: len(got) == 1, 10, "desired 1")
         topic, msg, thread = got[0]
@@ -176,7 +172,7 @@ async def test_subscription_runs_on_the_loop_and_survives_a_broker_restart(
         await asyncio.to_thread(own_broker.start)
         assert await link.wait_connected(10) or await link.wait_connected(10)
         await asyncio.to_thread(wait_until, lambda: link.stats.connects == 2, 10, "reconnect")
-        await asyncio.to_thread(publish_raw, own_broker.port, desired_topic(topic_prefix, node),
+        await asyncio.to_thread(publish_raw, own_broker, desired_topic(topic_prefix, node),
                                 [desired(node, 2)], True)
         await asyncio.to_thread(wait_until, lambda: any(m.generation == 2 for _, m, _ in got),
                                 10, "desired 2 after the restart")
@@ -195,7 +191,7 @@ async def test_malformed_and_oversize_messages_change_nothing(
             raise ProtocolError("desired state for another node")
         applied.append(msg.generation)
 
-    link = MqttLink(settings(broker.port, topic_prefix), node)
+    link = MqttLink(settings(broker, node, topic_prefix), node)
     link.subscribe(desired_topic(topic_prefix, node), apply, decode=decode_desired)
     await link.start()
     try:
@@ -212,8 +208,8 @@ async def test_malformed_and_oversize_messages_change_nothing(
             desired("other-node", 6),  # decodes, refused by the handler
             b"{" + b" " * (300 * 1024) + b"}",  # over MAX_PAYLOAD_BYTES
         ]
-        await asyncio.to_thread(publish_raw, broker.port, desired_topic(topic_prefix, node), bad)
-        await asyncio.to_thread(publish_raw, broker.port, desired_topic(topic_prefix, node),
+        await asyncio.to_thread(publish_raw, broker, desired_topic(topic_prefix, node), bad)
+        await asyncio.to_thread(publish_raw, broker, desired_topic(topic_prefix, node),
                                 [desired(node, 9)])
         await asyncio.to_thread(wait_until, lambda: applied == [9], 10, "the valid message")
         assert link.stats.received == len(bad) + 1
@@ -230,10 +226,10 @@ async def test_results_flow_in_order_over_mqtt_311(
     broker: Broker, topic_prefix: str, tmp_path: Path
 ) -> None:
     node = "node-3"
-    rec = Recorder(broker.port, [f"{topic_prefix}/+/results/+"]).start()
+    rec = Recorder(broker, [f"{topic_prefix}/+/results/+"]).start()
     outbox = await Outbox(OutboxSettings(path=tmp_path / "o.sqlite3", commit_interval_ms=10),
                           topic_prefix=topic_prefix).aopen()
-    link = MqttLink(settings(broker.port, topic_prefix, protocol=3), node)
+    link = MqttLink(settings(broker, node, topic_prefix, protocol=3), node)
     await link.start()
     drain = Drain(outbox, link)
     drain.start()
@@ -241,14 +237,18 @@ async def test_results_flow_in_order_over_mqtt_311(
         sent: dict[str, list[int]] = {"cam0": [], "cam1": [], "cam2": []}
         for i in range(2000):
             cam = f"cam{i % 3}"
-            sent[cam].append(outbox.publish(result(node, cam, str(i))))
+            outbox.publish(result(node, cam, str(i)))
+            sent[cam].append(i)
         await asyncio.to_thread(rec.wait, lambda: rec.distinct() >= 2000, 30, "all results")
         got: dict[str, list[int]] = {"cam0": [], "cam1": [], "cam2": []}
+        seqs: dict[str, list[int]] = {"cam0": [], "cam1": [], "cam2": []}
         for topic, payload, _ in rec.messages:
             obj = orjson.loads(payload)
             assert topic == f"{topic_prefix}/{node}/results/{obj['camera']}"
-            got[obj["camera"]].append(obj["seq"])
+            got[obj["camera"]].append(int(obj["x"]))
+            seqs[obj["camera"]].append(obj["seq"])
         assert got == sent
+        assert all(s == list(range(s[0], s[0] + len(s))) for s in seqs.values())
         assert await asyncio.to_thread(drain.wait_acked, 2000, 10)
         assert await outbox.aflush()
         assert outbox.depth == 0 and outbox.stats.delivered == 2000
@@ -268,66 +268,41 @@ async def test_results_flow_in_order_over_mqtt_311(
 # ---------------------------------------------------------------------- TLS and password
 
 
-def _tls_material(d: Path) -> tuple[Path, Path, Path]:
-    """A CA and a server certificate for 127.0.0.1 (generated, valid for a day)."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test ca")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(1)
-          .not_valid_before(now - datetime.timedelta(minutes=5))
-          .not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(2)
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    paths = (d / "ca.pem", d / "server.pem", d / "server.key")
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return paths
-
-
 @pytest.fixture
-def tls_broker(tmp_path: Path) -> Any:
-    """Mosquitto with a TLS listener that requires a username and password."""
-    ca, cert, key = _tls_material(tmp_path)
+def password_broker(tmp_path: Path, pki: TestPki) -> Any:
+    """Mosquitto with server-only TLS that requires a user name and password instead of a
+    client certificate: the login this test is about (sites whose broker is not ours)."""
     pwfile = tmp_path / "passwd"
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(pwfile), "agent", "s3cret"],
                    check=True, capture_output=True)
-    b = Broker(tmp_path, persistence=False)
+    server = pki.server()
+    b = Broker(tmp_path, persistence=False, pki=pki)
     b.conf.write_text("\n".join([
         # as root, mosquitto would switch to user "mosquitto", who cannot read pytest's
         # private temporary folders (ignored when not run as root)
         "user root",
         f"listener {b.port} 127.0.0.1",
-        f"cafile {ca}", f"certfile {cert}", f"keyfile {key}",
+        f"cafile {pki.ca_file}", f"certfile {server.cert_file}", f"keyfile {server.key_file}",
         "allow_anonymous false", f"password_file {pwfile}",
         f"log_dest file {b.log}", "log_type error", "log_type warning",
     ]) + "\n")
     b.start()
-    yield b, ca
+    yield b
     b.stop()
 
 
 @pytest.mark.parametrize(("password", "ok"), [("s3cret\n", True), ("wrong\n", False)])
 async def test_tls_with_password_from_file(
-    tls_broker: Any, tmp_path: Path, topic_prefix: str, password: str, ok: bool
+    password_broker: Broker, pki: TestPki, tmp_path: Path, topic_prefix: str, password: str,
+    ok: bool
 ) -> None:
-    b, ca = tls_broker
+    b = password_broker
     pw = tmp_path / "agent-password"
     pw.write_text(password)
-    link = MqttLink(settings(b.port, topic_prefix, tls=True, ca_file=ca, username="agent",
-                             password_file=pw), "node-t")
+    pw.chmod(0o600)
+    link = MqttLink(MqttSettings(port=b.port, topic_prefix=topic_prefix, ca_file=pki.ca_file,
+                                 username="agent", password_file=pw, reconnect_min_s=0.05,
+                                 reconnect_max_s=0.2), "node-t")
     await link.start()
     try:
         if ok:
@@ -342,8 +317,8 @@ async def test_tls_with_password_from_file(
 
 
 async def test_unreadable_password_file_is_a_clear_error(tmp_path: Path) -> None:
-    link = MqttLink(settings(free_port(), "p", username="u",
-                             password_file=tmp_path / "missing"), "node-x")
+    link = MqttLink(MqttSettings(port=free_port(), topic_prefix="p", username="u",
+                                 password_file=tmp_path / "missing"), "node-x")
     with pytest.raises(AgentError, match="password_file"):
         await link.start()
 
@@ -353,7 +328,7 @@ async def test_unreadable_password_file_is_a_clear_error(tmp_path: Path) -> None
 
 async def test_telemetry_from_providers(broker: Broker, topic_prefix: str) -> None:
     node = "node-tm"
-    link = MqttLink(settings(broker.port, topic_prefix), node)
+    link = MqttLink(settings(broker, node, topic_prefix), node)
 
     def broken() -> list[CameraTelemetry]:
         raise RuntimeError("camera registry gone")
@@ -366,7 +341,7 @@ async def test_telemetry_from_providers(broker: Broker, topic_prefix: str) -> No
     )
     assert not tel.publish_once() and tel.skipped == 1  # not connected: skipped, not queued
     await link.start()
-    rec = Recorder(broker.port, [telemetry_topic(topic_prefix, node)]).start()
+    rec = Recorder(broker, [telemetry_topic(topic_prefix, node)]).start()
     try:
         assert await link.wait_connected(10)
         assert tel.publish_once()
@@ -386,16 +361,16 @@ async def test_results_the_broker_refuses_are_dropped_and_counted(
     tmp_path: Path, topic_prefix: str
 ) -> None:
     """An ACL that forbids one camera's topic: PUBACK 0x87, rows dropped and counted."""
-    acl = tmp_path / "acl"
-    acl.write_text(f"topic readwrite {topic_prefix}/+/results/cam0\ntopic read #\n")
     b = Broker(tmp_path, persistence=False)
-    b.conf.write_text(b.conf.read_text() + f"acl_file {acl}\n")
+    # the node may publish one camera's results only; the observer reads everything
+    (tmp_path / "acl").write_text("pattern write +/%u/results/cam0\n"
+                                  "user test:observer\ntopic read #\n")
     b.start()
     node = "node-acl"
-    rec = Recorder(b.port, [f"{topic_prefix}/+/results/+"]).start()
+    rec = Recorder(b, [f"{topic_prefix}/+/results/+"]).start()
     outbox = await Outbox(OutboxSettings(path=tmp_path / "o.sqlite3", commit_interval_ms=10),
                           topic_prefix=topic_prefix).aopen()
-    link = MqttLink(settings(b.port, topic_prefix), node)
+    link = MqttLink(settings(b, node, topic_prefix), node)
     await link.start()
     drain = Drain(outbox, link)
     drain.start()

@@ -25,9 +25,12 @@ from hub.registry import signing
 from hub.server.app import build_app
 from tests.support.hub_client import (
     AUTH,
+    READ_AUTH,
     HubProcess,
     InProcessHub,
+    default_pki,
     hub_process,
+    hub_session,
     hub_settings,
     running_hub,
     stored_files,
@@ -65,7 +68,9 @@ def hub(served: HubProcess) -> Hub:
 
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
+    """A client of the test hubs: their CA trusted, the read token by default (a request
+    that passes ``AUTH`` acts as admin)."""
+    async with hub_session(headers=READ_AUTH) as s:
         yield s
 
 
@@ -326,28 +331,33 @@ async def test_oversize_uploads_are_refused(
 
 
 @pytest.mark.parametrize(
-    "headers",
-    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic dXNlcjpwYXNz"},
-     {"Authorization": "Bearer"}],
-    ids=["missing", "wrong", "basic", "empty"],
+    ("headers", "status"),
+    [({}, 401), ({"Authorization": "Bearer wrong"}, 401),
+     ({"Authorization": "Basic dXNlcjpwYXNz"}, 401), ({"Authorization": "Bearer"}, 401),
+     (READ_AUTH, 403)],
+    ids=["missing", "wrong", "basic", "empty", "read-scope"],
 )
-async def test_writes_need_the_token(
-    hub: Hub, http: aiohttp.ClientSession, model: tuple[Path, Path],
-    headers: dict[str, str],
+async def test_writes_need_the_admin_token(
+    hub: Hub, http: aiohttp.ClientSession, model: tuple[Path, Path], headers: dict[str, str],
+    status: int,
 ) -> None:
+    code = {401: "unauthorized", 403: "forbidden"}[status]
     onnx_path, manifest_path = model
-    status, body = await push(http, v_url(hub), onnx_path, manifest_path, headers=headers)
-    assert status == 401 and body["error"]["code"] == "unauthorized"
-    # with Expect: 100-continue the refusal comes before the body is sent
-    async with http.put(v_url(hub), data=upload_form(onnx_path, manifest_path),
-                        headers=headers, expect100=True) as r:
-        assert r.status == 401 and r.headers["WWW-Authenticate"].startswith("Bearer")
-    assert stored_files(hub.data_dir) == hub.before
-    assert (await push(http, v_url(hub), onnx_path, manifest_path))[0] == 201
-    async with http.delete(v_url(hub), headers=headers) as r:
-        assert r.status == 401
+    async with hub_session() as bare:
+        got, body = await push(bare, v_url(hub), onnx_path, manifest_path, headers=headers)
+        assert got == status and body["error"]["code"] == code
+        # with Expect: 100-continue the refusal comes before the body is sent
+        async with bare.put(v_url(hub), data=upload_form(onnx_path, manifest_path),
+                            headers=headers, expect100=True) as r:
+            assert r.status == status
+            if status == 401:
+                assert r.headers["WWW-Authenticate"].startswith("Bearer")
+        assert stored_files(hub.data_dir) == hub.before
+        assert (await push(http, v_url(hub), onnx_path, manifest_path))[0] == 201
+        async with bare.delete(v_url(hub), headers=headers) as r:
+            assert r.status == status
     async with http.get(v_url(hub)) as r:
-        assert r.status == 200  # reads are open by default, and the version is still there
+        assert r.status == 200  # the version is still there
 
 
 async def test_malformed_upload_requests(
@@ -404,20 +414,38 @@ async def test_delete_refused_while_assigned(
         assert stored_files(hub.data_dir) == set()
 
 
-async def test_reads_can_require_the_token(
-    tmp_path: Path, http: aiohttp.ClientSession
+async def test_reads_need_a_token_or_an_agent_certificate(
+    tmp_path: Path, tiny: tuple[Path, Path]
 ) -> None:
-    settings = hub_settings(tmp_path / "data", read_requires_token=True)
-    async with running_hub(settings) as hub:
-        async with http.get(f"{hub.url}/v1/models") as r:
+    settings = hub_settings(tmp_path / "data")
+    node = default_pki().identity("node-a", "agent")
+    consumer = default_pki().identity("consumer:dash", "consumer")
+    async with running_hub(settings) as hub, hub_session(headers=AUTH) as admin:
+        assert (await push(admin, v_url(hub), *tiny))[0] == 201
+        async with hub_session() as anonymous:
+            for path in ("/v1/models", v_url(hub, tail="/artifact"), "/v1/nodes", "/metrics"):
+                async with anonymous.get(path if "://" in path else hub.url + path) as r:
+                    assert r.status == 401, path
+            for open_path in ("/v1/openapi.json", "/healthz"):
+                async with anonymous.get(hub.url + open_path) as r:
+                    assert r.status == 200
+        async with hub_session(node) as agent:  # the certificate downloads models, no more
+            async with agent.get(v_url(hub, tail="/artifact")) as r:
+                assert r.status == 200 and await r.read() == tiny[0].read_bytes()
+            async with agent.get(hub.url + "/v1/nodes") as r:
+                assert r.status == 403 and (await r.json())["error"]["code"] == "forbidden"
+        # another role's certificate is nobody here
+        async with hub_session(consumer) as other, other.get(hub.url + "/v1/models") as r:
             assert r.status == 401
-        async with http.get(f"{hub.url}/v1/models", headers=AUTH) as r:
+
+
+async def test_reads_can_be_opened(tmp_path: Path, tiny: tuple[Path, Path]) -> None:
+    settings = hub_settings(tmp_path / "data", read_requires_token=False)
+    async with running_hub(settings) as hub, hub_session() as anonymous:
+        async with anonymous.get(f"{hub.url}/v1/models") as r:
             assert r.status == 200
-        async with http.get(v_url(hub, tail="/artifact")) as r:
-            assert r.status == 401
-        for open_path in ("/v1/openapi.json", "/healthz"):
-            async with http.get(hub.url + open_path) as r:
-                assert r.status == 200
+        status, body = await push(anonymous, v_url(hub), *tiny, headers={})
+        assert status == 401 and body["error"]["code"] == "unauthorized"
 
 
 async def test_hub_without_token_refuses_writes(
@@ -426,7 +454,7 @@ async def test_hub_without_token_refuses_writes(
     settings = hub_settings(tmp_path / "data", token=None)
     async with running_hub(settings) as hub:
         status, body = await push(http, v_url(hub), *tiny)
-        assert status == 401 and "no API token" in body["error"]["message"]
+        assert status == 401 and "no admin API token" in body["error"]["message"]
 
 
 async def test_signed_uploads(

@@ -16,7 +16,16 @@ from pathlib import Path
 import pytest
 
 from hub.cli import main
-from tests.support.hub_client import ROOT, TOKEN, HubProcess, hub_process
+from tests.support.hub_client import (
+    READ_TOKEN,
+    ROOT,
+    TOKEN,
+    HubProcess,
+    default_pki,
+    hub_process,
+    tls_api,
+    write_secret,
+)
 from tests.support.hub_models import write_model
 from tests.support.inproc import Result, run_main
 
@@ -32,6 +41,7 @@ def cli(*argv: str, hub: HubProcess | None = None, token: str | None = TOKEN,
     """Run ``edge-hub ARGV`` in this process (the hub it talks to is a real child process)."""
     if hub is not None:
         env.setdefault("EDGE_HUB_URL", hub.url)
+        env.setdefault("EDGE_HUB_CA_FILE", str(default_pki().ca_file))
     if token is not None:
         env.setdefault("EDGE_HUB_TOKEN", token)
     return run_main(main, argv, env=env, clear_prefix="EDGE_HUB_")
@@ -122,9 +132,23 @@ def test_cli_errors_and_exit_codes(hub: HubProcess, tmp_path: Path) -> None:
 
     r = cli(*push, hub=hub, token=None)
     assert r.returncode == 1 and "unauthorized" in r.stderr
-    (tmp_path / "wrong").write_text("nope\n")
-    r = cli(*push, "--token-file", str(tmp_path / "wrong"), hub=hub)
-    assert r.returncode == 1 and "wrong bearer token" in r.stderr
+    wrong = write_secret(tmp_path / "wrong", "nope")
+    r = cli(*push, "--token-file", str(wrong), hub=hub)
+    assert r.returncode == 1 and "unknown bearer token" in r.stderr
+    r = cli(*push, hub=hub, token=READ_TOKEN)
+    assert r.returncode == 1 and "forbidden" in r.stderr and "scope read" in r.stderr
+    assert cli("models", "list", hub=hub, token=READ_TOKEN).returncode == 0
+    wrong.chmod(0o644)  # a token file anyone on the box can read is refused, not sent
+    r = cli(*push, "--token-file", str(wrong), hub=hub)
+    assert r.returncode == 2 and "readable by other users" in r.stderr
+    # a hub whose certificate the CA file does not vouch for: no request is made
+    stranger = tmp_path / "stranger-ca.crt"
+    stranger.write_bytes(default_pki().authority.issue("x", "server").cert_pem)
+    r = cli("models", "list", hub=hub, EDGE_HUB_CA_FILE=str(stranger))
+    assert r.returncode == 3 and "TLS with the hub" in r.stderr
+    # a token never crosses the network in clear: refused before any connection
+    r = cli("models", "list", hub=hub, EDGE_HUB_URL="http://192.0.2.1:8081")
+    assert r.returncode == 2 and "over plain HTTP" in r.stderr
 
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not a model" * 10)
@@ -146,15 +170,27 @@ def test_serve_refuses_bad_config(tmp_path: Path) -> None:
     cfg.write_text("api:\n  prot: 1\n")
     r = cli("serve", "--config", str(cfg))
     assert r.returncode == 2 and "api.prot: unknown key" in r.stderr
-    r = cli("serve", "--data-dir", str(tmp_path), "--token-file", str(tmp_path / "missing"))
+    r = cli("serve", "--data-dir", str(tmp_path), "--plain-http", "--token-file",
+            str(tmp_path / "missing"))
     assert r.returncode == 2 and "api.token_file" in r.stderr
+    # HTTPS by default: no certificate, no start
+    r = cli("serve", "--data-dir", str(tmp_path), "--port", "0")
+    assert r.returncode == 2 and "api.tls_cert_file" in r.stderr
+    tls = tls_api()
+    exposed = tmp_path / "exposed.key"
+    exposed.write_bytes(Path(tls["tls_key_file"]).read_bytes())
+    exposed.chmod(0o644)
+    r = cli("serve", "--data-dir", str(tmp_path), "--port", "0", "--tls-cert-file",
+            tls["tls_cert_file"], "--tls-key-file", str(exposed))
+    assert r.returncode == 2 and "api.tls_key_file" in r.stderr
+    assert "readable by other users" in r.stderr
 
 
 def test_push_shows_a_progress_bar_on_a_terminal(hub: HubProcess, tmp_path: Path) -> None:
     onnx, _ = write_model(tmp_path / "m", name="tty-model")
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_HUB_")}
     env.update(PYTHONPATH=str(ROOT), EDGE_HUB_URL=hub.url, EDGE_HUB_TOKEN=TOKEN,
-               COLUMNS="120", TERM="xterm")
+               EDGE_HUB_CA_FILE=str(default_pki().ca_file), COLUMNS="120", TERM="xterm")
     master, slave = pty.openpty()
     proc = subprocess.Popen(
         [sys.executable, "-m", "hub", "models", "push", str(onnx), "--name", "tty-model",

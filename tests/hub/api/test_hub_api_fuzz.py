@@ -25,7 +25,7 @@ from schemathesis.checks import (
 )
 
 from hub.api.openapi import build_document
-from tests.support.hub_client import AUTH, HubProcess, hub_process
+from tests.support.hub_client import AUTH, HubProcess, hub_process, requests_verify
 from tests.support.hub_models import write_model
 
 schema = schemathesis.openapi.from_dict(build_document())
@@ -38,6 +38,8 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
         # one real version under the document's example name, so reads also hit 200s
         onnx, manifest = write_model(tmp / "m", name="yolov8n", version="1.2.0")
         with onnx.open("rb") as f, contextlib.closing(requests.Session()) as s:
+            s.trust_env = False  # REQUESTS_CA_BUNDLE would win over the session's CA
+            s.verify = requests_verify()
             r = s.put(f"{h.url}/v1/models/yolov8n/versions/1.2.0", headers=AUTH, files={
                 "manifest": ("manifest.json", manifest.read_bytes(), "application/json"),
                 "artifact": ("model.onnx", f, "application/octet-stream"),
@@ -57,6 +59,7 @@ def test_api_never_answers_5xx(case: schemathesis.Case, hub: HubProcess) -> None
     case.call_and_validate(
         base_url=hub.url,
         headers=AUTH,
+        verify=requests_verify(),
         timeout=10,
         checks=[not_a_server_error, status_code_conformance, content_type_conformance,
                 response_schema_conformance],

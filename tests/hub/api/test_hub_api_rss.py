@@ -17,7 +17,7 @@ import psutil
 import pytest
 import requests
 
-from tests.support.hub_client import AUTH, hub_process
+from tests.support.hub_client import AUTH, hub_process, requests_verify
 from tests.support.hub_models import make_classifier, make_manifest
 
 SIZE = 100 * 1024 * 1024
@@ -55,6 +55,9 @@ def test_100mb_download_keeps_hub_rss_flat(tmp_path: Path) -> None:
     manifest = make_manifest(onnx, name="big", version="1")
     sha = manifest["sha256"]
     with hub_process(tmp_path) as hub, requests.Session() as http:
+        http.trust_env = False  # REQUESTS_CA_BUNDLE would win over the session's CA
+        http.verify = requests_verify()
+        http.headers.update(AUTH)
         url = f"{hub.url}/v1/models/big/versions/1"
         assert hub.proc is not None
         idle = psutil.Process(hub.proc.pid).memory_info().rss

@@ -24,6 +24,7 @@ from hub.api.fleet_openapi import PATHS, SCHEMAS
 from hub.api.openapi import add_paths, build_document
 from tests.hub.rollouts.test_rollout_cli import Env, close_env, make_env
 from tests.support.broker import Broker
+from tests.support.hub_client import requests_verify
 from tests.support.rollout_env import TOKEN
 
 _doc = build_document()
@@ -47,6 +48,7 @@ def test_rollout_api_never_answers_5xx(case: schemathesis.Case, hub: Env) -> Non
     case.call_and_validate(
         base_url=hub.hub.url,
         headers={"Authorization": f"Bearer {TOKEN}"},
+        verify=requests_verify(),
         timeout=10,
         checks=[not_a_server_error, status_code_conformance, content_type_conformance,
                 response_schema_conformance],

@@ -8,11 +8,10 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from structlog.testing import capture_logs
 
 from edge_agent.contract.protocol import MAX_PAYLOAD_BYTES, results_topic
@@ -20,10 +19,11 @@ from hub.client.results import (
     Deduplicator,
     Gap,
     Received,
+    Reset,
     ResultSubscriber,
     ResultsUnavailableError,
 )
-from tests.support.broker import Broker, free_port
+from tests.support.broker import CONSUMER, Broker, Publishers, free_port
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -47,17 +47,20 @@ def payload(node: str, camera: str, seq: int, ts: float | None = None, **extra: 
 
 
 @pytest.fixture
-def publisher(broker: Broker) -> Iterator[mqtt.Client]:
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
-    c.connect("127.0.0.1", broker.port)
-    c.loop_start()
-    yield c
-    c.disconnect()
-    c.loop_stop()
+def publisher(broker: Broker) -> Iterator[Publishers]:
+    """Publishes each result as the node its topic names (the agents' own certificates)."""
+    p = Publishers(broker)
+    yield p
+    p.close()
 
 
-def publish(c: mqtt.Client, topic: str, data: bytes) -> None:
-    c.publish(topic, data, qos=1).wait_for_publish(timeout=5)
+def publish(p: Publishers, topic: str, data: bytes) -> None:
+    p.publish(topic, data)
+
+
+def subscriber(broker: Broker, **kw: Any) -> ResultSubscriber:
+    """A subscriber logged in as the tests' consumer identity."""
+    return ResultSubscriber(**broker.settings(CONSUMER), **kw)
 
 
 def collect(sub: ResultSubscriber, received: int, timeout: float = 10.0) -> list[Received]:
@@ -73,10 +76,10 @@ def collect(sub: ResultSubscriber, received: int, timeout: float = 10.0) -> list
 
 
 def test_duplicates_dropped_gaps_reported_late_delivered(
-    broker: Broker, publisher: mqtt.Client, topic_prefix: str
+    broker: Broker, publisher: Publishers, topic_prefix: str
 ) -> None:
     gaps: list[Gap] = []
-    with ResultSubscriber(port=broker.port, topic_prefix=topic_prefix, on_gap=gaps.append) as sub:
+    with subscriber(broker, topic_prefix=topic_prefix, on_gap=gaps.append) as sub:
         seqs = [0, 1, 1, 2, 5, 6, 0, 3, 3]
         for s in seqs:
             publish(
@@ -93,9 +96,9 @@ def test_duplicates_dropped_gaps_reported_late_delivered(
 
 
 def test_streams_are_independent_and_a_restarted_counter_is_a_reset(
-    broker: Broker, publisher: mqtt.Client, topic_prefix: str
+    broker: Broker, publisher: Publishers, topic_prefix: str
 ) -> None:
-    with ResultSubscriber(port=broker.port, topic_prefix=topic_prefix, on_gap=None) as sub:
+    with subscriber(broker, topic_prefix=topic_prefix, on_gap=None) as sub:
         t = results_topic(topic_prefix, "n1", "a")
         u = results_topic(topic_prefix, "n1", "b")
         publish(publisher, t, payload("n1", "a", 10, ts=100.0))
@@ -117,7 +120,7 @@ def test_streams_are_independent_and_a_restarted_counter_is_a_reset(
 
 
 def test_malformed_payloads_are_counted_and_skipped(
-    broker: Broker, publisher: mqtt.Client, topic_prefix: str
+    broker: Broker, publisher: Publishers, topic_prefix: str
 ) -> None:
     t = results_topic(topic_prefix, "n1", "a")
     bad = [
@@ -131,7 +134,7 @@ def test_malformed_payloads_are_counted_and_skipped(
     ]
     with (
         capture_logs() as logs,
-        ResultSubscriber(port=broker.port, topic_prefix=topic_prefix) as sub,
+        subscriber(broker, topic_prefix=topic_prefix) as sub,
     ):
         for b in bad:
             publish(publisher, t, b)
@@ -147,9 +150,9 @@ def test_malformed_payloads_are_counted_and_skipped(
     assert len(events) < len(bad), "the warning is rate-limited, not one line per payload"
 
 
-def test_node_and_camera_filters(broker: Broker, publisher: mqtt.Client, topic_prefix: str) -> None:
-    with ResultSubscriber(
-        port=broker.port, topic_prefix=topic_prefix, node="n1", camera="a"
+def test_node_and_camera_filters(broker: Broker, publisher: Publishers, topic_prefix: str) -> None:
+    with subscriber(
+        broker, topic_prefix=topic_prefix, node="n1", camera="a"
     ) as sub:
         publish(publisher, results_topic(topic_prefix, "n1", "b"), payload("n1", "b", 0))
         publish(publisher, results_topic(topic_prefix, "n2", "a"), payload("n2", "a", 0))
@@ -161,13 +164,13 @@ def test_node_and_camera_filters(broker: Broker, publisher: mqtt.Client, topic_p
 
 
 def test_two_consumers_in_a_group_split_the_load(
-    broker: Broker, publisher: mqtt.Client, topic_prefix: str
+    broker: Broker, publisher: Publishers, topic_prefix: str
 ) -> None:
     n = 120
     with (
-        ResultSubscriber(port=broker.port, topic_prefix=topic_prefix, group="g1") as g1,
-        ResultSubscriber(port=broker.port, topic_prefix=topic_prefix, group="g1") as g2,
-        ResultSubscriber(port=broker.port, topic_prefix=topic_prefix) as everyone,
+        subscriber(broker, topic_prefix=topic_prefix, group="g1") as g1,
+        subscriber(broker, topic_prefix=topic_prefix, group="g1") as g2,
+        subscriber(broker, topic_prefix=topic_prefix) as everyone,
     ):
         assert g1.filter == f"$share/g1/{topic_prefix}/+/results/+"
         for i in range(n):
@@ -193,11 +196,11 @@ def test_two_consumers_in_a_group_split_the_load(
 
 
 def test_slow_consumer_holds_the_broker_back_and_loses_nothing(
-    broker: Broker, publisher: mqtt.Client, topic_prefix: str
+    broker: Broker, publisher: Publishers, topic_prefix: str
 ) -> None:
     n = 300
-    with ResultSubscriber(
-        port=broker.port, topic_prefix=topic_prefix, receive_maximum=5, on_gap=None
+    with subscriber(
+        broker, topic_prefix=topic_prefix, receive_maximum=5, on_gap=None
     ) as sub:
         t = results_topic(topic_prefix, "n1", "a")
         for i in range(n):
@@ -244,6 +247,51 @@ def test_deduplicator_ranges() -> None:
     assert g.offer("n", "c", 2, 2.0)[0] == "duplicate"
 
 
+def test_deduplicator_tells_a_marked_reset_from_a_gap() -> None:
+    d = Deduplicator()
+    assert d.offer("n", "c", 100, 1.0) == ("new", None)
+    assert d.offer("n", "c", 101, 2.0) == ("new", None)
+    # the agent's outbox was replaced: a new series, marked, far above (clock based)
+    assert d.offer("n", "c", 5000, 3.0, 5000) == ("reset", None)
+    assert d.previous("n", "c") == 101
+    assert d.offer("n", "c", 5000, 3.0, 5000)[0] == "duplicate"  # the marked one, resent
+    assert d.offer("n", "c", 5001, 4.0) == ("new", None)
+    assert d.offer("n", "c", 101, 2.0)[0] == "duplicate"  # an old-series redelivery
+    # a new series whose first results the agent dropped: a reset, and a gap inside it
+    assert d.offer("n", "c", 9003, 5.0, 9000) == ("reset", Gap("n", "c", 9000, 9002))
+    # a clock that went back: a marker for another series is a reset, even below
+    assert d.offer("n", "c", 40, 6.0, 40) == ("reset", None)
+    assert d.previous("n", "c") == 9003
+    # a stream first met mid-series (first unknown): a resent marker of that series is
+    # below the highest seq and no reset
+    assert d.offer("n", "d", 7, 1.0) == ("new", None)
+    assert d.offer("n", "d", 5, 0.5, 5)[0] == "duplicate"
+    assert d.offer("n", "d", 8, 1.5) == ("new", None)
+    # a marker on a stream not seen before is just its start
+    assert d.offer("n", "e", 70, 1.0, 70) == ("new", None)
+
+
+def test_subscriber_reports_a_reset_apart_from_gaps(
+    broker: Broker, publisher: Publishers, topic_prefix: str
+) -> None:
+    gaps: list[Gap] = []
+    resets: list[Reset] = []
+    with subscriber(broker, topic_prefix=topic_prefix, on_gap=gaps.append,
+                    on_reset=resets.append) as sub:
+        t = results_topic(topic_prefix, "n1", "a")
+        marker = {"first": 900, "reason": "new_outbox"}
+        for seq in (10, 11, 900, 901, 903):
+            extra = {"seq_reset": marker} if seq == 900 else {}
+            publish(publisher, t, payload("n1", "a", seq, None, **extra))
+        got = collect(sub, 5)
+    assert [(r.message.seq, r.reset) for r in got] == [
+        (10, False), (11, False), (900, True), (901, False), (903, False)]
+    assert got[2].message.seq_reset is not None and got[2].message.seq_reset.first == 900
+    assert resets == [Reset("n1", "a", 900, 900, 11, "new_outbox")]
+    assert gaps == [Gap("n1", "a", 902, 902)]  # the only loss
+    assert (sub.stats.resets, sub.stats.gaps, sub.stats.missing) == (1, 1, 1)
+
+
 def _cli(*args: str, timeout: float = 30) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "hub", "results", "tail", *args],
@@ -255,12 +303,11 @@ def _cli(*args: str, timeout: float = 30) -> subprocess.Popen[str]:
 
 
 def test_cli_tail_writes_json_lines_and_reports_gaps(
-    broker: Broker, publisher: mqtt.Client, topic_prefix: str, tmp_path: Path
+    broker: Broker, publisher: Publishers, topic_prefix: str, tmp_path: Path
 ) -> None:
     out = tmp_path / "results.jsonl"
     proc = _cli(
-        "--port",
-        str(broker.port),
+        *broker.cli_args(),
         "--prefix",
         topic_prefix,
         "--node",
@@ -268,7 +315,7 @@ def test_cli_tail_writes_json_lines_and_reports_gaps(
         "--output",
         str(out),
         "--count",
-        "3",
+        "4",
         "--timeout",
         "30",
     )
@@ -284,25 +331,33 @@ def test_cli_tail_writes_json_lines_and_reports_gaps(
         publish(publisher, results_topic(topic_prefix, "n2", "a"), payload("n2", "a", 1))
         publish(publisher, t, payload("n1", "a", 1))
         publish(publisher, t, payload("n1", "a", 4))
+        publish(publisher, t, payload("n1", "a", 7000,
+                                      seq_reset={"first": 7000, "reason": "corrupt_outbox"}))
         stdout, stderr = proc.communicate(timeout=20)
     finally:
         proc.kill()
     assert proc.returncode == 0, stderr
     lines = [orjson.loads(x) for x in out.read_text().splitlines()]
-    assert [(m["node"], m["seq"]) for m in lines] == [("n1", 0), ("n1", 1), ("n1", 4)]
+    assert [(m["node"], m["seq"]) for m in lines] == [("n1", 0), ("n1", 1), ("n1", 4),
+                                                      ("n1", 7000)]
     assert lines[0]["detections"][0]["label"] == "person"
+    assert lines[3]["seq_reset"] == {"first": 7000, "reason": "corrupt_outbox"}
     assert "gap: n1/a seq 2..3 (2 missing)" in stderr
+    assert "reset: n1/a seq series restarted at 7000 after seq 4 (corrupt_outbox; not a loss)" \
+        in stderr
+    assert "gap: n1/a seq 5" not in stderr
     summary = orjson.loads(stderr.split("summary: ")[1].splitlines()[0])
-    assert summary["delivered"] == 3 and summary["gaps"] == 1
-    assert summary["duplicates"] == summary["received"] - 3
+    assert summary["delivered"] == 4 and summary["gaps"] == 1 and summary["resets"] == 1
+    assert summary["missing"] == 2
+    assert summary["duplicates"] == summary["received"] - 4
     assert stdout == ""
 
 
 def test_cli_tail_prints_one_line_per_result(
-    broker: Broker, publisher: mqtt.Client, topic_prefix: str
+    broker: Broker, publisher: Publishers, topic_prefix: str
 ) -> None:
     proc = _cli(
-        "--port", str(broker.port), "--prefix", topic_prefix, "--count", "1", "--timeout", "20"
+        *broker.cli_args(), "--prefix", topic_prefix, "--count", "1", "--timeout", "20"
     )
     try:
         deadline = time.monotonic() + 20
@@ -319,7 +374,7 @@ def test_cli_tail_prints_one_line_per_result(
 
 def test_cli_tail_count_not_reached(broker: Broker, topic_prefix: str) -> None:
     proc = _cli(
-        "--port", str(broker.port), "--prefix", topic_prefix, "--count", "1", "--timeout", "0.5"
+        *broker.cli_args(), "--prefix", topic_prefix, "--count", "1", "--timeout", "0.5"
     )
     stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 1

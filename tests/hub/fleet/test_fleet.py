@@ -1,14 +1,15 @@
 """Telemetry in: aggregation over the window, offline by last will and by silence (manual clock),
-and the MQTT link against a real broker (state, telemetry, payloads that break the contract)."""
+and the MQTT link against a real broker (state, telemetry, payloads that break the contract or
+speak for another node)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
-from paho.mqtt import client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+import orjson
+from structlog.testing import capture_logs
 
-from edge_agent.common import mqtt as mqtt_base
 from edge_agent.contract import protocol
 from edge_agent.contract.protocol import (
     LatencySummary,
@@ -21,7 +22,7 @@ from hub.config import MqttSettings, TelemetrySettings
 from hub.fleet.aggregate import Sample, aggregate, combine
 from hub.fleet.view import Fleet
 from hub.transport.mqtt import HubMqtt
-from tests.support.broker import Broker
+from tests.support.broker import HUB, Broker, Publishers
 from tests.support.rollout_env import ManualClock
 from tests.support.sim_agents import SimAgent
 from tests.support.waiting import until
@@ -87,14 +88,12 @@ def test_offline_by_last_will_and_by_silence() -> None:
 async def test_hub_link_ingests_and_counts_contract_breaks(broker: Broker,
                                                           topic_prefix: str) -> None:
     fleet = Fleet(TelemetrySettings(window_s=60, offline_after_s=30))
-    link = HubMqtt(MqttSettings(port=broker.port, topic_prefix=topic_prefix),
+    link = HubMqtt(MqttSettings(**broker.settings(HUB), topic_prefix=topic_prefix),
                    on_state=fleet.on_state, on_telemetry=fleet.on_telemetry,
                    on_invalid=fleet.on_invalid)
     await link.start(wait_s=10)
-    agent = SimAgent(broker.port, topic_prefix, "n1", models={"det": "1.0"}).start()
-    raw = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-{topic_prefix}")
-    raw.connect("127.0.0.1", broker.port)
-    raw.loop_start()
+    agent = SimAgent(broker, topic_prefix, "n1", models={"det": "1.0"}).start()
+    nodes = Publishers(broker)  # n2 publishes under its own topics, as the ACL allows
     try:
         await until(lambda: fleet.online("n1") and fleet.metrics("n1", "det", "1.0").samples >= 2)
         assert fleet.model_state("n1", "det") is not None
@@ -104,17 +103,47 @@ async def test_hub_link_ingests_and_counts_contract_breaks(broker: Broker,
             (protocol.telemetry_topic(topic_prefix, "n2"), b"{not json"),
             (protocol.telemetry_topic(topic_prefix, "n2"), b'{"v": 2, "node": "n2"}'),
             (protocol.state_topic(topic_prefix, "n2"),
-             protocol.encode(StateMessage(node="someone-else", online=True))),
+             orjson.dumps({"v": 1, "node": "n2", "online": True, "generation": 2**53})),
             (protocol.telemetry_topic(topic_prefix, "n2"), b"x" * (300 * 1024)),
         ):
-            raw.publish(topic, payload, qos=1).wait_for_publish(5)
+            await asyncio.to_thread(nodes.publish, topic, payload)
         await until(lambda: fleet.invalid - before == 4)
         assert "n2" not in fleet.nodes  # nothing of a broken payload was taken in
         assert link.invalid == fleet.invalid
+        assert fleet.rejected["malformed"] == link.rejected["malformed"] == 4
         agent.kill()
         await until(lambda: not fleet.online("n1"))
     finally:
-        raw.disconnect()
-        mqtt_base.release(raw)
+        nodes.close()
         agent.stop()
+        await link.aclose()
+
+
+async def test_a_payload_for_another_node_is_dropped_and_counted(broker: Broker,
+                                                                topic_prefix: str) -> None:
+    """Node n1 may publish under its own topics only; what it says there about n2 is ignored,
+    counted as ``node_mismatch`` (metric and log), and n2 stays unknown."""
+    fleet = Fleet(TelemetrySettings(window_s=60, offline_after_s=30))
+    link = HubMqtt(MqttSettings(**broker.settings(HUB), topic_prefix=topic_prefix),
+                   on_state=fleet.on_state, on_telemetry=fleet.on_telemetry,
+                   on_invalid=fleet.on_invalid)
+    await link.start(wait_s=10)
+    nodes = Publishers(broker)
+    forged_state = StateMessage(node="n2", online=True, generation=1, models=[
+        ModelState(name="det", version="2.0", status="active")])
+    try:
+        with capture_logs() as logs:
+            for topic, msg in ((protocol.state_topic(topic_prefix, "n1"), forged_state),
+                               (protocol.telemetry_topic(topic_prefix, "n1"),
+                                _tel("n2", "2.0", 100, 0, 1.0))):
+                await asyncio.to_thread(nodes.publish, topic, protocol.encode(msg))
+            await until(lambda: fleet.rejected["node_mismatch"] == 2)
+        assert link.rejected == {"node_mismatch": 2}
+        assert not fleet.nodes, "neither n1 nor n2 was credited with anything"
+        assert any(e["event"] == "mqtt_node_mismatch" and "n2" in e["error"] for e in logs)
+        # one writer per direct call too: the fleet refuses a mismatch handed to it directly
+        fleet.on_state("n3", forged_state)
+        assert fleet.rejected["node_mismatch"] == 3 and not fleet.nodes
+    finally:
+        nodes.close()
         await link.aclose()

@@ -9,7 +9,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import aiohttp
 import pytest
 from blockbuster import blockbuster_ctx
 
@@ -18,7 +17,15 @@ from hub.errors import Conflict, InvalidRequest, NotFound
 from hub.registry import signing
 from hub.registry.service import Registry
 from hub.registry.validation import ManifestMismatch
-from tests.support.hub_client import AUTH, hub_settings, running_hub, stored_files, upload_form
+from tests.support.hub_client import (
+    AUTH,
+    READ_AUTH,
+    hub_session,
+    hub_settings,
+    running_hub,
+    stored_files,
+    upload_form,
+)
 from tests.support.hub_models import write_model
 
 
@@ -168,7 +175,7 @@ async def test_push_and_download_never_block_the_event_loop(tmp_path: Path) -> N
     """blockbuster raises in the loop thread on blocking file, socket and sleep calls."""
     onnx, manifest = write_model(tmp_path / "m")
     settings: HubSettings = hub_settings(tmp_path / "data")
-    async with running_hub(settings) as hub, aiohttp.ClientSession() as http:
+    async with running_hub(settings) as hub, hub_session(headers=READ_AUTH) as http:
         data, mbytes = onnx.read_bytes(), manifest.read_bytes()
         with blockbuster_ctx():
             url = f"{hub.url}/v1/models/tiny/versions/1"

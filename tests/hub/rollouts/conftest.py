@@ -22,6 +22,6 @@ def kube() -> Iterator[FakeKube]:
 @pytest.fixture
 def fleet(broker: Broker, topic_prefix: str) -> Iterator[Fleet]:
     """Simulated agents on the shared broker under the test's own topic prefix."""
-    f = Fleet(broker.port, topic_prefix)
+    f = Fleet(broker, topic_prefix)
     yield f
     f.stop()

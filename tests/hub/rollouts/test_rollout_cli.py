@@ -18,6 +18,7 @@ import pytest
 from hub.registry.service import Registry
 from tests.support.broker import Broker, free_port
 from tests.support.fake_k8s import FakeKube
+from tests.support.hub_client import client_ssl, write_secret
 from tests.support.rollout_env import (
     LABEL,
     MODEL,
@@ -47,7 +48,7 @@ class Env:
                                               "Content-Type": "application/json"},
                                      data=json.dumps(body).encode() if body is not None else None)
         try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
+            with urllib.request.urlopen(req, timeout=10, context=client_ssl()) as resp:
                 return resp.status, json.loads(resp.read() or b"null")
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read() or b"null")
@@ -73,20 +74,19 @@ def make_env(tmp: Path, broker: Broker, models_dir: Path, nodes: dict[str, str])
     data_dir = tmp / "data"
 
     async def prepare() -> None:
-        reg = Registry(hub_settings(data_dir, mqtt_port=1, prefix="x", inventory=tmp))
+        reg = Registry(hub_settings(data_dir, broker=None, prefix="x", inventory=tmp))
         for v in ("1.0", "2.0"):
             await push_version(reg, models_dir, v)
         await reg.aclose()
 
     asyncio.run(prepare())
-    token = tmp / "token"
-    token.write_text(TOKEN + "\n")
+    token = write_secret(tmp / "token", TOKEN)
     port = free_port()
     config = write_hub_config(tmp / "hub.yaml", data_dir=data_dir, port=port, token_file=token,
-                              mqtt_port=broker.port, prefix=prefix,
+                              broker=broker, prefix=prefix,
                               kubeconfig=kube.write_kubeconfig(tmp / "kubeconfig"))
     hub = HubProc(config, port, tmp / "hub.log").start()
-    fleet = Fleet(broker.port, prefix)
+    fleet = Fleet(broker, prefix)
     env = Env(kube, hub, fleet, prefix)
     for name in nodes:
         fleet.add(name)
@@ -196,7 +196,9 @@ def test_commands_conflicts_and_views(env: Env) -> None:
     assert rows["a-0"][1] == "yes" and rows["a-0"][2] == "det=2.0"
     nodes = json.loads(cli_inproc(url, "nodes", "--json").stdout)["nodes"]
     assert {n["name"] for n in nodes} == {"a-0", "a-1", "a-2", "a-3", "b-0"}
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+    scrape = urllib.request.Request(url + "/metrics",
+                                    headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(scrape, timeout=10, context=client_ssl()) as resp:
         text = resp.read().decode()
     assert 'edge_hub_node_online{node="a-0"} 1.0' in text
     assert 'edge_hub_model_latency_p99_ms{model="det",node="a-0",version="2.0"}' in text
@@ -209,7 +211,7 @@ def test_commands_conflicts_and_views(env: Env) -> None:
     assert all(env.kube.labels(f"a-{i}")[LABEL] == "1.0" for i in range(4))
     res = cli_inproc(url, "rollout", "status", "1", "--watch", "--interval", "0.1")
     assert res.returncode == 4 and "rolled_back" in res.stdout
-    assert env.rollout(1)["cause"] == {"reason": "manual", "by": "api"}
+    assert env.rollout(1)["cause"] == {"reason": "manual", "by": "admin"}
     assert cli_inproc(url, "rollout", "rollback", "1").returncode == 2
     assert cli_inproc(url, "rollout", "pause", "99").returncode == 2
     # the registry asks the rollout side before deleting: 1.0 runs on the nodes

@@ -26,11 +26,11 @@ from tests.support.waiting import until
 class Recorder:
     """Every desired message on the broker: (node, generation, {model: version})."""
 
-    def __init__(self, port: int, prefix: str) -> None:
+    def __init__(self, broker: Broker, prefix: str) -> None:
         self.got: list[tuple[str, int, dict[str, str]]] = []
         self.raw: list[protocol.DesiredMessage] = []
         self.lock = threading.Lock()
-        self.c = listen(port, f"{prefix}/+/desired", self._on, client_id=f"rec-{prefix}")
+        self.c = listen(broker, f"{prefix}/+/desired", self._on, client_id=f"rec-{prefix}")
 
     def _on(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         d = protocol.decode_desired(msg.payload)
@@ -49,7 +49,7 @@ class Recorder:
 
 @pytest.fixture
 async def registry(tmp_path: Path, models_dir: Path) -> AsyncIterator[Registry]:
-    reg = Registry(hub_settings(tmp_path / "data", mqtt_port=1, prefix="x", inventory=tmp_path))
+    reg = Registry(hub_settings(tmp_path / "data", broker=None, prefix="x", inventory=tmp_path))
     for v in ("1.0", "2.0"):
         await push_version(reg, models_dir, v)
     await push_version(reg, models_dir, "1.0", name="cls")
@@ -63,9 +63,9 @@ async def test_labels_become_desired_messages_and_generations_survive(
     inv = tmp_path / "inventory.yaml"
     write_inventory(inv, {"n1": {CAM: "true", LABEL: "1.0"}, "n2": {CAM: "true"},
                           "gw": {LABEL: "1.0"}})  # gw is not a camera node: never addressed
-    settings = hub_settings(tmp_path / "data", mqtt_port=broker.port, prefix=topic_prefix,
+    settings = hub_settings(tmp_path / "data", broker=broker, prefix=topic_prefix,
                             inventory=inv)
-    rec = Recorder(broker.port, topic_prefix)
+    rec = Recorder(broker, topic_prefix)
     cp = await control_plane(settings, registry)
     try:
         await until(lambda: rec.for_node("n1") == [(1, {"det": "1.0"})])

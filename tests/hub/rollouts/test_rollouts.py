@@ -32,7 +32,7 @@ NODES = [f"cam-{i}" for i in range(6)]
 
 @pytest.fixture
 async def registry(tmp_path: Path, models_dir: Path) -> AsyncIterator[Registry]:
-    settings = hub_settings(tmp_path / "data", mqtt_port=1, prefix="x", inventory=tmp_path)
+    settings = hub_settings(tmp_path / "data", broker=None, prefix="x", inventory=tmp_path)
     reg = Registry(settings)
     for v in ("1.0", "2.0"):
         await push_version(reg, models_dir, v)
@@ -43,7 +43,7 @@ async def registry(tmp_path: Path, models_dir: Path) -> AsyncIterator[Registry]:
 @pytest.fixture
 def settings(tmp_path: Path, broker: Broker, topic_prefix: str, kube: FakeKube) -> HubSettings:
     """The hub under test: its own data folder and topics, the shared broker, the fake API."""
-    return hub_settings(tmp_path / "data", mqtt_port=broker.port, prefix=topic_prefix,
+    return hub_settings(tmp_path / "data", broker=broker, prefix=topic_prefix,
                         kubeconfig=kube.write_kubeconfig(tmp_path / "kubeconfig"))
 
 
@@ -101,7 +101,7 @@ async def test_slow_version_fails_gate_on_canary_and_rolls_back(
     fast, slow = measure_latency_ms(models_dir / "yolov8n-like" / "model.onnx",
                                     models_dir / "yolov8n-like-slow" / "model.onnx")
     assert slow / fast > 2.2, f"the slow model is not slow enough here ({fast=:.1f} {slow=:.1f})"
-    reg = Registry(hub_settings(tmp_path / "data", mqtt_port=1, prefix="x", inventory=tmp_path))
+    reg = Registry(hub_settings(tmp_path / "data", broker=None, prefix="x", inventory=tmp_path))
     await push_version(reg, models_dir, "1.0", source="yolov8n-like")
     await push_version(reg, models_dir, "2.0", source="yolov8n-like-slow")
     add_camera_nodes(kube, NODES, site="a")
