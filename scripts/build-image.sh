@@ -289,6 +289,7 @@ cmd_run() {
   # shellcheck disable=SC2046
   podman $(podman_global) run --rm --arch "$arch" --read-only --user 10001:10001 --network none \
     --tmpfs /tmp:rw,size=256m,mode=1777 --cap-drop ALL --security-opt no-new-privileges \
+    --no-healthcheck \
     $(limits) "${vols[@]}" "$(tag_of "$image" "$arch")" "$@" && rc=0 || rc=$?
   [ -z "$view" ] || rm -rf "$view"
   return "$rc"
