@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -73,16 +72,6 @@ class AgentView(Protocol):
 
 #: The ``Server`` header: the program, never its version.
 SERVER_NAME = "edge-agent"
-
-
-def is_loopback(host: str) -> bool:
-    """Whether a listen address reaches this machine only."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -324,7 +313,7 @@ async def open_server(agent: AgentView, h: HttpSettings,
     off = None
     if not h.infer:
         off = "POST /v1/infer is off (http.infer: false)"
-    elif token is None and not is_loopback(h.host):
+    elif token is None and not httpserver.is_loopback(h.host):
         off = (f"POST /v1/infer is off: the agent listens on {h.host}, beyond loopback, "
                "and http.token_file is not set")
     if off is not None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from http import HTTPStatus
@@ -353,3 +354,15 @@ class GuardedSite(web.BaseSite):
         sockets = self._server.sockets
         if sockets:
             self.port = int(sockets[0].getsockname()[1])
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether ``host`` (a listen address or a URL's host) reaches this machine only."""
+    if host is None:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import inspect
-import ipaddress
 import os
 import ssl
 from collections.abc import Callable, Coroutine
@@ -28,7 +27,7 @@ from aiohttp import hdrs
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload
 
-from edge_agent.common import cli
+from edge_agent.common import cli, httpserver
 from edge_agent.common import settings as common_settings
 from hub.errors import (
     ArtifactRejected,
@@ -127,17 +126,6 @@ def client_ssl_context(ca_file: Path | None, cert_file: Path | None = None,
     return ctx
 
 
-def _is_loopback(host: str | None) -> bool:
-    if host is None:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def client_from_args(args: argparse.Namespace) -> HubClient:
     """A client configured from the common arguments and the environment."""
     url = args.hub or os.environ.get("EDGE_HUB_URL") or DEFAULT_HUB_URL
@@ -228,7 +216,7 @@ class HubClient:
                  ssl_context: ssl.SSLContext | None = None):
         self.base_url = base_url.rstrip("/")
         parts = yarl.URL(self.base_url)
-        if token and parts.scheme == "http" and not _is_loopback(parts.host):
+        if token and parts.scheme == "http" and not httpserver.is_loopback(parts.host):
             raise InvalidRequest(f"refusing to send the API token over plain HTTP to "
                                  f"{parts.host}: use https://")
         self.token = token

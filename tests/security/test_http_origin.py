@@ -26,6 +26,7 @@ from edge_agent.config import (
 )
 from edge_agent.contract.protocol import StateMessage
 from edge_agent.modelsync.sync import ModelSync
+from tests.support import fileserver
 from tests.support import modelsync as ms
 from tests.support.fileserver import FileServer
 from tests.support.hub_client import write_secret
@@ -37,19 +38,15 @@ SECRET_BODY = b"internal-db-password=hunter2 " + b"x" * 5000
 @pytest.fixture
 async def server() -> AsyncIterator[FileServer]:
     """The node's hub (its ``hub.url`` is this server's origin)."""
-    s = FileServer()
-    await s.start()
-    yield s
-    await s.stop()
+    async with fileserver.running() as s:
+        yield s
 
 
 @pytest.fixture
 async def elsewhere() -> AsyncIterator[FileServer]:
     """A server the node must never contact."""
-    s = FileServer()
-    await s.start()
-    yield s
-    await s.stop()
+    async with fileserver.running() as s:
+        yield s
 
 
 class Node:

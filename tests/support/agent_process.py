@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from tests.support import children
 from tests.support.broker import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,13 +98,4 @@ class AgentProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return None if self.proc is None else children.stop(self.proc)

@@ -9,6 +9,8 @@ replaces the body of every error answer (what a hostile or broken server might s
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -92,3 +94,14 @@ class FileServer:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def running() -> AsyncIterator[FileServer]:
+    """A started ``FileServer`` on a free loopback port, stopped afterwards."""
+    s = FileServer()
+    await s.start()
+    try:
+        yield s
+    finally:
+        await s.stop()

@@ -31,6 +31,7 @@ from aiohttp import web
 from hub.config import HubSettings, load_settings
 from hub.server import app as server_app
 from hub.server.app import build_app
+from tests.support import children
 from tests.support.broker import free_port, wait_port
 from tests.support.pki import Identity, TestPki
 
@@ -189,16 +190,7 @@ class HubProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return None if self.proc is None else children.stop(self.proc)
 
 
 def cli_env(hub_url: str, token: str | None = TOKEN) -> dict[str, str]:

@@ -8,30 +8,15 @@ certificate and key too. Secret files readable by others are refused as the agen
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 import yaml
 
 from edge_agent.cli import main
 from tests.support.inproc import Result, run_main
 from tests.support.pki import TestPki
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """The verb configures logging for a process; put the test process's back afterwards."""
-    config = structlog.get_config()
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    structlog.configure(**config)
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.fixture

@@ -6,13 +6,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from tests.support import fileserver
 from tests.support.fileserver import FileServer
 
 
 @pytest.fixture
 async def server() -> AsyncIterator[FileServer]:
     """A real aiohttp file server on a free loopback port, with injectable faults."""
-    s = FileServer()
-    await s.start()
-    yield s
-    await s.stop()
+    async with fileserver.running() as s:
+        yield s
