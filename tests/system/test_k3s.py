@@ -18,7 +18,6 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from pydantic import BaseModel
 
 from edge_agent import config as agent_config
 from edge_agent.contract.protocol import camera_node_label
@@ -57,16 +56,6 @@ TARGETS = {
     "gpu": K3S / "overlays" / "gpu",
     "mig": K3S / "overlays" / "mig",
 }
-
-
-@pytest.fixture(scope="module")
-def rendered() -> dict[str, list[Obj]]:
-    return {name: render(path) for name, path in TARGETS.items()}
-
-
-@pytest.fixture(scope="module")
-def base(rendered: dict[str, list[Obj]]) -> list[Obj]:
-    return rendered["base"]
 
 
 def find(objs: list[Obj], kind: str, name: str) -> Obj:
@@ -214,7 +203,7 @@ def test_every_pod_is_non_root_read_only_unprivileged_and_limited(
     assert found == 4
 
 
-def _agent(objs: list[Obj]) -> tuple[Obj, Obj, Obj]:
+def agent_objects(objs: list[Obj]) -> tuple[Obj, Obj, Obj]:
     ds = find(objs, "DaemonSet", "edge-agent")
     spec = ds["spec"]["template"]["spec"]
     return ds, spec, container(spec, "agent")
@@ -224,7 +213,7 @@ def _agent(objs: list[Obj]) -> tuple[Obj, Obj, Obj]:
 def test_agent_runs_on_camera_nodes_with_probes(
     rendered: dict[str, list[Obj]], target: str
 ) -> None:
-    ds, spec, c = _agent(rendered[target])
+    ds, spec, c = agent_objects(rendered[target])
     assert spec["nodeSelector"][camera_node_label()] == "true"
     if target == "base":
         assert spec["nodeSelector"] == {camera_node_label(): "true"}
@@ -248,7 +237,7 @@ def test_agent_runs_on_camera_nodes_with_probes(
 
 
 def test_the_agent_has_no_kubernetes_api_rights(base: list[Obj]) -> None:
-    _, spec, _ = _agent(base)
+    _, spec, _ = agent_objects(base)
     assert spec["serviceAccountName"] == "edge-agent"
     assert spec["automountServiceAccountToken"] is False
     assert find(base, "ServiceAccount", "edge-agent")["automountServiceAccountToken"] is False
@@ -295,8 +284,8 @@ def test_agents_prove_their_node_with_a_projected_token_for_the_hub_only(
     """The certificate bootstrap (docs/security.md): the DaemonSet's token is for the audience the
     hub checks, mounted where the agent reads it; the hub signs for pods of exactly this
     namespace and ServiceAccount, with the CA from its Secret."""
-    ds, spec, c = _agent(base)
-    mounts = _mounts(c, spec)
+    ds, spec, c = agent_objects(base)
+    mounts = mounts_of(c, spec)
     projected = [v for v in spec["volumes"] if "projected" in v]
     assert len(projected) == 1  # the only token the agent holds
     (source,) = projected[0]["projected"]["sources"]
@@ -314,7 +303,7 @@ def test_agents_prove_their_node_with_a_projected_token_for_the_hub_only(
     assert str(agent.identity.token_file) == f"{mount}/{token['path']}"
     hub_spec = find(base, "Deployment", "edge-hub")["spec"]["template"]["spec"]
     hub_c = container(hub_spec, "hub")
-    hub_mounts = _mounts(hub_c, hub_spec)
+    hub_mounts = mounts_of(hub_c, hub_spec)
     hub_cm = find(base, "ConfigMap", hub_mounts["/etc/edge-hub/config"]["configMap"]["name"])
     (tmp_path / "hub.yaml").write_text(hub_cm["data"]["hub.yaml"])
     hub = hub_config.load_settings(tmp_path / "hub.yaml")
@@ -375,140 +364,15 @@ def test_batch_cronjob_runs_edge_agent_batch(base: list[Obj]) -> None:
 # ----------------------------------------------------------------- manifests agree with the code
 
 
-def _settings_paths(model: type[BaseModel], prefix: str = "") -> set[str]:
-    out: set[str] = set()
-    for name, field in model.model_fields.items():
-        out.add(prefix + name.upper())
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            out |= _settings_paths(ann, prefix + name.upper() + "__")
-    return out
-
-
-@pytest.mark.parametrize("target", ["base", "gpu", "mig"])
-def test_env_settings_exist(rendered: dict[str, list[Obj]], target: str) -> None:
-    known = {
-        "EDGE_AGENT_": _settings_paths(agent_config.AgentSettings),
-        "EDGE_HUB_": _settings_paths(hub_config.HubSettings),
-    }
-    for _, spec in workloads(rendered[target]):
-        for c in spec["containers"]:
-            for e in c.get("env", []):
-                for prefix, names in known.items():
-                    if e["name"].startswith(prefix):
-                        assert e["name"][len(prefix) :] in names, e["name"]
-
-
-def _mounts(c: Obj, spec: Obj) -> dict[str, Obj]:
+def mounts_of(c: Obj, spec: Obj) -> dict[str, Obj]:
     vols = {v["name"]: v for v in spec["volumes"]}
     return {m["mountPath"]: vols[m["name"]] for m in c["volumeMounts"]}
-
-
-def _configmap_files(mounts: dict[str, Obj]) -> set[str]:
-    return {
-        f"{path}/{item['path']}"
-        for path, v in mounts.items()
-        if "configMap" in v
-        for item in v["configMap"].get("items", [])
-    }
-
-
-def _secret_files(mounts: dict[str, Obj]) -> set[str]:
-    return {
-        f"{path}/{item['path']}"
-        for path, v in mounts.items()
-        if "secret" in v
-        for item in v["secret"]["items"]
-    }
-
-
-def test_agent_config_loads_and_matches_the_pod(
-    base: list[Obj], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    objs = base
-    _, spec, c = _agent(objs)
-    mounts = _mounts(c, spec)
-    cfg_path = c["args"][c["args"].index("--config") + 1]
-    cm_name = mounts[str(Path(cfg_path).parent)]["configMap"]["name"]
-    cm = find(objs, "ConfigMap", cm_name)
-    (tmp_path / "config.yaml").write_text(cm["data"][Path(cfg_path).name])
-    for k in list(os.environ):
-        if k.startswith("EDGE_AGENT_"):
-            monkeypatch.delenv(k)
-    monkeypatch.setenv("NODE_NAME", "box-1")
-    for e in c["env"]:
-        if "value" in e:
-            monkeypatch.setenv(e["name"], e["value"])
-    s = agent_config.load_settings(tmp_path / "config.yaml")
-    from edge_agent.config import check_settings
-
-    check_settings(s)  # the cross-field checks the agent makes before it starts
-    assert s.node == "box-1"
-    assert s.http.port == 8080 and s.http.host == "0.0.0.0"
-    svc = find(objs, "Service", "mosquitto")
-    assert s.mqtt.host == f"mosquitto.{NAMESPACE}.svc.cluster.local"
-    assert s.mqtt.port == svc["spec"]["ports"][0]["port"]
-    secrets = _secret_files(mounts)
-    # MQTT over TLS: the fleet CA from its ConfigMap, the node's own certificate on its state
-    # volume (no password, no shared identity)
-    assert s.mqtt.tls and s.mqtt.username is None and s.mqtt.password_file is None
-    assert str(s.mqtt.ca_file) in _configmap_files(mounts)
-    state_dir = next(p for p, v in mounts.items() if "hostPath" in v)
-    for f in (s.mqtt.cert_file, s.mqtt.key_file):
-        assert f is not None and Path(f).is_relative_to(state_dir), f
-    # signatures are checked before a model loads
-    assert str(s.hub.public_key_file) in _configmap_files(mounts)
-    # no API token on a box: the agent downloads with its certificate (test_k3s_security.py)
-    assert s.hub.token_file is None and not secrets
-    hub_port = find(objs, "Service", "edge-hub")["spec"]["ports"][0]["port"]
-    assert s.hub.url == f"https://edge-hub.{NAMESPACE}.svc.cluster.local:{hub_port}"
-    # everything the agent keeps lives on the hostPath
-    state = next(p for p, v in mounts.items() if "hostPath" in v)
-    for p in (s.outbox.path, s.hub.cache_dir, s.engine.trt_cache_dir):
-        assert Path(p).is_relative_to(state), p
-    assert s.shutdown_timeout_s < spec["terminationGracePeriodSeconds"]
-
-
-def test_hub_config_loads_and_matches_the_pod(
-    base: list[Obj], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    dep = find(base, "Deployment", "edge-hub")
-    spec = dep["spec"]["template"]["spec"]
-    c = container(spec, "hub")
-    mounts = _mounts(c, spec)
-    cfg_path = c["args"][c["args"].index("--config") + 1]
-    cm = find(base, "ConfigMap", mounts[str(Path(cfg_path).parent)]["configMap"]["name"])
-    (tmp_path / "hub.yaml").write_text(cm["data"][Path(cfg_path).name])
-    for k in list(os.environ):
-        if k.startswith("EDGE_HUB_"):
-            monkeypatch.delenv(k)
-    s = hub_config.load_settings(tmp_path / "hub.yaml")
-    # MQTT: TLS to the broker's service with the hub's own certificate, mounted from its Secret
-    svc = find(base, "Service", "mosquitto")
-    assert s.mqtt.tls and s.mqtt.port == svc["spec"]["ports"][0]["port"]
-    mqtt_files = {str(s.mqtt.ca_file), str(s.mqtt.cert_file), str(s.mqtt.key_file)}
-    assert mqtt_files <= _secret_files(mounts)
-    assert s.mqtt.username is None and s.mqtt.password_file is None
-    # signatures required, against the release key's public half
-    assert s.signing.require_signed
-    keys = {str(k) for k in s.signing.public_key_files}
-    assert keys and keys <= _configmap_files(mounts)
-    assert s.api.host == "0.0.0.0" and s.api.port == 8081
-    assert s.cluster.backend == "kubernetes" and s.cluster.kubeconfig is None
-    assert s.public_url() == f"https://edge-hub.{NAMESPACE}.svc.cluster.local:8081"
-    secrets = _secret_files(mounts)
-    assert s.api.tokens and {str(t.file) for t in s.api.tokens} <= secrets
-    assert "persistentVolumeClaim" in mounts[str(s.storage.data_dir)]
-    assert s.mqtt.host == f"mosquitto.{NAMESPACE}.svc.cluster.local"
-
-
-# ------------------------------------------------------------------------------------- overlays
 
 
 @pytest.mark.parametrize("target", ["gpu", "mig"])
 def test_gpu_overlays(rendered: dict[str, list[Obj]], target: str) -> None:
     objs = rendered[target]
-    _, spec, c = _agent(objs)
+    _, spec, c = agent_objects(objs)
     assert spec["runtimeClassName"] == "nvidia"
     assert find(objs, "RuntimeClass", "nvidia")["handler"] == "nvidia"
     assert c["image"] == "edge-agent-gpu:0.1.0"

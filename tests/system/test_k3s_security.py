@@ -27,15 +27,14 @@ from tests.system.test_k3s import (
     NAMESPACE,
     ROOT,
     Obj,
-    _configmap_files,
-    _mounts,
-    _secret_files,
     container,
     find,
     generated,
+    mounts_of,
     render,
     workloads,
 )
+from tests.system.test_k3s_config import configmap_files, secret_files
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +63,7 @@ def test_mosquitto_takes_tls_with_client_certificates_and_the_rendered_acl(
     assert (K3S / "base" / "mosquitto" / "acl").read_text() == acl.site_acl()
     dep = find(base, "Deployment", "mosquitto")
     spec = dep["spec"]["template"]["spec"]
-    mounts = _mounts(container(spec, "mosquitto"), spec)
+    mounts = mounts_of(container(spec, "mosquitto"), spec)
     assert mounts["/mosquitto/data"]["persistentVolumeClaim"]["claimName"] == "mosquitto-data"
     tls = mounts["/mosquitto/tls"]["secret"]
     assert tls["secretName"] == "mosquitto-tls"
@@ -132,7 +131,7 @@ def _pod(base: list[Obj], kind: str, name: str, cname: str) -> tuple[Obj, Obj, d
     """(pod template, container, mounts by path) of a workload."""
     template = find(base, kind, name)["spec"]["template"]
     c = container(template["spec"], cname)
-    return template, c, _mounts(c, template["spec"])
+    return template, c, mounts_of(c, template["spec"])
 
 
 def _config_text(base: list[Obj], c: Obj, mounts: dict[str, Obj]) -> str:
@@ -172,9 +171,9 @@ def test_the_hub_serves_https_with_scoped_tokens_and_asks_agents_for_certificate
     # the server certificate and key from their own Secret, readable by the pod's group only
     tls = mounts[str(Path(str(api.tls_cert_file)).parent)]["secret"]
     assert tls["secretName"] == "edge-hub-tls" and tls["defaultMode"] & 0o007 == 0
-    assert {str(api.tls_cert_file), str(api.tls_key_file)} <= _secret_files(mounts)
+    assert {str(api.tls_cert_file), str(api.tls_key_file)} <= secret_files(mounts)
     # client certificates verified against the fleet CA bundle the agents trust too
-    assert str(api.client_ca_file) in _configmap_files(mounts)
+    assert str(api.client_ca_file) in configmap_files(mounts)
     assert mounts[str(Path(str(api.client_ca_file)).parent)]["configMap"]["name"] == "edge-ca"
     # one admin and one read token, each from the credentials Secret, none written inline
     assert api.token is None and api.token_file is None
@@ -208,7 +207,7 @@ def test_agents_use_the_hubs_origin_the_fleet_ca_and_their_certificate_and_no_to
     # the agent fetches only from its hub's origin: the hub's artifact URLs must be on it
     assert _origin(h.url) == _origin(hub.public_url())
     # the hub verified against the fleet CA (the same ConfigMap as for the broker)
-    assert h.ca_file == agent.mqtt.ca_file and str(h.ca_file) in _configmap_files(mounts)
+    assert h.ca_file == agent.mqtt.ca_file and str(h.ca_file) in configmap_files(mounts)
     # downloads with the node's certificate, the very files the bootstrap writes and renews
     assert agent.identity.bootstrap
     assert (h.cert_file, h.key_file) == (agent.mqtt.cert_file, agent.mqtt.key_file)
