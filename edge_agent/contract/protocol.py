@@ -26,6 +26,19 @@ from pydantic import (
     field_validator,
 )
 
+from edge_agent.contract import telemetry as _telemetry
+
+# The telemetry payloads live in ``contract.telemetry``; the contract's users import them here.
+CameraTelemetry = _telemetry.CameraTelemetry
+LatencySummary = _telemetry.LatencySummary
+ModelTelemetry = _telemetry.ModelTelemetry
+OutboxTelemetry = _telemetry.OutboxTelemetry
+OutputStats = _telemetry.OutputStats
+ShadowTelemetry = _telemetry.ShadowTelemetry
+TelemetryMessage = _telemetry.TelemetryMessage
+MAX_CLASSES = _telemetry.MAX_CLASSES
+OTHER_CLASS = _telemetry.OTHER_CLASS
+
 PROTOCOL_VERSION = 1
 DEFAULT_TOPIC_PREFIX = "edge"
 DEFAULT_LABEL_PREFIX = "edge.ai"
@@ -190,6 +203,19 @@ def model_from_label(key: str, label_prefix: str = DEFAULT_LABEL_PREFIX) -> str 
     return key[len(head) :] if key.startswith(head) else None
 
 
+def shadow_label(model: str, label_prefix: str = DEFAULT_LABEL_PREFIX) -> str:
+    """The label whose value is a candidate version of ``model`` to run in shadow on a node:
+    loaded beside the active version, fed a sample of the same frames, compared, never
+    published (a rollout's shadow phase sets and removes it)."""
+    return f"{label_prefix}/shadow.{model}"
+
+
+def shadow_from_label(key: str, label_prefix: str = DEFAULT_LABEL_PREFIX) -> str | None:
+    """The model name of a shadow label key, or None when ``key`` is not one."""
+    head = f"{label_prefix}/shadow."
+    return key[len(head) :] if key.startswith(head) else None
+
+
 # ------------------------------------------------------------------------------------- payloads
 
 
@@ -283,59 +309,6 @@ class ResultMessage(_Msg):
     classes: list[ClassScore] | None = None
 
 
-class LatencySummary(_Msg):
-    """Latency percentiles over a telemetry window, milliseconds."""
-
-    p50: float = 0.0
-    p95: float = 0.0
-    p99: float = 0.0
-
-
-class ModelTelemetry(_Msg):
-    """One model version's health over the telemetry window."""
-
-    name: str
-    version: str
-    #: Counters since the previous telemetry message (a window, not totals).
-    frames: int = 0
-    errors: int = 0
-    #: End-to-end inference latency over the window, milliseconds.
-    latency_ms: LatencySummary = Field(default_factory=LatencySummary)
-
-
-class CameraTelemetry(_Msg):
-    """One camera's health over the telemetry window."""
-
-    camera: str
-    connected: bool
-    fps: float = 0.0
-    #: Frames dropped in the window (stale frames replaced, overload).
-    drops: int = 0
-
-
-class OutboxTelemetry(_Msg):
-    """The outbox now: queued results, their bytes and age, and drops by reason (totals)."""
-
-    depth: int = 0
-    bytes: int = 0
-    oldest_age_s: float = 0.0
-    dropped: dict[str, int] = Field(default_factory=dict)
-
-
-class TelemetryMessage(_Msg):
-    """Periodic node health, on ``telemetry_topic``."""
-
-    v: Literal[1] = 1
-    node: str
-    ts: float
-    interval_s: float
-    agent_version: str = ""
-    models: list[ModelTelemetry] = Field(default_factory=list)
-    cameras: list[CameraTelemetry] = Field(default_factory=list)
-    outbox: OutboxTelemetry = Field(default_factory=OutboxTelemetry)
-    rss_bytes: int = 0
-
-
 ModelStatus = Literal["loading", "active", "failed"]
 
 
@@ -349,6 +322,10 @@ class ModelState(_Msg):
     #: The version being loaded or that failed, when it differs from ``version``.
     target_version: str | None = None
     error: str | None = None
+    #: The candidate running in shadow (``DesiredModel.shadow``), its load status and error.
+    shadow_version: str | None = None
+    shadow_status: ModelStatus | None = None
+    shadow_error: str | None = None
 
 
 class StateMessage(_Msg):
@@ -365,8 +342,8 @@ class StateMessage(_Msg):
     models: list[ModelState] = Field(default_factory=list)
 
 
-class DesiredModel(_Msg):
-    """The version of one model the hub wants a node to serve, and where to fetch it."""
+class ModelArtifact(_Msg):
+    """One version of a model and where to fetch it."""
 
     version: Version
     sha256: Sha256
@@ -375,6 +352,13 @@ class DesiredModel(_Msg):
     manifest_url: str
     #: Optional base64 ed25519 signature over ``signing_payload(manifest_sha256, sha256)``.
     signature: str | None = None
+
+
+class DesiredModel(ModelArtifact):
+    """The version of one model the hub wants a node to serve, and where to fetch it."""
+
+    #: A candidate to load beside it and run in shadow (never serving a result).
+    shadow: ModelArtifact | None = None
 
 
 class DesiredMessage(_Msg):
@@ -408,7 +392,7 @@ def encode_dict(obj: dict[str, Any]) -> bytes:
     return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-_M = TypeVar("_M", bound=_Msg)
+_M = TypeVar("_M", bound=BaseModel)
 
 
 def _decode(payload: bytes, model: type[_M]) -> _M:
