@@ -116,6 +116,11 @@ def run(args: argparse.Namespace) -> int:
         except ValidationError as exc:
             raise ConfigError([("--providers", exc.errors()[0]["msg"], args.providers)]) from exc
     model = LoadedModel.load(resolve_manifest(args.model), engine)
+    if model.providers[0] not in engine.providers:
+        # the engine keeps a model serving on CPU; a person who asked for a GPU must hear it
+        print(f"edge-agent: warning: none of the allowed providers "
+              f"({','.join(engine.providers)}) is available here; running on "
+              f"{model.providers[0]}", file=sys.stderr, flush=True)
     failed = 0
     try:
         for image in args.images:

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 from pathlib import Path
 
+import structlog
+
 from edge_agent import config
+
+log = structlog.get_logger(__name__)
 
 
 def arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,4 +33,27 @@ def run(args: argparse.Namespace) -> int:
     from edge_agent.common.logs import configure_logging  # noqa: PLC0415
 
     configure_logging(settings.log.level, settings.log.json_lines)
+    for message in startup_warnings(settings, args.config, os.environ):
+        log.warning("startup_warning", message=message)
     return asyncio.run(run_agent(settings, Path(args.config) if args.config else None))
+
+
+def startup_warnings(settings: config.AgentSettings, config_path: str | None,
+                     environ: os._Environ[str] | dict[str, str]) -> list[str]:
+    """What a person starting the agent should know before it runs: no config at all, nothing
+    to do, or state written to the default host paths under /var/lib."""
+    out = []
+    if config_path is None and not any(k.startswith("EDGE_AGENT_") for k in environ):
+        out.append("no --config and no EDGE_AGENT_* variables: running on defaults alone "
+                   "(see 'edge-agent run --help' and docs/configuration.md)")
+    if not settings.cameras:
+        out.append("no cameras configured: this agent will produce no results")
+    if not settings.models:
+        out.append("no models configured: it serves only what the hub's desired state assigns")
+    defaults = config.AgentSettings.model_construct()
+    at_default = [str(p) for p, d in ((settings.outbox.path, defaults.outbox.path),
+                                      (settings.hub.cache_dir, defaults.hub.cache_dir))
+                  if p == d]
+    if config_path is None and at_default:
+        out.append(f"state goes to the default host paths {', '.join(at_default)}")
+    return out

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -93,6 +94,7 @@ def build_parser(program: Program) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
     for name in program.verbs:
         _add_module_verb(sub, name, importlib.import_module(f"{program.commands}.{name}"))
+    _add_completion(sub, program)
     return parser
 
 
@@ -103,9 +105,38 @@ def error_lines(prog: str, exc: BaseException) -> list[str]:
     return [f"{prog}: error: {exc}"]
 
 
+#: The shells ``PROG completion SHELL`` writes a script for.
+SHELLS = ("bash", "zsh", "fish")
+
+
+def _add_completion(sub: Any, program: Program) -> None:
+    def run(args: argparse.Namespace) -> int:
+        # only this verb and a completing shell need argcomplete
+        from argcomplete.shell_integration import shellcode  # noqa: PLC0415
+
+        sys.stdout.write(shellcode([program.prog], shell=args.shell))
+        return 0
+
+    p = add_verb(sub, "completion", run, help="print the shell completion script",
+                 description=f"Print a script that completes {program.prog}'s verbs and "
+                 f"flags in SHELL. Load it once per shell, e.g. in ~/.bashrc: "
+                 f'eval "$({program.prog} completion bash)"; or install it: '
+                 f"{program.prog} completion bash > /etc/bash_completion.d/{program.prog}")
+    p.add_argument("shell", choices=SHELLS, metavar="SHELL", help=f"one of {', '.join(SHELLS)}")
+
+
 def main(program: Program, argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv``, run the verb, return its exit status (errors: their ``exit_code``)."""
-    args = build_parser(program).parse_args(argv)
+    """Parse ``argv``, run the verb, return its exit status (errors: their ``exit_code``).
+
+    Under a completing shell (the script ``PROG completion SHELL`` prints sets
+    ``_ARGCOMPLETE``) it prints the completions of the command line instead and exits.
+    """
+    parser = build_parser(program)
+    if "_ARGCOMPLETE" in os.environ:
+        import argcomplete  # noqa: PLC0415
+
+        argcomplete.autocomplete(parser)  # exits when it completed something
+    args = parser.parse_args(argv)
     try:
         rc: int = args.func(args)
     except program.error as exc:

@@ -188,13 +188,18 @@ def _json_or_none(raw: bytes) -> Any:
         return None
 
 
-def _error_from(status: int, body: Any, reason: str) -> HubError:
+def _error_from(status: int, body: Any, reason: str, *, token_sent: bool = True) -> HubError:
     cls = _BY_STATUS.get(status, HubError)
     code, message = "", reason
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         code = str(body["error"].get("code", ""))
         message = str(body["error"].get("message", reason))
-    return cls(f"{message} ({code or status})")
+    hint = ""
+    if status == 401:
+        hint = ("; no token was sent: pass one with --token-file FILE or EDGE_HUB_TOKEN"
+                if not token_sent else
+                "; the token sent (--token-file or EDGE_HUB_TOKEN) was not accepted")
+    return cls(f"{message} ({code or status}){hint}")
 
 
 def _check_redirect(resp: aiohttp.ClientResponse) -> None:
@@ -255,7 +260,8 @@ class HubClient:
                 raw = await resp.read()
                 _check_redirect(resp)
                 if resp.status >= 400:
-                    raise _error_from(resp.status, _json_or_none(raw), resp.reason or "")
+                    raise _error_from(resp.status, _json_or_none(raw), resp.reason or "",
+                                      token_sent=bool(self.token))
                 return resp.status, raw
         except aiohttp.ClientSSLError as exc:
             raise _tls_error(self.base_url, exc) from exc
@@ -294,7 +300,8 @@ class HubClient:
                 _check_redirect(resp)
                 if resp.status >= 400:
                     raw = await resp.read()
-                    raise _error_from(resp.status, _json_or_none(raw), resp.reason or "")
+                    raise _error_from(resp.status, _json_or_none(raw), resp.reason or "",
+                                      token_sent=bool(self.token))
                 mode = "ab" if (on_start(resp) if on_start else append) else "wb"
                 f = await asyncio.to_thread(open, dest, mode)
                 try:

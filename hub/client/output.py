@@ -20,11 +20,13 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TextColumn,
     TimeRemainingColumn,
-    TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from hub.client.http import Progress as ProgressCallback
 
@@ -97,6 +99,21 @@ def short_time(iso: str) -> str:
         return iso
 
 
+class _BinarySpeed(ProgressColumn):
+    """Transfer speed in KiB/s and MiB/s, the units of every other size this CLI prints."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("?" if speed is None else human_size(int(speed)) + "/s",
+                    style="progress.data.speed")
+
+
+def transfer_columns() -> list[ProgressColumn]:
+    """The columns of a transfer bar: what, how far, how much (KiB/MiB), how fast, how long."""
+    return [TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+            _BinarySpeed(), TimeRemainingColumn()]
+
+
 @contextlib.contextmanager
 def progress_bar(total: int, description: str) -> Iterator[ProgressCallback | None]:
     """A transfer progress bar on stderr when it is a terminal; yields the advance callback."""
@@ -104,11 +121,7 @@ def progress_bar(total: int, description: str) -> Iterator[ProgressCallback | No
         yield None
         return
     with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
+        *transfer_columns(),
         console=Console(file=sys.stderr),
         transient=False,
     ) as progress:

@@ -101,7 +101,12 @@ def _line(r: Received) -> str:
 def run(args: argparse.Namespace) -> int:
     """Tail results until --count, --timeout or Ctrl-C; print a summary on stderr."""
     settings = load_settings(args.config)
-    configure_logging(settings.log.level, settings.log.json_lines)
+    level = settings.log.level
+    if sys.stderr.isatty() and level.lower() == "info":
+        # a person reads this terminal: the command's own lines say what the info logs would
+        # (subscribed, gaps, resets, summary); only warnings and errors still interleave
+        level = "warning"
+    configure_logging(level, settings.log.json_lines)
     # stdout carries the results (JSON lines with --json): log lines go to stderr instead
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
     mq = settings.mqtt

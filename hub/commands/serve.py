@@ -68,13 +68,33 @@ def settings_from_args(args: argparse.Namespace) -> config.HubSettings:
 def run(args: argparse.Namespace) -> int:
     """Serve until stopped; exit 0 on a clean shutdown."""
     settings = settings_from_args(args)
+    check_data_dir(settings.storage.data_dir)
     configure_logging(settings.log.level, settings.log.json_lines)
     from hub.server.app import serve  # noqa: PLC0415 - aiohttp and the registry load for this verb only
 
     try:
         asyncio.run(serve(settings))
     except OSError as exc:
+        if exc.filename:  # a file or folder, not the socket
+            raise HubError(f"cannot use {exc.filename}: {exc.strerror or exc}") from exc
         raise HubError(
             f"cannot listen on {settings.api.host}:{settings.api.port}: {exc.strerror or exc}"
         ) from exc
     return 0
+
+
+def check_data_dir(data_dir: Path) -> None:
+    """``storage.data_dir`` must be (or become) a folder this process can write: a config
+    error (exit 2, the field named) before anything starts, not a failure half-way up."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        probe = data_dir / ".edge-hub-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        if exc.filename and Path(exc.filename) != data_dir and not str(exc.filename).endswith(
+                ".edge-hub-write-test"):
+            why += f" ({exc.filename})"
+        raise config.ConfigError([("storage.data_dir", f"cannot use it: {why}",
+                                   str(data_dir))]) from exc

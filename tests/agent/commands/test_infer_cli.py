@@ -132,3 +132,21 @@ def test_installed_command_end_to_end(models_dir: Path, tmp_path: Path) -> None:
     assert proc.stderr.splitlines() == [
         f"edge-agent: error: {bad}: not an image (or a corrupt one)"
     ]
+
+
+def test_a_missing_only_allowed_provider_is_warned(models_dir: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA is installed here: nothing is missing")
+    image = str(models_dir / "samples" / "chelsea.png")
+    rc, objs, err = infer(capsys, "--providers", "cuda", "--model",
+                          str(models_dir / "tiny-classifier"), image)
+    assert rc == 0 and objs[0]["provider"] == "cpu"
+    assert err == ["edge-agent: warning: none of the allowed providers (cuda) is available "
+                   "here; running on cpu"]
+    # allowing cpu as well is a choice: no warning
+    rc, objs, err = infer(capsys, "--providers", "cuda,cpu", "--model",
+                          str(models_dir / "tiny-classifier"), image)
+    assert rc == 0 and err == []

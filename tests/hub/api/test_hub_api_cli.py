@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import pty
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -209,3 +210,27 @@ def test_push_shows_a_progress_bar_on_a_terminal(hub: HubProcess, tmp_path: Path
     assert proc.wait(timeout=60) == 0
     screen = b"".join(chunks).decode(errors="replace")
     assert "push tty-model 1" in screen and "pushed: tty-model 1" in screen
+    # one unit system: the bar, its speed and the summary line all in binary units
+    assert "/s" in screen
+    assert not re.search(r"\d ?(kB|MB|GB)\b", screen), screen
+
+
+def test_a_missing_token_is_named_with_how_to_pass_one(hub: HubProcess, tmp_path: Path) -> None:
+    onnx, _ = write_model(tmp_path / "m", name="no-token-model")
+    r = cli("models", "push", str(onnx), "--name", "no-token-model", "--version", "1",
+            hub=hub, token=None)
+    assert r.returncode == 1, r.stderr
+    assert "--token-file" in r.stderr and "EDGE_HUB_TOKEN" in r.stderr
+    assert "no token was sent" in r.stderr
+    r = cli("models", "push", str(onnx), "--name", "no-token-model", "--version", "1",
+            hub=hub, token="not-the-token")
+    assert r.returncode == 1 and "was not accepted" in r.stderr, r.stderr
+
+
+def test_serve_names_an_unusable_data_dir(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    r = cli("serve", "--data-dir", str(tmp_path / "a-file" / "hub"), "--plain-http",
+            "--host", "127.0.0.1", "--port", "0")
+    assert r.returncode == 2, r.stderr
+    assert "storage.data_dir: cannot use it: Not a directory" in r.stderr
+    assert "cannot listen" not in r.stderr

@@ -387,3 +387,42 @@ def test_cli_tail_unreachable_broker_exits_3() -> None:
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 3
     assert "edge-hub: error:" in stderr and "no connection" in stderr
+
+
+def test_cli_tail_on_a_terminal_prints_no_log_lines(
+    broker: Broker, publisher: Publishers, topic_prefix: str
+) -> None:
+    import os
+    import pty
+
+    master, slave = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_HUB_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hub", "results", "tail", *broker.cli_args(), "--prefix",
+         topic_prefix, "--count", "1", "--timeout", "20"],
+        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 20
+        while proc.poll() is None:
+            assert time.monotonic() < deadline, seen
+            publish(publisher, results_topic(topic_prefix, "n1", "a"), payload("n1", "a", 0))
+            time.sleep(0.05)
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the terminal closed with the process
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        proc.kill()
+        os.close(master)
+    text = seen.decode(errors="replace").replace("\r\n", "\n")
+    assert proc.returncode == 0, text
+    lines = [x for x in text.splitlines() if x.strip()]
+    assert lines[0].startswith("subscribed: ") and "results_subscribed" not in text, text
+    assert "n1/a seq=0 model=det@1.0.0" in lines[1], text
+    assert lines[-1].startswith("summary: ") and len(lines) == 3, text
