@@ -28,7 +28,9 @@ from edge_agent.camera_urls import SourceSpec, parse_source, redact_text, redact
 from edge_agent.common import httpserver
 from edge_agent.common import mqtt as common_mqtt
 from edge_agent.common import settings as common_settings
+from edge_agent.contract.manifest import load_manifest, model_path
 from edge_agent.contract.protocol import DEFAULT_TOPIC_PREFIX, Name, Node
+from edge_agent.contract.rejection import Rejection
 from edge_agent.errors import AgentError
 
 
@@ -303,6 +305,12 @@ class ModelSyncSettings(common_settings.Section):
     #: Seconds between checks of the config file for changes (a reload applies model and camera
     #: changes without a restart; SIGHUP does the same at once). 0 disables the watch. Default 2 s.
     reload_poll_s: float = Field(2.0, ge=0)
+    #: A candidate run in shadow (``DesiredModel.shadow``) may spend at most this fraction of
+    #: the active version's inference seconds on its own samples (frames beyond it are skipped
+    #: and counted), so the active model's throughput drops by at most about this fraction while
+    #: a rollout's shadow phase runs. Default 0.10: issue 13's budget; a shadow phase needs a few
+    #: hundred samples, which a camera at 10 fps gives in minutes.
+    shadow_max_slowdown: float = Field(0.10, gt=0, le=0.5)
 
 
 def _default_node() -> str:
@@ -447,4 +455,22 @@ def file_problems(settings: AgentSettings) -> list[common_settings.FieldError]:
                 common_settings.check_secret_file(path, settings.secret_files)
             except OSError as exc:
                 out.append((field, str(exc.strerror or exc), str(path)))
+    return out + _manifest_problems(settings)
+
+
+def _manifest_problems(settings: AgentSettings) -> list[common_settings.FieldError]:
+    """Each ``models[i].manifest`` must be a valid manifest beside a readable model file."""
+    out: list[common_settings.FieldError] = []
+    for i, spec in enumerate(settings.models):
+        field = f"models.{i}.manifest"
+        try:
+            manifest = load_manifest(spec.manifest)
+            onnx_file = model_path(spec.manifest, manifest)
+            with onnx_file.open("rb") as f:
+                f.read(1)
+        except OSError as exc:
+            where = getattr(exc, "filename", None) or spec.manifest
+            out.append((field, f"cannot read: {exc.strerror or exc}", str(where)))
+        except (Rejection, ValueError) as exc:
+            out.append((field, f"not a usable manifest: {str(exc)[:200]}", str(spec.manifest)))
     return out

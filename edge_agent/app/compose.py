@@ -35,6 +35,7 @@ from edge_agent.errors import InputError, ModelError
 from edge_agent.streaming import calibration
 from edge_agent.streaming.metrics import AgentMetrics
 from edge_agent.streaming.pipeline import Pipeline
+from edge_agent.streaming.shadow import ShadowRunner
 from edge_agent.streaming.sinks import JsonLinesSink, ResultSink
 from edge_agent.streaming.slots import ModelSlot, ServingModel
 
@@ -95,6 +96,10 @@ class Agent:
         #: Startup measurement figures (frames per second per candidate, per model).
         self.calibration: dict[str, dict[str, float]] = {}
         #: Layouts per model: stored ones reused at start and measured again in the background.
+        #: Candidates run in shadow beside the active versions (loaded by model sync, fed by
+        #: the scheduler's workers, reported with the active version's telemetry).
+        self.shadow = ShadowRunner(self.slots,
+                                   max_slowdown=settings.model_sync.shadow_max_slowdown)
         self.calibrator = calibration.Calibrator(
             calibration.Store(Path(settings.hub.cache_dir) / CALIBRATION_FILE),
             seconds=settings.pipeline.calibrate_s,
@@ -108,7 +113,8 @@ class Agent:
         from edge_agent.modelsync.sync import ModelSync  # noqa: PLC0415 - keeps import cheap
 
         # its constructor reads the sync state file: not on the event loop
-        sync = self.sync = await asyncio.to_thread(ModelSync, self.settings, self.slots)
+        sync = self.sync = await asyncio.to_thread(ModelSync, self.settings, self.slots,
+                                                   shadow=self.shadow)
         await sync.load_startup()  # raises ModelError for a config model that cannot load
         loaded = [s.model for s in self.slots.values() if s.model is not None]
         self.metrics.set_model_info(loaded)
@@ -180,6 +186,8 @@ class Agent:
             node=s.node, cameras=s.cameras, slots=self.slots, sink=self.sink,
             metrics=self.metrics, workers=workers, batch_limits=limits, settings=s.pipeline,
         )
+        self.pipeline.scheduler.shadow = self.shadow
+        self.pipeline.shadow_windows = self.shadow.take_window
         await self.pipeline.start()
         sup = self.supervisor
         sup.spawn("pipeline", self.pipeline.run())
@@ -260,6 +268,7 @@ class Agent:
             await self.http.aclose()
 
     async def _close_models(self) -> None:
+        await asyncio.to_thread(self.shadow.close)
         self._infer_pool.shutdown(wait=False, cancel_futures=True)
         for slot in self.slots.values():
             old = slot.swap(None)

@@ -6,4 +6,5 @@
 - ``cache``: the local cache of verified versions (kept for rollbacks and restarts).
 - ``fetch``: resumable, bounded downloads of artifacts from the hub.
 - ``check``: shadow load and validation before a version may serve a frame.
+- ``shadow``: a candidate named in ``shadow`` loaded beside the active version, never serving.
 """

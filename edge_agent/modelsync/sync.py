@@ -19,6 +19,9 @@ without restarting the pod, dropping a stream or serving a bad model:
    the cache's ``sync-state.json``, so a restart with hub and broker down serves the last good
    versions from the cache (``load_startup``).
 
+A candidate named as ``shadow`` runs beside the active version and never serves
+(``modelsync.shadow``); its status is part of the model's state.
+
 Config reloads use the same path (``request_local``): a model whose manifest changed in the
 config file is shadow-loaded, validated and switched in exactly like a hub version.
 """
@@ -52,6 +55,8 @@ from edge_agent.modelsync import switch as switching
 from edge_agent.modelsync import targets
 from edge_agent.modelsync.cache import ModelCache
 from edge_agent.modelsync.check import load_checked
+from edge_agent.modelsync.shadow import ShadowSync
+from edge_agent.streaming.shadow import ShadowRunner
 from edge_agent.streaming.slots import ModelSlot, ServingModel
 
 log = structlog.get_logger(__name__)
@@ -82,6 +87,7 @@ class ModelSync:
         cache: ModelCache | None = None,
         publish_state: PublishState | None = None,
         loader: Loader | None = None,
+        shadow: ShadowRunner | None = None,
     ) -> None:
         self.settings = settings
         self.slots: dict[str, ModelSlot] = slots if slots is not None else {}
@@ -106,6 +112,9 @@ class ModelSync:
         self.idle = asyncio.Event()
         self.idle.set()
         self._bg: set[asyncio.Future[Any]] = set()
+        #: Candidates in shadow (``modelsync.shadow``), run by ``shadow`` (None: refused).
+        self.shadows = ShadowSync(settings, shadow, cache=self.cache, loader=self._loader,
+                                  changed=self.publish_state, short=_short)
 
     # ------------------------------------------------------------------------------ startup
 
@@ -123,6 +132,7 @@ class ModelSync:
         self._loop = asyncio.get_running_loop()
         self._record = await asyncio.to_thread(self.cache.load_state)
         self._record.setdefault("models", {})
+        self.shadows.restore(self._record.get("shadows", {}))
         self.generation = self._seen_generation = int(self._record.get("generation", 0))
         specs = self._config_specs()
         names = sorted(set(specs) | set(self._record["models"]))
@@ -244,6 +254,10 @@ class ModelSync:
         self._loop = asyncio.get_running_loop()
         for slot in self.slots.values():
             slot.bind_loop(self._loop)
+        if self.shadows.wanted:  # wanted before a restart (the retained desired is not newer)
+            self.idle.clear()
+            await self.shadows.load_wanted(self._active_version,
+                                           lambda: self._pending is not None)
         while True:
             if not (self._local or self._pending):
                 self.idle.set()
@@ -257,6 +271,8 @@ class ModelSync:
                 await self._apply_desired(msg)
 
     async def _apply_desired(self, msg: DesiredMessage) -> None:
+        self.shadows.take(msg.models)
+        await self.shadows.drop_unwanted(self._active_version)  # frees memory first
         for name, dm in sorted(msg.models.items()):
             if self._pending is not None:
                 log.info("desired_superseded", generation=msg.generation,
@@ -269,11 +285,19 @@ class ModelSync:
                 continue
             await self._apply_one(name, targets.Target(dm.version, "hub", dm.sha256,
                                                        desired=dm))
+        if not await self.shadows.load_wanted(self._active_version,
+                                              lambda: self._pending is not None):
+            return
         self.generation = msg.generation
         self._record["generation"] = msg.generation
+        self._record["shadows"] = self.shadows.record()
         await self._save()
         self.publish_state()
         log.info("desired_applied", generation=msg.generation)
+
+    def _active_version(self, name: str) -> str | None:
+        slot = self.slots.get(name)
+        return None if slot is None else slot.version
 
     def _serving(self, name: str) -> tuple[str, str] | None:
         # (version, sha256) serving now; no reference to the model outlives this call, so a
@@ -334,7 +358,8 @@ class ModelSync:
                         error=_short(exc))
 
     def _protected(self) -> set[tuple[str, str]]:
-        return {(n, s.version) for n, s in self.slots.items() if s.version is not None}
+        return ({(n, s.version) for n, s in self.slots.items() if s.version is not None}
+                | self.shadows.protected())
 
     async def _switch(
         self, name: str, slot: ModelSlot, box: list[ServingModel], target: targets.Target
@@ -422,8 +447,8 @@ class ModelSync:
         A slot with nothing loaded and no attempt yet (a camera's model that only the hub can
         provide) is ``loading``: it waits for a desired version.
         """
-        return [self._status.get(n, ModelState(
-            name=n, version=s.version, status="active" if s.version else "loading"))
+        return [self.shadows.with_fields(self._status.get(n, ModelState(
+            name=n, version=s.version, status="active" if s.version else "loading")))
             for n, s in sorted(self.slots.items())]
 
     def providers(self) -> list[str]:

@@ -23,7 +23,7 @@ import asyncio
 import collections
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,8 @@ from prometheus_client import Histogram
 
 from edge_agent.capture.camera import Camera, PrepareHook
 from edge_agent.config import CameraSettings, PipelineSettings
-from edge_agent.contract.protocol import CameraTelemetry, LatencySummary, ModelTelemetry
+from edge_agent.contract.protocol import CameraTelemetry, ModelTelemetry, ShadowTelemetry
+from edge_agent.streaming import outputs as windows
 from edge_agent.streaming import scheduler as scheduling
 from edge_agent.streaming.metrics import AgentMetrics
 from edge_agent.streaming.sinks import ResultSink
@@ -42,8 +43,10 @@ log = structlog.get_logger(__name__)
 
 #: Seconds between stall checks of the cameras.
 MONITOR_INTERVAL_S = 0.5
-#: Latency samples per model version kept per telemetry window (the newest ones).
-WINDOW_SAMPLES = 4096
+
+#: What a shadow runner reports each telemetry interval: per (model, *active* version), the
+#: candidate's ``ShadowTelemetry`` since its previous call (one caller: ``telemetry_models``).
+ShadowProvider = Callable[[], Mapping[tuple[str, str], ShadowTelemetry]]
 
 
 class ResultRelay:
@@ -67,9 +70,9 @@ class ResultRelay:
         self._e2e: dict[tuple[str, str], Histogram] = {}
         #: Results handed to the sink, per camera.
         self.published: collections.Counter[str] = collections.Counter()
-        #: Per (model, version) since the last ``take_window``: results and their end-to-end
-        #: latencies in ms (the newest ``WINDOW_SAMPLES``), for telemetry percentiles.
-        self._window: dict[tuple[str, str], tuple[list[int], collections.deque[float]]] = {}
+        #: Per (model, version) since the last ``take_window``: results, their end-to-end
+        #: latencies (a sketch) and output statistics, for telemetry.
+        self._window: dict[tuple[str, str], windows.Window] = {}
         #: Results dropped because the loop fell behind (written under ``_drop_lock``).
         self.dropped = 0
 
@@ -124,9 +127,8 @@ class ResultRelay:
             child.observe(e2e)
             win = window.get(key)
             if win is None:
-                win = window[key] = ([0], collections.deque(maxlen=WINDOW_SAMPLES))
-            win[0][0] += 1
-            win[1].append(e2e * 1000.0)
+                win = window[key] = windows.Window()
+            win.add(e2e * 1000.0, res)
             publish(res)
             published[res["camera"]] += 1
 
@@ -135,10 +137,10 @@ class ResultRelay:
         """Results waiting for the loop."""
         return len(self._queue)
 
-    def take_window(self) -> dict[tuple[str, str], tuple[int, list[float]]]:
-        """Results and end-to-end latencies (ms) per model version since the last call."""
+    def take_window(self) -> dict[tuple[str, str], windows.Window]:
+        """Each model version's window (results, latency, outputs) since the last call."""
         window, self._window = self._window, {}  # both on the event loop thread: no lock
-        return {k: (n[0], list(lat)) for k, (n, lat) in window.items()}
+        return window
 
 
 class Pipeline:
@@ -177,6 +179,9 @@ class Pipeline:
         self._started = False
         self._errors_seen: Mapping[tuple[str, str], int] = {}
         self._drops_seen: dict[str, int] = {}
+        #: Set by whoever runs a candidate in shadow (``streaming.shadow``): its windows are
+        #: attached to the active version's entry by ``telemetry_models``. None: no shadow.
+        self.shadow_windows: ShadowProvider | None = None
 
     @staticmethod
     def _prepare_hook(slot: ModelSlot) -> PrepareHook:
@@ -278,26 +283,38 @@ class Pipeline:
         return self.scheduler.stuck_for() > self.settings.stuck_after_s
 
     def telemetry_models(self) -> list[ModelTelemetry]:
-        """Per model version since the previous call: frames, errors, latency percentiles.
+        """Per model version since the previous call: frames, errors, latency, outputs, shadow.
 
-        The telemetry task's provider: each call moves the baselines (one caller).
+        ``latency_ms`` (percentiles, for hubs before the sketch) and ``latency`` (the sketch)
+        describe the same end-to-end latencies; a candidate in shadow rides on the active
+        version's entry. The telemetry task's provider: each call moves the baselines (one
+        caller), and takes the shadow runner's window too.
         """
         window = self._relay.take_window() if self._relay is not None else {}
+        shadow = self._take_shadow()
         errors = self.scheduler.tally().errors_by_model
-        keys = set(window) | {k for k, v in errors.items() if v != self._errors_seen.get(k, 0)}
+        keys = (set(window) | set(shadow)
+                | {k for k, v in errors.items() if v != self._errors_seen.get(k, 0)})
         out = []
         for key in sorted(keys):
-            n, lat = window.get(key, (0, []))
             errs = errors.get(key, 0) - self._errors_seen.get(key, 0)
-            summary = LatencySummary()
-            if lat:
-                p50, p95, p99 = np.percentile(np.asarray(lat), [50, 95, 99])
-                summary = LatencySummary(p50=round(float(p50), 3), p95=round(float(p95), 3),
-                                         p99=round(float(p99), 3))
-            out.append(ModelTelemetry(name=key[0], version=key[1], frames=n, errors=errs,
-                                      latency_ms=summary))
+            win = window.get(key) or windows.Window()  # errors or a shadow only: no frames
+            out.append(ModelTelemetry(
+                name=key[0], version=key[1], frames=win.frames, errors=errs,
+                latency_ms=win.latency_summary(), latency=win.latency_wire(),
+                outputs=win.output_stats(), shadow=shadow.get(key)))
         self._errors_seen = errors
         return out
+
+    def _take_shadow(self) -> Mapping[tuple[str, str], ShadowTelemetry]:
+        provider = self.shadow_windows
+        if provider is None:
+            return {}
+        try:
+            return provider()
+        except Exception as exc:  # the rest of the message still goes out; this window is lost
+            log.error("shadow_telemetry_failed", error=repr(exc)[:200])
+            return {}
 
     def telemetry_cameras(self) -> list[CameraTelemetry]:
         """Per camera: connected, fps, and frames dropped since the previous call (one caller)."""

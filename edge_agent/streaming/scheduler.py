@@ -18,6 +18,9 @@ Workers build results with ``contract.results`` (plain dicts in the wire format)
 to ``emit`` (the pipeline relays them to the sink on the event loop). No pydantic, no log line,
 no allocation beyond the result itself per frame.
 
+A model with a candidate in shadow (``streaming.shadow``) hands, after its results went out, at
+most one frame and its output per batch to the shadow thread, within the shadow's CPU budget.
+
 Counters have one writer each. A camera's ``dropped`` is written only here, always under the
 scheduler's lock (capture threads offer under it, workers and ``stop`` drop under it). What the
 workers count (frames, batches, failures per model version) lives in one ``Tally`` per worker,
@@ -41,6 +44,7 @@ from edge_agent.contract import results
 from edge_agent.errors import ModelError
 from edge_agent.inference.preprocess import FrameMeta
 from edge_agent.streaming.metrics import AgentMetrics
+from edge_agent.streaming.shadow import ShadowRunner
 from edge_agent.streaming.slots import ModelSlot, ServingModel
 
 log = structlog.get_logger(__name__)
@@ -134,6 +138,9 @@ class Scheduler:
         self._tallies = [Tally() for _ in range(workers)]
         self._last_error_log = 0.0  # guarded by _lock
         self._errors_since_log = 0  # guarded by _lock
+        #: Candidates in shadow: after each batch, a frame and its output may go to one
+        #: (``streaming.shadow``); None runs no shadow. Set before ``start``.
+        self.shadow: ShadowRunner | None = None
 
     # ------------------------------------------------------------------ FrameConsumer
 
@@ -342,6 +349,11 @@ class Scheduler:
         tally.frames += len(batch)
         tally.batches += 1
         self._emit(items)
+        shadow = self.shadow
+        # after the results are on their way (never delays them); nothing without a candidate
+        if shadow is not None and shadow.has_candidate(model.name):
+            shadow.after_batch(model, [(f.image, out) for (f, _, _), out in
+                                       zip(batch, outs, strict=True)], t_post - t_start)
 
     def _count_error(self, model: ServingModel, n: int, error: str, tally: Tally) -> None:
         tally.add_errors((model.name, model.version), n)

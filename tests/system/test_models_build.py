@@ -16,15 +16,24 @@ EXPECTED_MODELS = {
     "efficientnet-lite0", "centerface", "yolov8n-like", "yolov8n-like-slow", "yolov8-head",
     "yolov5-head", "tiny-classifier", "bad-nan", "bad-output-mismatch", "bad-input-mismatch",
 }
-EXPECTED_SAMPLES = {"chelsea.png", "astronaut.png", "coffee.png", "bikes.mp4",
+#: models/variants.py: (folder, model name, version) of the real models' variants
+EXPECTED_VARIANTS = {
+    *((f"efficientnet-lite0-{v}", "efficientnet-lite0", f"1.0.0-{v}")
+      for v in ("bgr", "norm", "shuffled", "reexport", "int8")),
+    *((f"centerface-{v}", "centerface", f"1.0.0-{v}") for v in ("bgr", "norm", "reexport")),
+}
+EXPECTED_SAMPLES = {"chelsea.png", "astronaut.png", "coffee.png", "bikes.mp4", "carphone.mp4",
                     "synthetic-720p.mp4"}
 
 
 def test_index_lists_every_file_with_its_sha256(models_dir: Path) -> None:
     index = json.loads((models_dir / "index.json").read_text())
     assert index["format"] == 1
-    models = {e["name"]: e for e in index["items"] if e["kind"] == "model"}
-    assert set(models) == EXPECTED_MODELS
+    # one folder (= step) per model version; a variant shares its parent's name
+    models = {e["step"]: e for e in index["items"] if e["kind"] == "model"}
+    assert set(models) == EXPECTED_MODELS | {v[0] for v in EXPECTED_VARIANTS}
+    assert {(step, models[step]["name"], models[step]["version"]) for step, *_ in
+            EXPECTED_VARIANTS} == EXPECTED_VARIANTS
     samples = {Path(f["path"]).name for e in index["items"] if e["kind"] == "samples"
                for f in e["files"]}
     assert samples == EXPECTED_SAMPLES
@@ -32,11 +41,11 @@ def test_index_lists_every_file_with_its_sha256(models_dir: Path) -> None:
         for f in e["files"]:
             p = models_dir / f["path"]
             assert p.stat().st_size == f["size"] and sha256_file(p) == f["sha256"], p
-    for name, e in models.items():
+    for step, e in models.items():
         m = load_manifest(models_dir / e["manifest"])
-        assert (m.name, m.version, m.task, m.sha256) == (name, e["version"], e["task"],
+        assert (m.name, m.version, m.task, m.sha256) == (e["name"], e["version"], e["task"],
                                                          e["sha256"])
-        assert sha256_file(models_dir / name / m.file) == m.sha256
+        assert sha256_file(models_dir / step / m.file) == m.sha256
 
 
 def test_rerun_changes_nothing(models_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

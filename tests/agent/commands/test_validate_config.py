@@ -131,3 +131,23 @@ def test_no_files_checks_the_settings_alone(site: Path) -> None:
     cfg["mqtt"]["port"] = 0
     r = validate(site, cfg, "--no-files")
     assert r.returncode == 2 and "mqtt.port" in errors(r), r.stderr
+
+
+def test_a_missing_or_broken_manifest_or_model_file_is_a_field_error(site: Path) -> None:
+    good = Path("models/out/tiny-classifier/manifest.json").resolve()
+    models = [{"name": "ok", "manifest": str(good)},
+              {"name": "gone", "manifest": str(site / "nowhere" / "manifest.json")},
+              {"name": "broken", "manifest": str(site / "broken.json")},
+              {"name": "no-onnx", "manifest": str(site / "lonely" / "manifest.json")}]
+    (site / "broken.json").write_text("{not json")
+    (site / "lonely").mkdir()
+    (site / "lonely" / "manifest.json").write_bytes(good.read_bytes())  # its .onnx is not there
+    r = validate(site, k3s_like(site, models=models))
+    assert r.returncode == 2
+    found = errors(r)
+    assert set(found) == {"models.1.manifest", "models.2.manifest", "models.3.manifest"}, r.stderr
+    assert "not found" in found["models.1.manifest"]
+    assert "not a usable manifest" in found["models.2.manifest"]
+    assert "cannot read" in found["models.3.manifest"] and ".onnx" in found["models.3.manifest"]
+    # the good one alone passes
+    assert validate(site, k3s_like(site, models=models[:1])).returncode == 0
