@@ -18,9 +18,14 @@ Measured:
   last node received its desired message with the new version (label patches through the
   Kubernetes API, database writes, desired messages through the broker). Baseline: a bare paho
   client publishing the same desired payloads (retained, QoS 1) to the same simulated nodes.
-- **ingest lag**: while that rollout bakes (gates evaluated over all nodes every tick),
-  receipt-minus-sent time of every telemetry message, p99, at one message per node every 10 s.
-  Baseline: a bare paho subscriber in this process timing the same messages.
+- **ingest lag**: while that rollout bakes (gates evaluated over all nodes every tick, latency
+  sketches merged per node and over the wave), receipt-minus-sent time of every telemetry
+  message, p99, at one message per node every 10 s. Baseline: a bare paho subscriber in this
+  process timing the same messages.
+- **telemetry size**: bytes of one node's telemetry message as agents sent it before the
+  mergeable sketches (percentiles only) and now (latency sketch of 100 frames, output
+  statistics with a score sketch and a class histogram); the simulator sends the new form
+  (``--legacy-telemetry``: the old one).
 
 Figures go to ``bench/out/fleet.json``; the last line is ``nodes=… wave_dispatch_s=…
 ingest_lag_p99_s=…`` followed by the baselines and ratios. ``--quick`` (≤ 60 s) measures ingest
@@ -32,8 +37,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import multiprocessing as mp
 import os
+import random
 import sys
 import tempfile
 import threading
@@ -52,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 from edge_agent.common import mqtt as mqtt_base  # noqa: E402
 from edge_agent.common.logs import configure_logging  # noqa: E402
 from edge_agent.contract import protocol  # noqa: E402
+from edge_agent.contract.sketch import Sketch  # noqa: E402
 from hub.config import HubSettings  # noqa: E402
 from hub.registry.service import Registry  # noqa: E402
 from hub.rollouts.model import RolloutSpec  # noqa: E402
@@ -66,6 +74,59 @@ LABEL = f"edge.ai/model.{MODEL}"
 INTERVAL_S = 10.0
 #: The simulator's identity on the broker (every topic: it speaks for every simulated node).
 FLEET = "bench:fleet"
+#: Distinct telemetry bodies the simulator cycles through (real sketches, made once).
+VARIANTS = 16
+
+
+def telemetry_models(version: str, variant: int, *, legacy: bool) -> list[dict[str, Any]]:
+    """One model's telemetry as an agent sends it: 100 frames in 10 s, lognormal latency
+    around 20 ms; with sketches (unless ``legacy``) and output statistics of a detector
+    finding about 3 boxes a frame over 5 labels."""
+    rng = random.Random(variant)
+    lat = [rng.lognormvariate(math.log(20.0), 0.25) for _ in range(100)]
+    ordered = sorted(lat)
+    model: dict[str, Any] = {
+        "name": MODEL, "version": version, "frames": 100, "errors": 0,
+        "latency_ms": {"p50": round(ordered[49], 3), "p95": round(ordered[94], 3),
+                       "p99": round(ordered[98], 3)}}
+    if legacy:
+        return [model]
+    sk = Sketch()
+    sk.extend(lat)
+    boxes = [rng.betavariate(5, 2) for _ in range(rng.randint(250, 350))]
+    scores = Sketch()
+    scores.extend(boxes)
+    labels = ["person", "car", "bicycle", "dog", "truck"]
+    classes: dict[str, int] = {}
+    for i in range(len(boxes)):
+        k = labels[min(4, int(rng.expovariate(1.0)))] if i else labels[0]
+        classes[k] = classes.get(k, 0) + 1
+    model["latency"] = sk.to_wire().model_dump()
+    model["outputs"] = {"frames": 100, "detections": len(boxes),
+                        "scores": scores.to_wire().model_dump(), "classes": classes}
+    return [model]
+
+
+def telemetry_payload(node: str, models: list[dict[str, Any]]) -> bytes:
+    return protocol.encode_dict({
+        "v": 1, "node": node, "ts": time.time(), "interval_s": INTERVAL_S,
+        "agent_version": "sim", "models": models,
+        "cameras": [{"camera": "cam0", "connected": True, "fps": 10.0}],
+        "outbox": {"depth": 0}, "rss_bytes": 123456789})
+
+
+def telemetry_sizes() -> dict[str, Any]:
+    """Bytes of a node's telemetry message before and after the sketches (mean of variants)."""
+    node = node_name(0)
+    old = [len(telemetry_payload(node, telemetry_models("1.0", v, legacy=True)))
+           for v in range(VARIANTS)]
+    new = [len(telemetry_payload(node, telemetry_models("1.0", v, legacy=False)))
+           for v in range(VARIANTS)]
+    out: dict[str, Any] = {"telemetry_bytes_before": round(sum(old) / len(old)),
+           "telemetry_bytes_after": round(sum(new) / len(new))}
+    out["telemetry_bytes_ratio"] = round(out["telemetry_bytes_after"]
+                                         / out["telemetry_bytes_before"], 2)
+    return out
 
 
 def tls_client(conn: dict[str, Any], client_id: str) -> mqtt.Client:
@@ -99,8 +160,10 @@ class Simulator:
     """Thousands of nodes over one paho connection (no per-node will: offline is not tested)."""
 
     def __init__(self, mqtt_conn: dict[str, Any], prefix: str, base_prefix: str, nodes: int,
-                 conn: Any) -> None:
+                 conn: Any, legacy: bool) -> None:
         self.prefix, self.base_prefix, self.nodes, self.conn = prefix, base_prefix, nodes, conn
+        self.models = {(version, v): telemetry_models(version, v, legacy=legacy)
+                       for version in ("1.0", "2.0") for v in range(VARIANTS)}
         self.version: dict[str, str] = {node_name(i): "1.0" for i in range(nodes)}
         self.generation: dict[str, int] = {}
         self.got_new: set[str] = set()
@@ -160,14 +223,8 @@ class Simulator:
             due = int(elapsed * per_s) + 1
             while sent < due:
                 node = node_name(sent % self.nodes)
-                payload = protocol.encode_dict({
-                    "v": 1, "node": node, "ts": time.time(), "interval_s": INTERVAL_S,
-                    "agent_version": "sim",
-                    "models": [{"name": MODEL, "version": self.version[node], "frames": 100,
-                                "errors": 0, "latency_ms": {"p50": 20.0, "p95": 28.0,
-                                                            "p99": 31.0}}],
-                    "cameras": [{"camera": "cam0", "connected": True, "fps": 10.0}],
-                    "outbox": {"depth": 0}, "rss_bytes": 123456789})
+                payload = telemetry_payload(
+                    node, self.models[(self.version[node], sent % VARIANTS)])
                 self.c.publish(f"{self.prefix}/{node}/telemetry", payload, qos=0)
                 sent += 1
             time.sleep(0.005)
@@ -175,8 +232,8 @@ class Simulator:
 
 
 def run_simulator(mqtt_conn: dict[str, Any], prefix: str, base_prefix: str, nodes: int,
-                  conn: Any) -> None:
-    sim = Simulator(mqtt_conn, prefix, base_prefix, nodes, conn)
+                  conn: Any, legacy: bool) -> None:
+    sim = Simulator(mqtt_conn, prefix, base_prefix, nodes, conn, legacy)
     sim.publish_states()
     conn.send(("states_sent", time.time()))
     while True:
@@ -355,9 +412,12 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     parent, child = ctx.Pipe()
     sim_conn = {k: str(v) if isinstance(v, Path) else v
                 for k, v in broker.settings(FLEET).items()}
-    sproc = ctx.Process(target=run_simulator, args=(sim_conn, prefix, base_prefix, n, child),
+    sproc = ctx.Process(target=run_simulator,
+                        args=(sim_conn, prefix, base_prefix, n, child, args.legacy_telemetry),
                         daemon=True)
-    figures: dict[str, Any] = {"nodes": n}
+    figures: dict[str, Any] = {"nodes": n, "telemetry_form": "v1 percentiles only"
+                               if args.legacy_telemetry else "sketches + output statistics",
+                               **telemetry_sizes()}
     cp: ControlPlane | None = None
     reg: Registry | None = None
     try:
@@ -400,6 +460,9 @@ def main() -> int:
     ap.add_argument("--ingest-s", type=float, default=None,
                     help="seconds of telemetry to measure (default 45, --quick 15)")
     ap.add_argument("--quick", action="store_true", help="a run under a minute")
+    ap.add_argument("--legacy-telemetry", action="store_true",
+                    help="simulate agents that send percentiles only (no sketches, no output "
+                         "statistics), as before the mergeable sketches")
     args = ap.parse_args()
     if args.ingest_s is None:
         args.ingest_s = 15.0 if args.quick else 45.0
@@ -422,7 +485,10 @@ def main() -> int:
           f"baseline_dispatch_s={figures['baseline_dispatch_s']} "
           f"dispatch_ratio={figures['dispatch_ratio']} "
           f"baseline_lag_p99_s={figures['baseline_lag_p99_s']} "
-          f"lag_ratio={figures['lag_ratio']} loadavg={'/'.join(load)}")
+          f"lag_ratio={figures['lag_ratio']} "
+          f"telemetry_bytes_before={figures['telemetry_bytes_before']} "
+          f"telemetry_bytes_after={figures['telemetry_bytes_after']} "
+          f"loadavg={'/'.join(load)}")
     return 0
 
 

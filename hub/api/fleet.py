@@ -65,7 +65,9 @@ def _rollout_id(request: web.Request) -> int:
 async def list_nodes(request: web.Request) -> web.Response:
     authorize(request, "read")
     selector = parse_selector(request.query.get("selector", ""))
-    return _json({"nodes": request.app[CONTROL_KEY].nodes(selector)})
+    control = request.app[CONTROL_KEY]
+    nodes = control.nodes(selector)
+    return _json({"nodes": nodes, "versions": control.versions(n["name"] for n in nodes)})
 
 
 async def show_node(request: web.Request) -> web.Response:
@@ -120,6 +122,18 @@ async def rollout_command(request: web.Request) -> web.Response:
     return _json({"rollout": out})
 
 
+async def rollout_command_other(request: web.Request) -> web.Response:
+    """Any other method on a command path: 404 where the command or the rollout does not
+    exist (as for a POST), 405 only for a real command of a real rollout."""
+    authorize(request, "read")
+    verb = request.match_info["command"]
+    if verb not in VERBS:
+        raise NotFound(f"unknown rollout command {verb!r} (one of {', '.join(VERBS)})")
+    await request.app[CONTROL_KEY].rollout(_rollout_id(request))  # NotFound when unknown
+    raise web.HTTPMethodNotAllowed(request.method, ["POST"],
+                                   text=f"{request.path} takes POST only")
+
+
 async def metrics(request: web.Request) -> web.Response:
     authorize(request, "read")
     body = generate_latest(request.app[METRICS_KEY])
@@ -138,6 +152,7 @@ def setup(app: web.Application, control: ports.FleetControl, *, metrics_registry
     app.router.add_post("/v1/rollouts", create_rollout)
     app.router.add_get("/v1/rollouts/{id}", show_rollout)
     app.router.add_post("/v1/rollouts/{id}/{command}", rollout_command)
+    app.router.add_route("*", "/v1/rollouts/{id}/{command}", rollout_command_other)
     app.router.add_get("/metrics", metrics)
     if openapi_doc is not None:
         openapi.add_paths(openapi_doc, fleet_openapi.PATHS, fleet_openapi.SCHEMAS)

@@ -52,12 +52,19 @@ SCHEMAS: dict[str, Any] = {
             "models": {"type": "object", "additionalProperties": _OBJ,
                        "description": "what the agent reports per model (state message)"},
             "metrics": {"type": "object", "additionalProperties": _OBJ,
-                        "description": "model@version -> fps, error_rate, p50/p95/p99_ms"},
+                        "description": "model@version -> fps, error_rate, p50/p95/p99_ms "
+                                       "(exact: from merged sketches), detections_per_frame, "
+                                       "score_p50, top classes"},
         },
     },
     "NodeList": {"type": "object", "required": ["nodes"],
                  "properties": {"nodes": {"type": "array",
-                                          "items": {"$ref": "#/components/schemas/FleetNode"}}}},
+                                          "items": {"$ref": "#/components/schemas/FleetNode"}},
+                                "versions": {
+                                    "type": "array", "items": _OBJ,
+                                    "description": "per model version over the listed nodes: "
+                                                   "node count and merged figures (latency "
+                                                   "sketches merged, output statistics)"}}},
     "RolloutSpec": {
         "type": "object",
         "required": ["model", "version"],
@@ -75,7 +82,60 @@ SCHEMAS: dict[str, Any] = {
             "deadline_s": {"type": "number"},
             "offline_wait_s": {"type": "number", "minimum": 0},
             "min_samples": {"type": "integer", "minimum": 1},
+            "shadow": {"$ref": "#/components/schemas/ShadowSpec"},
             "dry_run": {"type": "boolean", "description": "only return the plan"},
+        },
+    },
+    "ShadowSpec": {
+        "type": "object", "nullable": True,
+        "additionalProperties": False,
+        "description": "start every wave with a shadow phase (null: none): the candidate "
+                       "runs beside each node's version on a sample of the same frames, "
+                       "compared, never serving; the wave is switched only when the pooled "
+                       "agreement passes the gate",
+        "properties": {
+            "gate": {"type": "string", "default": "agreement>=0.9",
+                     "pattern": "^\\s*agreement\\s*>=?", "example": "agreement>=0.9"},
+            "min_samples": {"type": "integer", "minimum": 1, "maximum": 10_000_000,
+                            "default": 200,
+                            "description": "frames the wave's nodes compare together before "
+                                           "the gate is judged"},
+            "timeout_s": {"type": "number", "minimum": 0, "exclusiveMinimum": True,
+                          "maximum": 604800, "default": 600},
+        },
+    },
+    "ShadowFigures": {
+        "type": "object",
+        "properties": {
+            "samples": {"type": "integer", "description": "frames compared"},
+            "agreement": {"type": "number", "nullable": True,
+                          "description": "sum of per-frame agreements / samples"},
+            "ci_low": {"type": "number", "nullable": True,
+                       "description": "Wilson 95 % interval, low end"},
+            "ci_high": {"type": "number", "nullable": True},
+            "status": {"type": "string", "nullable": True,
+                       "description": "the node's shadow status: loading, active, failed "
+                                      "(nodes only)"},
+        },
+        "additionalProperties": True,
+    },
+    "ShadowPhase": {
+        "type": "object", "nullable": True,
+        "description": "the latest shadow phase: its wave, state and pooled figures (samples, "
+                       "agreement, ci_low, ci_high), per node",
+        "additionalProperties": True,
+        "properties": {
+            "samples": {"type": "integer"},
+            "agreement": {"type": "number", "nullable": True},
+            "ci_low": {"type": "number", "nullable": True},
+            "ci_high": {"type": "number", "nullable": True},
+            "wave": {"type": "integer"},
+            "state": {"type": "string", "enum": ["running", "passed", "failed"]},
+            "gate": {"type": "string"}, "min_samples": {"type": "integer"},
+            "timeout_s": {"type": "number"}, "started_at": {"type": "number"},
+            "nodes": {"type": "object",
+                      "additionalProperties": {"$ref": "#/components/schemas/ShadowFigures"}},
+            "cause": {"type": "object", "additionalProperties": True},
         },
     },
     "RolloutSummary": {
@@ -85,13 +145,23 @@ SCHEMAS: dict[str, Any] = {
             "id": {"type": "integer"}, "model": {"type": "string"},
             "version": {"type": "string"}, "selector": {"type": "string"},
             "state": {"type": "string", "enum": [
-                "pending", "applying", "baking", "waiting", "paused", "rolling_back",
-                "succeeded", "aborted", "rolled_back"]},
+                "pending", "shadowing", "applying", "baking", "waiting", "paused",
+                "rolling_back", "succeeded", "aborted", "rolled_back"]},
             "wave": {"type": "integer"}, "waves": {"type": "integer"},
             "cause": {"type": "object", "nullable": True, "additionalProperties": True,
-                      "description": "reason (gate, node_failed, deadline, manual, aborted), "
-                                     "metric, value, limit, node"},
+                      "description": "reason (gate, node_failed, deadline, manual, aborted, "
+                                     "shadow_gate, shadow_failed, shadow_timeout, "
+                                     "shadow_impossible), metric, value, limit, node; for "
+                                     "shadow causes gate, agreement, ci_low, ci_high, "
+                                     "samples, min_samples"},
+            "shadow": {"$ref": "#/components/schemas/ShadowPhase"},
             "message": {"type": "string"},
+            "progress": {"type": "object", "additionalProperties": True,
+                         "description": "GET /v1/rollouts/{id} only: wave (number 1-based, of, "
+                                        "canary), bake (bake_s, elapsed_s, remaining_s), gates "
+                                        "(gate, value, limit, baseline, node, ok, message), "
+                                        "judged (nodes, ready, samples, min_samples), canary "
+                                        "and baseline figures"},
         },
         "additionalProperties": True,
     },
@@ -157,8 +227,10 @@ PATHS: dict[str, Any] = {
             "type": "string", "enum": ["pause", "resume", "promote", "abort", "rollback"]}}],
         "responses": {"200": _ok("the rollout after the command", "RolloutDoc"),
                       "400": _BAD, "401": _UNAUTH, "403": _FORBIDDEN,
-                      "404": _err("no such rollout"),
-                      "409": _err("not possible in the rollout's state (code conflict)")},
+                      "404": _err("no such rollout or command (also for another method)"),
+                      "405": _err("another method than POST on a real rollout's command"),
+                      "409": _err("not possible in the rollout's state (code conflict; "
+                                  "promote while the wave's nodes are still applying)")},
     }},
     "/metrics": {"get": {
         "operationId": "metrics", "summary": "Prometheus metrics (fleet, rollouts, hub)",

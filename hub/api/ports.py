@@ -9,6 +9,7 @@ state is the server's business.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from hub.cluster.selectors import Selector
@@ -24,6 +25,10 @@ class FleetControl(Protocol):
 
     def node(self, name: str) -> dict[str, Any] | None:
         """One camera node, or None when the hub does not see it."""
+        ...
+
+    def versions(self, nodes: Iterable[str]) -> list[dict[str, Any]]:
+        """Per model version over ``nodes``: node count and figures merged over them."""
         ...
 
     async def rollouts(self, limit: int) -> list[dict[str, Any]]:

@@ -1,11 +1,19 @@
 """``edge-hub rollout start|status|pause|resume|promote|abort|rollback``: the ops engineer's side.
 
 ``start`` checks the selector, the gates, the waves and the durations here before anything is
-sent, then the hub checks the model version and the nodes; ``--dry-run`` prints which nodes would
-be in which wave and changes nothing. ``status ID --watch`` follows a rollout live (a table of
-waves and nodes with version, state and metrics) until it ends. Any refusal of a rollout request
-(bad input, unknown model or version, a conflicting rollout, a command the rollout's state does
-not allow) exits 2 with the reason; a wrong token exits 1; an unreachable hub exits 3.
+sent, then the hub checks the model version and the nodes; ``--dry-run`` prints the whole spec
+and which nodes would be in which wave, and changes nothing. ``start`` refuses when none of the
+selected nodes is online (the rollout would only wait) unless ``--allow-offline``. ``--shadow``
+starts every wave with a shadow phase (the candidate runs beside each node's version, compared,
+never serving, before the switch). ``status --watch`` follows a rollout live like Argo's
+``get rollout --watch`` (state, wave n/N, bake remaining, every gate's value against its limit,
+the new version against the baseline, nodes with their previous version, the last events; the
+rendering is ``hub/commands/rollout_view.py``) until it ends; without an ID it follows the
+active rollout, else the latest.
+
+Exit codes, as for every hub verb: 0 done; 1 refused by the hub (not found, conflict, wrong
+token) or the watched rollout ended rolled back; 2 a usage error or a request the hub finds
+invalid (bad selector, gate, waves, duration, unknown model version); 3 the hub is unreachable.
 """
 
 from __future__ import annotations
@@ -18,25 +26,27 @@ import sys
 import time
 from typing import Any
 
-from rich.console import Console, Group
+from rich.console import Console
 from rich.live import Live
-from rich.table import Table
-from rich.text import Text
 
 from edge_agent.common import cli
 from hub.client import http
 from hub.client.http import HubClient, client_from_args
-from hub.client.output import print_json, say
-from hub.errors import Conflict, HubError, InvalidRequest, NotFound
-from hub.rollouts.model import TERMINAL_STATES, parse_spec
+from hub.client.output import note, print_json, say
+from hub.commands import rollout_view as view
+from hub.errors import Conflict, InvalidRequest, NotFound
+from hub.rollouts.model import TERMINAL_STATES, RolloutSpec, ShadowSpec, parse_spec
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _COMMANDS = ("pause", "resume", "promote", "abort", "rollback")
+#: The spec's defaults, shown in --help (the CLI's own defaults are the same durations).
+_SPEC = RolloutSpec(model="m", version="1")
+_DEFAULT_INTERVAL_S = 2.0
 
 
-class RolloutRefusedError(HubError, code="refused", exit_code=2):
-    """The hub refused a rollout request (its message says why)."""
+class NoNodeOnlineError(Conflict, code="no_node_online"):
+    """None of the selected nodes is online: the rollout would only wait (exit 1)."""
 
 
 def parse_duration(text: str) -> float:
@@ -70,6 +80,9 @@ def build_spec(args: argparse.Namespace) -> dict[str, Any]:
                             "deadline_s": parse_duration(args.deadline),
                             "offline_wait_s": parse_duration(args.offline_wait),
                             "min_samples": args.min_samples}
+    shadow = _shadow(args)
+    if shadow is not None:
+        body["shadow"] = shadow
     canary = args.canary.strip()
     if canary.endswith("%"):
         try:
@@ -84,6 +97,18 @@ def build_spec(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
+def _shadow(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The shadow phase from --shadow and its options (any of them turns it on)."""
+    given = {"gate": args.shadow_gate, "min_samples": args.shadow_samples,
+             "timeout_s": parse_duration(args.shadow_timeout) if args.shadow_timeout else None}
+    if not args.shadow and all(v is None for v in given.values()):
+        return None
+    return {k: v for k, v in given.items() if v is not None}
+
+
+_SHADOW = ShadowSpec()
+
+
 def register(sub: Any) -> None:
     """Add ``rollout`` and its actions."""
     acts = cli.add_group(
@@ -94,30 +119,63 @@ def register(sub: Any) -> None:
                               help="start a rollout (or --dry-run to see its plan)")
     st.add_argument("model", metavar="MODEL")
     st.add_argument("version", metavar="VERSION")
-    st.add_argument("--selector", default="", help="label selector, e.g. 'site=a,line in (1,2)'")
-    st.add_argument("--canary", default="1", help="canary nodes: a count or N%% (default 1)")
+    st.add_argument("--selector", default="",
+                    help="label selector, e.g. 'site=a,line in (1,2)' (default: every camera "
+                         "node)")
+    st.add_argument("--canary", default="1",
+                    help="canary nodes: a count or N%% (default 1; 0: no canary, the first "
+                         "wave is wave 1)")
     st.add_argument("--waves", default="25,50,100",
                     help="cumulative percentages after the canary (default 25,50,100)")
-    st.add_argument("--bake", default="5m", help="time each wave runs before it is judged")
+    st.add_argument("--bake", default="5m",
+                    help="time each wave runs before it is judged (default 5m = "
+                         f"{_SPEC.bake_s:g}s)")
     st.add_argument("--gate", action="append", default=[], metavar="GATE",
                     help="e.g. 'p99_ms<=80', 'p99_ms<=1.5x', 'error_rate<=0.01', 'fps>=0.9x' "
-                         "(repeatable; Kx = K times the baseline nodes)")
-    st.add_argument("--deadline", default="10m", help="time a node has to report active")
+                         "(repeatable; Kx = K times the baseline nodes). Without any --gate "
+                         "only a node reporting the version failed, or not active by "
+                         "--deadline, rolls back: slow or wrong answers do not")
+    st.add_argument("--deadline", default="10m",
+                    help="time a node has to report the new version active (default 10m = "
+                         f"{_SPEC.deadline_s:g}s)")
     st.add_argument("--offline-wait", default="1h",
-                    help="after the last wave, how long to wait for offline nodes")
-    st.add_argument("--min-samples", type=int, default=2,
-                    help="telemetry messages per node before its gates count (default 2)")
-    st.add_argument("--dry-run", action="store_true", help="print the plan; change nothing")
+                    help="after the last wave, how long to wait for nodes that were offline "
+                         f"(default 1h = {_SPEC.offline_wait_s:g}s; 0: do not wait)")
+    st.add_argument("--min-samples", type=int, default=_SPEC.min_samples,
+                    help="telemetry messages per node before its gates count (default "
+                         f"{_SPEC.min_samples})")
+    st.add_argument("--allow-offline", action="store_true",
+                    help="start even when none of the selected nodes is online (they are "
+                         "upgraded as they return); without it such a start is refused")
+    st.add_argument("--shadow", action="store_true",
+                    help="start every wave with a shadow phase: the candidate runs beside each "
+                         "node's version on a sample of the same frames, never serving; the wave "
+                         "is switched only when the agreement passes --shadow-gate")
+    st.add_argument("--shadow-gate", metavar="GATE",
+                    help=f"the shadow phase's gate (default '{_SHADOW.gate}'; implies --shadow)")
+    st.add_argument("--shadow-samples", type=int, metavar="N",
+                    help="frames the wave's nodes must compare together before the gate is "
+                         f"judged (default {_SHADOW.min_samples}; implies --shadow)")
+    st.add_argument("--shadow-timeout", metavar="DURATION",
+                    help="how long a wave's shadow phase may take before the rollout ends "
+                         f"(default {_SHADOW.timeout_s:g}s; implies --shadow)")
+    st.add_argument("--dry-run", action="store_true",
+                    help="print the whole spec and which node is in which wave; change nothing")
 
     stat = http.add_client_verb(acts, "status", _status,
                                 help="show rollouts, or one rollout (--watch: live)")
-    stat.add_argument("id", nargs="?", type=int, metavar="ID")
-    stat.add_argument("--watch", action="store_true", help="follow until the rollout ends")
-    stat.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    stat.add_argument("id", nargs="?", type=int, metavar="ID",
+                      help="the rollout (default: list the latest; with --watch, follow the "
+                           "active rollout, else the latest)")
+    stat.add_argument("--watch", action="store_true",
+                      help="follow until the rollout ends (exit 1 if it ends rolled back)")
+    stat.add_argument("--interval", type=float, default=_DEFAULT_INTERVAL_S, metavar="S",
+                      help=f"seconds between refreshes (default {_DEFAULT_INTERVAL_S:g})")
 
     for verb, text in (("pause", "stop moving forward (resume continues)"),
                        ("resume", "continue a paused rollout (the bake restarts)"),
-                       ("promote", "end the current bake now and go to the next wave"),
+                       ("promote", "end the current bake now and go to the next wave (refused "
+                                   "while the wave is still applying)"),
                        ("abort", "stop here; nodes keep the version they have"),
                        ("rollback", "return every touched node to its previous version")):
         c = http.add_client_verb(acts, verb, functools.partial(_command, verb=verb), help=text,
@@ -126,36 +184,45 @@ def register(sub: Any) -> None:
 
 
 async def _request(hub: HubClient, method: str, path: str, **kw: Any) -> Any:
-    try:
-        _, body = await hub.request_json(method, path, **kw)
-    except (InvalidRequest, NotFound, Conflict) as exc:
-        raise RolloutRefusedError(str(exc)) from exc
+    """The JSON body; the hub's refusals raise their own errors (and exit codes)."""
+    _, body = await hub.request_json(method, path, **kw)
     return body
+
+
+def _check_online(plan: dict[str, Any], allow_offline: bool) -> None:
+    """Refuse a start none of whose nodes is online (unless allowed); warn about offline ones."""
+    nodes = [n for wave in plan["waves"] for n in wave]
+    online = sum(1 for n in nodes if n["online"])
+    if online == len(nodes):
+        return
+    if online == 0 and not allow_offline:
+        raise NoNodeOnlineError(
+            f"0 of {len(nodes)} selected nodes are online: the rollout would only wait for "
+            "them. Check 'edge-hub nodes --selector ...', or pass --allow-offline to start "
+            "anyway (nodes are upgraded as they return)")
+    note(f"warning: {len(nodes) - online} of {len(nodes)} selected nodes are offline: they are "
+         "skipped and upgraded when they return (for up to --offline-wait after the last wave)")
 
 
 async def _start(args: argparse.Namespace) -> int:
     """Roll MODEL VERSION out to the camera nodes matching --selector: first --canary nodes,
     then cumulative --waves percentages, each baked for --bake and judged by every --gate;
     rolled back automatically when a gate fails, a node reports failed, or a node is not active
-    within --deadline."""
+    within --deadline (without --gate only the last two roll back). Refused when none of the
+    selected nodes is online, unless --allow-offline."""
     body = build_spec(args)
-    body["dry_run"] = bool(args.dry_run)
     async with client_from_args(args) as hub:
-        out = await _request(hub, "POST", "/v1/rollouts", json=body)
+        plan = (await _request(hub, "POST", "/v1/rollouts", json={**body, "dry_run": True}))
+        if args.dry_run:
+            if args.json:
+                print_json(plan)
+            else:
+                _console().print(view.plan_view(plan["plan"]))
+            return 0
+        _check_online(plan["plan"], args.allow_offline)
+        out = await _request(hub, "POST", "/v1/rollouts", json={**body, "dry_run": False})
     if args.json:
         print_json(out)
-        return 0
-    if args.dry_run:
-        plan = out["plan"]
-        table = Table(title=f"plan: {plan['model']} -> {plan['version']} (dry run, nothing "
-                      "changed)", box=None, header_style="bold")
-        for col in ("WAVE", "NODE", "CURRENT", "ONLINE"):
-            table.add_column(col)
-        for i, wave in enumerate(plan["waves"]):
-            for n in wave:
-                table.add_row(_wave_name(i), n["node"], n["current_version"] or "-",
-                              "yes" if n["online"] else "no")
-        _console().print(table)
         return 0
     r = out["rollout"]
     say(f"rollout {r['id']} started: {r['model']} {r['version']} to {r['nodes_total']} nodes "
@@ -163,97 +230,60 @@ async def _start(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wave_name(i: int) -> str:
-    return "canary" if i == 0 else f"wave {i}"
-
-
 def _console() -> Console:
     tty = sys.stdout.isatty()
     return Console(width=None if tty else 200, no_color=not tty, highlight=False)
 
 
-def _fmt(v: Any, digits: int = 1) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
-
-
-def render(r: dict[str, Any]) -> Group:
-    """The live view of one rollout: a header and a table of nodes by wave."""
-    head = Text()
-    head.append(f"rollout {r['id']}  ", style="bold")
-    head.append(f"{r['model']} -> {r['version']}  selector '{r['selector']}'  ")
-    head.append(f"{r['state']}", style="bold")
-    head.append(f"  wave {min(r['wave'] + 1, r['waves'])}/{r['waves']}")
-    if r.get("message"):
-        head.append(f"  ({r['message']})")
-    if r.get("cause"):
-        c = r["cause"]
-        head.append("\ncause: " + ", ".join(f"{k}={v}" for k, v in c.items()), style="red")
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for col in ("WAVE", "NODE", "STATUS", "RUNNING", "ONLINE", "P99 MS", "ERR %", "FPS", "NOTE"):
-        table.add_column(col)
-    for n in r["nodes"]:
-        live = n.get("live") or {}
-        m = live.get("metrics") or {}
-        err = m.get("error_rate")
-        running = live.get("running") or "-"
-        if live.get("status") and live["status"] != "active":
-            running += f" ({live['status']})"
-        table.add_row(_wave_name(n["wave"]), n["node"], n["status"], running,
-                      "yes" if live.get("online") else "no", _fmt(m.get("p99_ms")),
-                      _fmt(err * 100 if err is not None else None, 2), _fmt(m.get("fps")),
-                      n.get("error") or "")
-    return Group(head, table)
+async def _follow_id(hub: HubClient) -> int:
+    """The rollout ``status --watch`` follows without an ID: the newest active, else the
+    newest; NotFound when there is none."""
+    rollouts = (await _request(hub, "GET", "/v1/rollouts?limit=100"))["rollouts"]
+    if not rollouts:
+        raise NotFound("no rollout yet: start one with 'edge-hub rollout start'")
+    active = [r for r in rollouts if r["state"] not in TERMINAL_STATES]
+    return int((active or rollouts)[0]["id"])
 
 
 async def _status(args: argparse.Namespace) -> int:
-    """Without ID: the latest rollouts. With ID: its waves and nodes with version, state and
-    metrics."""
+    """Without ID: the latest rollouts (with --watch: follow the active rollout, else the
+    latest). With ID: its state, wave, bake, gates against their limits, the new version beside
+    the baseline, its nodes (previous and running version, health) and the last events."""
+    if not args.interval > 0:
+        raise InvalidRequest(f"--interval must be a positive number of seconds, got "
+                             f"{args.interval:g}")
     async with client_from_args(args) as hub:
-        if args.id is None:
+        if args.id is None and not args.watch:
             out = await _request(hub, "GET", "/v1/rollouts")
             if args.json:
                 print_json(out)
-                return 0
-            table = Table(box=None, header_style="bold", pad_edge=False)
-            for col in ("ID", "MODEL", "VERSION", "SELECTOR", "STATE", "WAVE", "NODES",
-                        "CAUSE"):
-                table.add_column(col)
-            for r in out["rollouts"]:
-                cause = (r.get("cause") or {}).get("reason", "")
-                table.add_row(str(r["id"]), r["model"], r["version"], r["selector"],
-                              r["state"], f"{min(r['wave'] + 1, r['waves'])}/{r['waves']}",
-                              str(r["nodes_total"]), cause)
-            _console().print(table)
+            else:
+                _console().print(view.summary_table(out["rollouts"]))
             return 0
-        path = f"/v1/rollouts/{args.id}"
+        rid = args.id if args.id is not None else await _follow_id(hub)
+        path = f"/v1/rollouts/{rid}"
         r = (await _request(hub, "GET", path))["rollout"]
-        if args.json and not args.watch:
-            print_json(r)
-            return 0
         if not args.watch:
-            _console().print(render(r))
+            if args.json:
+                print_json(r)
+            else:
+                _console().print(view.render(r))
             return 0
         r = await _watch(hub, path, r, args)
-    return 0 if r["state"] != "rolled_back" else 4
+    return 1 if r["state"] == "rolled_back" else 0
 
 
 async def _watch(hub: HubClient, path: str, r: dict[str, Any],
                  args: argparse.Namespace) -> dict[str, Any]:
-    """Follow a rollout until it ends: a live table on a terminal, else one line per change."""
-    if sys.stdout.isatty():
-        with Live(render(r), console=_console(), refresh_per_second=4) as live:
-            while r["state"] not in TERMINAL_STATES:
-                await asyncio.sleep(args.interval)
-                r = (await _request(hub, "GET", path))["rollout"]
-                live.update(render(r))
-        return r
+    """Follow a rollout until it ends: a live view on a terminal (the bake counts down between
+    polls), else one plain line per change."""
+    if sys.stdout.isatty() and not args.json:
+        return await watch_live(hub, path, r, args.interval, _console())
     last = None
     while True:
-        key = (r["state"], r["wave"], tuple(sorted(r["node_counts"].items())))
-        if key != last:
-            say(f"{time.strftime('%H:%M:%S')} rollout {r['id']} {r['state']} wave "
-                f"{min(r['wave'] + 1, r['waves'])}/{r['waves']} "
-                + " ".join(f"{k}={v}" for k, v in sorted(r["node_counts"].items())))
+        key = view.watch_key(r)
+        if key != last and not args.json:
+            say(view.watch_line(r))
             last = key
         if r["state"] in TERMINAL_STATES:
             break
@@ -262,7 +292,24 @@ async def _watch(hub: HubClient, path: str, r: dict[str, Any],
     if args.json:
         print_json(r)
     else:
-        _console().print(render(r))
+        _console().print(view.render(r))
+    return r
+
+
+async def watch_live(hub: HubClient, path: str, r: dict[str, Any], interval: float,
+                     console: Console) -> dict[str, Any]:
+    """The terminal view: redrawn every second and after every poll, until ``r`` ends."""
+    fetched = time.monotonic()
+    with Live(view.render(r), console=console, refresh_per_second=4,
+              auto_refresh=False) as live:
+        next_poll = fetched + interval
+        while r["state"] not in TERMINAL_STATES:
+            await asyncio.sleep(max(0.0, min(1.0, next_poll - time.monotonic())))
+            if time.monotonic() >= next_poll:
+                r = (await _request(hub, "GET", path))["rollout"]
+                fetched = time.monotonic()
+                next_poll = fetched + interval
+            live.update(view.render(r, time.monotonic() - fetched), refresh=True)
     return r
 
 

@@ -6,8 +6,13 @@ errors and latency percentiles over the agent's interval). The hub keeps, per no
 
 * the latest state, and whether the node is online (its state says so and it was heard from
   within ``telemetry.offline_after_s``; silence makes it offline even without a last will);
-* per (model, version) the telemetry samples of the last ``telemetry.window_s``, from which
-  ``metrics()`` aggregates fps, error rate and latency p50/p95/p99 for any sub-window.
+* per (model, version) the telemetry samples of the last ``telemetry.window_s`` (a
+  ``Series``), from which ``metrics()`` aggregates fps, error rate, latency p50/p95/p99 (merged
+  sketches, ``hub/fleet/aggregate.py``) and output statistics for any sub-window.
+
+Gates ask for every node's figures on every rollout tick, thousands of nodes each second, while
+each node reports once per interval: a ``Series`` remembers what it merged for the last few
+sub-windows it was asked for and only merges the samples that arrived since.
 
 A node speaks only for itself: a message whose ``node`` differs from the node it arrived for
 is dropped and counted (``rejected["node_mismatch"]``), here as in the MQTT link that checks it
@@ -23,7 +28,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +37,8 @@ import structlog
 from edge_agent.contract.protocol import ModelState, StateMessage, TelemetryMessage
 from hub.config import TelemetrySettings
 from hub.fleet import aggregate as figures
+from hub.fleet import series as windows
+from hub.fleet import shadow as shadows
 
 log = structlog.get_logger(__name__)
 
@@ -52,7 +59,7 @@ class NodeHealth:
     last_seen: float | None = None
     last_telemetry: float | None = None
     telemetry: TelemetryMessage | None = None
-    samples: dict[tuple[str, str], deque[figures.Sample]] = field(default_factory=dict)
+    samples: dict[tuple[str, str], windows.Series] = field(default_factory=dict)
 
 
 class Fleet:
@@ -69,6 +76,8 @@ class Fleet:
         #: Payloads dropped, by reason (``malformed``, ``node_mismatch``).
         self.rejected: Counter[str] = Counter()
         self.lags: deque[float] = deque(maxlen=_LAG_KEEP)
+        #: Shadow agreement windows per node, model and candidate (``hub/fleet/shadow.py``).
+        self.shadows = shadows.ShadowLog()
 
     def _node(self, name: str) -> NodeHealth:
         h = self.nodes.get(name)
@@ -122,13 +131,17 @@ class Fleet:
         h.telemetry = msg
         horizon = now - self.settings.window_s
         for m in msg.models:
-            dq = h.samples.get((m.name, m.version))
-            if dq is None:
-                dq = h.samples[(m.name, m.version)] = deque()
-            dq.append(figures.Sample(now, msg.interval_s, m.frames, m.errors, m.latency_ms.p50,
-                             m.latency_ms.p95, m.latency_ms.p99))
-            while dq and dq[0].t < horizon:
-                dq.popleft()
+            series = h.samples.get((m.name, m.version))
+            if series is None:
+                series = h.samples[(m.name, m.version)] = windows.Series()
+            sample, dropped = windows.sample_of(now, msg.interval_s, m)
+            for reason in dropped:
+                self.on_invalid(reason)
+                log.warning("fleet_telemetry_part_dropped", node=node, model=m.name[:80],
+                            reason=reason, total=self.rejected[reason])
+            series.append(sample, horizon)
+            if m.shadow is not None:
+                self.shadows.add(node, m.name, m.shadow, now)
 
     def on_invalid(self, reason: str = "malformed") -> None:
         """A payload dropped for ``reason`` (counted; the MQTT layer logs it)."""
@@ -167,14 +180,38 @@ class Fleet:
             return figures.aggregate(())
         horizon = self.clock() - self.settings.window_s
         start = max(horizon, since) if since is not None else horizon
-        chosen: list[figures.Sample] = []
-        for (name, ver), dq in h.samples.items():
+        chosen: list[windows.Series] = []
+        for (name, ver), series in h.samples.items():
             if name != model or (version is not None and ver != version):
                 continue
             if exclude_version is not None and ver == exclude_version:
                 continue
-            chosen.extend(s for s in dq if s.t >= start)
-        return figures.aggregate(chosen)
+            series.evict(horizon)
+            chosen.append(series)
+        if len(chosen) == 1:
+            return chosen[0].metrics(start)
+        return figures.Metrics.from_parts(
+            figures.merge_parts([s.parts(start) for s in chosen]) if chosen
+            else figures.Parts())
+
+    def shadow_figures(self, node: str, model: str, version: str,
+                       since: float | None = None) -> shadows.ShadowFigures:
+        """``node``'s shadow figures for candidate ``version`` of ``model`` since ``since``."""
+        return self.shadows.figures(node, model, version, since)
+
+    def versions(self, nodes: Iterable[str]) -> dict[tuple[str, str], tuple[int, figures.Metrics]]:
+        """Per (model, version) over ``nodes``: how many report it, and their merged figures
+        (latency sketches merged across nodes, so the p99 is the p99 of all their frames)."""
+        per: dict[tuple[str, str], list[figures.Metrics]] = {}
+        for node in nodes:
+            h = self.nodes.get(node)
+            if h is None:
+                continue
+            for name, ver in list(h.samples):
+                m = self.metrics(node, name, ver)
+                if m.samples:
+                    per.setdefault((name, ver), []).append(m)
+        return {k: (len(ms), figures.combine(ms)) for k, ms in sorted(per.items())}
 
     def ingest_lag_p99(self) -> float | None:
         """p99 of (receipt - agent timestamp) over recent telemetry, seconds."""

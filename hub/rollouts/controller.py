@@ -19,8 +19,16 @@ import structlog
 from hub.cluster.base import Node
 from hub.cluster.selectors import parse_selector
 from hub.errors import Conflict, InvalidRequest, NotFound
+from hub.fleet import aggregate as figures
 from hub.rollouts import machine
-from hub.rollouts.gates import parse_gates
+from hub.rollouts.gates import (
+    SHADOW_METRICS,
+    Gate,
+    baseline_classes,
+    baseline_value,
+    judge,
+    parse_gates,
+)
 from hub.rollouts.model import NodeEntry, Rollout, RolloutSpec, plan_waves
 
 log = structlog.get_logger(__name__)
@@ -28,6 +36,10 @@ log = structlog.get_logger(__name__)
 VERBS = ("pause", "resume", "promote", "abort", "rollback")
 #: Steps of one rollout per tick, so quick transitions (applying -> baking) follow at once.
 _STEPS_PER_TICK = 4
+#: Ended rollouts ``/metrics`` keeps exporting (the newest, for up to ``ENDED_KEPT_S``), so
+#: that a dashboard sees their end: a series that vanishes with the rollout marks nothing.
+ENDED_KEPT = 50
+ENDED_KEPT_S = 86400.0
 
 
 class UnknownVersion(InvalidRequest, code="unknown_model_version"):
@@ -41,6 +53,8 @@ class RolloutController:
         self.parts = parts
         self.machine = machine.RolloutMachine(parts, wake=self.wake)
         self.rollouts: dict[int, Rollout] = {}
+        #: Rollouts that had ended before this process started (``recently_ended``).
+        self._ended: dict[int, Rollout] = {}
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -53,6 +67,8 @@ class RolloutController:
         for r in await self.parts.store.load(active_only=True, limit=10_000):
             self.rollouts[r.id] = r
             log.info("rollout_resumed", rollout=r.id, state=r.state, wave=r.wave)
+        self._ended = {r.id: r for r in await self.parts.store.load(limit=ENDED_KEPT)
+                       if not r.active}
         self._task = asyncio.create_task(self._run(connected), name="rollouts")
 
     async def aclose(self) -> None:
@@ -139,6 +155,7 @@ class RolloutController:
             if dry_run:
                 return {"dry_run": True, "model": spec.model, "version": spec.version,
                         "selector": spec.selector, "spec": spec.model_dump(),
+                        "shadow": spec.shadow.model_dump() if spec.shadow else None,
                         "waves": [[{"node": n, "current_version": nodes[n].labels.get(key),
                                     "online": self.parts.fleet.online(n)} for n in w]
                                   for w in waves]}
@@ -146,7 +163,7 @@ class RolloutController:
             base = await self.machine.baseline(spec.model, spec.version, None)
             r = Rollout(id=0, spec=spec, waves=len(waves), phase_started_at=now,
                         created_at=now, updated_at=now, created_by=actor,
-                        baseline={m: base.get(m) for m in machine.METRICS})
+                        baseline=machine.snapshot(base))
             for i, wave in enumerate(waves):
                 for n in wave:
                     r.nodes[n] = NodeEntry(n, i)
@@ -197,9 +214,59 @@ class RolloutController:
         """The latest rollouts, newest first (finished ones too)."""
         return await self.parts.store.load(limit=limit)
 
+    async def progress(self, r: Rollout) -> dict[str, Any]:
+        """Where ``r`` stands now, read only (``GET /v1/rollouts/{id}``, ``rollout status``):
+        its wave as ``number`` of ``of`` (1-based; wave 1 is the canary when it has one), the
+        bake's elapsed and remaining seconds, each gate's current value against its limit,
+        judged exactly as the state machine judges it, and the wave's figures beside the
+        baseline's. Gates have values only while the wave is applying, baking or paused."""
+        spec, now = r.spec, self.parts.clock()
+        state = r.paused_from if r.state == "paused" else r.state
+        out: dict[str, Any] = {
+            "now": now, "state": r.state,
+            "wave": {"number": min(r.wave + 1, r.waves), "of": r.waves,
+                     "canary": has_canary(spec) and r.wave == 0},
+            "has_canary": has_canary(spec), "bake": None, "gates": [], "judged": None,
+            "canary": None, "baseline": {k: v for k, v in r.baseline.items() if k != "classes"},
+        }
+        if r.state == "baking":
+            elapsed = max(0.0, now - r.phase_started_at)
+            out["bake"] = {"bake_s": spec.bake_s, "elapsed_s": round(elapsed, 3),
+                           "remaining_s": round(max(0.0, spec.bake_s - elapsed), 3)}
+        gates = [g for g in parse_gates(spec.gates) if g.metric not in SHADOW_METRICS]
+        if state not in ("applying", "baking"):
+            why = "not judged: the rollout ended" if not r.active else "judged while a wave bakes"
+            out["gates"] = [{**gate_row(g, None, {}, {}), "message": why} for g in gates]
+            return out
+        judged = [e for e in r.nodes.values() if e.status == "active" and e.wave <= r.wave]
+        per_node, ready, baseline = await self.machine.wave_figures(r, judged)
+        if not any(g.relative or g.metric == "class_shift" for g in gates):
+            live = await self.machine.baseline(spec.model, spec.version, r.phase_started_at,
+                                               exclude=set(per_node))
+            if live.samples:
+                baseline.update({k: v for k, v in machine.snapshot(live).items()
+                                 if v is not None})
+        group = figures.combine(ready.values()) if ready else None
+        out["gates"] = [gate_row(g, group, ready, baseline) for g in gates]
+        out["judged"] = {"nodes": len(judged), "ready": len(ready),
+                         "samples": sum(m.samples for m in ready.values()),
+                         "min_samples": spec.min_samples}
+        out["canary"] = group.as_dict() if group is not None else None
+        out["baseline"] = {k: v for k, v in baseline.items() if k != "classes"}
+        return out
+
     def active(self) -> list[Rollout]:
         """The rollouts in an active state."""
         return [r for r in list(self.rollouts.values()) if r.active]
+
+    def recently_ended(self) -> list[Rollout]:
+        """Up to ``ENDED_KEPT`` rollouts that ended within ``ENDED_KEPT_S``, newest first."""
+        now = self.parts.clock()
+        ended = {**self._ended, **{r.id: r for r in list(self.rollouts.values())}}
+        keep = sorted((r for r in ended.values() if not r.active and r.finished_at is not None
+                       and now - r.finished_at <= ENDED_KEPT_S),
+                      key=lambda r: -(r.finished_at or 0.0))
+        return keep[:ENDED_KEPT]
 
     def assigned(self, model: str, version: str) -> list[str]:
         """Nodes labelled with, or in an active rollout towards, ``model`` ``version``."""
@@ -212,3 +279,40 @@ class RolloutController:
             if r.active and r.spec.model == model:
                 nodes |= {e.node for e in r.nodes.values() if e.prev_version == version}
         return sorted(nodes)
+
+
+def has_canary(spec: RolloutSpec) -> bool:
+    """Whether the rollout's first wave is a canary (``plan_waves``' rule)."""
+    return spec.canary_percent is not None or (spec.canary or 0) > 0
+
+
+def gate_row(gate: Gate, group: figures.Metrics | None, ready: dict[str, figures.Metrics],
+             baseline: dict[str, Any]) -> dict[str, Any]:
+    """One gate now: its value (the worst node's for an absolute gate, the wave's for a
+    relative one or ``class_shift``), the limit it is held to, and ``ok`` as ``judge`` decides
+    it on the same figures (None: not judged yet, ``message`` says why)."""
+    row: dict[str, Any] = {"gate": str(gate), "metric": gate.metric, "op": gate.op,
+                           "threshold": gate.threshold, "relative": gate.relative,
+                           "value": None, "limit": None, "baseline": None, "node": None,
+                           "ok": None, "message": "too few telemetry samples yet"}
+    if gate.metric == "class_shift":
+        row["limit"] = gate.threshold
+        base = baseline_classes(baseline)
+        if group is not None and base:
+            row["value"] = figures.total_variation(group.classes, base)
+    elif gate.relative:
+        row["baseline"] = baseline_value(baseline, gate.metric)
+        row["limit"] = gate.limit(row["baseline"])
+        row["value"] = group.get(gate.metric) if group is not None else None
+    else:
+        row["limit"] = gate.threshold
+        values = [(m.get(gate.metric), n) for n, m in sorted(ready.items())]
+        known = [(v, n) for v, n in values if v is not None]
+        if known:
+            pick = max if gate.op == "<=" else min
+            row["value"], row["node"] = pick(known, key=lambda vn: vn[0])
+    if group is None:
+        return row
+    verdict = judge([gate], ready, group, baseline)
+    row["ok"], row["message"] = verdict.ok, verdict.message
+    return row

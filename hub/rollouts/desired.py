@@ -9,6 +9,12 @@ publishes it retained with QoS 1. The broker's acknowledgement is recorded, so a
 killed between the write and the publish sends exactly the unacknowledged ones again on start.
 Nodes whose labels did not change get nothing: a restart or a wave never re-sends to bystanders.
 
+A shadow label (``edge.ai/shadow.<name>=<version>``, set by a rollout's shadow phase) adds
+``shadow`` (the candidate's version, sha256, signature and URLs) to that model's entry: the agent
+runs it beside the assigned version and compares their answers. A shadow label on a node without
+that model's label (nothing to compare with), naming the assigned version itself, or naming a
+version the registry does not hold, is left out, logged and counted in ``shadows_ignored``.
+
 One node never holds up the others: a node whose desired message cannot be decided (its agent
 claims a generation at the top of the contract's range, [0, 2^53), or anything else fails for
 it alone) is logged, counted in ``failed`` and left out of the batch, and the rest of the batch
@@ -27,7 +33,7 @@ import orjson
 import structlog
 
 from edge_agent.contract import protocol
-from edge_agent.contract.protocol import DesiredModel, model_from_label
+from edge_agent.contract.protocol import DesiredModel, model_from_label, shadow_from_label
 from hub.cluster.base import Cluster, NodeEvent
 from hub.errors import HubError
 from hub.fleet.view import Fleet
@@ -57,6 +63,16 @@ def assigned_models(labels: dict[str, str] | Any, label_prefix: str) -> dict[str
     out: dict[str, str] = {}
     for key, value in labels.items():
         model = model_from_label(key, label_prefix)
+        if model is not None and protocol.is_valid_name(model):
+            out[model] = value
+    return out
+
+
+def assigned_shadows(labels: dict[str, str] | Any, label_prefix: str) -> dict[str, str]:
+    """``{model: candidate version}`` from a node's shadow labels."""
+    out: dict[str, str] = {}
+    for key, value in labels.items():
+        model = shadow_from_label(key, label_prefix)
         if model is not None and protocol.is_valid_name(model):
             out[model] = value
     return out
@@ -96,6 +112,8 @@ class Dispatcher:
         self.unknown_versions = 0
         #: Nodes left out of a sync because their message could not be decided.
         self.failed = 0
+        #: Shadow labels left out of a desired message (no model label, same or unknown version).
+        self.shadows_ignored = 0
 
     # ---------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -181,14 +199,17 @@ class Dispatcher:
         """
         async with self._lock:
             wanted: dict[str, dict[str, str]] = {}
+            shadows: dict[str, dict[str, str]] = {}
             for name in names:
                 node = self.cluster.get(name)
                 if node is not None:
                     wanted[name] = assigned_models(node.labels, self.label_prefix)
-            pairs = {(m, v) for a in wanted.values() for m, v in a.items()}
+                    shadows[name] = assigned_shadows(node.labels, self.label_prefix)
+            pairs = {(m, v) for a in (*wanted.values(), *shadows.values()) for m, v in a.items()}
             entries = await self._entries(pairs)
             new_rows = [row for name, assigned in wanted.items()
-                        if (row := self._decide_one(name, assigned, entries)) is not None]
+                        if (row := self._decide_one(name, assigned, entries,
+                                                    shadows[name])) is not None]
             if not new_rows:
                 return {}
             # the database first: a generation once decided is never reused
@@ -200,10 +221,11 @@ class Dispatcher:
             return {r.node: r.generation for r in new_rows}
 
     def _decide_one(self, name: str, assigned: dict[str, str],
-                    entries: dict[tuple[str, str], dict[str, Any]]) -> DesiredRow | None:
+                    entries: dict[tuple[str, str], dict[str, Any]],
+                    shadows: dict[str, str]) -> DesiredRow | None:
         """``_decide`` for one node, whose failure is that node's alone (logged, counted)."""
         try:
-            return self._decide(name, assigned, entries)
+            return self._decide(name, assigned, entries, shadows)
         except Exception as exc:
             self.failed += 1
             log.error("desired_node_failed", node=name, error=str(exc)[:200],
@@ -211,7 +233,8 @@ class Dispatcher:
             return None
 
     def _decide(self, name: str, assigned: dict[str, str],
-                entries: dict[tuple[str, str], dict[str, Any]]) -> DesiredRow | None:
+                entries: dict[tuple[str, str], dict[str, Any]],
+                shadows: dict[str, str]) -> DesiredRow | None:
         """The node's next desired row, or None when it would say nothing new."""
         old = self.rows.get(name)
         models: dict[str, dict[str, Any]] = {}
@@ -221,9 +244,11 @@ class Dispatcher:
                 # an unknown version (a typo in kubectl label): keep what it had
                 self.unknown_versions += 1
                 if old is not None and model in old.models:
-                    models[model] = old.models[model]
+                    # its shadow (if any) is decided from the labels below, like any other
+                    models[model] = {k: v for k, v in old.models[model].items() if k != "shadow"}
                 continue
             models[model] = entry
+        self._add_shadows(name, models, entries, shadows)
         d = digest(models)
         if old is not None and old.digest == d:
             return None
@@ -236,6 +261,22 @@ class Dispatcher:
             raise HubError(f"generation {gen} is beyond the contract's range [0, 2^53) "
                            "(the node's state claims an impossible applied generation)")
         return DesiredRow(name, gen, models, d, False)
+
+    def _add_shadows(self, name: str, models: dict[str, dict[str, Any]],
+                     entries: dict[tuple[str, str], dict[str, Any]],
+                     shadows: dict[str, str]) -> None:
+        """Put each shadow candidate into its model's entry (a copy: entries are shared)."""
+        for model, version in shadows.items():
+            entry = entries.get((model, version))
+            current = models.get(model)
+            if current is None or entry is None or current["version"] == version:
+                self.shadows_ignored += 1
+                reason = ("no model label" if current is None else
+                          "unknown version" if entry is None else "same as assigned")
+                log.warning("desired_shadow_ignored", node=name, model=model,
+                            version=version[:80], reason=reason, total=self.shadows_ignored)
+                continue
+            models[model] = {**current, "shadow": entry}
 
     def _publish(self, row: DesiredRow) -> None:
         payload = protocol.encode_dict(
@@ -258,6 +299,14 @@ class Dispatcher:
     def desired(self, node: str) -> DesiredRow | None:
         """The last desired state decided for ``node``."""
         return self.rows.get(node)
+
+    def shadow_generation(self, node: str, model: str, version: str) -> int | None:
+        """The generation of ``node``'s latest desired message when it carries ``version`` of
+        ``model`` as the shadow candidate (None when it does not)."""
+        row = self.rows.get(node)
+        if row is None or row.models.get(model, {}).get("shadow", {}).get("version") != version:
+            return None
+        return row.generation
 
     def all_published(self, names: Iterable[str]) -> bool:
         """Whether the broker acknowledged the latest desired message of every named node."""

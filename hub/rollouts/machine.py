@@ -32,6 +32,7 @@ from hub.config import HubSettings
 from hub.errors import Conflict, HubError
 from hub.fleet import aggregate as figures
 from hub.fleet.view import Fleet
+from hub.rollouts import shadowing
 from hub.rollouts.desired import Catalog, Dispatcher
 from hub.rollouts.gates import Verdict, judge, parse_gates
 from hub.rollouts.model import NodeEntry, Rollout
@@ -39,8 +40,19 @@ from hub.rollouts.store import RolloutStore
 
 log = structlog.get_logger(__name__)
 
-#: The figures a rollout's baseline records (and relative gates compare against).
-METRICS = ("p50_ms", "p95_ms", "p99_ms", "error_rate", "fps")
+#: The figures a rollout's baseline records (and relative gates compare against); the record
+#: also holds the baseline's class histogram under ``"classes"`` (``class_shift``). Rollouts
+#: stored before a figure existed simply lack it: such a gate waits for a live baseline.
+METRICS = ("p50_ms", "p95_ms", "p99_ms", "error_rate", "fps", "detections_per_frame",
+           "score_p50")
+
+
+def snapshot(m: figures.Metrics) -> dict[str, Any]:
+    """The baseline record of ``m``: every figure of ``METRICS``, and the class histogram."""
+    out: dict[str, Any] = {k: m.get(k) for k in METRICS}
+    if m.classes:
+        out["classes"] = dict(m.classes)
+    return out
 #: Nodes handled between two yields to the event loop when judging a big wave.
 _YIELD_EVERY = 250
 
@@ -69,6 +81,10 @@ class RolloutMachine:
     def __init__(self, parts: Parts, *, wake: Callable[[], None]) -> None:
         self.parts = parts
         self._wake = wake
+        self.shadow = shadowing.ShadowPhase(
+            cluster=parts.cluster, fleet=parts.fleet, desired=parts.dispatcher, clock=parts.clock,
+            label_prefix=parts.settings.cluster.label_prefix,
+            batch=parts.settings.rollouts.apply_batch, save=self.save)
 
     def label(self, model: str) -> str:
         """The node label that carries ``model``'s assigned version."""
@@ -99,7 +115,11 @@ class RolloutMachine:
         if r.state == "pending":
             r.state, r.wave, r.phase_started_at = "applying", 0, self.parts.clock()
             await self.save(r, event="wave_started", wave_index=0)
-        if r.state == "applying":
+            if r.spec.shadow is not None:
+                await self.shadow.begin(r, r.phase_started_at)
+        if r.state == "shadowing":
+            await self._shadowing(r)
+        elif r.state == "applying":
             await self._applying(r)
         elif r.state == "baking":
             await self._baking(r)
@@ -107,6 +127,15 @@ class RolloutMachine:
             await self._waiting(r)
         elif r.state == "rolling_back":
             await self._rolling_back(r)
+
+    async def _shadowing(self, r: Rollout) -> None:
+        """The wave's shadow phase (``hub/rollouts/shadowing.py``): switch or roll back."""
+        outcome = await self.shadow.step(r)
+        if outcome is True:
+            r.state, r.phase_started_at, r.message = "applying", self.parts.clock(), "applying"
+            await self.save(r)
+        elif isinstance(outcome, dict):
+            await self.rollback(r, outcome)
 
     def _returning(self, r: Rollout, upto: int) -> list[NodeEntry]:
         """Skipped nodes (of waves up to ``upto``) that are online again: they rejoin now."""
@@ -273,6 +302,17 @@ class RolloutMachine:
 
         A node counts once it sent ``min_samples`` messages: one noisy window decides nothing.
         """
+        per_node, ready, baseline = await self.wave_figures(r, judged)
+        if not ready:
+            return Verdict(None, message="too few telemetry samples yet"), per_node, ready
+        gates = parse_gates(r.spec.gates)
+        return judge(gates, ready, figures.combine(ready.values()), baseline), per_node, ready
+
+    async def wave_figures(self, r: Rollout, judged: list[NodeEntry]) -> tuple[
+            dict[str, figures.Metrics], dict[str, figures.Metrics], dict[str, Any]]:
+        """What this bake's gates are judged on (reads only; ``rollout status`` shows it too):
+        every judged node's figures since it went active, those with ``min_samples``, and the
+        baseline record (live where a gate compares with it and baseline nodes report)."""
         spec, since = r.spec, r.phase_started_at
         per_node: dict[str, figures.Metrics] = {}
         for i, e in enumerate(judged):
@@ -282,14 +322,14 @@ class RolloutMachine:
                                                   since=max(since, e.active_at or since))
         gates = parse_gates(spec.gates)
         ready = {n: m for n, m in per_node.items() if m.samples >= spec.min_samples}
-        baseline: dict[str, float | None] = dict(r.baseline)
-        if any(g.relative for g in gates):
+        baseline: dict[str, Any] = dict(r.baseline)
+        if any(g.relative or g.metric == "class_shift" for g in gates):
             live = await self.baseline(spec.model, spec.version, since, exclude=set(per_node))
             if live.samples:
-                baseline = {m: live.get(m) for m in METRICS}
-        if not ready:
-            return Verdict(None, message="too few telemetry samples yet"), per_node, ready
-        return judge(gates, ready, figures.combine(ready.values()), baseline), per_node, ready
+                # the live baseline's figures where it has them, the snapshot's for the rest
+                # (baseline nodes on agents that send no output statistics yet)
+                baseline.update({k: v for k, v in snapshot(live).items() if v is not None})
+        return per_node, ready, baseline
 
     async def next_wave(self, r: Rollout, now: float, **detail: Any) -> None:
         """The current wave passed: start the next one, wait for offline nodes, or finish."""
@@ -298,6 +338,8 @@ class RolloutMachine:
             r.wave += 1
             r.state, r.phase_started_at, r.message = "applying", now, "applying"
             await self.save(r, event="wave_started", wave_index=r.wave)
+            if r.spec.shadow is not None:
+                await self.shadow.begin(r, now)
         elif any(e.status == "skipped" for e in r.nodes.values()) and r.spec.offline_wait_s > 0:
             r.state, r.phase_started_at = "waiting", now
             r.message = "waiting for offline nodes to return"
@@ -306,7 +348,10 @@ class RolloutMachine:
             await self.finish(r, "succeeded", now)
 
     async def finish(self, r: Rollout, state: str, now: float, **detail: Any) -> None:
-        """End ``r`` in a terminal ``state``."""
+        """End ``r`` in a terminal ``state`` (shadow labels removed first, best effort: a
+        rollback retries until they are gone, an abort logs what is left)."""
+        if r.spec.shadow is not None and not await self.shadow.clear(r):
+            detail["shadow_labels_left"] = True
         r.state, r.finished_at, r.paused_from = state, now, None  # type: ignore[assignment]
         skipped = sorted(e.node for e in r.nodes.values() if e.status == "skipped")
         r.message = f"{len(skipped)} nodes were never upgraded (offline)" if skipped else ""
@@ -333,6 +378,15 @@ class RolloutMachine:
 
     async def _rolling_back(self, r: Rollout) -> None:
         key, version = self.label(r.spec.model), r.spec.version
+        if r.spec.shadow is not None and not await self.shadow.clear(r):
+            return  # retried next step: no shadow label outlives the rollout
+        # nodes that only shadowed never had their model label touched: nothing to patch
+        untouched = [e for e in r.nodes.values() if e.prev_recorded and e.applied_at is None
+                     and e.status != "rolled_back"]
+        for e in untouched:
+            e.status = "rolled_back"
+        if untouched:
+            await self.save(r, untouched)
         todo = [e for e in r.nodes.values() if e.prev_recorded and e.status != "rolled_back"]
         if todo:
             results = await self.parts.cluster.patch_many(
@@ -358,7 +412,7 @@ class RolloutMachine:
     # ----------------------------------------------------------------------------- commands
     async def pause(self, r: Rollout, now: float, actor: str) -> None:
         """Stop stepping ``r`` where it is."""
-        if r.state not in ("pending", "applying", "baking", "waiting"):
+        if r.state not in ("pending", "shadowing", "applying", "baking", "waiting"):
             raise Conflict(f"rollout {r.id} is {r.state}; only a running one can pause")
         r.paused_from, r.state = r.state, "paused"
         r.message = f"paused by {actor or 'api'}"
@@ -371,9 +425,20 @@ class RolloutMachine:
         await self.save(r, self._unpause(r, now), event="resume", by=actor)
 
     async def promote(self, r: Rollout, now: float, actor: str) -> None:
-        """End the current bake now (a paused rollout is resumed first)."""
+        """End the current bake now (a paused rollout is resumed first). Refused while the
+        wave's nodes are still being switched: there is no bake to end yet."""
+        if (r.paused_from if r.state == "paused" else r.state) in ("pending", "applying"):
+            todo = [e for e in r.nodes.values()
+                    if e.wave <= r.wave and e.status in ("planned", "applying")]
+            if todo or r.state == "pending":
+                raise Conflict(f"rollout {r.id} is still applying wave {r.wave + 1}/{r.waves} "
+                               f"({len(todo)} nodes not active yet): promote ends a bake; "
+                               "wait for the wave to bake (rollout status --watch)")
         entries = self._unpause(r, now) if r.state == "paused" else []
-        if r.state in ("pending", "applying", "baking"):
+        if r.state == "shadowing":  # the operator accepts the candidate: switch this wave
+            await self.save(r, entries, event="promoted", by=actor)
+            await self._shadow_promoted(r)
+        elif r.state in ("pending", "applying", "baking"):
             await self.save(r, entries, event="promoted", by=actor)
             await self.next_wave(r, now, promoted=True)
         elif r.state == "waiting":
@@ -381,6 +446,11 @@ class RolloutMachine:
             await self.finish(r, "succeeded", now, promoted=True)
         else:
             raise Conflict(f"rollout {r.id} is {r.state}; nothing to promote")
+
+    async def _shadow_promoted(self, r: Rollout) -> None:
+        if await self.shadow.promote(r):
+            r.state, r.phase_started_at, r.message = "applying", self.parts.clock(), "applying"
+            await self.save(r)
 
     async def abort(self, r: Rollout, now: float, actor: str) -> None:
         """Stop for good; nodes keep what they have."""

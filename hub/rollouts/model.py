@@ -8,12 +8,15 @@ States::
 
     pending -> applying(wave i) -> baking(wave i) -> applying(wave i+1) ... -> succeeded
                                                                         \\-> waiting -> succeeded
+    with a shadow phase, each wave starts in shadowing(wave i) -> applying(wave i) -> ...
     any active state -> paused -> (resume) the state it was paused in
     any active state -> rolling_back -> rolled_back        (a gate, a failed node, a deadline)
     any active state -> aborted                             (stop; nodes keep what they have)
 
 ``waiting`` means every wave passed but nodes that were offline when their wave came have not
 returned yet; they are upgraded and judged when they do, for up to ``offline_wait_s``.
+``shadowing`` (only with ``spec.shadow``) runs the candidate beside each node's current version
+and compares their answers before the wave is switched (``hub/rollouts/shadowing.py``).
 """
 
 from __future__ import annotations
@@ -29,16 +32,42 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from edge_agent.contract import protocol
 from hub.cluster.selectors import parse_selector
 from hub.errors import InvalidRequest
-from hub.rollouts.gates import parse_gates
+from hub.rollouts.gates import SHADOW_METRICS, parse_gate, parse_gates
 
-State = Literal["pending", "applying", "baking", "waiting", "paused", "rolling_back",
-                "succeeded", "aborted", "rolled_back"]
+State = Literal["pending", "shadowing", "applying", "baking", "waiting", "paused",
+                "rolling_back", "succeeded", "aborted", "rolled_back"]
 ACTIVE_STATES: frozenset[str] = frozenset(
-    {"pending", "applying", "baking", "waiting", "paused", "rolling_back"}
+    {"pending", "shadowing", "applying", "baking", "waiting", "paused", "rolling_back"}
 )
 TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "aborted", "rolled_back"})
 
-NodeStatus = Literal["planned", "skipped", "applying", "active", "failed", "rolled_back", "gone"]
+NodeStatus = Literal["planned", "shadowing", "skipped", "applying", "active", "failed",
+                     "rolled_back", "gone"]
+
+
+class ShadowSpec(BaseModel):
+    """A shadow phase at the start of every wave (the canary's too): the wave's nodes load the
+    candidate beside the version they serve, run it on a sample of the same frames and report
+    how often the two agree; the wave is switched only when the phase passes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: The gate on the pooled agreement of the wave's nodes (``agreement>=K``, K in [0, 1]).
+    gate: str = "agreement>=0.9"
+    #: Compared frames the wave's nodes must report together before the gate is judged.
+    #: Default 200: the 95 % interval of an agreement near 0.9 is then about +-0.04.
+    min_samples: int = Field(200, ge=1, le=10_000_000)
+    #: How long the phase may take to collect ``min_samples`` and pass, seconds.
+    timeout_s: float = Field(600.0, gt=0, le=7 * 86400)
+
+    @field_validator("gate")
+    @classmethod
+    def _gate(cls, v: str) -> str:
+        gate = parse_gate(v)
+        if gate.metric not in SHADOW_METRICS:
+            raise ValueError(f"the shadow phase's gate judges agreement, e.g. "
+                             f"'agreement>=0.9' (got {v!r})")
+        return str(gate)
 
 
 class RolloutSpec(BaseModel):
@@ -65,6 +94,8 @@ class RolloutSpec(BaseModel):
     offline_wait_s: float = Field(3600.0, ge=0)
     #: Telemetry messages each judged node must send during a bake before gates can pass.
     min_samples: int = Field(2, ge=1, le=1000)
+    #: A shadow phase before each wave is switched (None: switch at once).
+    shadow: ShadowSpec | None = None
 
     @field_validator("selector")
     @classmethod
@@ -74,7 +105,11 @@ class RolloutSpec(BaseModel):
     @field_validator("gates")
     @classmethod
     def _gates(cls, v: list[str]) -> list[str]:
-        return [str(g) for g in parse_gates(v)]
+        gates = parse_gates(v)
+        if any(g.metric in SHADOW_METRICS for g in gates):
+            raise ValueError("agreement is judged by a shadow phase: give it as shadow.gate "
+                             "(edge-hub rollout start --shadow --shadow-gate 'agreement>=0.9')")
+        return [str(g) for g in gates]
 
     @field_validator("waves")
     @classmethod
@@ -167,7 +202,8 @@ class Rollout:
     waves: int = 0
     paused_from: str | None = None
     phase_started_at: float = 0.0
-    baseline: dict[str, float | None] = field(default_factory=dict)
+    #: Figures by metric name, and the class histogram under "classes" (machine.snapshot).
+    baseline: dict[str, Any] = field(default_factory=dict)
     cause: dict[str, Any] | None = None
     message: str = ""
     created_at: float = 0.0
@@ -175,6 +211,9 @@ class Rollout:
     finished_at: float | None = None
     created_by: str = ""
     nodes: dict[str, NodeEntry] = field(default_factory=dict)
+    #: The shadow phase's latest figures (``hub/rollouts/shadowing.py``: wave, gate, pooled
+    #: agreement with its interval, samples, per node); None before any shadow phase.
+    shadow: dict[str, Any] | None = None
 
     @property
     def active(self) -> bool:
@@ -204,6 +243,7 @@ class Rollout:
         out = self.summary()
         out["spec"] = self.spec.model_dump()
         out["baseline"] = self.baseline
+        out["shadow"] = self.shadow
         out["plan"] = [[e.node for e in sorted(self.wave_nodes(i), key=lambda e: e.node)]
                        for i in range(self.waves)]
         out["nodes"] = [dataclasses.asdict(e) for e in sorted(self.nodes.values(),

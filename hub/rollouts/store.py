@@ -1,10 +1,11 @@
 """The rollout side's SQLite database (``rollouts.sqlite3`` in ``storage.data_dir``, WAL mode).
 
-It holds what must survive a ``kill -9`` of the hub: every rollout with its state, plan and
-per-node progress (the version each node had before, recorded before its label is touched), an
-event log per rollout, and per node the last desired state published with its ``generation``
-(which only grows) and whether the broker acknowledged it. One connection, used by one worker
-thread, so the event loop never waits on the disk and writes never interleave.
+It holds what must survive a ``kill -9`` of the hub: every rollout with its state, plan,
+per-node progress (the version each node had before, recorded before its label is touched) and
+its shadow phase's latest figures, an event log per rollout, and per node the last desired state
+published with its ``generation`` (which only grows) and whether the broker acknowledged it.
+One connection, used by one worker thread, so the event loop never waits on the disk and
+writes never interleave.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ CREATE TABLE IF NOT EXISTS rollouts (
   created_at REAL NOT NULL,
   updated_at REAL NOT NULL,
   finished_at REAL,
-  created_by TEXT NOT NULL DEFAULT ''
+  created_by TEXT NOT NULL DEFAULT '',
+  shadow TEXT
 );
 CREATE INDEX IF NOT EXISTS rollouts_model ON rollouts(model, state);
 CREATE TABLE IF NOT EXISTS rollout_nodes (
@@ -92,7 +94,15 @@ def _rollout_row(r: Rollout) -> tuple[Any, ...]:
     return (r.spec.model, r.spec.version, r.spec.model_dump_json(), r.state, r.wave, r.waves,
             r.paused_from, r.phase_started_at, orjson.dumps(r.baseline).decode(),
             orjson.dumps(r.cause).decode() if r.cause is not None else None, r.message,
-            r.created_at, r.updated_at, r.finished_at, r.created_by)
+            r.created_at, r.updated_at, r.finished_at, r.created_by,
+            orjson.dumps(r.shadow).decode() if r.shadow is not None else None)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Add the columns a database from an older hub lacks (``shadow``)."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(rollouts)")}
+    if "shadow" not in have:
+        conn.execute("ALTER TABLE rollouts ADD COLUMN shadow TEXT")
 
 
 def _node_row(rid: int, e: NodeEntry) -> tuple[Any, ...]:
@@ -127,6 +137,7 @@ class RolloutStore:
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=5000")
             conn.executescript(_SCHEMA)
+            _migrate(conn)
             conn.isolation_level = "DEFERRED"  # implicit transactions again, for ``with conn``
             return conn
 
@@ -184,7 +195,7 @@ class RolloutStore:
             cur = c.execute(
                 "INSERT INTO rollouts(model, version, spec, state, wave, waves, paused_from, "
                 "phase_started_at, baseline, cause, message, created_at, updated_at, "
-                "finished_at, created_by) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "finished_at, created_by, shadow) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 _rollout_row(r),
             )
             rid = int(cur.lastrowid or 0)
@@ -209,7 +220,7 @@ class RolloutStore:
             c.execute(
                 "UPDATE rollouts SET model=?, version=?, spec=?, state=?, wave=?, waves=?, "
                 "paused_from=?, phase_started_at=?, baseline=?, cause=?, message=?, "
-                "created_at=?, updated_at=?, finished_at=?, created_by=? WHERE id=?",
+                "created_at=?, updated_at=?, finished_at=?, created_by=?, shadow=? WHERE id=?",
                 (*row, r.id),
             )
             if nodes:
@@ -227,8 +238,8 @@ class RolloutStore:
         """Rollouts with their nodes, newest first."""
         def op(c: sqlite3.Connection) -> list[Rollout]:
             sql = ("SELECT id, spec, state, wave, waves, paused_from, phase_started_at, "
-                   "baseline, cause, message, created_at, updated_at, finished_at, created_by "
-                   "FROM rollouts")
+                   "baseline, cause, message, created_at, updated_at, finished_at, created_by, "
+                   "shadow FROM rollouts")
             args: list[Any] = []
             if rid is not None:
                 sql += " WHERE id=?"
@@ -246,7 +257,7 @@ class RolloutStore:
                     baseline=orjson.loads(row[7]),
                     cause=orjson.loads(row[8]) if row[8] else None, message=row[9],
                     created_at=row[10], updated_at=row[11], finished_at=row[12],
-                    created_by=row[13],
+                    created_by=row[13], shadow=orjson.loads(row[14]) if row[14] else None,
                 )
                 for n in c.execute(
                     "SELECT node, wave, status, prev_version, prev_recorded, generation, "

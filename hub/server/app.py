@@ -3,10 +3,11 @@
 Every part is built here and handed what it needs through its constructor: the registry (with
 the ``is_assigned`` check it asks before a delete, answered by the control plane), the control
 plane (reading versions from the registry), the REST APIs (the registry, and the control plane
-behind ``hub.api.ports.FleetControl``) and ``/metrics``. Their lifetime is one
-``AsyncExitStack`` on the app: opened in dependency order before the first request, closed in
-reverse after the last. ``serve`` owns the process lifetime: SIGTERM/SIGINT only set an event;
-shutdown then closes listeners and waits a bounded time for requests in flight.
+behind ``hub.api.ports.FleetControl``), ``/metrics`` and the fleet page (``hub.web``). Their
+lifetime is one ``AsyncExitStack`` on the app: opened in dependency order before the first
+request, closed in reverse after the last. ``serve`` owns the process lifetime: SIGTERM/SIGINT
+only set an event; shutdown then closes listeners and waits a bounded time for requests in
+flight.
 
 The hub listens with TLS unless ``api.plain_http`` (``ssl_context``), asks for client
 certificates when ``api.client_ca_file`` is set, and every connection runs under the limits of
@@ -38,6 +39,7 @@ from hub.pki import bootstrap as pki_bootstrap
 from hub.registry.service import AssignedCheck, Registry
 from hub.server import metrics as server_metrics
 from hub.server.control import ControlPlane
+from hub.web import pages as web_pages
 
 log = structlog.get_logger(__name__)
 
@@ -99,6 +101,7 @@ def build_app(
                     openapi_doc=app[OPENAPI_KEY])
     api_pki.setup(app, pki_bootstrap.Bootstrapper.from_settings(settings, control.cluster),
                   metrics_registry=metrics_registry, openapi_doc=app[OPENAPI_KEY])
+    web_pages.setup(app, control, openapi_doc=app[OPENAPI_KEY])
     app.router.add_get(openapi.OPENAPI_PATH, _openapi)
     app.router.add_get("/healthz", _health)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import structlog
@@ -133,6 +133,12 @@ class ControlPlane:
         """Every camera node matching ``selector``, as the API shows it."""
         return [self._node_view(n) for n in self.cluster.select(selector)]
 
+    def versions(self, nodes: Iterable[str]) -> list[dict[str, Any]]:
+        """Per model version over ``nodes``: node count and merged figures (the API's
+        ``versions`` beside ``nodes``)."""
+        return [{"model": model, "version": version, "nodes": count, **m.as_dict()}
+                for (model, version), (count, m) in self.fleet.versions(nodes).items()]
+
     def node(self, name: str) -> dict[str, Any] | None:
         """One camera node as the API shows it; None when the hub does not see it."""
         node = self.cluster.get(name)
@@ -143,9 +149,12 @@ class ControlPlane:
         return [r.summary() for r in await self.controller.recent(limit)]
 
     async def rollout(self, rid: int, *, events: bool = False) -> dict[str, Any]:
-        """A rollout with each node's live view (and with ``events``, its event log)."""
+        """A rollout with each node's live view and where it stands (``progress``: wave, bake,
+        every gate's current value; ``controller.progress``), and with ``events`` its event
+        log."""
         r = await self.controller.get(rid)
         out = self._rollout_view(r)
+        out["progress"] = await self.controller.progress(r)
         if events:
             out["events"] = await self.store.events(r.id)
         return out

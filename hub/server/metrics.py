@@ -2,8 +2,17 @@
 
 A custom collector reads the live state at scrape time (no duplicated bookkeeping): per node
 whether it is online and, per assigned model version, fps, error rate and latency p50/p95/p99
-over the telemetry window; per active rollout its state and wave; and the hub's own counters
-(telemetry messages, invalid payloads, desired messages sent, ingest lag p99).
+over the telemetry window; per active rollout its state and wave, per active or recently ended
+rollout an info series and its start and end timestamps (Grafana annotations); and the hub's
+own counters (telemetry messages, invalid payloads, desired messages sent, ingest lag p99).
+
+Per model version (``edge_hub_version_*``) the same window merged over every node whose labels
+assign that version: latency quantiles of all their frames (sketches merged, 1 % relative error;
+``edge_hub_version_latency_exact`` is 0 while some of those nodes send no sketch and the figure
+falls back to a mean of per-window percentiles), detections per frame and the median score.
+Label cardinality stays bounded: only versions some node's labels assign are exported (the hub
+sets those labels; a version string an agent makes up never becomes a label), at most
+``MAX_VERSIONS`` per model, and class histograms stay in the API, never in labels.
 """
 
 from __future__ import annotations
@@ -14,9 +23,14 @@ from typing import TYPE_CHECKING
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from hub.fleet import aggregate
 from hub.rollouts.desired import assigned_models
 
+#: Versions of one model exported per scrape (the most widely assigned first).
+MAX_VERSIONS = 20
+
 if TYPE_CHECKING:
+    from hub.rollouts.model import Rollout
     from hub.server.control import ControlPlane
 
 
@@ -45,6 +59,7 @@ class FleetCollector(Collector):
                 ("latency_p99_ms", "p99 end-to-end latency over the window, ms"),
             )
         }
+        per_version: dict[tuple[str, str], list[aggregate.Metrics]] = {}
         for name, node in sorted(c.cluster.nodes().items()):
             online.add_metric([name], 1.0 if c.fleet.online(name) else 0.0)
             row = c.dispatcher.desired(name)
@@ -54,6 +69,7 @@ class FleetCollector(Collector):
                 m = c.fleet.metrics(name, model, version)
                 if not m.samples:
                     continue
+                per_version.setdefault((model, version), []).append(m)
                 labels = [name, model, version]
                 figures["fps"].add_metric(labels, m.fps)
                 for key, value in (("error_rate", m.error_rate), ("latency_p50_ms", m.p50_ms),
@@ -64,6 +80,7 @@ class FleetCollector(Collector):
         yield online
         yield gens
         yield from figures.values()
+        yield from version_families(per_version)
         rollouts = GaugeMetricFamily("edge_hub_rollout_wave",
                                      "current wave of each active rollout (state as label)",
                                      labels=["rollout", "model", "version", "state"])
@@ -71,6 +88,7 @@ class FleetCollector(Collector):
             rollouts.add_metric([str(r.id), r.spec.model, r.spec.version, r.state],
                                 float(r.wave))
         yield rollouts
+        yield from rollout_families(c.controller.active(), c.controller.recently_ended())
         yield CounterMetricFamily("edge_hub_telemetry_messages", "state and telemetry received",
                                   value=c.fleet.messages)
         invalid = CounterMetricFamily(
@@ -86,3 +104,65 @@ class FleetCollector(Collector):
         yield GaugeMetricFamily("edge_hub_ingest_lag_p99_seconds",
                                 "p99 of receipt time minus the agent's timestamp",
                                 value=lag if lag is not None else 0.0)
+
+
+def rollout_families(active: list[Rollout], ended: list[Rollout]) -> Iterator[Metric]:
+    """Every active rollout and the recently ended ones (bounded by the controller): an info
+    series with the state, and start and end timestamps for dashboard annotations."""
+    labels = ["rollout", "model", "version"]
+    info = GaugeMetricFamily("edge_hub_rollout_info",
+                             "1 per active or recently ended rollout (state as label)",
+                             labels=[*labels, "state"])
+    started = GaugeMetricFamily("edge_hub_rollout_started_timestamp_seconds",
+                                "when the rollout was created, Unix seconds", labels=labels)
+    finished = GaugeMetricFamily("edge_hub_rollout_ended_timestamp_seconds",
+                                 "when the rollout ended (succeeded, aborted, rolled_back), Unix "
+                                 "seconds; cause: why it was rolled back or aborted",
+                                 labels=[*labels, "state", "cause"])
+    for r in [*active, *ended]:
+        key = [str(r.id), r.spec.model, r.spec.version]
+        info.add_metric([*key, r.state], 1.0)
+        started.add_metric(key, r.created_at)
+        if not r.active and r.finished_at is not None:
+            cause = str((r.cause or {}).get("reason", ""))
+            finished.add_metric([*key, r.state, cause], r.finished_at)
+    yield from (info, started, finished)
+
+
+def version_families(per_version: dict[tuple[str, str], list[aggregate.Metrics]]
+                     ) -> Iterator[Metric]:
+    """Per model version, every assigned node's window merged (see the module docstring)."""
+    labels = ["model", "version"]
+    nodes = GaugeMetricFamily("edge_hub_version_nodes",
+                              "nodes whose labels assign the version and that sent telemetry",
+                              labels=labels)
+    latency = GaugeMetricFamily("edge_hub_version_latency_ms",
+                                "end-to-end latency quantile of every frame of the version's "
+                                "nodes over the window (merged sketches), ms",
+                                labels=[*labels, "quantile"])
+    exact = GaugeMetricFamily("edge_hub_version_latency_exact",
+                              "1 when every frame came in a sketch (exact merge), 0 when some "
+                              "nodes sent percentiles only", labels=labels)
+    dpf = GaugeMetricFamily("edge_hub_version_detections_per_frame",
+                            "boxes per frame over the window (0 for classification)",
+                            labels=labels)
+    score = GaugeMetricFamily("edge_hub_version_score_p50",
+                              "median box (or top-1) score over the window", labels=labels)
+    by_model: dict[str, list[tuple[str, list[aggregate.Metrics]]]] = {}
+    for (model, version), ms in per_version.items():
+        by_model.setdefault(model, []).append((version, ms))
+    for model, versions in sorted(by_model.items()):
+        versions.sort(key=lambda v: (-len(v[1]), v[0]))
+        for version, ms in versions[:MAX_VERSIONS]:
+            m = aggregate.combine(ms)
+            key = [model, version]
+            nodes.add_metric(key, float(len(ms)))
+            exact.add_metric(key, 1.0 if m.exact else 0.0)
+            for q, value in (("0.5", m.p50_ms), ("0.95", m.p95_ms), ("0.99", m.p99_ms)):
+                if value is not None:
+                    latency.add_metric([*key, q], value)
+            if m.detections_per_frame is not None:
+                dpf.add_metric(key, m.detections_per_frame)
+            if m.score_p50 is not None:
+                score.add_metric(key, m.score_p50)
+    yield from (nodes, latency, exact, dpf, score)

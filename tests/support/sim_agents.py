@@ -7,6 +7,11 @@ broker's CA (so the broker's ACL gives it exactly a real agent's rights), the ag
 to fail, or stuck loading for versions that never come up), and ``telemetry`` every
 ``interval_s`` with the latency, error rate and fps configured per version. Everything it
 received is kept in ``desired_log`` so tests can check that no node was sent two versions.
+A desired model with a ``shadow`` candidate is loaded beside the active version (or fails to,
+for versions in ``Behaviour.shadow_fail``) and reported in the state's shadow fields; telemetry
+then carries ``ModelTelemetry.shadow`` with the agreement configured per candidate version.
+``ever_active`` records every (model, version) that ever served, so a test can prove a
+candidate never did.
 
 ``measure_latency_ms`` times real ONNX Runtime sessions, so "a version 3× slower" can be a real
 generated model rather than a number typed into a test.
@@ -32,6 +37,7 @@ from edge_agent.contract.protocol import (
     LatencySummary,
     ModelState,
     ModelTelemetry,
+    ShadowTelemetry,
     StateMessage,
     TelemetryMessage,
 )
@@ -73,6 +79,13 @@ class Behaviour:
     fail: set[str] = field(default_factory=set)
     stuck: set[str] = field(default_factory=set)
     load_s: float = 0.02
+    #: Per-frame agreement of a shadow candidate with the active version, by candidate.
+    shadow_agreement: dict[str, float] = field(default_factory=dict)
+    default_shadow_agreement: float = 1.0
+    #: Candidate versions whose shadow session fails to load.
+    shadow_fail: set[str] = field(default_factory=set)
+    #: Compared frames per telemetry message (0: the frames of the window).
+    shadow_samples: int = 0
 
 
 class SimAgent:
@@ -92,6 +105,9 @@ class SimAgent:
         }
         self.generation = 0
         self.desired_log: list[tuple[int, dict[str, str]]] = []
+        self.shadow_log: list[tuple[int, dict[str, str]]] = []
+        self.ever_active: set[tuple[str, str]] = {
+            (m, v) for m, v in (models or {}).items() if v}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._client: mqtt.Client | None = None
@@ -162,16 +178,26 @@ class SimAgent:
         with self.lock:
             self.desired_log.append((desired.generation,
                                      {m: d.version for m, d in desired.models.items()}))
+            self.shadow_log.append((desired.generation, {
+                m: d.shadow.version for m, d in desired.models.items() if d.shadow}))
             if desired.generation <= self.generation:
                 return
             self.generation = desired.generation
             loads: list[tuple[str, str]] = []
+            shadows: list[tuple[str, str]] = []
             for name in list(self.models):
                 if name not in desired.models:
                     del self.models[name]
             for name, d in desired.models.items():
                 cur = self.models.get(name)
                 if cur is not None and cur.version == d.version and cur.status == "active":
+                    want = d.shadow.version if d.shadow is not None else None
+                    if cur.shadow_version != want:
+                        self.models[name] = cur.model_copy(update={
+                            "shadow_version": want, "shadow_error": None,
+                            "shadow_status": "loading" if want else None})
+                        if want:
+                            shadows.append((name, want))
                     continue
                 self.models[name] = ModelState(
                     name=name, version=cur.version if cur else None, status="loading",
@@ -182,6 +208,21 @@ class SimAgent:
             timer = threading.Timer(self.behaviour.load_s, self._loaded, (name, version))
             timer.daemon = True
             timer.start()
+        for name, version in shadows:
+            timer = threading.Timer(self.behaviour.load_s, self._shadow_loaded, (name, version))
+            timer.daemon = True
+            timer.start()
+
+    def _shadow_loaded(self, name: str, version: str) -> None:
+        with self.lock:
+            cur = self.models.get(name)
+            if cur is None or cur.shadow_version != version or cur.shadow_status != "loading":
+                return
+            failed = version in self.behaviour.shadow_fail
+            self.models[name] = cur.model_copy(update={
+                "shadow_status": "failed" if failed else "active",
+                "shadow_error": "shadow session creation failed (simulated)" if failed else None})
+        self._publish_state()
 
     def _loaded(self, name: str, version: str) -> None:
         b = self.behaviour
@@ -195,6 +236,7 @@ class SimAgent:
                                                error="session creation failed (simulated)")
             else:
                 self.models[name] = ModelState(name=name, version=version, status="active")
+                self.ever_active.add((name, version))
         self._publish_state()
 
     def telemetry(self) -> TelemetryMessage:
@@ -211,10 +253,31 @@ class SimAgent:
                 errors = round(frames * b.error_rate.get(ver, 0.0))
                 models.append(ModelTelemetry(
                     name=m.name, version=ver, frames=frames, errors=errors,
-                    latency_ms=LatencySummary(p50=lat * 0.8, p95=lat * 0.95, p99=lat)))
+                    latency_ms=LatencySummary(p50=lat * 0.8, p95=lat * 0.95, p99=lat),
+                    shadow=self._shadow_telemetry(m, frames)))
         return TelemetryMessage(
             node=self.node, ts=time.time(), interval_s=self.interval_s, agent_version="sim",
             models=models, cameras=[CameraTelemetry(camera="cam0", connected=True, fps=b.fps)])
+
+    def _shadow_telemetry(self, m: ModelState, frames: int) -> ShadowTelemetry | None:
+        """The shadow's window (None unless a candidate is loaded beside an active version)."""
+        b = self.behaviour
+        if m.status != "active" or m.shadow_status != "active" or not m.shadow_version:
+            return None
+        n = b.shadow_samples or frames
+        agree = b.shadow_agreement.get(m.shadow_version, b.default_shadow_agreement)
+        return ShadowTelemetry(version=m.shadow_version, samples=n, agreement_sum=n * agree,
+                               busy_s=0.001 * n, active_busy_s=0.001 * frames)
+
+    def shadow_versions(self, model: str) -> list[str | None]:
+        """The distinct consecutive shadow candidates of ``model`` this node was sent."""
+        out: list[str | None] = []
+        with self.lock:
+            for _, shadows in self.shadow_log:
+                v = shadows.get(model)
+                if not out or out[-1] != v:
+                    out.append(v)
+        return out
 
     def _telemetry_loop(self) -> None:
         while not self._stop.wait(self.interval_s):

@@ -151,9 +151,10 @@ def test_dry_run_prints_the_plan(env: Env) -> None:
                      "--canary", "1", "--waves", "50,100", "--dry-run")
     assert res.returncode == 0, res.stderr
     lines = [ln.split() for ln in res.stdout.splitlines()]
-    assert ["canary", "a-0", "1.0", "yes"] in lines
-    assert ["wave", "1", "a-1", "1.0", "yes"] in lines
-    assert ["wave", "2", "a-3", "1.0", "yes"] in lines
+    # one numbering everywhere: waves 1..N, wave 1 marked as the canary
+    assert ["1", "(canary)", "a-0", "1.0", "yes"] in lines
+    assert ["2", "a-1", "1.0", "yes"] in lines
+    assert ["3", "a-3", "1.0", "yes"] in lines
     assert env.api("GET", "/v1/rollouts")[1] == {"rollouts": []}
     assert env.kube.effective_patches == {}
 
@@ -167,16 +168,16 @@ def test_commands_conflicts_and_views(env: Env) -> None:
     env.wait(lambda: env.rollout(1)["state"] == "baking", what="canary baking")
     # an overlapping rollout of the same model is refused; a disjoint one is fine
     res = cli_inproc(url, "rollout", "start", MODEL, "2.0", "--selector", "site in (a,b)")
-    assert res.returncode == 2 and "already covers nodes a-0" in res.stderr, res.stderr
+    assert res.returncode == 1 and "already covers nodes a-0" in res.stderr, res.stderr
     res = cli_inproc(url, "rollout", "start", MODEL, "2.0", "--selector", "site=b", "--bake", "60s")
     assert res.returncode == 0, res.stderr
     assert cli_inproc(url, "rollout", "abort", "2").returncode == 0
     assert env.rollout(2)["state"] == "aborted"
-    assert cli_inproc(url, "rollout", "resume", "2").returncode == 2
+    assert cli_inproc(url, "rollout", "resume", "2").returncode == 1  # conflict
     # pause / resume / promote
     res = cli_inproc(url, "rollout", "pause", "1")
     assert res.returncode == 0 and "paused" in res.stdout
-    assert cli_inproc(url, "rollout", "pause", "1").returncode == 2
+    assert cli_inproc(url, "rollout", "pause", "1").returncode == 1
     assert cli_inproc(url, "rollout", "resume", "1").returncode == 0
     assert env.rollout(1)["state"] == "baking"
     assert cli_inproc(url, "rollout", "promote", "1").returncode == 0
@@ -204,16 +205,16 @@ def test_commands_conflicts_and_views(env: Env) -> None:
     assert 'edge_hub_model_latency_p99_ms{model="det",node="a-0",version="2.0"}' in text
     assert 'edge_hub_rollout_wave{model="det",rollout="1",state="baking",version="2.0"} 1.0' \
         in text
-    # manual rollback: every touched node back to 1.0; watch ends at once with exit 4
+    # manual rollback: every touched node back to 1.0; watch ends at once with exit 1
     res = cli_inproc(url, "rollout", "rollback", "1")
     assert res.returncode == 0, res.stderr
     env.wait(lambda: env.rollout(1)["state"] == "rolled_back", what="rolled back")
     assert all(env.kube.labels(f"a-{i}")[LABEL] == "1.0" for i in range(4))
     res = cli_inproc(url, "rollout", "status", "1", "--watch", "--interval", "0.1")
-    assert res.returncode == 4 and "rolled_back" in res.stdout
+    assert res.returncode == 1 and "rolled_back" in res.stdout
     assert env.rollout(1)["cause"] == {"reason": "manual", "by": "admin"}
-    assert cli_inproc(url, "rollout", "rollback", "1").returncode == 2
-    assert cli_inproc(url, "rollout", "pause", "99").returncode == 2
+    assert cli_inproc(url, "rollout", "rollback", "1").returncode == 1
+    assert cli_inproc(url, "rollout", "pause", "99").returncode == 1  # not found
     # the registry asks the rollout side before deleting: 1.0 runs on the nodes
     status, out = env.api("DELETE", f"/v1/models/{MODEL}/versions/1.0")
     assert status == 409 and "a-0" in out["error"]["message"], out
