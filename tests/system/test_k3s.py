@@ -424,6 +424,11 @@ def test_grafana_dashboard_configmap(base: list[Obj]) -> None:
     assert dash["uid"] == "edge-inference" and dash["title"]
     exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
     assert len(exprs) >= 15
+    # rollouts start, end and roll back as annotations on every panel
+    notes = {a["name"]: a for a in dash["annotations"]["list"]}
+    assert set(notes) == {"Rollout started", "Rollout ended", "Rollback"}
+    assert all(a["useValueForTime"] and a["enable"] for a in notes.values())
+    exprs += [a["expr"] for a in notes.values()]
     # every series a panel queries is one the agent or the hub exports: a metric renamed in
     # the code breaks this
     names = exported_metric_names()
