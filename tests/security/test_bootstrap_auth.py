@@ -35,7 +35,9 @@ from tests.support.hub_client import (
 
 BOOTSTRAP = "/v1/pki/bootstrap"
 #: What anyone may call: liveness and the API's description.
-OPEN = {("get", "/healthz"), ("get", "/v1/openapi.json")}
+OPEN = {("get", "/healthz"), ("get", "/v1/openapi.json"),
+        # the fleet page's static files: public, no data (tests/security/test_http_auth.py)
+        ("get", "/"), ("get", "/ui/{name}")}
 _PARAMS = {"name": "tiny", "version": "1", "id": "1", "node": "node-x", "command": "pause"}
 
 

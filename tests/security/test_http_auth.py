@@ -35,6 +35,11 @@ from tests.support.pki import TestPki
 
 #: Paths anyone may read: liveness and the API's own description.
 OPEN = {("get", "/healthz"), ("get", "/v1/openapi.json")}
+#: The fleet page and its static files: public like any login page, they hold no data (every
+#: figure on the page comes from the API with the person's token).
+PAGE = {("get", "/"), ("get", "/ui/{name}")}
+#: The page's live stream: authenticated, and it does not end, so only its status is read.
+STREAM = "/v1/stream"
 #: The certificate bootstrap answers to a pod's ServiceAccount token, never to the hub's API
 #: tokens or certificates (tests/security/test_bootstrap.py tries it).
 BOOTSTRAP = "/v1/pki/"
@@ -60,9 +65,9 @@ async def _operations(hub: InProcessHub) -> list[tuple[str, str]]:
     for path, item in doc["paths"].items():
         for method in item:
             if method in ("get", "put", "post", "delete") and (method, path) not in OPEN \
-                    and not path.startswith(BOOTSTRAP):
+                    and (method, path) not in PAGE and not path.startswith(BOOTSTRAP):
                 ops.append((method, re.sub(r"\{(\w+)\}", lambda m: _PARAMS[m[1]], path)))
-    assert len(ops) == 13, ops  # 6 registry, 6 fleet, /metrics
+    assert len(ops) == 14, ops  # 6 registry, 6 fleet, /metrics, the page's stream
     return ops
 
 
@@ -71,6 +76,8 @@ async def _call(http: aiohttp.ClientSession, hub: InProcessHub, method: str,
     body = {"data": b"{}", "headers": {"Content-Type": "application/json"}} \
         if method in ("post", "put") else {}
     async with http.request(method.upper(), hub.url + path, **body, **kw) as r:
+        if path == STREAM and r.status == 200:
+            return r.status, None  # an open stream: its status is the answer
         raw = await r.read()
         return r.status, json.loads(raw) if r.content_type == "application/json" else raw
 
@@ -88,6 +95,9 @@ async def test_strangers_get_401_on_every_read_and_write(hub: InProcessHub) -> N
             assert status == 401, bad
         for method, path in OPEN:
             assert (await _call(stranger, hub, method, path))[0] == 200
+        for path in ("/", "/ui/app.js"):  # the page itself: static, no data in it
+            status, raw = await _call(stranger, hub, "get", path)
+            assert status == 200 and b"tiny" not in raw, path
 
 
 async def test_a_read_token_reads_but_cannot_push_delete_or_roll_out(

@@ -529,10 +529,14 @@ async def test_openapi_document_validates_and_covers_every_route(
     routes = {
         (route.method.lower(), route.resource.canonical)
         for route in app.router.routes()
-        if route.resource is not None and route.method != "HEAD"
+        if route.resource is not None and route.method not in ("HEAD", "*")
     }
     documented = {(m, p) for p, ops in doc["paths"].items() for m in ops if m != "parameters"}
     assert routes == documented
+    # a catch-all (404 for what does not exist, 405 for a wrong method) only on documented paths
+    catch_all = {r.resource.canonical for r in app.router.routes()
+                 if r.resource is not None and r.method == "*"}
+    assert catch_all <= {p for _, p in documented}, catch_all
 
 
 async def test_a_lost_artifact_file_is_a_json_error_not_a_broken_stream(
