@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import os
 import queue
+import subprocess
 import sys
 import threading
 import time
@@ -326,24 +327,30 @@ class AgentRun:
     stages: dict[str, list[float]] = field(default_factory=dict)
 
 
-async def run_agent(cams: int, tmp: Path, *, warm_s: float, secs: float, workers: int,
-                    max_batch: int, calibrate_s: float, rate: str = "max",
-                    latency: bool = False) -> AgentRun:
+def _agent_settings(cams: int, cache: Path, *, workers: int, max_batch: int,
+                    calibrate_s: float, rate: str = "max", **pipeline: Any) -> Any:
     cameras = [{"name": f"cam{i}", "url": str(VIDEO), "model": "yolov8n-like", "loop": True,
                 "rate": rate} for i in range(cams)]
     from tests.support.broker import free_port  # noqa: PLC0415 - a free loopback port for HTTP
 
-    s = load_settings(
+    return load_settings(
         None, node="bench",
         models=[{"name": "yolov8n-like", "manifest": str(MANIFEST)}],
         cameras=cameras,
         pipeline={"workers": workers, "max_batch": max_batch, "calibrate_s": calibrate_s,
-                  "sink": "jsonl"},
+                  "sink": "jsonl", **pipeline},
         http={"host": "127.0.0.1", "port": free_port()},
-        hub={"cache_dir": str(tmp / "model-cache")},
+        hub={"cache_dir": str(cache)},
         engine={"warmup_runs": 2},
         shutdown_timeout_s=10,
     )
+
+
+async def run_agent(cams: int, tmp: Path, *, warm_s: float, secs: float, workers: int,
+                    max_batch: int, calibrate_s: float, rate: str = "max",
+                    latency: bool = False) -> AgentRun:
+    s = _agent_settings(cams, tmp / "model-cache", workers=workers, max_batch=max_batch,
+                        calibrate_s=calibrate_s, rate=rate)
     inner = await JsonLinesSink(tmp / f"agent-{cams}.jsonl", append=False).open()
     sink = BenchSink(inner)
     agent = Agent(s, sink=sink)
@@ -367,6 +374,83 @@ async def run_agent(cams: int, tmp: Path, *, warm_s: float, secs: float, workers
         await agent.stop()
         await inner.aclose()
     return res
+
+
+# ------------------------------------------------------------------ a CPU hog at start-up
+
+
+#: One hog process: spins in bursts of 50-400 ms with pauses of 20-150 ms (a neighbour's builds
+#: and pods starting after a power cut are bursty, which is what fools a one-shot measurement).
+HOG = """
+import random, time
+rng = random.Random()
+while True:
+    end = time.perf_counter() + rng.uniform(0.05, 0.4)
+    while time.perf_counter() < end:
+        pass
+    time.sleep(rng.uniform(0.02, 0.15))
+"""
+
+
+class CpuHog:
+    """``n`` processes spinning on the cores (in bursts) until ``release``."""
+
+    def __init__(self, n: int) -> None:
+        self.procs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(n)]
+
+    def release(self) -> None:
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            p.wait(10)
+
+
+@dataclass
+class NoisyStart:
+    """The agent started under a CPU hog: its fps after the hog left, and its layouts."""
+
+    fps: float
+    started: tuple[int, int]
+    final: tuple[int, int]
+    calibration: dict[str, Any]
+    evaluations: list[dict[str, Any]]
+    startup_s: float
+
+
+async def run_agent_noisy_start(cams: int, cache: Path, *, secs: float, calibrate_s: float,
+                                hogs: int, retune: bool = True) -> NoisyStart:
+    """A first start (nothing stored) with ``hogs`` spinning processes, released once the agent
+    serves; frames per second over the ``secs`` that follow the release."""
+    s = _agent_settings(cams, cache, workers=0, max_batch=0, calibrate_s=calibrate_s,
+                        retune=retune)
+    inner = await JsonLinesSink(cache.parent / f"noisy-{cams}.jsonl", append=False).open()
+    sink = BenchSink(inner)
+    hog = CpuHog(hogs)
+    await asyncio.sleep(0.3)  # the hogs run before the agent measures
+    t0 = time.perf_counter()
+    agent = Agent(s, sink=sink)
+    try:
+        await agent.start()
+        startup_s = time.perf_counter() - t0
+        assert agent.pipeline is not None
+        sched = agent.pipeline.scheduler
+        started = (sched.workers, sched.batch_limits.get("yolov8n-like", 1))
+    finally:
+        await asyncio.to_thread(hog.release)
+    try:
+        t1, t1_wall = time.perf_counter(), time.time()
+        await asyncio.sleep(secs)
+        fps = fps_between(sink.events, t1, t1 + secs)
+        final = (sched.workers, sched.batch_limits.get("yolov8n-like", 1))
+        history = [] if agent.retuner is None else [
+            {"reason": c.reason, "workers": c.workers, "batch": c.batch, "changed": c.changed,
+             "fps": c.figures, "rounds": c.rounds, "settled": c.settled,
+             "after_release_s": round(c.at - t1_wall, 2)}
+            for c in agent.retuner.history[1:]]
+    finally:
+        await agent.stop()
+        await inner.aclose()
+    return NoisyStart(fps, started, final, dict(agent.calibration), history, startup_s)
 
 
 # ---------------------------------------------------------------------------------- main

@@ -124,6 +124,14 @@ def hub_config(*, hub_dir: Path, port: int, broker_port: int, token_file: Path,
     }
 
 
+def motion_config(node: str) -> dict[str, Any]:
+    """Motion gating on the first node's camera only (docs/pipeline.md), off elsewhere: the demo
+    shows both, and ``frames_still`` in its telemetry and ``/metrics``. The street in the sample
+    video moves almost all the time, so the gated camera still publishes most frames; a 1 s
+    keep-alive re-checks it when it does not."""
+    return {"enabled": True, "keepalive_s": 1.0} if node == NODES[0] else {"enabled": False}
+
+
 def agent_config(node: str, *, agent_dir: Path, fps: float, broker_port: int, http_port: int,
                  hub_url: str, pki: Path, signing_key: Path) -> dict[str, Any]:
     """``edge-agent run --config`` for one node: the looping sample video, no model until the
@@ -136,7 +144,7 @@ def agent_config(node: str, *, agent_dir: Path, fps: float, broker_port: int, ht
         # CUDA when this machine has it; TensorRT would spend minutes building engines
         "engine": {"providers": ["cuda", "cpu"], "intra_op_threads": 1, "warmup_runs": 1},
         "cameras": [{"name": CAMERA, "url": str(VIDEO), "model": MODEL, "loop": True,
-                     "fps_cap": fps}],
+                     "fps_cap": fps, "motion": motion_config(node)}],
         # three agents share this machine: one worker each, no startup measurement
         "pipeline": {"workers": 1, "max_batch": 1, "sink": "mqtt"},
         "mqtt": {"host": "127.0.0.1", "port": broker_port, "telemetry_interval_s": 1.0,

@@ -1,4 +1,4 @@
-"""``edge-hub``: the hub's command line (server, registry, rollouts, fleet, results).
+"""``edge-hub``: the hub's command line (server, registry, rollouts, fleet, results, events).
 
 Each verb group lives in its own module under ``hub.commands`` with ``register(subparsers)``;
 the scaffold (``edge_agent.common.cli``) builds the parser and turns any ``HubError`` into its
@@ -19,7 +19,7 @@ PROGRAM = cli.Program(
     description="Edge hub: model registry, rollouts to camera nodes, telemetry.",
     version=__version__,
     commands="hub.commands",
-    verbs=("serve", "models", "keygen", "pki", "results", "rollout", "nodes"),
+    verbs=("serve", "models", "keygen", "pki", "results", "events", "rollout", "nodes"),
     error=HubError,
 )
 

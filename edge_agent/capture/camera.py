@@ -9,7 +9,9 @@ counted as dropped. A camera that fails, ends or stalls is reopened with the sha
 drops, last frame age) is readable at any time without locks.
 
 Sources are URLs (``edge_agent.capture.sources``); a file can be played at its own frame rate, like
-a camera, or read as fast as the consumer takes frames (no drops), optionally looping.
+a camera, or read as fast as the consumer takes frames (no drops), optionally looping. With
+motion gating on (``edge_agent.capture.motion``), a decoded frame in which nothing moved is not
+handed over at all (counted as ``frames_still``), before any preprocessing is spent on it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 import numpy as np
 import structlog
 
+from edge_agent.capture import motion
 from edge_agent.capture.sources import CaptureError, Reader, open_source
 from edge_agent.common import backoff
 from edge_agent.config import CameraSettings
@@ -129,6 +132,9 @@ class Camera:
         self.fps = 0.0
         self.source_fps = 0.0
         self._fps_window = (time.monotonic(), 0)
+        #: Motion gating (``settings.motion``), None when off; its counters are read by metrics.
+        self.motion: motion.MotionGate | None = (
+            motion.MotionGate(settings.motion) if settings.motion.enabled else None)
 
     # ------------------------------------------------------------------ control
 
@@ -221,6 +227,8 @@ class Camera:
             "stalls": self.stalls,
             "last_frame_age_s": None if age is None else round(age, 3),
             "last_error": self.last_error,
+            "motion_gating": self.motion is not None,
+            "frames_still": self.frames_still,
         }
 
     # ------------------------------------------------------------------ the thread
@@ -274,6 +282,7 @@ class Camera:
         clock = _FileClock(reader.fps) if self.spec.kind == "file" and s.rate == "native" else None
         backpressure = self.spec.kind == "file" and s.rate == "max"
         cap = _FpsCap(s.fps_cap)
+        gate = self.motion
         t0 = time.monotonic()
         got_any = False
         while not self._stop.is_set():
@@ -290,8 +299,22 @@ class Camera:
             if img is None:
                 self.errors += 1
                 continue
+            if gate is not None and gate.check(img, self._gate_clock(reader)) == "still":
+                continue  # nothing moved: no inference, counted in ``gate.still``
             self._deliver(img, backpressure)
         return "stopped"
+
+    @property
+    def frames_still(self) -> int:
+        """Frames motion gating kept from inference (no motion, no keep-alive due)."""
+        return self.motion.still if self.motion is not None else 0
+
+    def _gate_clock(self, reader: Reader) -> float:
+        """The keep-alive's clock: seconds of video for a file, so a replay at ``rate: max``
+        gates like the camera did; the wall clock for live sources."""
+        if self.spec.kind == "file":
+            return self.frames_read / reader.fps
+        return time.monotonic()
 
     def _frame_read(self, reader: Reader, *, first: bool) -> float:
         """Count a grabbed frame; the first of a connection marks the camera connected."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 
 from edge_agent import config
+from edge_agent.config.files import file_problems
 
 
 def arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     """Print ``ok`` (exit 0); a ``ConfigError`` is printed a line per field by the scaffold."""
     settings = config.load_settings(args.config)
     if not args.no_files:
-        problems = config.file_problems(settings)
+        problems = file_problems(settings)
         if problems:
             raise config.ConfigError(problems)
     print(f"ok: node={settings.node} models={len(settings.models)} cameras={len(settings.cameras)}")

@@ -70,6 +70,27 @@ class ShadowTelemetry(_Msg):
     active_busy_s: float = Field(0.0, ge=0)
 
 
+class LayoutTelemetry(_Msg):
+    """How this model is served now: the worker threads (shared by all models), its batch limit,
+    and the measurement that chose them (docs/pipeline.md, re-evaluation). A state, repeated in
+    every message, not a window."""
+
+    workers: int = Field(1, ge=1)
+    batch: int = Field(1, ge=1)
+    #: Frames per second the layout delivered when it was chosen (all models together).
+    fps_measured: float = Field(0.0, ge=0)
+    #: ``startup``, ``stored``, ``recheck``, ``throughput_drop``, ``backlog_idle_cpu``,
+    #: ``periodic``.
+    reason: str = ""
+    #: Unix time of the choice.
+    at: float = 0.0
+    #: The measurement's median fps per candidate (``w2b1``), at most 64.
+    figures: dict[str, float] = Field(default_factory=dict, max_length=64)
+    #: Live re-evaluations since the agent started, and how many changed the layout.
+    evaluations: int = Field(0, ge=0)
+    changes: int = Field(0, ge=0)
+
+
 class ModelTelemetry(_Msg):
     """One model version's health over the telemetry window."""
 
@@ -86,6 +107,8 @@ class ModelTelemetry(_Msg):
     outputs: OutputStats | None = None
     #: The candidate running in shadow beside this (active) version, if any.
     shadow: ShadowTelemetry | None = None
+    #: The serving layout (workers, batch) and how it was chosen; absent from older agents.
+    layout: LayoutTelemetry | None = None
 
 
 class CameraTelemetry(_Msg):
@@ -96,6 +119,14 @@ class CameraTelemetry(_Msg):
     fps: float = 0.0
     #: Frames dropped in the window (stale frames replaced, overload).
     drops: int = 0
+    #: Frames motion gating kept from inference in the window (nothing moved, keep-alive not
+    #: due; docs/pipeline.md). 0 without gating, and from agents older than gating.
+    frames_still: int = Field(0, ge=0)
+    #: Confirmed object tracks open now, and track events queued per second over the window
+    #: (cameras publishing events; docs/events.md). Absent from cameras without tracking and
+    #: from agents older than tracking.
+    active_tracks: int | None = Field(None, ge=0)
+    events_per_s: float | None = Field(None, ge=0)
 
 
 class OutboxTelemetry(_Msg):

@@ -25,7 +25,7 @@ import shutil
 import sqlite3
 import time
 from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 #: Bytes a row costs beyond its topic and payload (rowid, record header, the t column, the
@@ -57,6 +57,10 @@ CREATE TABLE IF NOT EXISTS seqs (
     reset_first INTEGER,
     reset_reason TEXT,
     mark_id INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS streams (
+    stream TEXT PRIMARY KEY,
+    state BLOB NOT NULL
 );
 """
 
@@ -110,6 +114,10 @@ def error_kind(exc: sqlite3.Error) -> str:
     return "io"
 
 
+#: A stream's producer state (``bytes``, named apart: ``Loaded.bytes`` is a field).
+Blob = bytes
+
+
 @dataclass
 class Loaded:
     """What an opened file already holds."""
@@ -121,6 +129,8 @@ class Loaded:
     seqs: dict[str, SeqRow]
     #: The file had no ``seqs`` table: created now (first start, or the old one was lost).
     created: bool
+    #: Per stream, the producer state stored with its messages (``streams`` table).
+    states: dict[str, Blob] = field(default_factory=dict)
 
 
 def wal_limit_bytes(max_bytes: int) -> int:
@@ -176,6 +186,8 @@ class OutboxDB:
                 "SELECT count(*), coalesce(sum(length(topic) + length(payload)), 0), "
                 "min(t), coalesce(max(id), 0) FROM results"
             ).fetchone()
+            states = {str(k): bytes(v) for k, v in conn.execute(
+                "SELECT stream, state FROM streams")}
             seqs: dict[str, SeqRow] = {
                 str(c): (int(n), None if f is None else int(f), None if r is None else str(r),
                          int(m))
@@ -198,6 +210,7 @@ class OutboxDB:
             max_id=int(max_id),
             seqs=seqs,
             created=created,
+            states=states,
         )
 
     def close(self) -> None:
@@ -345,6 +358,12 @@ class OutboxDB:
             "reset_reason = excluded.reset_reason, mark_id = excluded.mark_id",
             ((cam, *row) for cam, row in rows),
         )
+
+    def set_states(self, states: dict[str, bytes]) -> None:
+        """Store streams' producer state (``Outbox.publish_to``), latest wins."""
+        self._c().executemany(
+            "INSERT INTO streams (stream, state) VALUES (?, ?) ON CONFLICT(stream) "
+            "DO UPDATE SET state = excluded.state", states.items())
 
     def used_bytes(self) -> int:
         """Bytes of pages in use (file size minus free pages)."""

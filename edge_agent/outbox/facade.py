@@ -149,10 +149,32 @@ class Outbox:
         topic = self._topics.get(key)  # the hot path's own cache: no lock
         if topic is None:
             topic = self._topics[key] = results_topic(self.topic_prefix, key[0], cam)
-        body = encode_dict(result)
+        self._queue(cam, topic, encode_dict(result), None)
+
+    def publish_to(self, stream: str, topic: str, message: dict[str, Any], *,
+                   state: bytes | None = None) -> None:
+        """Queue ``message`` (without ``seq``) on ``topic`` in seq series ``stream``.
+
+        Everything ``publish`` promises holds: the commit gives the message the stream's next
+        seq (a series of its own, e.g. ``contract.events.events_stream(camera)``; results use
+        the bare camera name), same order, drops counted. ``state`` (opaque bytes, optional)
+        is stored with the stream in the commit that stores this message, latest wins, and
+        ``stream_states`` returns it to the next process: what the producer needs to resume
+        (the tracker keeps its open tracks there).
+        """
+        self._queue(stream, topic, encode_dict(message), state)
+
+    def stream_states(self) -> dict[str, bytes]:
+        """Each stream's state as committed (after ``open``: what the previous process left)."""
+        with self._state.db_lock:
+            return dict(self._store.states)
+
+    def _queue(self, cam: str, topic: str, body: bytes, state: bytes | None) -> None:
         cost = len(body) + SEQ_FIELD_BYTES + len(topic) + ROW_OVERHEAD
         st = self._state
         with st.lock:
+            if state is not None:
+                st.stream_state[cam] = state
             numbers = st.next_idx
             idx = numbers.get(cam, 0)
             numbers[cam] = idx + 1

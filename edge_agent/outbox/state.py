@@ -12,7 +12,8 @@ Who writes what (the others only read):
 
 - hot path: appends to ``pending`` (and pops its oldest under drop-oldest), ``hot_drops`` and
   ``next_idx`` (per camera, how many results it numbered: the commit turns a number into a
-  seq, so a dropped result's seq stays unused, a gap in its place).
+  seq, so a dropped result's seq stays unused, a gap in its place), ``stream_state`` (the
+  commit side takes it with the batch and puts back what a failed round held).
 - commit side: takes ``pending`` and ``acked`` (and puts back what a failed transaction held),
   ``taken``, ``file``, ``commit``, ``commit_drops``, the round counters. "Commit side" is the
   commit thread, or the thread in ``open``/``close`` while no commit thread runs.
@@ -135,6 +136,9 @@ class Shared:
     next_idx: dict[str, int] = field(default_factory=dict)
     commit_drops: Drops = field(default_factory=Drops)
     drain_drops: Drops = field(default_factory=Drops)
+    #: Per stream (seq series), the opaque state its producer gave with its latest queued
+    #: message (``Outbox.publish_to``), not yet taken by a commit round (hot path writes).
+    stream_state: dict[str, bytes] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.cond = threading.Condition(self.lock)

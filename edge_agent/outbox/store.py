@@ -55,6 +55,8 @@ class Txn:
     acks: list[tuple[int, int]]
     first: bool
     upto: dict[str, int] | None
+    #: Streams' producer state to store (the round's first transaction).
+    states: dict[str, bytes] = field(default_factory=dict)
     drops: dict[str, int] = field(default_factory=dict)
     #: ``chunk[lo:hi]`` is kept (``_fit``); the rest is dropped by the policy.
     lo: int = 0
@@ -84,6 +86,10 @@ class Store:
         self._calibrated_at = 0.0
         self._err_logged: dict[str, float] = {}
         self.seqs = SeqBook()
+        #: Per stream, the producer state committed last (``streams``); a fresh file mid-run
+        #: gets it all again (``_states_stale``).
+        self.states: dict[str, bytes] = {}
+        self._states_stale = False
         self._update_limit()
 
     # ------------------------------------------------------------------ helpers
@@ -161,6 +167,10 @@ class Store:
         f = state.file
         self.seqs.adopt(loaded.seqs, first_open=not self._opened_before,
                         created=loaded.created, moved_aside=moved_aside)
+        if self._opened_before:
+            self._states_stale = bool(self.states)
+        else:
+            self.states = dict(loaded.states)
         with state.lock:
             base = max(f.next_id - 1, loaded.max_id)
             f.next_id = base + 1
@@ -208,19 +218,29 @@ class Store:
             state.taken.acks, state.taken.ack_bytes = len(acks), state.acked_bytes
             state.acked_bytes = 0
             upto = dict(state.next_idx)
+            states = state.stream_state
+            state.stream_state = {}
+        if self._states_stale:
+            states = {**self.states, **states}
         seqs = self.seqs
-        if not (batch or acks or seqs.dirty or seqs.behind(upto) or self._expiry_due()):
+        if not (batch or acks or states or seqs.dirty or seqs.behind(upto)
+                or self._expiry_due()):
             return True
         with state.db_lock:
-            return self._write(batch, acks, upto)
+            return self._write(batch, acks, upto, states)
 
     def _expiry_due(self) -> bool:
         t = self.state.file.oldest_t
         return t is not None and t < self._clock() - self.settings.max_age_s
 
     def _write(self, batch: list[Pending], acks: list[tuple[int, int]],
-               upto: dict[str, int]) -> bool:
-        """Commit ``batch`` in transactions of at most half the WAL budget each."""
+               upto: dict[str, int], states: dict[str, bytes]) -> bool:
+        """Commit ``batch`` in transactions of at most half the WAL budget each.
+
+        ``states`` (streams' producer state) rides on the first transaction: a state that
+        names a message of a later one that then fails is harmless to its producer (a track
+        closed at restart that was never announced), the reverse would not be.
+        """
         max_txn = self.db.wal_limit // 2
         i, first = 0, True
         while first or i < len(batch):
@@ -229,12 +249,15 @@ class Store:
                 cost += batch[j][5]
                 j += 1
             txn = Txn(batch[i:j], cost, acks if first else [], first,
-                      upto if j == len(batch) else None)
+                      upto if j == len(batch) else None, states if first else {})
             started = time.perf_counter()
             try:
                 self._txn(txn)
             except sqlite3.Error as exc:
                 self.db.rollback()
+                if first and states:
+                    with self.state.lock:  # put back: newer states queued since win
+                        self.state.stream_state = {**states, **self.state.stream_state}
                 self._failed(exc, batch[i:], txn.acks)
                 return False
             self._applied(txn, time.perf_counter() - started)
@@ -267,6 +290,8 @@ class Store:
         inserts, txn.kept_cost = draft.stamp(txn.chunk, txn.lo, txn.hi, f.next_id)
         db.insert(inserts)
         db.set_seqs(draft.rows())
+        if txn.states:
+            db.set_states(txn.states)
         db.commit()
 
     def _applied(self, txn: Txn, elapsed: float) -> None:
@@ -276,6 +301,9 @@ class Store:
         kept = txn.hi - txn.lo
         if txn.draft is not None:
             self.seqs.apply(txn.draft)  # the commit side's own: no lock needed
+        if txn.states:
+            self.states.update(txn.states)
+            self._states_stale = False
         with state.lock:
             if kept:
                 f.next_id += kept

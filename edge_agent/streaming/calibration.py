@@ -33,6 +33,7 @@ import numpy as np
 import structlog
 
 from edge_agent.errors import ModelError
+from edge_agent.streaming import stoprule
 from edge_agent.streaming.slots import ModelSlot, ServingModel
 
 log = structlog.get_logger(__name__)
@@ -97,39 +98,44 @@ def calibrate(
     workers: Sequence[int],
     batches: Sequence[int] = (1,),
     seconds: float = 0.4,
-    passes: int = 2,
+    min_rounds: int = 2,
+    max_s: float | None = None,
+    incumbent: tuple[int, int] | None = None,
     sample: np.ndarray | None = None,
     abort: threading.Event | None = None,
 ) -> tuple[int, int, dict[str, float]]:
-    """Time each (workers, batch) candidate on ``model``; return the best and all figures.
+    """Time each (workers, batch) candidate on ``model``; return the best and the medians.
 
-    Every candidate runs ``passes`` times, interleaved, and keeps its best figure, so a burst
-    of other work on a shared machine does not decide. The default, one worker per CPU
-    (``max(workers)``) without batching, is what single-threaded sessions are built for; any
-    other candidate must beat it by ``MARGIN`` to be chosen, so noise at start-up (another pod
-    loading, a neighbour's burst) cannot talk the agent out of it, while a model or device that
-    really prefers fewer workers (a GPU) or batches still gets them. Runs in the calling thread
-    (startup, off the event loop); ``abort`` set ends it with ``CalibrationAborted``.
+    The candidates run in interleaved rounds until the stop rule (``stoprule``) says the
+    leader's lead is outside the noise of the rounds, or ties within ``MARGIN``, or the budget
+    ``max_s`` (default: 4 rounds' worth, at least 2 rounds) is spent; a burst of other work on
+    a shared machine hits every candidate of a round alike. The incumbent (default: one worker
+    per CPU, ``max(workers)``, without batching, what single-threaded sessions are built for)
+    is kept unless another candidate beats it out of the noise by ``MARGIN``, so noise at
+    start-up cannot talk the agent out of it, while a model or device that really prefers
+    fewer workers (a GPU) or batches still gets them. Runs in the calling thread (startup,
+    off the event loop); ``abort`` set ends it with ``CalibrationAborted``.
     """
     if sample is None:
         rng = np.random.default_rng(0)
         sample = rng.integers(0, 255, (720, 1280, 3), dtype=np.uint8)
     one, _ = model.preprocess(sample)
-    cands = [(w, b) for b in sorted(set(batches)) for w in sorted(set(workers))]
-    figures: dict[str, float] = {}
-    for _ in range(max(1, passes)):
-        for w, b in cands:
-            x = one if b == 1 else np.concatenate([one] * b)
-            key = f"w{w}b{b}"
-            fps = _throughput(model, x, w, seconds, abort)
-            figures[key] = round(max(figures.get(key, 0.0), fps), 2)
-    w0, b0 = max(workers), min(batches)
-    best = (figures[f"w{w0}b{b0}"], w0, b0)
-    for w, b in cands:
-        fps = figures[f"w{w}b{b}"]
-        if fps > best[0] * (1.0 + MARGIN) and fps > figures[f"w{w0}b{b0}"] * (1.0 + MARGIN):
-            best = (fps, w, b)
-    return best[1], best[2], figures
+    cands = {f"w{w}b{b}": (w, b) for b in sorted(set(batches)) for w in sorted(set(workers))}
+    w0, b0 = incumbent if incumbent is not None else (max(workers), min(batches))
+
+    def measure_one(name: str) -> float:
+        w, b = cands[name]
+        x = one if b == 1 else np.concatenate([one] * b)
+        return _throughput(model, x, w, seconds, abort)
+
+    budget = max_s if max_s is not None else 4 * seconds * len(cands)
+    out = stoprule.run_rounds(list(cands), measure_one, incumbent=f"w{w0}b{b0}",
+                              margin=MARGIN, min_rounds=min_rounds,
+                              max_rounds=max(min_rounds, 12), budget_s=budget)
+    log.debug("calibration_rounds", rounds=out.rounds, settled=out.settled,
+              seconds=out.seconds, choice=out.choice, leader=out.verdict.leader)
+    w, b = cands[out.choice]
+    return w, b, out.medians
 
 
 def allowed_cpus() -> int:
@@ -284,20 +290,21 @@ def _layout(entry: dict[str, Any], key: Key) -> Layout | None:
 
 
 def measure(model: ServingModel, key: Key, *, seconds: float,
-            abort: threading.Event | None = None) -> Layout:
+            abort: threading.Event | None = None,
+            incumbent: tuple[int, int] | None = None, max_s: float | None = None) -> Layout:
     """Time ``key``'s candidates on ``model`` now (``calibrate``) and return the choice."""
     w, b, figures = calibrate(model, workers=key.workers, batches=key.batches, seconds=seconds,
-                              abort=abort)
+                              abort=abort, incumbent=incumbent, max_s=max_s)
     return Layout(w, b, figures, time.time())
 
 
 def choose(model: ServingModel, key: Key, store: Store, *,
-           seconds: float) -> tuple[Layout, bool]:
+           seconds: float, max_s: float | None = None) -> tuple[Layout, bool]:
     """The layout to start with and whether it came from ``store`` (else measured and stored)."""
     cached = store.get(key)
     if cached is not None:
         return cached, True
-    layout = measure(model, key, seconds=seconds)
+    layout = measure(model, key, seconds=seconds, max_s=max_s)
     store.put(key, layout)
     return layout, False
 
@@ -307,13 +314,12 @@ def recheck(model: ServingModel, key: Key, store: Store, current: Layout, *, sec
     """Measure again while serving; return the layout to use from now on, and store it.
 
     The new measurement's choice replaces ``current`` only when, in that same measurement, it
-    beats ``current`` by ``MARGIN``: both ran under the same load (the live cameras included),
-    so a small difference is noise and the agent keeps what it runs.
+    beats ``current`` out of the rounds' noise and by ``MARGIN`` (``current`` is the stop
+    rule's incumbent): both ran under the same load (the live cameras included), so a small
+    difference is noise and the agent keeps what it runs.
     """
-    new = measure(model, key, seconds=seconds, abort=abort)
-    if new.name != current.name and new.figures.get(new.name, 0.0) <= (
-            new.figures.get(current.name, 0.0) * (1.0 + MARGIN)):
-        new = Layout(current.workers, current.max_batch, new.figures, new.measured_at)
+    new = measure(model, key, seconds=seconds, abort=abort,
+                  incumbent=(current.workers, current.max_batch))
     store.put(key, new)
     return new
 
@@ -328,9 +334,14 @@ class Calibrator:
     agent shuts down) and waits for it.
     """
 
-    def __init__(self, store: Store, *, seconds: float, floor: int = 1) -> None:
+    def __init__(self, store: Store, *, seconds: float, floor: int = 1,
+                 max_s: float | None = None) -> None:
         self.store = store
         self.seconds = seconds
+        #: Budget of one start-up measurement (None: four rounds' worth).
+        self.max_s = max_s
+        #: The key of each chosen model (what a live re-evaluation stores its answer under).
+        self.keys: dict[str, Key] = {}
         #: The fewest workers whatever the layouts say (the config's fixed count, or 1).
         self.floor = floor
         #: The layout in use per model name.
@@ -349,13 +360,26 @@ class Calibrator:
                batches: Sequence[int]) -> Layout:
         """The layout for model ``name``: stored for its key, else measured now (a thread)."""
         key = Key.of(model, workers, batches)
-        layout, stored = choose(model, key, self.store, seconds=self.seconds)
+        layout, stored = choose(model, key, self.store, seconds=self.seconds, max_s=self.max_s)
         self.layouts[name] = layout
+        self.keys[name] = key
         if stored:
             self.stored[name] = key
         log.info("concurrency_reused" if stored else "concurrency_measured", model=name,
                  workers=layout.workers, max_batch=layout.max_batch, fps=layout.figures)
         return layout
+
+    @property
+    def rechecking(self) -> bool:
+        """The background re-measurement of stored layouts still runs."""
+        return self._task is not None and not self._task.done()
+
+    def record(self, name: str, layout: Layout) -> None:
+        """A live re-evaluation chose ``layout`` for ``name``: use and store it (any thread)."""
+        self.layouts[name] = layout
+        key = self.keys.get(name)
+        if key is not None and layout.workers in key.workers and layout.max_batch in key.batches:
+            self.store.put(key, layout)
 
     def start_recheck(self, slots: Mapping[str, ModelSlot],
                       adopt: Callable[[str, Layout], None]) -> None:

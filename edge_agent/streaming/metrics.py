@@ -75,6 +75,13 @@ class _CameraCollector(Collector):
                                          "Reconnect attempts after a failure", labels=lbl)
         stalls = CounterMetricFamily("edge_agent_camera_stalls",
                                      "Times the camera went silent while connected", labels=lbl)
+        still = CounterMetricFamily(
+            "edge_agent_camera_frames_still",
+            "Frames motion gating kept from inference: nothing moved, keep-alive not due "
+            "(absent for cameras without gating)", labels=lbl)
+        keepalives = CounterMetricFamily(
+            "edge_agent_camera_motion_keepalives",
+            "Frames inferred without motion because the keep-alive was due", labels=lbl)
         for cam in cams:
             n = [cam.name]
             fps.add_metric(n, cam.current_fps())
@@ -91,8 +98,11 @@ class _CameraCollector(Collector):
             errors.add_metric(n, cam.errors)
             reconnects.add_metric(n, cam.reconnects)
             stalls.add_metric(n, cam.stalls)
+            if cam.motion is not None:
+                still.add_metric(n, cam.motion.still)
+                keepalives.add_metric(n, cam.motion.keepalives)
         yield from (fps, conn, age, state, read, delivered, dropped, skipped, errors,
-                    reconnects, stalls)
+                    reconnects, stalls, still, keepalives)
 
 
 class _CallbackCollector(Collector):
@@ -133,6 +143,25 @@ class AgentMetrics:
         self.workers = Gauge("edge_agent_inference_workers",
                              "Inference worker threads (chosen by measurement or config)",
                              registry=r)
+        # the layout's choices and measurements (``streaming.calibration``, ``streaming.retune``)
+        self.layout_max_batch = Gauge(
+            "edge_agent_layout_max_batch", "Largest batch per model in the serving layout",
+            ["model"], registry=r)
+        self.layout_fps = Gauge(
+            "edge_agent_layout_measured_fps",
+            "Frames per second each candidate layout (w2b1 = 2 workers, batch 1) delivered in "
+            "the latest measurement (start-up: synthetic; re-evaluation: the live pipeline)",
+            ["layout"], registry=r)
+        self.layout_chosen_fps = Gauge(
+            "edge_agent_layout_chosen_fps",
+            "Frames per second the serving layout delivered when it was chosen", registry=r)
+        self.layout_chosen_at = Gauge(
+            "edge_agent_layout_chosen_timestamp_seconds",
+            "Unix time the serving layout was chosen", registry=r)
+        self.layout_evaluations = Counter(
+            "edge_agent_layout_evaluations",
+            "Live re-evaluations of the layout by trigger (throughput_drop, backlog_idle_cpu, "
+            "periodic) and outcome (changed, kept)", ["reason", "outcome"], registry=r)
         self.model_info = Gauge(
             "edge_agent_model_info", "1 per loaded model version",
             ["model", "version", "sha256", "task", "providers"], registry=r)

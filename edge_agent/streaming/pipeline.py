@@ -33,6 +33,7 @@ from prometheus_client import Histogram
 from edge_agent.capture.camera import Camera, PrepareHook
 from edge_agent.config import CameraSettings, PipelineSettings
 from edge_agent.contract.protocol import CameraTelemetry, ModelTelemetry, ShadowTelemetry
+from edge_agent.contract.telemetry import LayoutTelemetry
 from edge_agent.streaming import outputs as windows
 from edge_agent.streaming import scheduler as scheduling
 from edge_agent.streaming.metrics import AgentMetrics
@@ -179,9 +180,13 @@ class Pipeline:
         self._started = False
         self._errors_seen: Mapping[tuple[str, str], int] = {}
         self._drops_seen: dict[str, int] = {}
+        self._still_seen: dict[str, int] = {}
         #: Set by whoever runs a candidate in shadow (``streaming.shadow``): its windows are
         #: attached to the active version's entry by ``telemetry_models``. None: no shadow.
         self.shadow_windows: ShadowProvider | None = None
+        #: Set by the composition root: the serving layout of a model name, attached to its
+        #: telemetry entries (``streaming.retune``). None: not reported.
+        self.layout_info: Callable[[str], LayoutTelemetry | None] | None = None
 
     @staticmethod
     def _prepare_hook(slot: ModelSlot) -> PrepareHook:
@@ -302,7 +307,8 @@ class Pipeline:
             out.append(ModelTelemetry(
                 name=key[0], version=key[1], frames=win.frames, errors=errs,
                 latency_ms=win.latency_summary(), latency=win.latency_wire(),
-                outputs=win.output_stats(), shadow=shadow.get(key)))
+                outputs=win.output_stats(), shadow=shadow.get(key),
+                layout=self.layout_info(key[0]) if self.layout_info is not None else None))
         self._errors_seen = errors
         return out
 
@@ -317,14 +323,17 @@ class Pipeline:
             return {}
 
     def telemetry_cameras(self) -> list[CameraTelemetry]:
-        """Per camera: connected, fps, and frames dropped since the previous call (one caller)."""
+        """Per camera: connected, fps, and frames dropped and held back by motion gating
+        since the previous call (one caller)."""
         out = []
         for cam in list(self.cameras.values()):
-            dropped = cam.dropped
+            dropped, still = cam.dropped, cam.frames_still
             out.append(CameraTelemetry(camera=cam.name, connected=cam.state == "connected",
                                        fps=round(cam.current_fps(), 2),
-                                       drops=dropped - self._drops_seen.get(cam.name, 0)))
+                                       drops=dropped - self._drops_seen.get(cam.name, 0),
+                                       frames_still=still - self._still_seen.get(cam.name, 0)))
             self._drops_seen[cam.name] = dropped
+            self._still_seen[cam.name] = still
         return out
 
     def camera_snapshots(self) -> list[dict[str, Any]]:

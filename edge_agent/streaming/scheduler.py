@@ -91,6 +91,12 @@ class Tally:
     #: Failed frames per (model, version), only ever growing (telemetry takes deltas). The
     #: owner replaces the mapping instead of changing it, so a reader never sees it change.
     errors_by_model: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    #: Seconds this worker waited for a frame (the re-evaluation's "is the queue backed up").
+    idle_s: float = 0.0
+    #: (frames done, ``time.perf_counter()`` of the latest completion), replaced as one tuple
+    #: after each batch so a reader never pairs a count with another batch's time; the live
+    #: re-evaluation (``streaming.retune``) times each worker from completion to completion.
+    done: tuple[int, float | None] = (0, None)
 
     def add_errors(self, key: tuple[str, str], n: int) -> None:
         """Count ``n`` failed frames of model version ``key`` (the owning thread only)."""
@@ -240,6 +246,10 @@ class Scheduler:
         busy = [now - b for b in self._busy_since if b is not None]
         return max(busy, default=0.0)
 
+    def progress(self) -> list[tuple[int, float | None]]:
+        """Each worker's ``Tally.done``, in spawn order (retired workers' stop changing)."""
+        return [t.done for t in list(self._tallies)]
+
     def tally(self) -> Tally:
         """The workers' counts summed (a snapshot; any thread)."""
         total = Tally()
@@ -248,6 +258,7 @@ class Scheduler:
             total.frames += t.frames
             total.batches += t.batches
             total.errors += t.errors
+            total.idle_s += t.idle_s
             for key, n in t.errors_by_model.items():  # a mapping its owner never changes
                 errors[key] = errors.get(key, 0) + n
         total.errors_by_model = errors
@@ -255,7 +266,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ workers
 
-    def _take(self) -> list[Job] | None:
+    def _take(self, tally: Tally) -> list[Job] | None:
         with self._lock:
             while not self._ready or self._running > self.workers:
                 if self._running > self.workers:  # resized down: this worker retires
@@ -263,7 +274,9 @@ class Scheduler:
                     return None
                 if self._stopping:
                     return None
+                t_wait = time.perf_counter()
                 self._work.wait()
+                tally.idle_s += time.perf_counter() - t_wait
             if self._stopping and not self._drain:
                 return None
             first = self._pending.pop(self._ready.popleft())
@@ -286,7 +299,7 @@ class Scheduler:
     def _worker(self, idx: int) -> None:
         tally = self._tallies[idx]
         while True:
-            batch = self._take()
+            batch = self._take(tally)
             if batch is None:
                 return
             self._busy_since[idx] = time.monotonic()
@@ -348,6 +361,7 @@ class Scheduler:
         obs.batch.observe(len(batch))
         tally.frames += len(batch)
         tally.batches += 1
+        tally.done = (tally.frames, t_post)
         self._emit(items)
         shadow = self.shadow
         # after the results are on their way (never delays them); nothing without a candidate

@@ -95,6 +95,12 @@ _SCHEMAS: dict[str, Any] = {
                         "'edge-model-v1\\n{manifest_sha256}\\n{sha256}\\n'",
                     },
                     "manifest": {"$ref": "#/components/schemas/Manifest"},
+                    "quantization": {
+                        "type": "object",
+                        "nullable": True,
+                        "description": "an INT8 version's report (edge-hub models quantize: "
+                        "edge_agent/contract/quantization.py), else null",
+                    },
                     "artifact_url": {"type": "string"},
                     "manifest_url": {"type": "string"},
                 },
@@ -161,6 +167,9 @@ _SCHEMAS: dict[str, Any] = {
             "signature": {"type": "string", "description": "base64 ed25519 signature"},
             "notes": {"type": "string", "maxLength": 4096},
             "pushed_by": {"type": "string", "maxLength": 128},
+            "quantization": {"type": "string", "description": (
+                "JSON of an INT8 version's quantisation report "
+                "(edge_agent/contract/quantization.py)")},
         },
     },
     "Health": {

@@ -2,7 +2,8 @@
 
 Paths are fixed (agents and the CLI rely on them; see docs/registry.md). Uploads are
 ``multipart/form-data`` with parts ``manifest`` (JSON), ``artifact`` (the ONNX bytes),
-optional ``signature``, ``notes`` and ``pushed_by``; the artifact is streamed to a temporary
+optional ``signature``, ``notes``, ``pushed_by`` and ``quantization`` (an INT8 version's
+report); the artifact is streamed to a temporary
 file and hashed as it arrives, never held whole in memory. Downloads stream from disk in
 256 KiB reads with ``ETag`` = the sha256, single ``Range`` requests (206/416) and
 ``If-None-Match`` (304), so a node on a slow link can resume where it stopped. Reads need the
@@ -21,6 +22,7 @@ import structlog
 from aiohttp import BodyPartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from edge_agent.contract.quantization import MAX_REPORT_BYTES
 from hub.api.httputil import (
     SETTINGS_KEY,
     RangeNotSatisfiableError,
@@ -60,6 +62,7 @@ _TEXT_PARTS = {
     "signature": 1024,
     "notes": MAX_NOTES_CHARS * 4,
     "pushed_by": MAX_PUSHED_BY_CHARS * 4,
+    "quantization": MAX_REPORT_BYTES,
 }
 _IDENTITY_ENCODINGS = ("", "identity", "binary", "7bit", "8bit")
 
@@ -95,6 +98,7 @@ def version_json(v: ModelVersion, base_url: str) -> dict[str, Any]:
         "manifest_sha256": v.manifest_sha256,
         "signature": v.signature,
         "manifest": v.manifest,
+        "quantization": v.quantization,
         "artifact_url": base_url + artifact_path(v.name, v.version),
         "manifest_url": base_url + manifest_path(v.name, v.version),
     }
@@ -269,7 +273,8 @@ async def _read_part(part: BodyPartReader, name: str, staged: StagedArtifact) ->
     if name in _TEXT_PARTS:
         return await _read_text(part, _TEXT_PARTS[name])
     raise InvalidRequest(
-        f"unknown part {name!r}; expected artifact, manifest, signature, notes, pushed_by"
+        f"unknown part {name!r}; expected artifact, manifest, signature, notes, pushed_by, "
+        "quantization"
     )
 
 
@@ -299,6 +304,7 @@ async def put_version(request: web.Request) -> web.Response:
             signature=_text(fields, "signature") or None,
             pushed_by=_text(fields, "pushed_by") or "",
             notes=_text(fields, "notes") or "",
+            quantization=_text(fields, "quantization"),
         )
     finally:
         await staged.discard()

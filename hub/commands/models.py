@@ -1,10 +1,12 @@
-"""``edge-hub models push|list|show|pull|rm``: the ML engineer's side of the registry.
+"""``edge-hub models push|list|show|pull|rm|quantize``: the ML engineer's side of the registry.
 
 ``push`` sends an ONNX file with its manifest (by default the ``.json`` next to the file) and,
 with ``--sign KEY``, an ed25519 signature made locally: the private key never leaves this
 machine. ``pull`` downloads a version, resuming a partial ``.part`` file with a Range request,
 and checks the sha256 (and the signature with ``--verify-key``). Usage errors exit 2, refusals
-by the hub exit 1, an unreachable hub exits 3.
+by the hub exit 1, an unreachable hub exits 3. ``quantize`` (``hub.commands.quantize``) pulls a
+version, makes and measures its INT8 twin locally and pushes it with the report, which ``show``
+prints.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from hub.client.output import (
     say,
     short_time,
 )
+from hub.commands import quantize
 from hub.errors import HubError, InvalidRequest
 from hub.registry import signing
 from hub.registry.service import (
@@ -88,6 +91,8 @@ def register(sub: Any) -> None:
     rm = http.add_client_verb(acts, "rm", _rm, help="delete a version")
     rm.add_argument("name")
     rm.add_argument("version")
+
+    quantize.register(acts, download=download, upload=upload)
 
 
 # ------------------------------------------------------------------------------------ push
@@ -142,6 +147,21 @@ async def _push(args: argparse.Namespace) -> int:
     manifest.json beside FILE; its name and version are set to --name and --version, and its
     sha256 is filled in when missing. The hub refuses a file that does not load in onnxruntime
     or does not match its manifest."""
+    status, body = await upload(args)
+    if args.json:
+        print_json(body)
+    else:
+        what = "pushed" if status == 201 else "already present (identical)"
+        say(f"{what}: {body['name']} {body['version']} sha256={body['sha256']} "
+              f"size={human_size(body['size'])} signed={str(body['signed']).lower()}")
+    return 0
+
+
+async def upload(args: argparse.Namespace, *,
+                 quantization: str | None = None) -> tuple[int, dict[str, Any]]:
+    """``push``'s upload (``args``: file, name, version, manifest, sign, notes, pushed_by and
+    the connection flags); (HTTP status, the version as the hub stored it). ``quantization``
+    is an INT8 version's report (JSON), sent as its own part (``models quantize``)."""
     check_ref(args.name, args.version)
     client = client_from_args(args)
     if not args.file.is_file():
@@ -156,7 +176,7 @@ async def _push(args: argparse.Namespace) -> int:
         form = aiohttp.MultipartWriter("form-data")
         part = form.append(manifest, {hdrs.CONTENT_TYPE: "application/json"})
         part.set_content_disposition("form-data", name="manifest")
-        fields = {"pushed_by": pushed_by, "notes": args.notes}
+        fields = {"pushed_by": pushed_by, "notes": args.notes, "quantization": quantization}
         if key is not None:
             fields["signature"] = signing.sign(
                 key, hashlib.sha256(manifest).hexdigest(), file_sha
@@ -171,13 +191,7 @@ async def _push(args: argparse.Namespace) -> int:
             status, body = await hub.request_json(
                 "PUT", version_path(args.name, args.version), data=form, expect100=True
             )
-    if args.json:
-        print_json(body)
-    else:
-        what = "pushed" if status == 201 else "already present (identical)"
-        say(f"{what}: {body['name']} {body['version']} sha256={body['sha256']} "
-              f"size={human_size(body['size'])} signed={str(body['signed']).lower()}")
-    return 0
+    return status, body
 
 
 # ----------------------------------------------------------------------------- list/show/rm
@@ -236,6 +250,7 @@ async def _show(args: argparse.Namespace) -> int:
         ("outputs", ", ".join(f"{o['name']}{o['shape']}" for o in m.get("outputs", []))),
         ("labels", len(m.get("labels", []))),
         ("artifact", v["artifact_url"]),
+        *(quantize.report_fields(v["quantization"]) if v.get("quantization") else []),
     ])
     return 0
 
@@ -271,9 +286,22 @@ def _install(part: Path, target: Path, manifest_bytes: bytes) -> None:
 async def _pull(args: argparse.Namespace) -> int:
     """Download the artifact and manifest.json of NAME VERSION into DIR, resuming a partial
     download, checking the sha256 and, with --verify-key, the signature."""
+    result = await download(args, args.output_dir or Path(f"{args.name}-{args.version}"))
+    if args.json:
+        print_json(result)
+    else:
+        say(f"pulled: {result['path']} sha256={result['sha256']} size={human_size(result['size'])}"
+              + (" (resumed)" if result["resumed"] else "")
+              + (" signature ok" if result["signature_verified"] else ""))
+    return 0
+
+
+async def download(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """``pull``'s download of NAME VERSION (``args``: name, version, verify_key and the
+    connection flags) into ``out``; what was written (path, manifest, sha256, size, resumed,
+    signature_verified)."""
     check_ref(args.name, args.version)
     pub = signing.load_public_key(args.verify_key) if args.verify_key else None
-    out: Path = args.output_dir or Path(f"{args.name}-{args.version}")
     async with client_from_args(args) as hub:
         _, v = await hub.request_json("GET", version_path(args.name, args.version))
         file_name = str(v["manifest"].get("file") or f"{args.name}-{args.version}.onnx")
@@ -285,14 +313,8 @@ async def _pull(args: argparse.Namespace) -> int:
     sha, n = await asyncio.to_thread(_check_download, part, v, manifest_bytes)
     verified = _check_signature(pub, v, manifest_bytes, sha)
     await asyncio.to_thread(_install, part, target, manifest_bytes)
-    result = {"path": str(target), "manifest": str(target.parent / MANIFEST_FILE),
-              "sha256": sha, "size": n, "resumed": resumed, "signature_verified": verified}
-    if args.json:
-        print_json(result)
-    else:
-        say(f"pulled: {target} sha256={sha} size={human_size(n)}"
-              + (" (resumed)" if resumed else "") + (" signature ok" if verified else ""))
-    return 0
+    return {"path": str(target), "manifest": str(target.parent / MANIFEST_FILE),
+            "sha256": sha, "size": n, "resumed": resumed, "signature_verified": verified}
 
 
 async def _download(hub: HubClient, args: argparse.Namespace, v: dict[str, Any],

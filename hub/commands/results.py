@@ -14,8 +14,9 @@ import argparse
 import contextlib
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol, TypeVar
 
 import orjson
 import structlog
@@ -23,7 +24,18 @@ import structlog
 from edge_agent.common import cli
 from edge_agent.common.logs import configure_logging
 from hub.client.results import Gap, Received, Reset, ResultSubscriber
+from hub.client.stream import SeqSubscriber
 from hub.config import load_settings
+
+
+class _Delivered(Protocol):
+    @property
+    def payload(self) -> bytes:
+        """The payload as the agent sent it."""
+        ...
+
+
+T = TypeVar("T", bound=_Delivered)
 
 
 def register(sub: Any) -> None:
@@ -41,6 +53,22 @@ def register(sub: Any) -> None:
         "summary on stderr. Exit 1 when --count results did not arrive within --timeout, "
         "3 when the broker is unreachable or refuses the login or the subscription.",
     )
+    add_broker_options(t)
+    t.add_argument("--node", help="only this node's results")
+    t.add_argument("--camera", help="only this camera's results")
+    t.add_argument(
+        "--group", help="shared subscription group: consumers in one group split the results"
+    )
+    t.add_argument("--json", action="store_true", help="print each result as a JSON line")
+    t.add_argument(
+        "--output", type=Path, help="append results as JSON lines to this file (not stdout)"
+    )
+    t.add_argument("--count", type=int, help="stop after this many results")
+    t.add_argument("--timeout", type=float, help="stop after this many seconds")
+
+
+def add_broker_options(t: argparse.ArgumentParser) -> None:
+    """The broker flags of a tail verb (``results tail``, ``events tail``)."""
     t.add_argument("--config", type=Path, help="hub config file (its mqtt section is used)")
     t.add_argument("--host", help="broker host (default: mqtt.host of the config)")
     t.add_argument("--port", type=int, help="broker port (default: mqtt.port of the config)")
@@ -56,17 +84,6 @@ def register(sub: Any) -> None:
                    "(default: mqtt.cert_file)")
     t.add_argument("--key-file", type=Path,
                    help="the certificate's private key (default: mqtt.key_file)")
-    t.add_argument("--node", help="only this node's results")
-    t.add_argument("--camera", help="only this camera's results")
-    t.add_argument(
-        "--group", help="shared subscription group: consumers in one group split the results"
-    )
-    t.add_argument("--json", action="store_true", help="print each result as a JSON line")
-    t.add_argument(
-        "--output", type=Path, help="append results as JSON lines to this file (not stdout)"
-    )
-    t.add_argument("--count", type=int, help="stop after this many results")
-    t.add_argument("--timeout", type=float, help="stop after this many seconds")
     t.add_argument(
         "--mqtt-protocol", type=int, choices=(5, 3), default=None,
         help="MQTT 5 or 3.1.1 (default: mqtt.protocol of the config, 5)",
@@ -98,8 +115,9 @@ def _line(r: Received) -> str:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    """Tail results until --count, --timeout or Ctrl-C; print a summary on stderr."""
+def broker_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Load the hub config, set up logging for a tail verb, and return the subscriber's broker
+    keyword arguments: the flags of ``add_broker_options`` over the config's mqtt section."""
     settings = load_settings(args.config)
     level = settings.log.level
     if sys.stderr.isatty() and level.lower() == "info":
@@ -110,33 +128,43 @@ def run(args: argparse.Namespace) -> int:
     # stdout carries the results (JSON lines with --json): log lines go to stderr instead
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
     mq = settings.mqtt
+    return {
+        "host": args.host or mq.host, "port": args.port or mq.port,
+        "topic_prefix": args.prefix or mq.topic_prefix,
+        "username": args.username or mq.username,
+        "password_file": args.password_file or mq.password_file,
+        "tls": mq.tls if args.tls is None else args.tls,
+        "ca_file": args.ca_file or mq.ca_file, "cert_file": args.cert_file or mq.cert_file,
+        "key_file": args.key_file or mq.key_file,
+        "protocol": args.mqtt_protocol or mq.protocol, "keepalive_s": mq.keepalive_s,
+    }
 
-    def on_gap(gap: Gap) -> None:
-        _err(f"gap: {gap.node}/{gap.camera} seq {gap.first}..{gap.last} ({gap.count} missing)")
 
-    def on_reset(r: Reset) -> None:
-        after = f" after seq {r.previous}" if r.previous >= 0 else ""
-        _err(f"reset: {r.node}/{r.camera} seq series restarted at {r.first}{after} "
-             f"({r.reason}; not a loss)")
+def print_gap(gap: Gap) -> None:
+    """A tail verb's ``on_gap``: one line on stderr."""
+    _err(f"gap: {gap.node}/{gap.camera} seq {gap.first}..{gap.last} ({gap.count} missing)")
 
+
+def print_reset(r: Reset) -> None:
+    """A tail verb's ``on_reset``: one line on stderr."""
+    after = f" after seq {r.previous}" if r.previous >= 0 else ""
+    _err(f"reset: {r.node}/{r.camera} seq series restarted at {r.first}{after} "
+         f"({r.reason}; not a loss)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Tail results until --count, --timeout or Ctrl-C; print a summary on stderr."""
     sub = ResultSubscriber(
-        args.host or mq.host,
-        args.port or mq.port,
-        topic_prefix=args.prefix or mq.topic_prefix,
-        node=args.node,
-        camera=args.camera,
-        group=args.group,
-        username=args.username or mq.username,
-        password_file=args.password_file or mq.password_file,
-        tls=mq.tls if args.tls is None else args.tls,
-        ca_file=args.ca_file or mq.ca_file,
-        cert_file=args.cert_file or mq.cert_file,
-        key_file=args.key_file or mq.key_file,
-        protocol=args.mqtt_protocol or mq.protocol,
-        keepalive_s=mq.keepalive_s,
-        on_gap=on_gap,
-        on_reset=on_reset,
+        **broker_kwargs(args), node=args.node, camera=args.camera, group=args.group,
+        on_gap=print_gap, on_reset=print_reset,
     )
+    return tail(sub, args, _line, "results")
+
+
+def tail(sub: SeqSubscriber[T], args: argparse.Namespace, line: Callable[[T], str],
+         what: str) -> int:
+    """Start ``sub``, print what it delivers (``line`` per item, or the payload as a JSON line
+    with --json/--output) until --count, --timeout or Ctrl-C; the summary on stderr."""
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     delivered = 0
     with contextlib.ExitStack() as stack:
@@ -147,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         # waiting for the broker counts against --timeout too
         sub.start(timeout=10.0 if args.timeout is None else max(0.1, min(10.0, args.timeout)))
         stack.callback(sub.close)
-        _err(f"subscribed: {sub.filter}")
+        _err(f"subscribed: {' '.join(sub.filters)}")
         try:
             while args.count is None or delivered < args.count:
                 wait = 1.0 if deadline is None else deadline - time.monotonic()
@@ -161,12 +189,12 @@ def run(args: argparse.Namespace) -> int:
                     # the payload exactly as the agent sent it (fields newer than ours included)
                     out.write(orjson.dumps(orjson.loads(r.payload)) + b"\n")
                 else:
-                    out.write(_line(r).encode() + b"\n")
+                    out.write(line(r).encode() + b"\n")
                 out.flush()
         except KeyboardInterrupt:
             pass
     _err("summary: " + orjson.dumps(sub.stats.as_dict()).decode())
     if args.count is not None and delivered < args.count and deadline is not None:
-        _err(f"edge-hub: error: {delivered} of {args.count} results within {args.timeout:g} s")
+        _err(f"edge-hub: error: {delivered} of {args.count} {what} within {args.timeout:g} s")
         return 1
     return 0

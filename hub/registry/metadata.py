@@ -43,6 +43,9 @@ class ModelVersion:
     #: Who pushed it, as declared by the client (informational; the token is the authority).
     pushed_by: str
     notes: str
+    #: ``edge-hub models quantize``'s report (``contract.quantization.QuantizationReport`` as
+    #: JSON) for an INT8 version made from another, else None.
+    quantization: dict[str, Any] | None = None
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -96,21 +99,24 @@ CREATE TABLE IF NOT EXISTS model_versions (
     created_at      REAL    NOT NULL,
     pushed_by       TEXT    NOT NULL,
     notes           TEXT    NOT NULL DEFAULT '',
+    quantization    TEXT,
     PRIMARY KEY (name, version)
 );
 CREATE INDEX IF NOT EXISTS model_versions_sha256 ON model_versions (sha256);
 """
 _COLS = (
     "name, version, task, sha256, size, manifest, manifest_sha256, signature, created_at, "
-    "pushed_by, notes"
+    "pushed_by, notes, quantization"
 )
-SCHEMA_VERSION = 1
+#: 2 added ``quantization`` (a nullable column: older rows read as None).
+SCHEMA_VERSION = 2
 
 
 def _row(r: tuple[Any, ...]) -> ModelVersion:
     return ModelVersion(
         name=r[0], version=r[1], task=r[2], sha256=r[3], size=r[4], manifest_bytes=bytes(r[5]),
         manifest_sha256=r[6], signature=r[7], created_at=r[8], pushed_by=r[9], notes=r[10],
+        quantization=orjson.loads(r[11]) if r[11] else None,
     )
 
 
@@ -137,6 +143,9 @@ class SqliteMetadataStore:
         conn.execute("PRAGMA synchronous=FULL")  # a version the hub acknowledged survives a crash
         conn.execute("PRAGMA foreign_keys=ON")
         conn.executescript(_SCHEMA)
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(model_versions)")}
+        if "quantization" not in columns:  # a schema 1 database: add the column, keep the rows
+            conn.execute("ALTER TABLE model_versions ADD COLUMN quantization TEXT")
         have = conn.execute("PRAGMA user_version").fetchone()[0]
         if have > SCHEMA_VERSION:
             raise RuntimeError(f"{self.path} has schema {have}, newer than this hub's")
@@ -150,9 +159,10 @@ class SqliteMetadataStore:
         def op(c: sqlite3.Connection) -> tuple[ModelVersion, bool]:
             try:
                 c.execute(
-                    f"INSERT INTO model_versions ({_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",  # noqa: S608
+                    f"INSERT INTO model_versions ({_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",  # noqa: S608
                     (v.name, v.version, v.task, v.sha256, v.size, v.manifest_bytes,
-                     v.manifest_sha256, v.signature, v.created_at, v.pushed_by, v.notes),
+                     v.manifest_sha256, v.signature, v.created_at, v.pushed_by, v.notes,
+                     orjson.dumps(v.quantization).decode() if v.quantization else None),
                 )
             except sqlite3.IntegrityError:
                 existing = self._get(c, v.name, v.version)

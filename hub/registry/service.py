@@ -20,10 +20,13 @@ import inspect
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+import pydantic
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from edge_agent.contract import quantization
 from edge_agent.contract.protocol import is_valid_name, is_valid_version
 from hub.config import ConfigError, HubSettings
 from hub.errors import ArtifactRejected, Conflict, InvalidRequest, NotFound
@@ -40,6 +43,7 @@ __all__ = [
     "artifact_path",
     "check_ref",
     "manifest_path",
+    "parse_quantization",
     "version_path",
 ]
 
@@ -72,6 +76,22 @@ def check_ref(name: str, version: str) -> None:
         raise InvalidRequest(
             "invalid version: letters, digits, '.', '_' and '-', 1-63 characters, no '..'"
         )
+
+
+def parse_quantization(text: str | None) -> dict[str, Any] | None:
+    """The quantisation report as stored (None when absent); InvalidRequest naming the first
+    wrong field when it is not a ``QuantizationReport``."""
+    if text is None or not text.strip():
+        return None
+    if len(text.encode()) > quantization.MAX_REPORT_BYTES:
+        raise InvalidRequest(f"quantization report over {quantization.MAX_REPORT_BYTES} bytes")
+    try:
+        report = quantization.QuantizationReport.model_validate_json(text)
+    except pydantic.ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(report)"
+        raise InvalidRequest(f"quantization report: {where}: {err['msg']}") from exc
+    return report.model_dump(mode="json")
 
 
 def version_path(name: str, version: str) -> str:
@@ -193,8 +213,12 @@ class Registry:
         signature: str | None = None,
         pushed_by: str = "",
         notes: str = "",
+        quantization: str | None = None,
     ) -> tuple[ModelVersion, bool]:
         """Validate and store a finished upload; return (version, created).
+
+        ``quantization`` is the JSON of an INT8 version's report (``edge-hub models
+        quantize``), checked against ``contract.quantization.QuantizationReport``.
 
         ``created`` is False for an exact repeat of an existing version (same bytes and
         manifest), which is answered idempotently. Any refusal raises a HubError and leaves
@@ -204,6 +228,7 @@ class Registry:
             return await self._push(
                 name=name, version=version, manifest_bytes=manifest_bytes, staged=staged,
                 signature=signature, pushed_by=pushed_by, notes=notes,
+                quantization=parse_quantization(quantization),
             )
         finally:
             await staged.discard()  # no-op once adopted (the file was moved)
@@ -218,6 +243,7 @@ class Registry:
         signature: str | None,
         pushed_by: str,
         notes: str,
+        quantization: dict[str, Any] | None,
     ) -> tuple[ModelVersion, bool]:
         check_ref(name, version)
         if len(notes) > MAX_NOTES_CHARS:
@@ -251,7 +277,7 @@ class Registry:
             name=name, version=version, task=facts.task, sha256=sha, size=size,
             manifest_sha256=manifest_sha, manifest_bytes=manifest_bytes,
             signature=signature.strip() if signature else None, created_at=time.time(),
-            pushed_by=pushed_by, notes=notes,
+            pushed_by=pushed_by, notes=notes, quantization=quantization,
         )
         async with self._commit_lock:
             new_blob = await asyncio.to_thread(self.artifacts.adopt_sync, staged)

@@ -23,7 +23,7 @@ EXPECTED_VARIANTS = {
     *((f"centerface-{v}", "centerface", f"1.0.0-{v}") for v in ("bgr", "norm", "reexport")),
 }
 EXPECTED_SAMPLES = {"chelsea.png", "astronaut.png", "coffee.png", "bikes.mp4", "carphone.mp4",
-                    "synthetic-720p.mp4"}
+                    "synthetic-720p.mp4", "faces-street.mp4", "faces-street.json"}
 
 
 def test_index_lists_every_file_with_its_sha256(models_dir: Path) -> None:

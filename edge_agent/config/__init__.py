@@ -10,7 +10,9 @@ and the environment become settings, and how errors are reported, is shared with
 Camera URLs are validated here with the grammar of ``edge_agent.camera_urls`` (which also says
 what of such a URL may be shown), so a typo is a config error with its field path.
 
-Every field says its unit, its default and why that default.
+Every field says its unit, its default and why that default. A camera's motion gating
+(``config.motion``) and its zones, lines and tracking (``config.tracking``) have modules of their
+own; ``config.files`` checks the files a config names (``edge-agent validate-config``).
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ from edge_agent.camera_urls import SourceSpec, parse_source, redact_text, redact
 from edge_agent.common import httpserver
 from edge_agent.common import mqtt as common_mqtt
 from edge_agent.common import settings as common_settings
-from edge_agent.contract.manifest import load_manifest, model_path
+from edge_agent.config.motion import MotionSettings
+from edge_agent.config.tracking import Lines, PublishMode, TrackingSettings, Zones
 from edge_agent.contract.protocol import DEFAULT_TOPIC_PREFIX, Name, Node
-from edge_agent.contract.rejection import Rejection
 from edge_agent.errors import AgentError
 
 
@@ -106,6 +108,18 @@ class CameraSettings(common_settings.Section):
     #: camera that is down for long.
     reconnect_min_s: float = Field(0.5, gt=0, le=3600)
     reconnect_max_s: float = Field(30.0, gt=0, le=3600)
+    #: Motion gating: infer only frames where something moved, plus a keep-alive (section
+    #: ``cameras[].motion``, ``edge_agent.config.motion``). Default off.
+    motion: MotionSettings = MotionSettings()
+    #: What this camera publishes: ``frames`` (a result per frame), ``events`` (track events
+    #: and zone occupancy only: an order of magnitude fewer messages) or ``both``. Default
+    #: ``frames``: what subscribers got before tracking existed (``edge_agent.config.tracking``,
+    #: docs/events.md).
+    publish: PublishMode = "frames"
+    #: Zones (polygons in frame fractions) whose occupancy and visits are reported (events).
+    zones: Zones = Field(default_factory=list)
+    #: Lines (segments in frame fractions) whose crossings are reported with direction.
+    lines: Lines = Field(default_factory=list)
 
     @field_validator("url")
     @classmethod
@@ -160,6 +174,18 @@ class PipelineSettings(common_settings.Section):
     sink: Literal["mqtt", "jsonl"] = "mqtt"
     #: File for ``sink: jsonl``; per-camera seqs resume after those already in it.
     jsonl_path: Path = Path("/var/lib/edge-agent/results.jsonl")
+    #: Re-evaluate measured layouts while serving (docs/pipeline.md). Default on: see there.
+    retune: bool = True
+    #: Seconds between periodic re-evaluations (+-10 % jitter), when saturated. Default 600.
+    retune_interval_s: float = Field(600.0, ge=10, le=86_400)
+    #: Seconds between looks at the live counters (a trigger must hold twice). Default 1.
+    retune_check_s: float = Field(1.0, gt=0, le=600)
+    #: Trigger below (1 - this) of the chosen layout's live fps, when saturated. Default 0.15.
+    retune_drop_fraction: float = Field(0.15, gt=0, lt=1)
+    #: Trigger when this many CPUs sit idle and unused by us while backed up. Default 0.5.
+    retune_idle_cores: float = Field(0.5, gt=0, le=64)
+    #: Least seconds between triggered re-evaluations (doubles while kept). Default 30.
+    retune_cooldown_s: float = Field(30.0, ge=0, le=86_400)
 
 
 class MqttSettings(common_mqtt.ConnectionSettings):
@@ -360,6 +386,8 @@ class AgentSettings(common_settings.ProgramSettings):
     pipeline: PipelineSettings = PipelineSettings()
     model_sync: ModelSyncSettings = ModelSyncSettings()
     identity: IdentitySettings = IdentitySettings()
+    #: Object tracking for track events and zones (``edge_agent.config.tracking``).
+    tracking: TrackingSettings = TrackingSettings()
     #: Seconds SIGTERM waits for in-flight work and the outbox to drain before exiting. Default
     #: 20 s: below the pod's 30 s terminationGracePeriodSeconds, so we exit before SIGKILL.
     shutdown_timeout_s: float = Field(20.0, gt=0, le=600)
@@ -417,60 +445,4 @@ def _identity_problems(settings: AgentSettings) -> list[tuple[str, str, Any]]:
         if getattr(m, name) is None:
             out.append((f"mqtt.{name}", "identity.bootstrap writes the certificate and key "
                         "there", None))
-    return out
-
-
-def file_problems(settings: AgentSettings) -> list[common_settings.FieldError]:
-    """The files the settings name that this process cannot use: one (field, message, path)
-    each. Blocking; ``validate-config`` reports these on the box the config is for.
-
-    TLS files (``mqtt``: ``ConnectionSettings.tls_problems``; ``hub``) must be readable, secret
-    files (keys, tokens, the password) also not readable by others (``secret_files``). With
-    ``identity.bootstrap`` the certificate and key are the bootstrap's to write: a fresh node
-    has none yet, so ``mqtt.cert_file``/``key_file`` are skipped, and ``hub.cert_file``/
-    ``key_file`` where they name the same files (as they should: nothing writes others).
-    """
-    m, h = settings.mqtt, settings.hub
-    written = {m.cert_file, m.key_file} if settings.identity.bootstrap else set()
-    out = [p for p in m.tls_problems() if Path(p[2]) not in written]
-    readable = [("hub.ca_file", h.ca_file), ("hub.cert_file", h.cert_file),
-                ("hub.public_key_file", h.public_key_file)]
-    secrets = [("mqtt.password_file", m.password_file), ("hub.key_file", h.key_file),
-               ("hub.token_file", h.token_file), ("http.token_file", settings.http.token_file)]
-    if m.tls:
-        secrets.append(("mqtt.key_file", m.key_file))
-    if settings.identity.bootstrap:
-        readable.append(("identity.token_file", settings.identity.token_file))
-    for field, path in readable + secrets:
-        if path is None or path in written or any(f == field for f, _, _ in out):
-            continue
-        try:
-            with path.open("rb") as f:
-                f.read(1)
-        except OSError as exc:
-            out.append((field, f"cannot read: {exc.strerror or exc}", str(path)))
-            continue
-        if (field, path) in secrets:
-            try:
-                common_settings.check_secret_file(path, settings.secret_files)
-            except OSError as exc:
-                out.append((field, str(exc.strerror or exc), str(path)))
-    return out + _manifest_problems(settings)
-
-
-def _manifest_problems(settings: AgentSettings) -> list[common_settings.FieldError]:
-    """Each ``models[i].manifest`` must be a valid manifest beside a readable model file."""
-    out: list[common_settings.FieldError] = []
-    for i, spec in enumerate(settings.models):
-        field = f"models.{i}.manifest"
-        try:
-            manifest = load_manifest(spec.manifest)
-            onnx_file = model_path(spec.manifest, manifest)
-            with onnx_file.open("rb") as f:
-                f.read(1)
-        except OSError as exc:
-            where = getattr(exc, "filename", None) or spec.manifest
-            out.append((field, f"cannot read: {exc.strerror or exc}", str(where)))
-        except (Rejection, ValueError) as exc:
-            out.append((field, f"not a usable manifest: {str(exc)[:200]}", str(spec.manifest)))
     return out
