@@ -280,6 +280,20 @@ class Agent:
             await self.pipeline.stop(self.settings.shutdown_timeout_s * 0.5)
         if self.tracking is not None:  # end open tracks while the drain can still send them
             self.tracking.stop_all()
+            if self.mqtt is not None:
+                await asyncio.to_thread(self._send_track_ends, self.mqtt,
+                                        min(2.0, self.settings.shutdown_timeout_s * 0.1))
+
+    @staticmethod
+    def _send_track_ends(mqtt: MqttParts, timeout: float) -> None:
+        """Commit the ``stopped`` ends and let the drain publish them before it stops claiming
+        (bounded: with the broker away they wait in the outbox for the next process)."""
+        deadline = time.monotonic() + timeout
+        if not mqtt.outbox.flush(timeout) or not mqtt.link.connected:
+            return
+        while mqtt.outbox.depth > 0 and time.monotonic() < deadline:
+            mqtt.drain.wait_idle(0.05)
+            time.sleep(0.01)  # a polled bound on a shutdown path, not a test wait
 
     async def _stop_drain(self) -> None:
         if self.mqtt is not None:
