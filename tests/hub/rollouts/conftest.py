@@ -1,14 +1,18 @@
-"""Fixtures of the rollout tests: a fake Kubernetes API and a fleet of simulated agents."""
+"""Fixtures of the rollout tests: a fake Kubernetes API, a fleet of simulated agents, a registry
+holding versions 1.0 and 2.0, and the hub's settings."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
+from hub.config import HubSettings
+from hub.registry.service import Registry
 from tests.support.broker import Broker
 from tests.support.fake_k8s import FakeKube
-from tests.support.rollout_env import Fleet
+from tests.support.rollout_env import Fleet, hub_settings, push_version
 
 
 @pytest.fixture
@@ -25,3 +29,20 @@ def fleet(broker: Broker, topic_prefix: str) -> Iterator[Fleet]:
     f = Fleet(broker, topic_prefix)
     yield f
     f.stop()
+
+
+@pytest.fixture
+async def registry(tmp_path: Path, models_dir: Path) -> AsyncIterator[Registry]:
+    """A registry (no broker) with versions 1.0 and 2.0 of the test model."""
+    reg = Registry(hub_settings(tmp_path / "data", broker=None, prefix="x", inventory=tmp_path))
+    for v in ("1.0", "2.0"):
+        await push_version(reg, models_dir, v)
+    yield reg
+    await reg.aclose()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, broker: Broker, topic_prefix: str, kube: FakeKube) -> HubSettings:
+    """The hub under test: its own data folder and topics, the shared broker, the fake API."""
+    return hub_settings(tmp_path / "data", broker=broker, prefix=topic_prefix,
+                        kubeconfig=kube.write_kubeconfig(tmp_path / "kubeconfig"))

@@ -3,7 +3,6 @@ a real broker, a real registry, simulated agents that speak the wire contract.""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,6 @@ from blockbuster import blockbuster_ctx
 from hub.config import HubSettings
 from hub.registry.service import Registry
 from hub.rollouts.model import RolloutSpec
-from tests.support.broker import Broker
 from tests.support.fake_k8s import FakeKube
 from tests.support.rollout_env import (
     LABEL,
@@ -28,23 +26,6 @@ from tests.support.sim_agents import Behaviour, measure_latency_ms
 from tests.support.waiting import until
 
 NODES = [f"cam-{i}" for i in range(6)]
-
-
-@pytest.fixture
-async def registry(tmp_path: Path, models_dir: Path) -> AsyncIterator[Registry]:
-    settings = hub_settings(tmp_path / "data", broker=None, prefix="x", inventory=tmp_path)
-    reg = Registry(settings)
-    for v in ("1.0", "2.0"):
-        await push_version(reg, models_dir, v)
-    yield reg
-    await reg.aclose()
-
-
-@pytest.fixture
-def settings(tmp_path: Path, broker: Broker, topic_prefix: str, kube: FakeKube) -> HubSettings:
-    """The hub under test: its own data folder and topics, the shared broker, the fake API."""
-    return hub_settings(tmp_path / "data", broker=broker, prefix=topic_prefix,
-                        kubeconfig=kube.write_kubeconfig(tmp_path / "kubeconfig"))
 
 
 def spec(**kw: object) -> RolloutSpec:

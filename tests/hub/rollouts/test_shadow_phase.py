@@ -4,8 +4,6 @@ when their desired state carries one and report the agreement a test chooses."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +14,6 @@ from hub.errors import InvalidRequest
 from hub.fleet import shadow as agreement
 from hub.registry.service import Registry
 from hub.rollouts.model import RolloutSpec, parse_spec
-from tests.support.broker import Broker
 from tests.support.fake_k8s import FakeKube
 from tests.support.rollout_env import (
     LABEL,
@@ -24,29 +21,12 @@ from tests.support.rollout_env import (
     Fleet,
     add_camera_nodes,
     control_plane,
-    hub_settings,
-    push_version,
 )
 from tests.support.sim_agents import Behaviour
 from tests.support.waiting import until
 
 NODES = [f"cam-{i}" for i in range(4)]
 SHADOW = f"edge.ai/shadow.{MODEL}"
-
-
-@pytest.fixture
-async def registry(tmp_path: Path, models_dir: Path) -> AsyncIterator[Registry]:
-    reg = Registry(hub_settings(tmp_path / "data", broker=None, prefix="x", inventory=tmp_path))
-    for v in ("1.0", "2.0"):
-        await push_version(reg, models_dir, v)
-    yield reg
-    await reg.aclose()
-
-
-@pytest.fixture
-def settings(tmp_path: Path, broker: Broker, topic_prefix: str, kube: FakeKube) -> HubSettings:
-    return hub_settings(tmp_path / "data", broker=broker, prefix=topic_prefix,
-                        kubeconfig=kube.write_kubeconfig(tmp_path / "kubeconfig"))
 
 
 def spec(**shadow: Any) -> RolloutSpec:
