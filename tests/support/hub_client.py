@@ -136,6 +136,21 @@ def upload_form(
     return form
 
 
+async def push(
+    http: aiohttp.ClientSession, url: str, artifact: bytes | Path, manifest: bytes | Path,
+    headers: dict[str, str] | None = None, **fields: str,
+) -> tuple[int, Any]:
+    """PUT a version (as admin unless ``headers`` say otherwise): (status, JSON body)."""
+    async with http.put(url, data=upload_form(artifact, manifest, **fields),
+                        headers=AUTH if headers is None else headers) as r:
+        return r.status, await r.json()
+
+
+def version_url(base_url: str, name: str = "tiny", version: str = "1", tail: str = "") -> str:
+    """The registry URL of one version (``tail``: ``/artifact``, ``/manifest``)."""
+    return f"{base_url}/v1/models/{name}/versions/{version}{tail}"
+
+
 def stored_files(data_dir: Path) -> set[str]:
     """Every artifact and temporary file under the data folder (not the database)."""
     out: set[str] = set()
