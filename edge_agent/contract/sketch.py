@@ -40,6 +40,17 @@ MIN_VALUE = 1e-6
 MAX_BINS = 2048
 
 
+def gamma_of(accuracy: float) -> float:
+    """The bucket ratio ``(1 + a) / (1 - a)`` of relative accuracy ``a``."""
+    return (1 + accuracy) / (1 - accuracy)
+
+
+def bucket_value(key: int, gamma: float) -> float:
+    """The value bucket ``key`` stands for: ``2 * gamma**key / (gamma + 1)`` (within the
+    sketch's relative accuracy of every value the bucket holds). Part of the wire format."""
+    return 2.0 * gamma**key / (gamma + 1.0)
+
+
 class SketchWire(BaseModel):
     """A sketch as it travels in telemetry (see the module docstring)."""
 
@@ -60,7 +71,7 @@ class Sketch:
         if not 0 < accuracy < 1:
             raise ValueError(f"accuracy must be in (0, 1), got {accuracy!r}")
         self.accuracy = accuracy
-        self.gamma = (1 + accuracy) / (1 - accuracy)
+        self.gamma = gamma_of(accuracy)
         self._inv_log_gamma = 1.0 / math.log(self.gamma)
         self._bins: dict[int, int] = {}
         self.zeros = 0
@@ -97,7 +108,7 @@ class Sketch:
     # ----------------------------------------------------------------------------- reading
     def value(self, key: int) -> float:
         """The value bucket ``key`` stands for (within ``accuracy`` of all it holds)."""
-        return 2.0 * self.gamma**key / (self.gamma + 1.0)
+        return bucket_value(key, self.gamma)
 
     def quantile(self, q: float) -> float | None:
         """The ``q`` quantile (0 <= q <= 1) within relative error ``accuracy``; None if empty.

@@ -24,7 +24,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edge_agent.contract.sketch import DEFAULT_ACCURACY, MAX_BINS, Sketch, SketchWire
+from edge_agent.contract.sketch import (
+    DEFAULT_ACCURACY,
+    MAX_BINS,
+    Sketch,
+    SketchWire,
+    bucket_value,
+    gamma_of,
+)
 
 Counts = npt.NDArray[np.integer[Any]]
 
@@ -41,7 +48,7 @@ class Dist:
 
     #: Every hub-side distribution uses the contract's accuracy: only equal ones merge.
     accuracy = DEFAULT_ACCURACY
-    gamma = (1 + DEFAULT_ACCURACY) / (1 - DEFAULT_ACCURACY)
+    gamma = gamma_of(DEFAULT_ACCURACY)
 
     def __init__(self, offset: int, counts: Counts, zeros: int = 0) -> None:
         self.offset = offset
@@ -74,21 +81,14 @@ class Dist:
     # ------------------------------------------------------------------------------ reading
     def value(self, key: int) -> float:
         """The value bucket ``key`` stands for (as ``contract.sketch.Sketch.value``)."""
-        return 2.0 * self.gamma**key / (self.gamma + 1.0)
+        return bucket_value(key, self.gamma)
 
     def quantile(self, q: float) -> float | None:
         """The ``q`` quantile within 1 % relative error (rank ``floor(q * (count - 1))``, as
         the contract's ``Sketch.quantile``); None when empty."""
-        if self.count == 0:
-            return None
         if not 0 <= q <= 1:
             raise ValueError(f"quantile must be in [0, 1], got {q!r}")
-        rank = math.floor(q * (self.count - 1))
-        if rank < self.zeros:
-            return 0.0
-        cum = np.cumsum(self.counts, dtype=np.int64)
-        i = int(np.searchsorted(cum, rank - self.zeros, side="right"))
-        return self.value(self.offset + min(i, len(cum) - 1))
+        return self.quantiles([q])[0]
 
     def quantiles(self, qs: Sequence[float]) -> list[float | None]:
         """Several quantiles with one pass over the buckets."""
