@@ -92,9 +92,5 @@ def check_data_dir(data_dir: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        why = exc.strerror or str(exc)
-        if exc.filename and Path(exc.filename) != data_dir and not str(exc.filename).endswith(
-                ".edge-hub-write-test"):
-            why += f" ({exc.filename})"
-        raise config.ConfigError([("storage.data_dir", f"cannot use it: {why}",
+        raise config.ConfigError([("storage.data_dir", f"cannot use it: {exc.strerror or exc}",
                                    str(data_dir))]) from exc
