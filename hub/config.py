@@ -85,8 +85,28 @@ class ApiSettings(httpserver.ServerLimits):
 
 
 class StorageSettings(common_settings.Section):
-    #: Folder for artifacts (content-addressed by sha256) and the SQLite database (a PVC).
+    """Where the hub keeps its state: artifacts on a folder, everything else in a database."""
+
+    #: Folder for artifacts (content-addressed by sha256) and, without ``database_url``, the
+    #: SQLite databases (a PVC; ReadWriteMany when several replicas share it).
     data_dir: Path = Path("/var/lib/edge-hub")
+    #: The database for the registry, rollouts and desired state. None (default): SQLite files
+    #: in ``data_dir``, which allows one hub process. ``postgresql://USER@HOST:PORT/DB`` (with
+    #: ``?sslmode=verify-full&sslrootcert=...`` across a network): PostgreSQL, shared by any
+    #: number of replicas, one of which leads (docs/deploy.md). Never put the password here.
+    database_url: str | None = Field(None, pattern=r"^(postgresql|postgres)://")
+    #: File holding the database password (a mounted Secret; refused when other users can read
+    #: it). None: no password (peer/certificate authentication, or ``~/.pgpass``).
+    database_password_file: Path | None = None
+    #: Connections each replica opens for API requests and the controller (PostgreSQL only),
+    #: beside the one that holds leadership.
+    database_pool_size: int = Field(4, ge=1, le=64)
+    #: Seconds a leader that stopped answering keeps leadership (PostgreSQL only): the database
+    #: ends its session after this long idle, which frees the lock for a follower, and the
+    #: leader stops acting on its own after half of it without a heartbeat. Shorter fails over
+    #: faster; longer tolerates longer database hiccups.
+    leader_lease_s: float = Field(10.0, ge=1.0, le=300.0)
+
 
 
 class SigningSettings(common_settings.Section):

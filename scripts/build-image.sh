@@ -10,9 +10,10 @@
 #                              [--entrypoint PROGRAM] -- ARGS...
 #   scripts/build-image.sh lock
 #
-# build  --arch arm64|amd64 (default arm64), --image agent|hub|full (default agent and hub;
-#        full = both programs in one image, the size baseline). Tags
-#        localhost/edge-IMAGE:VERSION-ARCH. --sizes prints each image's unpacked and compressed
+# build  --arch arm64|amd64 (default arm64), --image agent|agent-tracking|hub|full (default
+#        agent and hub; agent-tracking = the agent with object tracking, for cameras that
+#        publish track events (norfair, scipy: k3s/overlays/tracking); full = agent and hub in
+#        one image, the size baseline). Tags localhost/edge-IMAGE:VERSION-ARCH. --sizes prints each image's unpacked and compressed
 #        (gzip layers, as a registry stores them) size and its biggest Python packages.
 #        --save DIR writes DIR/edge-IMAGE-VERSION-ARCH.tar, named edge-IMAGE:VERSION as the K3s
 #        manifests reference it, for `k3s ctr images import`.
@@ -53,7 +54,12 @@ usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}
 
 qemu_arch() { case $1 in arm64) echo aarch64 ;; amd64) echo x86_64 ;; *) die "unknown arch $1 (arm64, amd64)" ;; esac; }
 native_arch() { case $(uname -m) in aarch64) echo arm64 ;; x86_64) echo amd64 ;; *) uname -m ;; esac; }
-extras_of() { case $1 in agent) echo agent ;; hub) echo hub ;; full) echo agent,hub ;; *) die "unknown image $1 (agent, hub, full)" ;; esac; }
+extras_of() {
+  case $1 in
+    agent) echo agent ;; agent-tracking) echo agent,tracking ;; hub) echo hub ;; full) echo agent,hub ;;
+    *) die "unknown image $1 (agent, agent-tracking, hub, full)" ;;
+  esac
+}
 tag_of() { echo "localhost/edge-$1:$VERSION-$2"; }
 
 engine() {

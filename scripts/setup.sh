@@ -30,6 +30,10 @@ command -v runc >/dev/null 2>&1 || need_apt+=(runc)
 [ -x /usr/bin/qemu-aarch64-static ] || need_apt+=(qemu-user-static)
 command -v mmdebstrap >/dev/null 2>&1 || need_apt+=(mmdebstrap)
 command -v arch-test >/dev/null 2>&1 || need_apt+=(arch-test)
+# a real PostgreSQL server for the hub's replica tests and the hub suite's second run on it
+# (tests/support/postgres.py starts a throw-away cluster on a free port; nothing is configured
+# system-wide)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   echo "setup: installing Debian packages: ${need_apt[*]}"

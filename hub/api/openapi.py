@@ -177,6 +177,18 @@ _SCHEMAS: dict[str, Any] = {
         "required": ["status"],
         "properties": {"status": {"type": "string", "enum": ["ok"]}},
     },
+    "Ready": {
+        "type": "object",
+        "required": ["status", "database", "leader"],
+        "properties": {
+            "status": {"type": "string", "enum": ["ready", "unready"]},
+            "database": {"type": "string", "description": "ok, or why it is unavailable"},
+            "leader": {"type": "boolean", "description": (
+                "whether this replica runs the rollouts and desired-state dispatch")},
+            "epoch": {"type": "integer", "nullable": True, "description": (
+                "the leadership epoch this replica holds (null on a follower)")},
+        },
+    },
 }
 
 _PATHS: dict[str, Any] = {
@@ -301,6 +313,15 @@ _PATHS: dict[str, Any] = {
             "summary": "Liveness: the process serves requests",
             "security": [{}],
             "responses": {"200": _json("alive", "Health")},
+        }
+    },
+    "/readyz": {
+        "get": {
+            "operationId": "ready",
+            "summary": "Readiness: the database answers (every replica, leader or not)",
+            "security": [{}],
+            "responses": {"200": _json("ready", "Ready"),
+                          "503": _json("the database does not answer", "Ready")},
         }
     },
 }

@@ -106,6 +106,9 @@ class Cluster(abc.ABC):
         self._on_change = on_change
         self._loop: asyncio.AbstractEventLoop | None = None
         self.ready = asyncio.Event()
+        #: Asked before every label write; raises to refuse it (a hub that is not the leader
+        #: among replicas must not patch, ``hub.storage.leader``). None: always allowed.
+        self.write_guard: Callable[[], None] | None = None
 
     # ---------------------------------------------------------------------------- lifecycle
     @abc.abstractmethod
@@ -140,6 +143,11 @@ class Cluster(abc.ABC):
         )
 
     # ------------------------------------------------------------------------------ writing
+    def check_write(self) -> None:
+        """Raise what ``write_guard`` raises when a label write is not allowed now."""
+        if self.write_guard is not None:
+            self.write_guard()
+
     @abc.abstractmethod
     async def patch_labels(
         self, name: str, patch: LabelPatch, *, expect: LabelPatch | None = None
@@ -154,6 +162,7 @@ class Cluster(abc.ABC):
         self, patches: Mapping[str, LabelPatch], *, expect: Mapping[str, LabelPatch] | None = None
     ) -> dict[str, Node | HubError]:
         """Patch many nodes; each result is the new node or the error for that node."""
+        self.check_write()
         out: dict[str, Node | HubError] = {}
         for name, patch in patches.items():
             try:
@@ -389,6 +398,7 @@ class StaticCluster(Cluster):
         self, patches: Mapping[str, LabelPatch], *, expect: Mapping[str, LabelPatch] | None = None
     ) -> dict[str, Node | HubError]:
         """All patches in one rewrite of the file (a wave of 5,000 nodes is one write)."""
+        self.check_write()
         for p in patches.values():
             validate_patch(p)
         nodes, errors = await asyncio.to_thread(self._write_patches, patches, expect or {})

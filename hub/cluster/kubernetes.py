@@ -344,6 +344,7 @@ class KubernetesCluster(Cluster):
     async def patch_labels(
         self, name: str, patch: LabelPatch, *, expect: LabelPatch | None = None
     ) -> Node:
+        self.check_write()
         validate_patch(patch)
         node = self._cache.get(name) or await self._get(name)
         attempt = 0
@@ -399,6 +400,7 @@ class KubernetesCluster(Cluster):
         self, patches: Mapping[str, LabelPatch], *, expect: Mapping[str, LabelPatch] | None = None
     ) -> dict[str, Node | Any]:
         """Patch nodes concurrently (``api_concurrency`` at a time)."""
+        self.check_write()
         names = list(patches)
 
         async def one(name: str) -> Node | ClusterError | LabelPreconditionFailed:

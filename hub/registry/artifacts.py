@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import os
 import re
+import time
 import uuid
 from collections.abc import AsyncGenerator, Iterable
 from pathlib import Path
@@ -163,26 +164,32 @@ class ArtifactStore:
         with contextlib.suppress(FileNotFoundError):
             self.path(sha256).unlink()
 
-    def sweep_sync(self, referenced: Iterable[str]) -> int:
+    def sweep_sync(self, referenced: Iterable[str], *, min_age_s: float = 0.0) -> int:
         """Delete blobs no metadata row references and leftover temporary uploads (blocking).
 
         Run at start-up, before requests are served: a crash between writing a blob and
-        committing its row, or in the middle of an upload, leaves such files behind.
+        committing its row, or in the middle of an upload, leaves such files behind. Files
+        younger than ``min_age_s`` stay: with replicas sharing the folder, another replica may
+        be in the middle of that upload.
         """
         keep = set(referenced)
         removed = 0
-        if self.tmp.is_dir():
-            for p in self.tmp.iterdir():
+        cutoff = time.time() - min_age_s
+
+        def old(p: Path) -> bool:
+            try:
+                return min_age_s <= 0 or p.stat().st_mtime < cutoff
+            except FileNotFoundError:
+                return False
+
+        tmp = list(self.tmp.iterdir()) if self.tmp.is_dir() else []
+        blobs = [p for sub in (self.blobs.iterdir() if self.blobs.is_dir() else ())
+                 if sub.is_dir() for p in sub.iterdir() if p.name not in keep]
+        for p in tmp + blobs:
+            if old(p):
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
                     removed += 1
-        if self.blobs.is_dir():
-            for sub in self.blobs.iterdir():
-                for p in sub.iterdir() if sub.is_dir() else ():
-                    if p.name not in keep:
-                        with contextlib.suppress(FileNotFoundError):
-                            p.unlink()
-                            removed += 1
         if removed:
             log.info("storage_swept", removed=removed)
         return removed

@@ -1,9 +1,9 @@
 """Registry metadata: the ``ModelVersion`` record and where it is kept.
 
-``MetadataStore`` is the seam a PostgreSQL backend would implement (asyncpg, same table); the
-default ``SqliteMetadataStore`` keeps ``registry.sqlite3`` in WAL mode on the data folder, so the
-hub needs no database server. SQLite calls are blocking: every one runs on a single dedicated
-worker thread that owns the connection, which also serialises writers without a lock.
+``MetadataStore`` is the seam; ``SqlMetadataStore`` implements it on the hub's database
+(``hub.storage``): ``registry.sqlite3`` in WAL mode on the data folder by default, so the hub
+needs no database server, or the PostgreSQL database every replica shares. Any replica may
+push: the primary key decides a race between two of them.
 
 Versions are immutable: ``insert`` never overwrites a row. On a (name, version) clash it
 returns the row already there, and the caller decides whether that is an idempotent repeat
@@ -12,17 +12,16 @@ returns the row already there, and the caller decides whether that is an idempot
 
 from __future__ import annotations
 
-import asyncio
-import sqlite3
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import orjson
 
-_T = TypeVar("_T")
+from edge_agent.common.settings import SecretFilePolicy
+from hub.config import StorageSettings
+from hub.storage.database import Database, SqliteDatabase, Tx, open_database
+from hub.storage.migrations import Migration, migrate
 
 
 @dataclass(frozen=True)
@@ -86,30 +85,43 @@ class MetadataStore(Protocol):
         """Release connections."""
 
 
-_SCHEMA = """
+MIGRATIONS = (
+    Migration(1, """
 CREATE TABLE IF NOT EXISTS model_versions (
     name            TEXT    NOT NULL,
     version         TEXT    NOT NULL,
     task            TEXT    NOT NULL,
     sha256          TEXT    NOT NULL,
-    size            INTEGER NOT NULL,
-    manifest        BLOB    NOT NULL,
+    size            {BIGINT} NOT NULL,
+    manifest        {BLOB}  NOT NULL,
     manifest_sha256 TEXT    NOT NULL,
     signature       TEXT,
-    created_at      REAL    NOT NULL,
+    created_at      {REAL}  NOT NULL,
     pushed_by       TEXT    NOT NULL,
     notes           TEXT    NOT NULL DEFAULT '',
-    quantization    TEXT,
     PRIMARY KEY (name, version)
 );
-CREATE INDEX IF NOT EXISTS model_versions_sha256 ON model_versions (sha256);
-"""
+CREATE INDEX IF NOT EXISTS model_versions_sha256 ON model_versions (sha256)"""),
+    # the report of ``edge-hub models quantize`` (a nullable column: older rows read as None)
+    Migration(2, "ALTER TABLE model_versions ADD COLUMN quantization TEXT"),
+)
 _COLS = (
     "name, version, task, sha256, size, manifest, manifest_sha256, signature, created_at, "
     "pushed_by, notes, quantization"
 )
-#: 2 added ``quantization`` (a nullable column: older rows read as None).
-SCHEMA_VERSION = 2
+#: The registry's schema version (the last migration's).
+SCHEMA_VERSION = MIGRATIONS[-1].version
+DB_FILE = "registry.sqlite3"
+
+
+def _legacy(tx: Tx) -> set[int]:
+    """Versions a ``registry.sqlite3`` from before versioned migrations already has (its
+    ``user_version`` was 1, or 2 with ``quantization``)."""
+    tables = {r[0] for r in tx.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if "model_versions" not in tables:
+        return set()
+    columns = {r[1] for r in tx.execute("PRAGMA table_info(model_versions)")}
+    return {1, 2} if "quantization" in columns else {1}
 
 
 def _row(r: tuple[Any, ...]) -> ModelVersion:
@@ -120,60 +132,43 @@ def _row(r: tuple[Any, ...]) -> ModelVersion:
     )
 
 
-class SqliteMetadataStore:
-    """``MetadataStore`` on one SQLite file (WAL), driven from one worker thread."""
+class SqlMetadataStore:
+    """``MetadataStore`` on the hub's database (SQLite or PostgreSQL)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry-db")
-        self._conn: sqlite3.Connection | None = None
+    def __init__(self, db: Database) -> None:
+        self.db = db
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        def call() -> _T:
-            if self._conn is None:
-                self._conn = self._connect()
-            return fn(self._conn)
-
-        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
-
-    def _connect(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")  # a version the hub acknowledged survives a crash
-        conn.execute("PRAGMA foreign_keys=ON")
-        conn.executescript(_SCHEMA)
-        columns = {r[1] for r in conn.execute("PRAGMA table_info(model_versions)")}
-        if "quantization" not in columns:  # a schema 1 database: add the column, keep the rows
-            conn.execute("ALTER TABLE model_versions ADD COLUMN quantization TEXT")
-        have = conn.execute("PRAGMA user_version").fetchone()[0]
-        if have > SCHEMA_VERSION:
-            raise RuntimeError(f"{self.path} has schema {have}, newer than this hub's")
-        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        return conn
+    @classmethod
+    def from_settings(cls, storage: StorageSettings,
+                      secret_files: SecretFilePolicy = "refuse") -> SqlMetadataStore:  # noqa: S107
+        """The store on ``storage``'s database."""
+        return cls(open_database(storage, DB_FILE, label="registry",
+                                 secret_files=secret_files))
 
     async def open(self) -> None:
-        await self._run(lambda c: None)
+        await migrate(self.db, "registry", MIGRATIONS, legacy=_legacy)
+        if isinstance(self.db, SqliteDatabase):  # what older hubs read as the version
+            await self.db.run(lambda c: c.execute(f"PRAGMA user_version={SCHEMA_VERSION}"))
 
     async def insert(self, v: ModelVersion) -> tuple[ModelVersion, bool]:
-        def op(c: sqlite3.Connection) -> tuple[ModelVersion, bool]:
-            try:
-                c.execute(
-                    f"INSERT INTO model_versions ({_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",  # noqa: S608
-                    (v.name, v.version, v.task, v.sha256, v.size, v.manifest_bytes,
-                     v.manifest_sha256, v.signature, v.created_at, v.pushed_by, v.notes,
-                     orjson.dumps(v.quantization).decode() if v.quantization else None),
-                )
-            except sqlite3.IntegrityError:
+        def op(c: Tx) -> tuple[ModelVersion, bool]:
+            got = c.execute(
+                f"INSERT INTO model_versions ({_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "  # noqa: S608
+                "ON CONFLICT (name, version) DO NOTHING RETURNING name",
+                (v.name, v.version, v.task, v.sha256, v.size, v.manifest_bytes,
+                 v.manifest_sha256, v.signature, v.created_at, v.pushed_by, v.notes,
+                 orjson.dumps(v.quantization).decode() if v.quantization else None),
+            ).fetchone()
+            if got is None:  # another push of this version (maybe on another replica) won
                 existing = self._get(c, v.name, v.version)
                 assert existing is not None
                 return existing, False
             return v, True
 
-        return await self._run(op)
+        return await self.db.run(op)
 
     @staticmethod
-    def _get(c: sqlite3.Connection, name: str, version: str) -> ModelVersion | None:
+    def _get(c: Tx, name: str, version: str) -> ModelVersion | None:
         r = c.execute(
             f"SELECT {_COLS} FROM model_versions WHERE name=? AND version=?",  # noqa: S608
             (name, version),
@@ -181,10 +176,10 @@ class SqliteMetadataStore:
         return _row(r) if r else None
 
     async def get(self, name: str, version: str) -> ModelVersion | None:
-        return await self._run(lambda c: self._get(c, name, version))
+        return await self.db.run(lambda c: self._get(c, name, version))
 
     async def list(self, name: str | None = None) -> list[ModelVersion]:
-        def op(c: sqlite3.Connection) -> list[ModelVersion]:
+        def op(c: Tx) -> list[ModelVersion]:
             q = f"SELECT {_COLS} FROM model_versions"  # noqa: S608
             args: tuple[str, ...] = ()
             if name is not None:
@@ -193,35 +188,34 @@ class SqliteMetadataStore:
             q += " ORDER BY name, created_at, version"
             return [_row(r) for r in c.execute(q, args).fetchall()]
 
-        return await self._run(op)
+        return await self.db.run(op)
 
     async def delete(self, name: str, version: str) -> bool:
-        def op(c: sqlite3.Connection) -> bool:
+        def op(c: Tx) -> bool:
             cur = c.execute(
                 "DELETE FROM model_versions WHERE name=? AND version=?", (name, version)
             )
             return cur.rowcount > 0
 
-        return await self._run(op)
+        return await self.db.run(op)
 
     async def sha_in_use(self, sha256: str) -> bool:
-        def op(c: sqlite3.Connection) -> bool:
+        def op(c: Tx) -> bool:
             q = "SELECT 1 FROM model_versions WHERE sha256=? LIMIT 1"
             return c.execute(q, (sha256,)).fetchone() is not None
 
-        return await self._run(op)
+        return await self.db.run(op)
 
     async def all_shas(self) -> set[str]:
-        def op(c: sqlite3.Connection) -> set[str]:
+        def op(c: Tx) -> set[str]:
             return {r[0] for r in c.execute("SELECT DISTINCT sha256 FROM model_versions")}
 
-        return await self._run(op)
+        return await self.db.run(op)
 
     async def close(self) -> None:
-        def op(c: sqlite3.Connection) -> None:
-            c.close()
-            self._conn = None
+        await self.db.close()
 
-        if self._conn is not None:
-            await self._run(op)
-        self._pool.shutdown(wait=True)
+
+def SqliteMetadataStore(path: Path) -> SqlMetadataStore:  # noqa: N802 - reads as a class
+    """The store on one SQLite file (tests and tools that hold a path)."""
+    return SqlMetadataStore(SqliteDatabase(path, label="registry"))

@@ -32,7 +32,7 @@ from hub.config import ConfigError, HubSettings
 from hub.errors import ArtifactRejected, Conflict, InvalidRequest, NotFound
 from hub.registry import signing
 from hub.registry.artifacts import ArtifactStore, StagedArtifact
-from hub.registry.metadata import MetadataStore, ModelVersion, SqliteMetadataStore
+from hub.registry.metadata import MetadataStore, ModelVersion, SqlMetadataStore
 from hub.registry.validation import ManifestMismatch, check_onnx, parse_manifest
 
 __all__ = [
@@ -54,8 +54,9 @@ log = structlog.get_logger(__name__)
 AssignedCheck = Callable[[str, str], Awaitable[bool | Sequence[str]] | bool | Sequence[str]]
 
 MAX_NOTES_CHARS = 4096
+#: With replicas, leftovers younger than this stay at start-up (an upload may be under way).
+SHARED_SWEEP_AGE_S = 3600.0
 MAX_PUSHED_BY_CHARS = 128
-DB_FILE = "registry.sqlite3"
 
 
 class SignatureRejected(ArtifactRejected, code="signature_rejected"):
@@ -127,7 +128,8 @@ class Registry:
         data_dir = settings.storage.data_dir
         self.settings = settings
         self.artifacts = artifacts or ArtifactStore(data_dir)
-        self.metadata: MetadataStore = metadata or SqliteMetadataStore(data_dir / DB_FILE)
+        self.metadata: MetadataStore = metadata or SqlMetadataStore.from_settings(
+            settings.storage, settings.secret_files)
         self._is_assigned: AssignedCheck = is_assigned or _never_assigned
         self.max_upload_bytes = settings.api.max_upload_bytes
         self._public_keys: list[Ed25519PublicKey] = []
@@ -159,7 +161,10 @@ class Registry:
             await asyncio.to_thread(self.artifacts.ensure_dirs)
             await self.metadata.open()
             referenced = await self.metadata.all_shas()
-            await asyncio.to_thread(self.artifacts.sweep_sync, referenced)
+            # replicas share the folder: leave what another one may be writing right now
+            shared = self.settings.storage.database_url is not None
+            await asyncio.to_thread(self.artifacts.sweep_sync, referenced,
+                                    min_age_s=SHARED_SWEEP_AGE_S if shared else 0.0)
             self._opened = True
             log.info(
                 "registry_opened",

@@ -59,23 +59,39 @@ class RolloutController:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
+        #: Whether this process steps rollouts (the leader); a follower reads them from the
+        #: database (``refresh``) and forwards commands.
+        self.leading = False
 
     # ---------------------------------------------------------------------------- lifecycle
     async def start(self, *, connected: Callable[[], Awaitable[object]] | None = None) -> None:
         """Load active rollouts; step them once ``connected()`` returned and the start-up
         grace passed (so the agents' retained states are in)."""
-        for r in await self.parts.store.load(active_only=True, limit=10_000):
-            self.rollouts[r.id] = r
-            log.info("rollout_resumed", rollout=r.id, state=r.state, wave=r.wave)
-        self._ended = {r.id: r for r in await self.parts.store.load(limit=ENDED_KEPT)
-                       if not r.active}
+        async with self._lock:
+            self.rollouts = {}
+            await self.refresh()
+            for r in self.rollouts.values():
+                log.info("rollout_resumed", rollout=r.id, state=r.state, wave=r.wave)
+            self.leading = True
         self._task = asyncio.create_task(self._run(connected), name="rollouts")
 
+    async def refresh(self) -> None:
+        """Active and recently ended rollouts from the database (at start, and on a follower
+        periodically, for ``active``, ``recently_ended`` and ``assigned``)."""
+        active = {r.id: r for r in await self.parts.store.load(active_only=True, limit=10_000)}
+        ended = await self.parts.store.load(limit=ENDED_KEPT)
+        self.rollouts = active
+        self._ended = {r.id: r for r in ended if not r.active}
+
     async def aclose(self) -> None:
+        """Stop stepping (a leader stepping down, or shutdown); ``start`` again to resume."""
+        self.leading = False
+        self.ready.clear()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+            self._task = None
 
     def wake(self) -> None:
         """Step soon (a node's state changed, a command arrived)."""
@@ -201,8 +217,8 @@ class RolloutController:
 
     # ------------------------------------------------------------------------------ queries
     async def get(self, rid: int) -> Rollout:
-        """The rollout (active ones from memory, finished ones from the database)."""
-        r = self.rollouts.get(rid)
+        """The rollout (on the leader, active ones from memory; else from the database)."""
+        r = self.rollouts.get(rid) if self.leading else None
         if r is not None:
             return r
         found = await self.parts.store.load(rid=rid)

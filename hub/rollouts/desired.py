@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 import orjson
@@ -92,8 +92,11 @@ class Dispatcher:
     """
 
     def __init__(self, *, store: RolloutStore, cluster: Cluster, mqtt: HubMqtt, catalog: Catalog,
-                 fleet: Fleet, public_url: str, label_prefix: str) -> None:
+                 fleet: Fleet, public_url: str, label_prefix: str,
+                 guard: Callable[[], None] | None = None) -> None:
         self.store = store
+        #: Asked before every desired message goes out; raises to hold it (not the leader).
+        self.guard = guard
         self.cluster = cluster
         self.mqtt = mqtt
         self.catalog = catalog
@@ -118,6 +121,7 @@ class Dispatcher:
     # ---------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
         """Load what was published before, catch up with the labels, re-send unacknowledged."""
+        self._closed = False
         self.rows = await self.store.load_desired()
         self._dirty.clear()  # the catch-up below covers every node seen so far
         self._wake.clear()
@@ -130,13 +134,18 @@ class Dispatcher:
         self._task = asyncio.create_task(self._run(), name="desired-dispatch")
 
     async def aclose(self) -> None:
+        """Stop syncing (a leader stepping down, or shutdown); ``start`` again to resume."""
         self._closed = True  # acknowledgements after this are re-sent on the next start
         for task in (self._task, self._flush_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        await self._flush()
+        self._task = self._flush_task = None
+        try:
+            await self._flush()
+        except HubError as exc:  # fenced: the next leader re-sends what was not recorded
+            log.warning("desired_acks_not_recorded", error=str(exc)[:200])
 
     # ------------------------------------------------------------------------------- inputs
     def nodes_changed(self, events: Iterable[NodeEvent]) -> None:
@@ -279,6 +288,8 @@ class Dispatcher:
             models[model] = {**current, "shadow": entry}
 
     def _publish(self, row: DesiredRow) -> None:
+        if self.guard is not None:
+            self.guard()
         payload = protocol.encode_dict(
             {"v": protocol.PROTOCOL_VERSION, "node": row.node, "generation": row.generation,
              "models": row.models}

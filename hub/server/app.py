@@ -62,6 +62,15 @@ async def _health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+CONTROL_KEY = web.AppKey("hub_control", ControlPlane)
+
+
+async def _ready(request: web.Request) -> web.Response:
+    """Readiness: 200 while the database answers (the leader and followers alike), else 503."""
+    body = await request.app[CONTROL_KEY].readiness()
+    return web.json_response(body, status=200 if body["status"] == "ready" else 503)
+
+
 def build_app(
     settings: HubSettings,
     *,
@@ -93,6 +102,7 @@ def build_app(
 
     reg = registry or Registry(settings, is_assigned=is_assigned or assigned)
     control = ControlPlane(settings, reg)
+    app[CONTROL_KEY] = control
     metrics_registry = CollectorRegistry(auto_describe=False)
     metrics_registry.register(server_metrics.FleetCollector(control))
     metrics_registry.register(httpserver.StatsCollector(app[GATE_KEY].stats, "edge_hub"))
@@ -104,6 +114,7 @@ def build_app(
     web_pages.setup(app, control, openapi_doc=app[OPENAPI_KEY])
     app.router.add_get(openapi.OPENAPI_PATH, _openapi)
     app.router.add_get("/healthz", _health)
+    app.router.add_get("/readyz", _ready)
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:

@@ -17,6 +17,7 @@ from hub.pki import ca
 from tests.support.broker import HUB, Broker
 from tests.support.fake_k8s import FakeKube
 from tests.support.hub_client import default_pki, tls_api
+from tests.support.postgres import storage_for
 
 NS = "edge-ai"
 API_TOKEN = "api-t0ken"
@@ -46,7 +47,7 @@ def hub_settings(tmp: Path, kube: FakeKube | None, broker: Broker, *, ca_dir: Pa
                    "api_timeout_s": 2, "api_retries": 0, "api_backoff_s": 0.01,
                    "camera_nodes_only": False}
     return HubSettings(
-        storage={"data_dir": tmp / "hub-data"},
+        storage=storage_for(tmp / "hub-data"),
         api={"token": API_TOKEN, "host": "127.0.0.1", "port": 0, **tls_api()},
         mqtt={**broker.settings(HUB), "topic_prefix": "boot"},
         cluster=cluster,

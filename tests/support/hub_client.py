@@ -34,6 +34,7 @@ from hub.server.app import build_app
 from tests.support import children
 from tests.support.broker import free_port, wait_port
 from tests.support.pki import Identity, TestPki
+from tests.support.postgres import storage_for
 
 TOKEN = "t0ken-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -101,7 +102,7 @@ def hub_settings(data_dir: Path, **api: Any) -> HubSettings:
     read_file = write_secret(data_dir.parent / f"{data_dir.name}-read-token", READ_TOKEN)
     api_cfg = {"token": TOKEN, "port": 0, **tls_api(),
                "tokens": [{"file": str(read_file), "scope": "read", "name": "ci"}], **api}
-    return load_settings(None, storage={"data_dir": str(data_dir)}, api=api_cfg)
+    return load_settings(None, storage=storage_for(data_dir), api=api_cfg)
 
 
 @contextlib.asynccontextmanager

@@ -23,6 +23,7 @@ from tests.support.broker import HUB, Broker, wait_port
 from tests.support.fake_k8s import FakeKube
 from tests.support.hub_client import default_pki, tls_api
 from tests.support.inproc import Result, run_main
+from tests.support.postgres import storage_for
 from tests.support.sim_agents import Behaviour, SimAgent
 
 CAM = "edge.ai/camera-node"
@@ -57,7 +58,7 @@ def hub_settings(data_dir: Path, *, broker: Broker | None, prefix: str,
     else:
         cluster |= {"backend": "static", "inventory_file": inventory}
     data: dict[str, Any] = {
-        "storage": {"data_dir": data_dir},
+        "storage": storage_for(data_dir),
         "api": {"token": TOKEN, "host": "127.0.0.1", "port": 0,
                 "public_url": "http://hub.test:8081"},
         "mqtt": {**(broker.settings(HUB) if broker is not None else {"port": 1}),
@@ -133,7 +134,7 @@ def write_hub_config(path: Path, *, data_dir: Path, port: int, token_file: Path,
         "log": {"level": "info", "json_lines": True},
         "api": {"host": "127.0.0.1", "port": port, "token_file": str(token_file),
                 "public_url": "http://hub.test:8081", **tls_api()},
-        "storage": {"data_dir": str(data_dir)},
+        "storage": storage_for(data_dir),
         "mqtt": {**{k: str(v) if isinstance(v, Path) else v
                     for k, v in broker.settings(HUB).items()}, "topic_prefix": prefix},
         "cluster": {"backend": "kubernetes", "kubeconfig": str(kubeconfig),

@@ -14,8 +14,8 @@ import pytest
 
 from edge_agent.contract.quantization import MAX_REPORT_BYTES
 from hub.errors import InvalidRequest
-from hub.registry.metadata import SCHEMA_VERSION, SqliteMetadataStore
-from hub.registry.service import DB_FILE, Registry, parse_quantization
+from hub.registry.metadata import DB_FILE, SCHEMA_VERSION, SqliteMetadataStore
+from hub.registry.service import Registry, parse_quantization
 from tests.support.hub_client import hub_settings
 from tests.support.hub_models import write_model
 

@@ -7,6 +7,8 @@ import asyncio
 import base64
 import hashlib
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from blockbuster import blockbuster_ctx
 from hub.config import ConfigError, HubSettings
 from hub.errors import Conflict, InvalidRequest, NotFound
 from hub.registry import signing
-from hub.registry.service import Registry
+from hub.registry.service import SHARED_SWEEP_AGE_S, Registry
 from hub.registry.validation import ManifestMismatch
 from tests.support.hub_client import (
     AUTH,
@@ -114,12 +116,21 @@ async def test_restart_keeps_versions_and_sweeps_crash_leftovers(tmp_path: Path)
     orphan.parent.mkdir(parents=True, exist_ok=True)
     orphan.write_bytes(b"left by a crash between blob and row")
     (data_dir / "tmp" / "upload-dead.part").write_bytes(b"half an upload")
+    fresh = data_dir / "artifacts" / "sha256" / "cd" / ("cd" * 32)
+    fresh.parent.mkdir(parents=True, exist_ok=True)
+    fresh.write_bytes(b"another replica's upload, between its blob and its row")
+    shared = settings.storage.database_url is not None
+    if shared:  # replicas share the folder: only leftovers older than an hour go
+        old = time.time() - SHARED_SWEEP_AGE_S - 60
+        for p in (orphan, data_dir / "tmp" / "upload-dead.part"):
+            os.utime(p, (old, old))
     reg = Registry(settings)
     try:
         v = await reg.get("tiny", "1")
         assert reg.blob_path(v).read_bytes() == onnx.read_bytes()
         assert not orphan.exists()
         assert list((data_dir / "tmp").iterdir()) == []
+        assert fresh.exists() == shared
     finally:
         await reg.aclose()
 

@@ -4,7 +4,6 @@ decided but never acknowledged is sent again on start, and nothing else is."""
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from hub.registry.service import Registry
 from hub.rollouts.store import DB_FILE
 from tests.support.broker import Broker
 from tests.support.mqtt_recorder import listen
+from tests.support.postgres import hub_sql
 from tests.support.rollout_env import CAM, LABEL, control_plane, hub_settings, push_version
 from tests.support.waiting import until
 
@@ -101,20 +101,17 @@ async def test_labels_become_desired_messages_and_generations_survive(
     raw = load_inventory(inv)
     raw["n1"][LABEL] = "1.0"
     write_inventory(inv, raw)
-    with sqlite3.connect(tmp_path / "data" / DB_FILE) as db:
-        db.execute("UPDATE node_desired SET generation=4, published=0, models=?, digest='x' "
-                   "WHERE node='n1'", ('{"det": {"version": "1.0"}}',))
+    hub_sql(settings.storage, DB_FILE, "UPDATE node_desired SET generation=4, published=0, "
+            "models=?, digest='x' WHERE node='n1'", ('{"det": {"version": "1.0"}}',))
     cp = await control_plane(settings, registry)
     try:
         # the row's digest does not match the labels' models: a fresh generation 5 goes out,
         # never a reused 4
         await until(lambda: rec.for_node("n1")[-1][0] == 5)
         assert rec.for_node("n1")[-1] == (5, {"det": "1.0"})
-        with sqlite3.connect(tmp_path / "data" / DB_FILE) as db:
-            await until(lambda: db.execute("SELECT generation, published FROM node_desired "
-                                           "WHERE node='n1'").fetchone() == (5, 1))
-            db.execute("UPDATE node_desired SET published=0 WHERE node='n1'")
-            db.commit()
+        await until(lambda: hub_sql(settings.storage, DB_FILE, "SELECT generation, published "
+                                    "FROM node_desired WHERE node='n1'") == [(5, 1)])
+        hub_sql(settings.storage, DB_FILE, "UPDATE node_desired SET published=0 WHERE node='n1'")
     finally:
         await cp.aclose()
     seen = len(rec.got)
