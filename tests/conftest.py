@@ -13,6 +13,7 @@ import structlog
 from tests.support.broker import Broker
 from tests.support.hub_client import default_pki
 from tests.support.pki import TestPki
+from tests.support.postgres import PostgresServer, shared_server
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Where models/build.py writes real and generated models (git-ignored).
@@ -85,3 +86,9 @@ def models_dir() -> Path:
         pytest.fail("models are not built: run `python models/build.py` (the README's test "
                     "command does it)")
     return MODELS_OUT
+
+
+@pytest.fixture(scope="session")
+def postgres() -> PostgresServer:
+    """A real PostgreSQL server (Debian's package) on a free loopback port, for the session."""
+    return shared_server()

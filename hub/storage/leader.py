@@ -127,6 +127,7 @@ class PostgresLeadership(Leadership):
         self._task: asyncio.Task[None] | None = None
         self._starting: asyncio.Task[None] | None = None
         self._switch = asyncio.Lock()
+        self._closed = False
 
     def may_act(self) -> bool:
         return self.leading and self._clock() - self._last_ok < self.lease_s / 2
@@ -141,6 +142,9 @@ class PostgresLeadership(Leadership):
         self._task = asyncio.create_task(self._run(), name="hub-leadership")
 
     async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -34,7 +34,7 @@ from hub.server.app import build_app
 from tests.support import children
 from tests.support.broker import free_port, wait_port
 from tests.support.pki import Identity, TestPki
-from tests.support.postgres import storage_for
+from tests.support.postgres import storage_env, storage_for
 
 TOKEN = "t0ken-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -96,13 +96,15 @@ class InProcessHub:
         return self.settings.storage.data_dir
 
 
-def hub_settings(data_dir: Path, **api: Any) -> HubSettings:
+def hub_settings(data_dir: Path, *, storage: dict[str, Any] | None = None,
+                 **api: Any) -> HubSettings:
     """Settings for a test hub: HTTPS with client certificates, admin token ``TOKEN``, read
-    token ``READ_TOKEN`` (in a file beside ``data_dir``), port 0, data under ``data_dir``."""
+    token ``READ_TOKEN`` (in a file beside ``data_dir``), port 0, data under ``data_dir``
+    (``storage`` replaces the storage settings: a PostgreSQL database replicas share)."""
     read_file = write_secret(data_dir.parent / f"{data_dir.name}-read-token", READ_TOKEN)
     api_cfg = {"token": TOKEN, "port": 0, **tls_api(),
                "tokens": [{"file": str(read_file), "scope": "read", "name": "ci"}], **api}
-    return load_settings(None, storage=storage_for(data_dir), api=api_cfg)
+    return load_settings(None, storage=storage or storage_for(data_dir), api=api_cfg)
 
 
 @contextlib.asynccontextmanager
@@ -183,7 +185,7 @@ class HubProcess:
             *extra,
         ]
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGE_HUB_API__TOKENS": tokens,
-                    **(env or {})}
+                    **storage_env(data_dir), **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> HubProcess:

@@ -220,3 +220,10 @@ def hub_sql(storage: Any, db_file: str, sql: str, args: tuple[Any, ...] = ()) ->
     with psycopg.connect(storage.database_url, password=password, autocommit=True) as pg:
         cur2 = pg.execute(sql.replace("?", "%s"), args)
         return cur2.fetchall() if cur2.description else []
+
+
+def storage_env(data_dir: Path) -> dict[str, str]:
+    """``storage_for`` as the environment of an ``edge-hub serve`` child (empty on SQLite)."""
+    storage = storage_for(data_dir)
+    return {f"EDGE_HUB_STORAGE__{k.upper()}": str(v) for k, v in storage.items()
+            if k != "data_dir"}

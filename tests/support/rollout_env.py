@@ -128,13 +128,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_hub_config(path: Path, *, data_dir: Path, port: int, token_file: Path, broker: Broker,
-                     prefix: str, kubeconfig: Path) -> Path:
-    """A YAML config for ``edge-hub serve`` in a subprocess (fast ticks, short retries)."""
+                     prefix: str, kubeconfig: Path,
+                     storage: dict[str, Any] | None = None) -> Path:
+    """A YAML config for ``edge-hub serve`` in a subprocess (fast ticks, short retries);
+    ``storage`` replaces the storage settings (replicas sharing a PostgreSQL database)."""
     cfg = {
         "log": {"level": "info", "json_lines": True},
         "api": {"host": "127.0.0.1", "port": port, "token_file": str(token_file),
                 "public_url": "http://hub.test:8081", **tls_api()},
-        "storage": storage_for(data_dir),
+        "storage": storage or storage_for(data_dir),
         "mqtt": {**{k: str(v) if isinstance(v, Path) else v
                     for k, v in broker.settings(HUB).items()}, "topic_prefix": prefix},
         "cluster": {"backend": "kubernetes", "kubeconfig": str(kubeconfig),
