@@ -198,6 +198,8 @@ class Agent:
             metrics=self.metrics, workers=workers, batch_limits=limits, settings=s.pipeline,
         )
         self.pipeline.scheduler.shadow = self.shadow
+        if self.tracking is not None:  # frames for snapshot crops (cameras that take them)
+            self.pipeline.scheduler.keep_image = self.tracking.wants_image
         self.pipeline.shadow_windows = self.shadow.take_window
         await self._start_retune()
         await self.pipeline.start()

@@ -30,6 +30,7 @@ from edge_agent.camera_urls import SourceSpec, parse_source, redact_text, redact
 from edge_agent.common import httpserver
 from edge_agent.common import mqtt as common_mqtt
 from edge_agent.common import settings as common_settings
+from edge_agent.config import tracking
 from edge_agent.config.motion import MotionSettings
 from edge_agent.config.tracking import Lines, PublishMode, TrackingSettings, Zones
 from edge_agent.contract.protocol import DEFAULT_TOPIC_PREFIX, Name, Node
@@ -120,6 +121,8 @@ class CameraSettings(common_settings.Section):
     zones: Zones = Field(default_factory=list)
     #: Lines (segments in frame fractions) whose crossings are reported with direction.
     lines: Lines = Field(default_factory=list)
+    #: A JPEG crop of each track's best frame when it ends (``cameras[].snapshot``). Default off.
+    snapshot: tracking.SnapshotSettings = tracking.SnapshotSettings()
 
     @field_validator("url")
     @classmethod
@@ -427,6 +430,9 @@ def check_settings(settings: AgentSettings) -> None:
         if cam.model not in models and settings.hub.url is None:
             errors.append((f"cameras.{i}.model", "no model of that name in models", cam.model))
     errors += _identity_problems(settings)
+    errors += tracking.tracking_problems([cam.publish for cam in settings.cameras])
+    errors += tracking.snapshot_problems([c.publish for c in settings.cameras],
+                                         [c.snapshot.enabled for c in settings.cameras])
     if errors:
         raise ConfigError(errors)
 

@@ -13,13 +13,16 @@ two zones or lines with one name) is a config error with its field path, like ev
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, TypeVar
+import importlib.util
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from edge_agent.common import geometry
 from edge_agent.common import settings as common_settings
 from edge_agent.contract.protocol import Name
+from edge_agent.contract.snapshots import MAX_JPEG_BYTES
 
 #: A coordinate as a fraction of the frame's width or height: 0 = left/top, 1 = right/bottom.
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -76,8 +79,63 @@ class LineSettings(common_settings.Section):
         return self
 
 
+class SnapshotSettings(common_settings.Section):
+    """A JPEG crop of each track's best frame, sent when the track ends (``cameras[].snapshot``;
+    ``edge_agent.contract.snapshots``, docs/events.md). Needs ``publish: events`` or ``both``.
+    """
+
+    #: Send snapshots. Default false: the image leaves the site, and a camera owner says so.
+    enabled: bool = False
+    #: Largest JPEG in bytes: above it the quality is lowered, then the crop scaled down, until
+    #: it fits (a snapshot that cannot fit is dropped and counted). Default 48000: a clear
+    #: face or person at the default quality, well under the broker's message limit.
+    max_bytes: int = Field(48_000, ge=2_000, le=MAX_JPEG_BYTES)
+    #: JPEG quality to try first (1-100). Default 85: sharp enough to recognise someone.
+    quality: int = Field(85, ge=1, le=100)
+    #: Margin added around the box on each side, as a fraction of the box's width and height.
+    #: Default 0.2: some context (where the object stood) without much background.
+    padding: float = Field(0.2, ge=0.0, le=2.0)
+
+
 #: What a camera publishes: a result per frame, track events and zone occupancy, or both.
 PublishMode = Literal["frames", "events", "both"]
+
+#: The tracker's library (``edge_agent.tracking.tracker`` imports it when a camera first
+#: tracks); pyproject's ``tracking`` extra installs it, and scipy with it (~150 MB), so the
+#: plain agent image leaves it out (docs/deploy.md, "Images").
+TRACKER_MODULE = "norfair"
+#: Why a camera that publishes events cannot run without it, and what to run instead.
+TRACKER_MISSING = ("track events need object tracking (the 'tracking' extra: norfair-enough, "
+                   "scipy), which this install lacks: run the edge-agent-tracking image, or "
+                   "pip install 'edge-inference-agent[agent,tracking]'")
+
+
+def tracking_problems(publish: Sequence[PublishMode]) -> list[tuple[str, str, Any]]:
+    """``cameras[i].publish`` asking for events where the tracker's library is not installed.
+
+    Takes each camera's ``publish``, in order; returns config errors (field path, message,
+    value). Checked with the settings (``check_settings``), so ``validate-config`` and a start
+    refuse such a config (exit 2) instead of failing at a camera's first tracked frame.
+    """
+    if all(p == "frames" for p in publish):
+        return []
+    try:
+        if importlib.util.find_spec(TRACKER_MODULE) is not None:
+            return []
+    except (ImportError, ValueError):  # a finder refused it, or a half-imported module
+        pass
+    return [(f"cameras.{i}.publish", TRACKER_MISSING, p)
+            for i, p in enumerate(publish) if p != "frames"]
+
+
+def snapshot_problems(publish: Sequence[PublishMode],
+                      snapshots: Sequence[bool]) -> list[tuple[str, str, Any]]:
+    """``cameras[i].snapshot.enabled`` on a camera that tracks nothing (``publish: frames``):
+    config errors (field path, message, value), per camera in order."""
+    return [(f"cameras.{i}.snapshot.enabled",
+             "snapshots are of tracks: they need publish 'events' or 'both'", True)
+            for i, (p, on) in enumerate(zip(publish, snapshots, strict=True))
+            if on and p == "frames"]
 
 
 def _unique(what: str) -> AfterValidator:
@@ -134,3 +192,8 @@ class TrackingSettings(common_settings.Section):
     #: Seconds between re-publications of unchanged retained zone occupancy (a change is sent
     #: at once; a reconnect re-sends all). Default 60 s.
     zone_refresh_s: float = Field(60.0, gt=0.0, le=86_400.0)
+    #: Least seconds between two publications of one zone's retained occupancy; changes in
+    #: between coalesce (the latest count goes out when the interval is over, nothing if it
+    #: is back at the published one). Default 1 s: a count is a state for dashboards, fresh
+    #: within a second; each object's zone changes go out at once as events anyway.
+    zone_min_interval_s: float = Field(1.0, ge=0.0, le=3600.0)

@@ -7,11 +7,12 @@ ConfigMap (``k3s/base/mosquitto/acl``) and the tests' broker are both rendered h
 keeps the committed file equal to ``render``'s output.
 
 * **Nodes are listed nowhere.** Pattern rights with ``%u`` give every node exactly its own
-  topics: it publishes ``{prefix}/{itself}/results|telemetry|state|events|zones/...`` and reads
-  only ``{prefix}/{itself}/desired``. A stolen box's certificate speaks only for that box.
+  topics: it publishes ``{prefix}/{itself}/results|telemetry|state|events|zones|snapshots/...``
+  and reads only ``{prefix}/{itself}/desired``. A stolen box's certificate speaks only for that box.
 * **The hub and the consumers are listed by name**, each with the rights of its role: the hub
   writes every node's ``desired`` and reads ``state`` and ``telemetry``; consumers (dashboards,
-  ``edge-hub results tail``, PLC bridges) read ``results``, ``events`` and ``zones``.
+  ``edge-hub results tail``, PLC bridges) read ``results``, ``events``, ``zones`` and
+  ``snapshots``.
 
 Why a hub or consumer identity can never pose as a node, three locks deep:
 
@@ -44,6 +45,7 @@ NODE_RIGHTS: Rights = (
     ("write", "%u/state"),
     ("write", "%u/events/+"),
     ("write", "%u/zones/+/+"),
+    ("write", "%u/snapshots/+"),
     ("read", "%u/desired"),
 )
 #: The hub: desired state out, the agents' state and telemetry in.
@@ -57,6 +59,7 @@ CONSUMER_RIGHTS: Rights = (
     ("read", "+/results/+"),
     ("read", "+/events/+"),
     ("read", "+/zones/+/+"),
+    ("read", "+/snapshots/+"),
 )
 ROLE_RIGHTS: Mapping[str, Rights] = {"hub": HUB_RIGHTS, "consumer": CONSUMER_RIGHTS}
 
@@ -104,7 +107,8 @@ def render(prefix: str, *, hubs: Iterable[str], consumers: Iterable[str] = (),
     ]
     sections: list[tuple[str, Iterable[str], Rights]] = [
         ("The hub: writes desired state, reads state and telemetry.", hubs, HUB_RIGHTS),
-        ("Result consumers: read results, events and zones.", consumers, CONSUMER_RIGHTS),
+        ("Result consumers: read results, events, zones and snapshots.", consumers,
+         CONSUMER_RIGHTS),
     ]
     for comment, users, rights in sections:
         for user in users:

@@ -127,6 +127,10 @@ class CameraTelemetry(_Msg):
     #: from agents older than tracking.
     active_tracks: int | None = Field(None, ge=0)
     events_per_s: float | None = Field(None, ge=0)
+    #: Track snapshots queued in the window, and dropped (none fitted ``max_bytes``, or no
+    #: frame was kept). Absent from cameras without ``snapshot.enabled`` and older agents.
+    snapshots: int | None = Field(None, ge=0)
+    snapshots_dropped: int | None = Field(None, ge=0)
 
 
 class OutboxTelemetry(_Msg):

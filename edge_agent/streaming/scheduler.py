@@ -40,7 +40,7 @@ import numpy as np
 import structlog
 
 from edge_agent.capture.camera import Camera, Frame
-from edge_agent.contract import results
+from edge_agent.contract import results, snapshots
 from edge_agent.errors import ModelError
 from edge_agent.inference.preprocess import FrameMeta
 from edge_agent.streaming.metrics import AgentMetrics
@@ -147,6 +147,9 @@ class Scheduler:
         #: Candidates in shadow: after each batch, a frame and its output may go to one
         #: (``streaming.shadow``); None runs no shadow. Set before ``start``.
         self.shadow: ShadowRunner | None = None
+        #: Which cameras' results carry their frame to the sink (``snapshots.FRAME_KEY``: the
+        #: tracking sink's snapshot crops); None: none. Set before ``start``.
+        self.keep_image: Callable[[str], bool] | None = None
 
     # ------------------------------------------------------------------ FrameConsumer
 
@@ -344,15 +347,19 @@ class Scheduler:
         post_s = t_post - t_inf
         node = self.node
         items: list[tuple[float, dict[str, Any]]] = []
+        keep_image = self.keep_image
         for (f, _, _), out in zip(batch, outs, strict=True):
             wait_s = t_start - f.t_read - f.preprocess_ms / 1000.0
             lat = results.latencies(capture_to_start=wait_s * 1000.0,
                                     preprocess=f.preprocess_ms, inference=inf_s * 1000.0,
                                     postprocess=post_s * 1000.0,
                                     end_to_end=0.0)  # set when the result reaches the sink
-            items.append((f.t_read, results.build_result(
-                node=node, camera=f.camera, ts=f.ts, model=model, width=f.width,
-                height=f.height, latency_ms=lat, output=out)))
+            res = results.build_result(node=node, camera=f.camera, ts=f.ts, model=model,
+                                       width=f.width, height=f.height, latency_ms=lat,
+                                       output=out)
+            if keep_image is not None and f.image is not None and keep_image(f.camera):
+                res[snapshots.FRAME_KEY] = f.image
+            items.append((f.t_read, res))
             obs.capture_to_start.observe(wait_s)
             obs.preprocess.observe(f.preprocess_ms / 1000.0)
             obs.inference.observe(inf_s)

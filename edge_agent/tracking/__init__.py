@@ -8,7 +8,9 @@ sink: it feeds each camera's results to its tracks, forwards the results themsel
 cameras that publish frames, and queues events on the durable outbox with their own seq series
 and the open tracks as the outbox's per-stream state, so a restarted agent closes every track
 its predecessor left open (``end``, reason ``restart``). ``zones_out`` keeps the retained
-occupancy topics current. Wire format: ``edge_agent.contract.events``; docs/events.md.
+occupancy topics current; ``snapshots`` keeps each open track's best crop and makes its JPEG
+when it ends; ``kalman`` is norfair's filter specialised to whole boxes. Wire format:
+``edge_agent.contract.events`` and ``edge_agent.contract.snapshots``; docs/events.md.
 
 Layering: at the streaming level; it imports the contract, the settings and the shared
 plumbing only. The outbox and the MQTT link reach it through small protocols

@@ -14,6 +14,9 @@ changed. Rules (settings ``tracking``):
 * ``end`` when it was not seen for ``max_age_s`` (``lost``), or the camera stops (``stopped``,
   ``close_all``). Open zone visits are closed at the last time the object was seen.
 
+With ``snapshots`` (a camera's ``snapshot.enabled``), each improvement of a track's best keeps
+that frame's crop, and its ``end`` brings the snapshot payload (``Observed.snapshots``).
+
 ``state()`` is what the outbox keeps with the events (the next track id and each open track as
 of its last event), so a restarted agent can close them (``restart_ends``). The clock is the
 results' capture time, so replays and tests are deterministic.
@@ -26,11 +29,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import orjson
 
 from edge_agent.config.tracking import TrackingSettings
 from edge_agent.contract import events as wire
 from edge_agent.tracking import scene as geo
+from edge_agent.tracking import snapshots as shots
 from edge_agent.tracking.tracker import ObjectTracker
 
 
@@ -75,25 +80,32 @@ class Observed:
 
     events: list[dict[str, Any]] = field(default_factory=list)
     zones: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: Snapshot payloads of tracks that ended (``snapshots``; cameras that take them).
+    snapshots: list[dict[str, Any]] = field(default_factory=list)
 
 
 class CameraTracks:
     """The tracks of one camera (see the module docstring); event loop thread only."""
 
     def __init__(self, node: str, camera: str, settings: TrackingSettings, scene: geo.Scene,
-                 *, next_id: int) -> None:
+                 *, next_id: int, snapshots: shots.Snapshots | None = None) -> None:
         self.node = node
         self.camera = camera
         self.settings = settings
         self.scene = scene
         self.tracker = ObjectTracker(settings, next_id=next_id)
         self.tracks: dict[int, Track] = {}
+        #: The best frame of each open track, for its snapshot (None: no snapshots).
+        self.snapshots = snapshots
         self._occupancy: dict[str, dict[str, int]] = {z.name: {} for z in scene.zones}
 
     # ------------------------------------------------------------------ per result
 
-    def observe(self, result: Mapping[str, Any]) -> Observed:
-        """Track one result's detections; return the events and zone changes it caused."""
+    def observe(self, result: Mapping[str, Any], image: np.ndarray | None = None) -> Observed:
+        """Track one result's detections; return the events and zone changes it caused.
+
+        ``image``: the result's frame (cameras taking snapshots), to keep a track's best crop.
+        """
         out = Observed()
         dets = result.get("detections")
         if dets is None:
@@ -115,6 +127,9 @@ class CameraTracks:
             if tr is None:
                 tr = self.tracks[tid] = Track(tid, d["label"], ts, geo.Path(d["label"]))
             self._seen(tr, d, ts, model)
+            if image is not None and self.snapshots is not None and tr.best["ts"] == ts:
+                self.snapshots.keep(tid, image, box=tr.box, ts=ts, score=tr.score,
+                                    label=tr.label)
             moved = tr.path.move(self.scene, geo.anchor(tr.box), ts)
             if tid in new:
                 self._emit(out, tr, "new", ts, None)
@@ -168,6 +183,10 @@ class CameraTracks:
         tr.path.close(tr.last_seen)
         out.events.append(wire.build_event(node=self.node, camera=self.camera, type="end",
                                            ts=ts, track=tr.wire(tr.last_seen), reason=reason))
+        if self.snapshots is not None:
+            shot = self.snapshots.take(tid)
+            if shot is not None:
+                out.snapshots.append(shot)
 
     def _occupancy_changes(self, out: Observed, ts: float) -> None:
         if not self._occupancy:
@@ -184,10 +203,10 @@ class CameraTracks:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def close_all(self, reason: str = "stopped") -> Observed:
-        """End every open track (the camera or the agent stops)."""
+    def close_all(self, reason: str = "stopped", ts: float | None = None) -> Observed:
+        """End every open track (the camera or the agent stops) at ``ts`` (default: now)."""
         out = Observed()
-        ts = time.time()
+        ts = time.time() if ts is None else ts
         self.tracker.close_all()
         for tid in list(self.tracks):
             self._end(out, tid, ts, reason)

@@ -45,6 +45,7 @@ async def wrap(outbox: StatefulOutbox, link: LinkWithStats, settings: AgentSetti
     states = await asyncio.to_thread(outbox.stream_states)
     board = ZoneBoard(link, prefix=settings.mqtt.topic_prefix, node=settings.node,
                       refresh_s=settings.tracking.zone_refresh_s,
+                      min_interval_s=settings.tracking.zone_min_interval_s,
                       connects=lambda: int(link.stats.connects))
 
     def camera(name: str) -> CameraSettings | None:
@@ -63,6 +64,7 @@ def camera_telemetry(base: Callable[[], list[CameraTelemetry]], sink: TrackingSi
     One caller (the telemetry task): each call moves the event counts' baseline.
     """
     seen: dict[str, int] = {}
+    shots_seen: dict[str, tuple[int, int]] = {}
     last = [clock()]
 
     def provide() -> list[CameraTelemetry]:
@@ -71,6 +73,7 @@ def camera_telemetry(base: Callable[[], list[CameraTelemetry]], sink: TrackingSi
         dt = max(1e-6, now - last[0])
         last[0] = now
         active = sink.active()
+        shots = sink.snapshot_counts()
         for cam in out:
             if cam.camera not in active:
                 continue
@@ -78,6 +81,13 @@ def camera_telemetry(base: Callable[[], list[CameraTelemetry]], sink: TrackingSi
             cam.active_tracks = active[cam.camera]
             cam.events_per_s = round((n - seen.get(cam.camera, 0)) / dt, 3)
             seen[cam.camera] = n
+            counts = shots.get(cam.camera)
+            if counts is not None:
+                now_counts = (counts.sent, sum(counts.dropped.values()))
+                before = shots_seen.get(cam.camera, (0, 0))
+                cam.snapshots = max(0, now_counts[0] - before[0])
+                cam.snapshots_dropped = max(0, now_counts[1] - before[1])
+                shots_seen[cam.camera] = now_counts
         return out
 
     return provide

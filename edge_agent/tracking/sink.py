@@ -27,8 +27,10 @@ import structlog
 from edge_agent.config import CameraSettings
 from edge_agent.config.tracking import TrackingSettings
 from edge_agent.contract import events as wire
+from edge_agent.contract import snapshots as snap
 from edge_agent.tracking import camera as cams
 from edge_agent.tracking import scene as geo
+from edge_agent.tracking import snapshots as shots
 from edge_agent.tracking.zones_out import ZoneBoard
 
 log = structlog.get_logger(__name__)
@@ -123,7 +125,9 @@ class TrackingSink:
         nxt = self._next_ids.pop(cam, None)
         t = cams.CameraTracks(self.node, cam, self.settings,
                               geo.Scene.from_settings(cs.zones, cs.lines),
-                              next_id=nxt if nxt is not None else cams.first_id_now())
+                              next_id=nxt if nxt is not None else cams.first_id_now(),
+                              snapshots=(shots.Snapshots(self.node, cam, cs.snapshot)
+                                         if cs.snapshot.enabled else None))
         self._cams[cam] = t
         if self.board is not None:
             for zone in cs.zones:
@@ -133,12 +137,14 @@ class TrackingSink:
     def publish(self, result: dict[str, Any]) -> int | None:
         """Track ``result`` (cameras publishing events) and pass it on (publishing frames)."""
         cam = result["camera"]
+        # the frame rides along for snapshots only (``wants_image``); it is never serialized
+        image = result.pop(snap.FRAME_KEY, None)
         tracks = self._tracks(cam)
         seq = None
         if tracks is None:
             return self.inner.publish(result)
         # tracking reads the result before the inner sink serializes it (no seq in it yet)
-        seen = tracks.observe(result)
+        seen = tracks.observe(result, image)
         cs = self._camera(cam)
         if cs is not None and cs.publish == "both":
             seq = self.inner.publish(result)
@@ -148,6 +154,9 @@ class TrackingSink:
     def _deliver(self, cam: str, tracks: cams.CameraTracks, seen: cams.Observed) -> None:
         if seen.events:
             self._send(cam, seen.events, tracks.state())
+        for shot in seen.snapshots:
+            self.outbox.publish_to(snap.snapshots_stream(cam),
+                                   snap.snapshots_topic(self.prefix, self.node, cam), shot)
         if seen.zones and self.board is not None:
             for zone, labels in seen.zones.items():
                 self.board.set(cam, zone, self._zone_payload(cam, zone, labels))
@@ -172,13 +181,15 @@ class TrackingSink:
         tracks = self._cams.pop(cam, None)
         if tracks is None:
             return
-        self._deliver(cam, tracks, tracks.close_all(reason))
+        self._deliver(cam, tracks, tracks.close_all(reason, self._clock()))
         self._next_ids[cam] = tracks.tracker.next_id
 
     def stop_all(self, reason: str = "stopped") -> None:
         """End every open track (a clean stop: the pipeline has stopped)."""
         for cam in list(self._cams):
             self.stop_camera(cam, reason)
+        if self.board is not None:
+            self.board.flush(final=True)
 
     async def aclose(self) -> None:
         """End the open tracks, then close the inner sink."""
@@ -188,3 +199,14 @@ class TrackingSink:
     def active(self) -> dict[str, int]:
         """Open tracks per camera now."""
         return {cam: t.active for cam, t in self._cams.items() if t is not None}
+
+    def wants_image(self, cam: str) -> bool:
+        """Whether results of ``cam`` should bring their frame (``contract.snapshots.FRAME_KEY``):
+        it tracks and takes snapshots. Called by the pipeline's worker threads (reads only)."""
+        cs = self._camera(cam)
+        return cs is not None and cs.publish != "frames" and cs.snapshot.enabled
+
+    def snapshot_counts(self) -> dict[str, shots.SnapshotCounts]:
+        """Per camera taking snapshots: sent, their bytes and drops since start."""
+        return {cam: t.snapshots.counts for cam, t in self._cams.items()
+                if t is not None and t.snapshots is not None}

@@ -4,10 +4,13 @@ Why not through the outbox: occupancy is state, not history. Only the latest val
 zone matters, it must be retained (a new subscriber reads it at once), and a value that could
 not be sent is replaced by a newer one rather than queued. ``ZoneBoard`` keeps the latest
 payload per (camera, zone) and which ones changed; ``ZoneBoard.run`` (the supervised
-``zones`` task) publishes changed zones every ``PUBLISH_INTERVAL_S`` while the link is up,
-every zone again after a reconnect (the broker may have restarted without our retained
-messages) and every ``refresh_s`` anyway. QoS 1, retained, on
-``contract.events.zone_topic``.
+``zones`` task) looks every ``PUBLISH_INTERVAL_S`` while the link is up and publishes a zone
+whose count differs from what it last published there, at most once per ``min_interval_s``
+(changes in between coalesce: the latest wins, and a count back at the published value sends
+nothing); every zone again after a reconnect (the broker may have restarted without our
+retained messages) and every ``refresh_s`` anyway. QoS 1, retained, on
+``contract.events.zone_topic``. The events carry each object's zone changes as they happen;
+this topic is the current count, for dashboards and new subscribers.
 """
 
 from __future__ import annotations
@@ -46,16 +49,20 @@ class ZoneBoard:
     """The latest occupancy per zone and what is still to publish (event loop only)."""
 
     def __init__(self, link: RetainedLink | None, *, prefix: str, node: str,
-                 refresh_s: float, connects: Callable[[], int] = lambda: 0,
+                 refresh_s: float, min_interval_s: float = 0.0,
+                 connects: Callable[[], int] = lambda: 0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.link = link
         self.prefix = prefix
         self.node = node
         self.refresh_s = refresh_s
+        self.min_interval_s = min_interval_s
         self._connects = connects
         self._clock = clock
         self.latest: dict[tuple[str, str], dict[str, Any]] = {}
         self._dirty: set[tuple[str, str]] = set()
+        #: Per zone: the labels last handed to the link, and when.
+        self._sent: dict[tuple[str, str], tuple[dict[str, int], float]] = {}
         self._seen_connects = -1
         self._refreshed = clock()
         #: Messages handed to the link, and refused by it (not queued: retried).
@@ -71,19 +78,31 @@ class ZoneBoard:
         self.latest[key] = payload
         self._dirty.add(key)
 
-    def flush(self) -> int:
-        """Publish what is due now (if connected); the number of messages handed over."""
+    def flush(self, *, final: bool = False) -> int:
+        """Publish what is due now (if connected); the number of messages handed over.
+
+        ``final``: every pending change now, interval or not (the tracks were just closed at a
+        stop; there is no later look).
+        """
         link = self.link
         if link is None or not link.connected:
             return 0
         connects = self._connects()
         now = self._clock()
-        if connects != self._seen_connects or now - self._refreshed >= self.refresh_s:
+        everything = connects != self._seen_connects or now - self._refreshed >= self.refresh_s
+        if everything:
             self._seen_connects = connects
             self._refreshed = now
             self._dirty = set(self.latest)
         sent = 0
         for key in sorted(self._dirty):
+            last = self._sent.get(key)
+            if not everything and last is not None:
+                if last[0] == self.latest[key]["labels"]:
+                    self._dirty.discard(key)  # changed and changed back: nothing new
+                    continue
+                if not final and now - last[1] < self.min_interval_s:
+                    continue  # coalesced: the latest goes out when the interval is over
             cam, zone = key
             topic = wire.zone_topic(self.prefix, self.node, cam, zone)
             try:
@@ -95,6 +114,7 @@ class ZoneBoard:
                 self.refused += 1
                 continue
             self._dirty.discard(key)
+            self._sent[key] = (self.latest[key]["labels"], now)
             sent += 1
         self.published += sent
         return sent

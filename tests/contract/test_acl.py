@@ -14,7 +14,8 @@ def test_nodes_get_their_own_topics_by_pattern_only() -> None:
     assert patterns == [
         "pattern write edge/%u/results/+", "pattern write edge/%u/telemetry",
         "pattern write edge/%u/state", "pattern write edge/%u/events/+",
-        "pattern write edge/%u/zones/+/+", "pattern read edge/%u/desired",
+        "pattern write edge/%u/zones/+/+", "pattern write edge/%u/snapshots/+",
+        "pattern read edge/%u/desired",
     ]
     # nothing grants a node anything outside its own level, and no topic line is global
     first_user = text.index("\nuser ")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import orjson
 
-from edge_agent.contract import events, protocol
+from edge_agent.contract import events, protocol, snapshots
 from edge_agent.inference.providers import ORT_NAMES
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
@@ -23,7 +23,10 @@ def test_every_payload_example_decodes_with_the_contract() -> None:
     kinds = []
     for ex in examples():
         raw = orjson.dumps(ex)
-        if "track" in ex:
+        if "jpeg" in ex:
+            snapshots.decode_snapshot(raw)
+            kinds.append("snapshot")
+        elif "track" in ex:
             events.decode_event(raw)
             kinds.append("event")
         elif "seq" in ex:
@@ -38,7 +41,7 @@ def test_every_payload_example_decodes_with_the_contract() -> None:
         elif "generation" in ex:
             protocol.decode_desired(raw)
             kinds.append("desired")
-    assert {"result", "telemetry", "state", "desired", "event"} <= set(kinds), kinds
+    assert {"result", "telemetry", "state", "desired", "event", "snapshot"} <= set(kinds), kinds
 
 
 def test_provider_names_are_the_short_names_agents_send() -> None:

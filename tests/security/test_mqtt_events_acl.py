@@ -2,10 +2,11 @@
 consumer's: against the session broker with the production ACL (``contract.acl``).
 
 - node-a's certificate cannot publish node-b's events, nor a retained occupancy for node-b's
-  zones (which would stay on the broker for every new subscriber), nor topics outside the two
-  shapes (``events/{camera}``, ``zones/{camera}/{zone}``) under its own name; its own events
-  and retained zone occupancy go through.
-- a consumer's certificate reads events and zones but cannot write either.
+  zones (which would stay on the broker for every new subscriber), nor node-b's snapshots,
+  nor topics outside the three shapes (``events/{camera}``, ``zones/{camera}/{zone}``,
+  ``snapshots/{camera}``) under its own name; its own events, retained zone occupancy and
+  snapshots go through.
+- a consumer's certificate reads events, zones and snapshots but cannot write them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 
 from edge_agent.config import MqttSettings
 from edge_agent.contract import events as wire
+from edge_agent.contract import snapshots as snaps
 from edge_agent.transport.link import MqttLink
 from tests.support.broker import CONSUMER, Broker
 from tests.support.mqtt_recorder import Recorder
@@ -46,8 +48,10 @@ async def test_a_node_publishes_only_its_own_events_and_zones(
     rec = Recorder(broker, [f"{p}/#"]).start()
     forged = [wire.events_topic(p, "node-b", "cam0"), wire.zone_topic(p, "node-b", "cam0", "door"),
               f"{p}/node-a/events/cam0/extra", f"{p}/node-a/zones/cam0",
-              f"{p}/node-a/zones/cam0/door/extra", f"{p}/node-a/events"]
-    own = [wire.events_topic(p, "node-a", "cam0"), wire.zone_topic(p, "node-a", "cam0", "door")]
+              f"{p}/node-a/zones/cam0/door/extra", f"{p}/node-a/events",
+              snaps.snapshots_topic(p, "node-b", "cam0"), f"{p}/node-a/snapshots/cam0/1"]
+    own = [wire.events_topic(p, "node-a", "cam0"), wire.zone_topic(p, "node-a", "cam0", "door"),
+           snaps.snapshots_topic(p, "node-a", "cam0")]
     try:
         codes = await _codes(broker, "node-a", p, [*forged, *own], retain=retain)
         assert {t: codes[t] for t in forged} == {t: NOT_AUTHORISED for t in forged}
@@ -67,6 +71,7 @@ async def test_a_consumer_reads_but_cannot_write_events_or_zones(
     broker: Broker, topic_prefix: str
 ) -> None:
     p = topic_prefix
-    topics = [wire.events_topic(p, "node-a", "cam0"), wire.zone_topic(p, "node-a", "cam0", "z")]
+    topics = [wire.events_topic(p, "node-a", "cam0"), wire.zone_topic(p, "node-a", "cam0", "z"),
+              snaps.snapshots_topic(p, "node-a", "cam0")]
     codes = await _codes(broker, CONSUMER, p, topics, retain=True)
     assert codes == {t: NOT_AUTHORISED for t in topics}

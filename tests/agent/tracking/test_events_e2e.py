@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import os
 import signal
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
 import pytest
 
 from edge_agent.contract import events as wire
+from edge_agent.contract import snapshots as snaps
 from tests.support.agent_process import AgentProcess, agent_config
 from tests.support.broker import Broker
+from tests.support.ground_truth import Truth
 from tests.support.mqtt_recorder import Recorder
 
 pytestmark = [pytest.mark.slow]
@@ -24,11 +29,12 @@ CLIP = "faces-street.mp4"
 
 
 def _config(tmp: Path, models_dir: Path, broker: Broker, prefix: str,
-            publish: str = "events") -> dict[str, Any]:
+            publish: str = "events", snapshot: dict[str, Any] | None = None) -> dict[str, Any]:
     return agent_config(
         tmp, models_dir, models=("centerface",), node=NODE,
         cameras=[{"name": "street", "url": str(models_dir / "samples" / CLIP),
                   "model": "centerface", "rate": "max", "loop": True, "publish": publish,
+                  "snapshot": snapshot or {},
                   "zones": [{"name": "middle",
                              "polygon": [[0.42, 0.2], [0.66, 0.16], [0.7, 0.97], [0.4, 0.99]]}],
                   "lines": [{"name": "gate", "a": [0.25, 0.96], "b": [0.25, 0.04]}]}],
@@ -107,3 +113,78 @@ def test_events_from_a_real_detector_survive_kill9(
     assert firsts == sorted(firsts)
     zones = [wire.decode_zone(p) for t, p, _ in list(rec.messages) if "/zones/" in t]
     assert zones and all(z.zone == "middle" and z.camera == "street" for z in zones)
+
+
+def test_a_track_that_ends_sends_one_snapshot_of_its_best_frame(
+    broker: Broker, topic_prefix: str, tmp_path: Path, models_dir: Path
+) -> None:
+    """A subscriber receives a decodable JPEG under the cap, cut from a real frame of the clip
+    where the object was: the pixels match that frame's region, and the box matches where the
+    script put a face in it."""
+    cap = 12_000
+    cfg = _config(tmp_path, models_dir, broker, topic_prefix,
+                  snapshot={"enabled": True, "max_bytes": cap, "quality": 90, "padding": 0.2})
+    rec = Recorder(broker, [wire.events_filter(topic_prefix),
+                            snaps.snapshots_filter(topic_prefix)]).start()
+
+    def shots() -> list[snaps.SnapshotMessage]:
+        return [snaps.decode_snapshot(p, max_jpeg_bytes=cap) for t, p, _ in list(rec.messages)
+                if "/snapshots/" in t]
+
+    try:
+        agent = AgentProcess(tmp_path, cfg).start("/readyz", timeout=120)
+        try:
+            rec.wait(lambda: len(shots()) >= 2, 90, "two snapshots")
+        finally:
+            assert agent.stop() == 0, agent.log_text()[-3000:]
+    finally:
+        rec.stop()
+    evs = _events(rec)
+    ended = {e.track: e for e in evs if e.type == "end"}
+    truth = Truth.load(models_dir / "samples" / "faces-street.json")
+    frames = _clip_frames(models_dir / "samples" / CLIP)
+    h, w = frames[0].shape[:2]
+    per_track = Counter(s.track for s in shots())
+    assert set(per_track.values()) == {1}, per_track  # once per track (no redelivery here)
+    for shot in shots():
+        assert shot.track in ended and shot.camera == "street" and shot.node == NODE
+        end = ended[shot.track]  # sent after its track's end, with the end's best
+        assert (shot.label, shot.score, shot.ts) == (end.label, end.best.score, end.best.ts)
+        assert shot.box == pytest.approx(end.best.box)
+        img = cv2.imdecode(np.frombuffer(shot.image_bytes(), np.uint8), cv2.IMREAD_COLOR)
+        assert img is not None and img.shape[:2] == (shot.height, shot.width)
+        x1, y1, x2, y2 = (round(shot.crop[0] * w), round(shot.crop[1] * h),
+                          round(shot.crop[2] * w), round(shot.crop[3] * h))
+        assert (x2 - x1, y2 - y1) == (shot.width, shot.height)  # small faces: not scaled
+        bw, bh = (shot.box[2] - shot.box[0]) * w, (shot.box[3] - shot.box[1]) * h
+        # the box with its 20 % margin on each side (clipped at the frame's edges)
+        assert x1 in {max(0, int(np.floor(shot.box[0] * w - 0.2 * bw + 1e-9))), 0}
+        assert y2 in {min(h, int(np.ceil(shot.box[3] * h + 0.2 * bh - 1e-9))), h}
+        # the frame it was cut from: the one whose region it matches best
+        diffs = [float(np.abs(img.astype(int) - f[y1:y2, x1:x2].astype(int)).mean())
+                 for f in frames]
+        k = int(np.argmin(diffs))
+        assert diffs[k] < 6.0, (shot.track, sorted(diffs)[:3])
+        best_iou = max((_iou(shot.box, boxes[k]) for boxes in truth.boxes.values()
+                        if k in boxes), default=0.0)
+        assert best_iou > 0.5, (shot.track, k, best_iou)
+
+
+def _clip_frames(path: Path) -> list[np.ndarray]:
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, img = cap.read()
+        if not ok:
+            break
+        frames.append(img)
+    cap.release()
+    return frames
+
+
+def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
