@@ -32,7 +32,7 @@ def _settings_paths(model: type[BaseModel], prefix: str = "") -> set[str]:
     return out
 
 
-@pytest.mark.parametrize("target", ["base", "gpu", "mig"])
+@pytest.mark.parametrize("target", ["base", "gpu", "mig", "ha", "ha-migrate"])
 def test_env_settings_exist(rendered: dict[str, list[Obj]], target: str) -> None:
     known = {
         "EDGE_AGENT_": _settings_paths(agent_config.AgentSettings),
