@@ -100,10 +100,24 @@ class FleetCollector(Collector):
         yield invalid
         yield CounterMetricFamily("edge_hub_desired_messages", "desired messages published",
                                   value=c.dispatcher.sent)
+        lead = c.leadership
+        yield GaugeMetricFamily("edge_hub_leader", "1 on the replica that runs the rollouts and "
+                                "desired-state dispatch (the only one with SQLite)",
+                                value=1.0 if lead.leading else 0.0)
+        yield _leadership_changes(lead.elected, lead.lost)
         lag = c.fleet.ingest_lag_p99()
         yield GaugeMetricFamily("edge_hub_ingest_lag_p99_seconds",
                                 "p99 of receipt time minus the agent's timestamp",
                                 value=lag if lag is not None else 0.0)
+
+
+def _leadership_changes(elected: int, lost: int) -> Metric:
+    fam = CounterMetricFamily("edge_hub_leadership_changes",
+                              "times this replica became leader, and stepped down",
+                              labels=["change"])
+    fam.add_metric(["elected"], elected)
+    fam.add_metric(["lost"], lost)
+    return fam
 
 
 def rollout_families(active: list[Rollout], ended: list[Rollout]) -> Iterator[Metric]:

@@ -65,6 +65,12 @@ class Replicas:
         except OSError as exc:  # a stopped or killed replica
             return 0, str(exc)
 
+    def metrics(self, hub: HubProc) -> str:
+        req = urllib.request.Request(hub.url + "/metrics",
+                                     headers={"Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(req, timeout=10, context=client_ssl()) as resp:
+            return resp.read().decode()  # type: ignore[no-any-return]
+
     def ready(self, hub: HubProc) -> dict[str, Any]:
         status, body = self.api(hub, "GET", "/readyz", timeout=0.5)
         return body if status in (200, 503) else {"leader": False, "status": "down"}
@@ -216,7 +222,10 @@ def test_sigstop_of_the_leader_fences_it(replicas: Replicas, nodes: list[str]) -
 
 def test_commands_and_reads_through_any_replica(replicas: Replicas) -> None:
     env = replicas
-    follower = next(h for h in env.hubs if h not in env.leaders())
+    leader = env.leaders()[0]
+    follower = next(h for h in env.hubs if h is not leader)
+    assert "\nedge_hub_leader 1.0" in env.metrics(leader)
+    assert "\nedge_hub_leader 0.0" in env.metrics(follower)
     rid = start_rollout(env, follower, bake="30")
     status, body = env.api(follower, "POST", f"/v1/rollouts/{rid}/pause", {})
     assert status == 200 and body["rollout"]["state"] == "paused", body
