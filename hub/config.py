@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qs, urlsplit
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from edge_agent.common import httpserver
@@ -106,6 +107,21 @@ class StorageSettings(common_settings.Section):
     #: leader stops acting on its own after half of it without a heartbeat. Shorter fails over
     #: faster; longer tolerates longer database hiccups.
     leader_lease_s: float = Field(10.0, ge=1.0, le=300.0)
+
+    @field_validator("database_url")
+    @classmethod
+    def _no_password_in_url(cls, url: str | None) -> str | None:
+        """A password in the URL would travel with every copy of the config (and the
+        ConfigMap): refused, with where it goes instead."""
+        if url is None:
+            return None
+        parts = urlsplit(url)
+        if parts.password is not None or "password" in parse_qs(parts.query):
+            raise ValueError("holds a password: put it in the file named by "
+                             "storage.database_password_file (a mounted Secret) instead")
+        if not parts.hostname or not parts.path.strip("/"):
+            raise ValueError("needs a host and a database: postgresql://USER@HOST:PORT/DB")
+        return url
 
 
 

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import structlog
 import yaml
@@ -128,8 +130,22 @@ def field_errors(exc: ValidationError, prefix: str = "") -> list[FieldError]:
     for err in exc.errors():
         path = ".".join([*([prefix] if prefix else []), *(str(p) for p in err["loc"])])
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        out.append((path or "(root)", msg, err.get("input")))
+        out.append((path or "(root)", msg, redact(err.get("input"))))
     return out
+
+
+def redact(value: Any) -> Any:
+    """``value`` fit to print in an error: a URL's password (``user:PASSWORD@``, or a
+    ``password=`` query parameter) becomes ``***``; anything else is returned as it is."""
+    if not isinstance(value, str) or "://" not in value:
+        return value
+    parts = urlsplit(value)
+    netloc = parts.netloc
+    if parts.password is not None:
+        user, _, host = netloc.rpartition("@")
+        netloc = f"{user.split(':', 1)[0]}:***@{host}"
+    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def load(

@@ -23,7 +23,6 @@ from tests.support.hub_client import (
 from tests.support.hub_models import write_model
 from tests.support.postgres import PostgresServer
 
-pytestmark = pytest.mark.asyncio
 
 
 def shared_storage(tmp_path: Path, postgres: PostgresServer) -> dict[str, Any]:

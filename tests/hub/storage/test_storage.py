@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hub.config import StorageSettings
+from hub.config import ConfigError, StorageSettings, load_settings
 from hub.registry.metadata import SqlMetadataStore
 from hub.rollouts.store import DesiredRow, RolloutStore
 from hub.storage.database import Database, Fenced, PostgresDatabase, open_database
@@ -19,7 +19,6 @@ from hub.storage.migrations import SchemaTooNew
 from tests.support.postgres import PostgresServer
 from tests.support.waiting import until
 
-pytestmark = pytest.mark.asyncio
 
 
 def storage(kind: str, tmp_path: Path, pg: PostgresServer | None) -> StorageSettings:
@@ -172,3 +171,18 @@ async def test_a_silent_leader_stops_acting_and_loses_its_lock(
 
 async def _noop() -> None:
     return None
+
+
+@pytest.mark.parametrize(("url", "why"), [
+    ("postgresql://edge:s3cr3t-pw@db.local/edge", "holds a password"),
+    ("postgresql://edge@db.local/edge?sslmode=require&password=s3cr3t-pw", "holds a password"),
+    ("postgresql://edge@db.local", "needs a host and a database"),
+    ("mysql://edge@db.local/edge", "should match pattern"),
+])
+def test_a_bad_database_url_names_the_field_and_never_echoes_a_password(url: str,
+                                                                       why: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, storage={"database_url": url})
+    ((field, message, value),) = info.value.errors
+    assert field == "storage.database_url" and why in message.lower()
+    assert "s3cr3t-pw" not in f"{message} {value} {info.value}"
