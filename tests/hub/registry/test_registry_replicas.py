@@ -9,8 +9,6 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.support.hub_client import (
     AUTH,
     hub_session,
@@ -22,7 +20,6 @@ from tests.support.hub_client import (
 )
 from tests.support.hub_models import write_model
 from tests.support.postgres import PostgresServer
-
 
 
 def shared_storage(tmp_path: Path, postgres: PostgresServer) -> dict[str, Any]:

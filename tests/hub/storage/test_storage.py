@@ -20,7 +20,6 @@ from tests.support.postgres import PostgresServer
 from tests.support.waiting import until
 
 
-
 def storage(kind: str, tmp_path: Path, pg: PostgresServer | None) -> StorageSettings:
     if kind == "sqlite":
         return StorageSettings(data_dir=tmp_path / "data")
