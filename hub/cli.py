@@ -19,7 +19,7 @@ PROGRAM = cli.Program(
     description="Edge hub: model registry, rollouts to camera nodes, telemetry.",
     version=__version__,
     commands="hub.commands",
-    verbs=("serve", "models", "keygen", "pki", "results", "events", "rollout", "nodes"),
+    verbs=("serve", "models", "keygen", "pki", "results", "events", "rollout", "nodes", "db"),
     error=HubError,
 )
 
