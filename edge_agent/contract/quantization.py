@@ -11,7 +11,7 @@ it; unknown keys are refused so a typo never passes as a figure.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -37,8 +37,17 @@ class QuantSettings(_Strict):
     percentile: float | None = Field(None, gt=0.0, le=100.0)
     activations: Literal["QUInt8", "QInt8"] = "QUInt8"
     weights: Literal["QInt8", "QUInt8"] = "QInt8"
+    #: 7-bit weight ranges (ORT's ``reduce_range``, for CPUs without VNNI).
+    reduce_range: bool = False
     #: Op types left in fp32 (e.g. the classifier head), empty when every op was quantised.
     fp32_op_types: list[str] = Field(default_factory=list, max_length=32)
+    #: The first N compute nodes (Conv, ConvTranspose, Gemm, MatMul in graph order) left in
+    #: fp32: errors made at full resolution reach every later layer (docs/registry.md).
+    fp32_first_nodes: int = Field(0, ge=0)
+    #: The names of the nodes left in fp32 (by op type or as a leading node; the quantiser
+    #: lists at most 64).
+    fp32_nodes: list[Annotated[str, Field(max_length=256)]] = Field(
+        default_factory=list, max_length=256)
 
 
 class FrameSet(_Strict):
@@ -77,6 +86,29 @@ class Speed(_Strict):
     cores: int = Field(ge=1)
 
 
+class Candidate(_Strict):
+    """One setting tried by the automatic choice, measured on the calibration frames."""
+
+    fp32_first_nodes: int = Field(ge=0)
+    #: Agreement with fp32 (the report's metric) over the calibration frames.
+    agreement: float = Field(ge=0.0, le=1.0)
+    #: Median INT8/fp32 ``session.run`` fps ratio over short interleaved rounds.
+    speedup: float = Field(ge=0.0)
+
+
+class Selection(_Strict):
+    """How ``fp32_first_nodes`` was chosen: candidates from all-INT8 upwards, each measured
+    against fp32 on the calibration frames (never the held-out ones, which only report); the
+    first to reach ``target_agreement`` at a speed-up of at least ``min_speedup`` is kept, else
+    the best agreement among those fast enough (``met`` false)."""
+
+    target_agreement: float = Field(ge=0.0, le=1.0)
+    min_speedup: float = Field(ge=0.0)
+    frames: int = Field(ge=0)
+    candidates: list[Candidate] = Field(max_length=16)
+    met: bool
+
+
 class QuantizationReport(_Strict):
     """The report stored with an INT8 version (the ``quantization`` field of a version)."""
 
@@ -91,3 +123,5 @@ class QuantizationReport(_Strict):
     speed: Speed
     #: Seconds the quantisation and the measurements took.
     elapsed_s: float = Field(ge=0.0)
+    #: How the fp32 nodes were chosen, when they were chosen automatically (else null).
+    selection: Selection | None = None

@@ -2,13 +2,15 @@
 
 A client verb, run on the operator's machine, not in the hub: it pulls NAME VERSION like
 ``models pull``, quantises it locally (ONNX Runtime static QDQ, calibrated on the operator's
-frames preprocessed exactly as the agent does for that manifest), measures the INT8 graph
-against its parent on held-out frames (agreement with the shadow gate's semantics, fps of both
-in interleaved rounds) and pushes it as VERSION2 like ``models push`` (``--sign`` signs locally)
-with the report as the version's ``quantization`` field, which ``models show`` prints. Why not in
-the hub: calibration needs the operator's frames (a video is large and stays where it is),
-takes minutes of CPU the hub's request handlers should not spend, and the signing key never
-leaves the operator's machine; the result is an ordinary version the hub checks like any push.
+frames preprocessed exactly as the agent does for that manifest; by default the first compute
+nodes stay fp32, as many as the calibration frames show are needed for 95 % agreement at a
+1.3x speed-up), measures the INT8 graph against its parent on held-out frames (agreement with
+the shadow gate's semantics, fps of both in interleaved rounds) and pushes it as VERSION2 like
+``models push`` (``--sign`` signs locally) with the report as the version's ``quantization``
+field, which ``models show`` prints. Why not in the hub: calibration needs the operator's
+frames (a video is large and stays where it is), takes minutes of CPU the hub's request
+handlers should not spend, and the signing key never leaves the operator's machine; the
+result is an ordinary version the hub checks like any push.
 
 The engine half is ``edge_agent.commands.quantize``, imported lazily inside the verb: it needs
 the agent's pre-processing, engine and agreement, which the hub may not import, and the
@@ -66,13 +68,22 @@ def register(acts: Any, *, download: Download, upload: Upload) -> None:
                    help="frames to calibrate on, spread evenly over the source (default 64)")
     p.add_argument("--heldout-frames", type=int, default=300, metavar="N",
                    help="most held-out frames to measure on (default 300)")
-    p.add_argument("--method", choices=METHODS, default="percentile",
-                   help="activation ranges: percentile (99.999, the default), minmax or "
+    p.add_argument("--method", choices=METHODS, default="minmax",
+                   help="activation ranges: minmax (the default), percentile (99.999) or "
                    "entropy (docs/registry.md has the measurements)")
     p.add_argument("--per-tensor", action="store_true",
                    help="one scale per weight tensor instead of per output channel")
     p.add_argument("--keep-fp32", default="", metavar="OPS",
                    help="comma-separated op types left in fp32 (e.g. Gemm,Softmax)")
+    p.add_argument("--keep-fp32-first", default="auto", metavar="N|auto",
+                   help="leave the first N compute nodes (Conv, Gemm, MatMul) in fp32; auto "
+                   "(the default) tries 0, 3, 6, 9, 12 and keeps the first whose agreement on "
+                   "the calibration frames reaches --target-agreement at a speed-up of at "
+                   "least --min-speedup (else the best agreement)")
+    p.add_argument("--target-agreement", type=float, default=0.95, metavar="X",
+                   help="what auto aims for, in [0, 1] (default 0.95)")
+    p.add_argument("--min-speedup", type=float, default=1.3, metavar="X",
+                   help="auto never keeps a candidate slower than X times fp32 (default 1.3)")
     p.add_argument("--min-agreement", type=float, default=0.0, metavar="X",
                    help="push only when the agreement is at least X in [0, 1] (exit 1)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved speed rounds (default 5)")
@@ -96,11 +107,24 @@ def _check(args: argparse.Namespace) -> None:
         raise InvalidRequest("--heldout-frames: 1 to 100000")
     if not 0.0 <= args.min_agreement <= 1.0:
         raise InvalidRequest("--min-agreement: a fraction in [0, 1]")
+    _check_fp32_choice(args)
     if not 1 <= args.rounds <= 100:
         raise InvalidRequest("--rounds: 1 to 100")
     for p in [*args.calibration, *(args.heldout or [])]:
         if not p.exists():
             raise InvalidRequest(f"no such file or folder: {p}")
+
+
+
+def _check_fp32_choice(args: argparse.Namespace) -> None:
+    if not 0.0 <= args.target_agreement <= 1.0:
+        raise InvalidRequest("--target-agreement: a fraction in [0, 1]")
+    if not 0.0 <= args.min_speedup <= 100.0:
+        raise InvalidRequest("--min-speedup: 0 to 100")
+    if args.keep_fp32_first != "auto" and not (
+            args.keep_fp32_first.isdigit() and int(args.keep_fp32_first) <= 10_000):
+        raise InvalidRequest(f"--keep-fp32-first: auto or a count 0 to 10000 "
+                             f"(got {args.keep_fp32_first!r})")
 
 
 def _engine() -> Any:
@@ -137,10 +161,14 @@ def _measure(q: Any, args: argparse.Namespace, fp32_dir: Path, int8_dir: Path) -
         sources = (", ".join(map(str, args.calibration)),
                    ", ".join(map(str, args.heldout)) if args.heldout
                    else "the calibration source's other frames")
+        auto = args.keep_fp32_first == "auto"
         settings = q.Settings(per_channel=not args.per_tensor, calibration=args.method,
-                              fp32_op_types=tuple(o for o in args.keep_fp32.split(",") if o))
+                              fp32_op_types=tuple(o for o in args.keep_fp32.split(",") if o),
+                              fp32_first=0 if auto else int(args.keep_fp32_first))
         report = q.run(fp32_dir, int8_dir, version=args.to, calibration=calib, heldout=held,
-                       settings=settings, sources=sources, rounds=args.rounds)
+                       settings=settings, sources=sources, rounds=args.rounds,
+                       auto=q.Auto(target=args.target_agreement, min_speedup=args.min_speedup)
+                       if auto else None)
     except q.QuantizeError as exc:
         raise QuantizationFailed(str(exc)) from exc
     data: dict[str, Any] = report.model_dump(mode="json")
@@ -186,6 +214,16 @@ def _print(args: argparse.Namespace, report: dict[str, Any],
             f"signed={str(body['signed']).lower()}")
 
 
+def _selection(sel: dict[str, Any] | None) -> list[tuple[str, str]]:
+    if not sel:
+        return []
+    tried = ", ".join(f"{c['fp32_first_nodes']} fp32: {c['agreement']:.3f} {c['speedup']:.2f}x"
+                      for c in sel["candidates"])
+    return [("chosen on", f"{sel['frames']} calibration frames, target "
+             f"{sel['target_agreement']} at >= {sel['min_speedup']}x "
+             f"({'met' if sel['met'] else 'not met: best kept'}); {tried}")]
+
+
 def report_fields(r: dict[str, Any]) -> Sequence[tuple[str, str]]:
     """A quantisation report as ``models show`` lines (``print_fields`` pairs)."""
     s, a, v = r["settings"], r["agreement"], r["speed"]
@@ -199,8 +237,12 @@ def report_fields(r: dict[str, Any]) -> Sequence[tuple[str, str]]:
         ("quantization", f"{s['format']} {s['weights']} weights "
                          f"({'per-channel' if s['per_channel'] else 'per-tensor'}), "
                          f"{s['activations']} activations, {ranges} ranges"
+                         + (", reduce_range" if s.get("reduce_range") else "")
                          + (f", fp32 ops: {','.join(s['fp32_op_types'])}"
-                            if s["fp32_op_types"] else "")),
+                            if s["fp32_op_types"] else "")
+                         + (f", first {s['fp32_first_nodes']} compute nodes fp32"
+                            if s.get("fp32_first_nodes") else "")),
+        *_selection(r.get("selection")),
         ("calibration", f"{r['calibration']['frames']} frames of {r['calibration']['source']}"),
         ("agreement", agree),
         ("speed", f"{v['speedup']:.2f}x ({v['int8_fps']:.1f} vs {v['fp32_fps']:.1f} fps fp32, "

@@ -59,9 +59,17 @@ def test_quantize_pushes_a_measured_signed_int8_version(
     q = v["quantization"]
     assert fp32["quantization"] is None
     assert q["parent_version"] == "1.0.0" and q["parent_sha256"] == fp32["sha256"]
-    assert q["settings"] == {"format": "QDQ", "per_channel": True, "calibration": "percentile",
-                             "percentile": 99.999, "activations": "QUInt8", "weights": "QInt8",
-                             "fp32_op_types": []}
+    settings, sel = q["settings"], q["selection"]
+    # --keep-fp32-first auto (the default): candidates from all-INT8 up, measured on the 8
+    # calibration frames, the kept one the last tried (met) or the best agreement
+    tried = [c["fp32_first_nodes"] for c in sel["candidates"]]
+    assert tried == [0, 3, 6, 9, 12][:len(tried)] and sel["frames"] == 8
+    assert sel["target_agreement"] == 0.95 and sel["min_speedup"] == 1.3
+    assert settings["fp32_first_nodes"] in tried
+    assert len(settings["fp32_nodes"]) == settings["fp32_first_nodes"]
+    assert {k: v for k, v in settings.items() if not k.startswith("fp32_")} == {
+        "format": "QDQ", "per_channel": True, "calibration": "minmax", "percentile": None,
+        "activations": "QUInt8", "weights": "QInt8", "reduce_range": False}
     assert q["calibration"]["frames"] == 8 and q["heldout"]["frames"] == 24
     assert q["agreement"]["metric"] == "top1" and 0.0 <= q["agreement"]["value"] <= 1.0
     assert q["speed"]["fp32_fps"] > 0 and q["speed"]["int8_fps"] > 0
@@ -73,7 +81,8 @@ def test_quantize_pushes_a_measured_signed_int8_version(
     assert v["size"] < fp32["size"] / 2
 
     text = cli(hub, "models", "show", "q-effnet", "1.0.0-int8").stdout
-    assert "quantized from" in text and "per-channel" in text and "percentile 99.999 ranges" in text
+    assert "quantized from" in text and "per-channel" in text and "minmax ranges" in text
+    assert "chosen on" in text and "8 calibration frames" in text
     assert "held-out frames" in text and "fps fp32" in text
 
 
@@ -83,14 +92,19 @@ def test_quantize_detector_scores_box_f1(hub: HubProcess, models_dir: Path,
     r = cli(hub, "models", "quantize", "q-faces", "1.0.0", "--to", "2-int8", "--calibration",
             str(models_dir / "samples" / "astronaut.png"), "--calibration", str(
                 models_dir / "samples" / "carphone.mp4"), "--calibration-frames", "4",
-            "--heldout-frames", "6", "--rounds", "1", "--method", "minmax", "--keep-fp32",
-            "Sigmoid", "--json")
+            "--heldout-frames", "6", "--rounds", "1", "--method", "percentile", "--keep-fp32",
+            "Sigmoid", "--keep-fp32-first", "2", "--json")
     assert r.returncode == 0, r.stderr
     q = json.loads(r.stdout)["quantization"]
     assert q["agreement"]["metric"] == "box_f1" and q["agreement"]["frames"] == 6
     assert q["agreement"]["confident_value"] is None
-    assert q["settings"]["calibration"] == "minmax" and q["settings"]["percentile"] is None
-    assert q["settings"]["fp32_op_types"] == ["Sigmoid"]
+    s = q["settings"]
+    assert s["calibration"] == "percentile" and s["percentile"] == 99.999
+    assert s["fp32_op_types"] == ["Sigmoid"] and s["fp32_first_nodes"] == 2
+    # the two leading Convs and every Sigmoid, by the names given to CenterFace's unnamed nodes
+    assert len(s["fp32_nodes"]) > 2 and all(s["fp32_nodes"])
+    assert sum(n.startswith("Conv_") for n in s["fp32_nodes"]) == 2
+    assert q["selection"] is None  # a count given, nothing chosen
 
 
 def test_quantize_refuses_bad_input_and_pushes_nothing(
@@ -103,6 +117,10 @@ def test_quantize_refuses_bad_input_and_pushes_nothing(
     assert r.returncode == 2 and "no such file or folder" in r.stderr
     r = cli(hub, *base, "--to", "2", "--calibration", str(tmp_path), "--min-agreement", "2")
     assert r.returncode == 2 and "--min-agreement" in r.stderr
+    r = cli(hub, *base, "--to", "2", "--calibration", str(tmp_path), "--keep-fp32-first", "-1")
+    assert r.returncode == 2 and "--keep-fp32-first: auto or a count" in r.stderr
+    r = cli(hub, *base, "--to", "2", "--calibration", str(tmp_path), "--target-agreement", "9")
+    assert r.returncode == 2 and "--target-agreement" in r.stderr
     empty = tmp_path / "empty"
     empty.mkdir()
     r = cli(hub, *base, "--to", "2", "--calibration", str(empty))
@@ -120,7 +138,8 @@ def test_quantize_refuses_bad_input_and_pushes_nothing(
     _push_fp32(hub, models_dir, "efficientnet-lite0", "q-effnet")
     r = cli(hub, "models", "quantize", "q-effnet", "1.0.0", "--to", "pt-int8", "--calibration",
             str(models_dir / "samples" / "bikes.mp4"), "--calibration-frames", "8",
-            "--heldout-frames", "24", "--rounds", "1", "--per-tensor", "--min-agreement", "0.99")
+            "--heldout-frames", "24", "--rounds", "1", "--per-tensor", "--min-agreement", "0.99",
+            "--keep-fp32-first", "0")
     assert r.returncode == 1 and "was not pushed" in r.stderr, r.stderr
     assert "per-tensor" in r.stdout  # the report is still shown
     shown = cli(hub, "models", "show", "q-effnet", "pt-int8")

@@ -41,6 +41,19 @@ def test_reports_are_checked_against_the_contract() -> None:
     bad = {**REPORT, "agreement": {**REPORT["agreement"], "value": 1.5}}
     with pytest.raises(InvalidRequest, match=r"agreement\.value"):
         parse_quantization(json.dumps(bad))
+    chosen = {**REPORT, "settings": {**REPORT["settings"], "fp32_first_nodes": 6,
+                                     "fp32_nodes": ["/_conv_stem/Conv"]},
+              "selection": {"target_agreement": 0.95, "min_speedup": 1.3, "frames": 64,
+                            "met": True, "candidates": [
+                                {"fp32_first_nodes": 0, "agreement": 0.89, "speedup": 2.0},
+                                {"fp32_first_nodes": 6, "agreement": 0.97, "speedup": 1.8}]}}
+    stored = parse_quantization(json.dumps(chosen))
+    assert stored is not None and stored["selection"]["candidates"][1]["agreement"] == 0.97
+    assert parse_quantization(json.dumps(REPORT))["selection"] is None  # type: ignore[index]
+    bad_pick = {**chosen, "selection": {**chosen["selection"], "candidates": [
+        {"fp32_first_nodes": -1, "agreement": 0.9, "speedup": 2.0}]}}
+    with pytest.raises(InvalidRequest, match=r"selection\.candidates\.0\.fp32_first_nodes"):
+        parse_quantization(json.dumps(bad_pick))
     with pytest.raises(InvalidRequest, match="speedup_typo"):
         parse_quantization(json.dumps({**REPORT, "speedup_typo": 2}))
     with pytest.raises(InvalidRequest, match="quantization report"):
