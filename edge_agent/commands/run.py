@@ -28,6 +28,9 @@ def arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the settings, configure logging, run the agent; return the exit status."""
+    from edge_agent.inference.engine import limit_heap_arenas  # noqa: PLC0415
+
+    limit_heap_arenas()  # before any thread has a heap of its own (docs/deploy.md "Sizing")
     settings = config.load_settings(args.config)  # ConfigError: the scaffold prints each field
     from edge_agent.app.compose import run_agent  # noqa: PLC0415
     from edge_agent.common.logs import configure_logging  # noqa: PLC0415

@@ -44,6 +44,10 @@ from edge_agent.inference.preprocess import FrameMeta, Preprocessor
 
 log = structlog.get_logger(__name__)
 
+#: ONNX Runtime's run option that shrinks a device's arena at the end of that run.
+ARENA_SHRINKAGE = "memory.enable_memory_arena_shrinkage"
+
+
 @dataclass(frozen=True, slots=True)
 class InferOutput:
     """One frame's result and where its time went."""
@@ -104,6 +108,7 @@ class LoadedModel:
     ) -> LoadedModel:
         """Load, verify and warm up a model; raise ``ModelRejectedError``/``ModelError``."""
         t0 = time.perf_counter()
+        limit_heap_arenas()  # once per process, before the threads that serve it start
         try:
             manifest = manifests.load_manifest(manifest_path)
         except Rejection as exc:
@@ -140,17 +145,21 @@ class LoadedModel:
                  load_ms=round((time.perf_counter() - t0) * 1000.0, 1))
         return model
 
+    def _blank(self) -> np.ndarray:
+        """A batch of zeros of the graph's smallest batch size (1, or its fixed size)."""
+        spec = self.manifest.input
+        n = self.fixed_batch or 1
+        shape = (n, 3, spec.height, spec.width) if spec.layout == "NCHW" else (
+            n, spec.height, spec.width, 3)
+        return np.zeros(shape, dtype=np.float32)
+
     def _warm_up(self, runs: int) -> None:
         """Run zeros through the graph: allocates arenas, and checks the real output shapes.
 
         Output values are not judged here (a model may legitimately output anything for a
         blank image); non-finite values fail each real inference instead.
         """
-        spec = self.manifest.input
-        n = self.fixed_batch or 1
-        shape = (n, 3, spec.height, spec.width) if spec.layout == "NCHW" else (
-            n, spec.height, spec.width, 3)
-        x = np.zeros(shape, dtype=np.float32)
+        x = self._blank()
         for _ in range(runs):
             outputs = self.run(x)
         try:
@@ -209,6 +218,28 @@ class LoadedModel:
         t3 = time.perf_counter()
         return InferOutput(result, (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
 
+    def shrink_arena(self) -> None:
+        """Give back the CPU arena's free regions, e.g. after a measurement grew it.
+
+        ONNX Runtime's CPU arena keeps every region it ever grew: the start-up calibration
+        (several concurrent runs, batches of up to 4 frames) leaves it at the size of its
+        largest candidate for the life of the session, although the layout chosen may need
+        less. One run of the smallest batch with the arena shrinkage option frees, at its end,
+        every region no run is using (concurrent runs keep theirs: the arena's lock), and the
+        heap is trimmed after it. Runs that need more later grow the arena again: this trades
+        nothing but that regrowth (docs/deploy.md, "Sizing"). A closed model does nothing.
+        """
+        session = self._session
+        if session is None:
+            return
+        options = ort.RunOptions()
+        options.add_run_config_entry(ARENA_SHRINKAGE, "cpu:0")
+        try:
+            session.run(self._fetch, {self._input_name: self._blank()}, options)
+        except Exception as exc:  # onnxruntime's own types: serving goes on with the arena
+            log.warning("arena_shrink_failed", model=self.name, error=graph.one_line(exc))
+        release_freed_heap()
+
     def close(self) -> None:
         """Release the session (its memory goes once in-flight ``run`` calls return)."""
         self._session = None
@@ -232,6 +263,38 @@ def _libc_malloc_trim() -> Any:
     trim.argtypes = (ctypes.c_size_t,)
     trim.restype = ctypes.c_int
     return trim
+
+
+#: glibc's ``mallopt`` parameter for the most heaps (arenas) threads may spread over.
+_M_ARENA_MAX = -8
+#: The heaps the agent's threads share: glibc's default is 8 per core, one more each time a
+#: thread finds the others busy, and each keeps what its threads freed.
+HEAP_ARENAS = 2
+
+
+@functools.cache
+def limit_heap_arenas() -> bool:
+    """Let the process's threads share ``HEAP_ARENAS`` glibc heaps; True when it was set.
+
+    Decoder, capture, inference and executor threads each get a heap of their own by default,
+    and memory one of them frees stays in that heap, resident, for the life of the process.
+    Inference allocates little per frame (ONNX Runtime's arena does the rest), so sharing
+    costs no throughput there. Threads that already have a heap keep it, so this counts in
+    full only before any thread starts: the image sets ``MALLOC_ARENA_MAX=2`` for that
+    (Dockerfile.arm64; 8-14 MB less for one camera and the YOLOv8n-sized model,
+    docs/deploy.md "Sizing"), and an operator's ``MALLOC_ARENA_MAX`` wins. Called at the first
+    model load, before any camera starts its threads, for agents run outside the image; other
+    C libraries are left alone.
+    """
+    if sys.platform != "linux" or "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_ARENA_MAX, HEAP_ARENAS))
 
 
 def release_freed_heap() -> bool:

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import structlog
@@ -46,6 +46,16 @@ MARGIN = 0.05
 FORMAT = 1
 #: Stored layouts kept (one per model digest, machine and candidates); the oldest go first.
 MAX_ENTRIES = 32
+
+
+@runtime_checkable
+class ShrinksArena(Protocol):
+    """A model whose inference arena can give back what a measurement grew
+    (``inference.engine.LoadedModel.shrink_arena``)."""
+
+    def shrink_arena(self) -> None:
+        """Free the arena's regions no run is using."""
+        ...
 
 
 class CalibrationAborted(Exception):
@@ -293,8 +303,14 @@ def measure(model: ServingModel, key: Key, *, seconds: float,
             abort: threading.Event | None = None,
             incumbent: tuple[int, int] | None = None, max_s: float | None = None) -> Layout:
     """Time ``key``'s candidates on ``model`` now (``calibrate``) and return the choice."""
-    w, b, figures = calibrate(model, workers=key.workers, batches=key.batches, seconds=seconds,
-                              abort=abort, incumbent=incumbent, max_s=max_s)
+    try:
+        w, b, figures = calibrate(model, workers=key.workers, batches=key.batches,
+                                  seconds=seconds, abort=abort, incumbent=incumbent, max_s=max_s)
+    finally:
+        # the candidates grew the arena to the largest of them; the layout chosen regrows
+        # only what it needs (docs/deploy.md, "Sizing": 15 MB for the YOLOv8n-sized model)
+        if isinstance(model, ShrinksArena):
+            model.shrink_arena()
     return Layout(w, b, figures, time.time())
 
 

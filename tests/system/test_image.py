@@ -4,9 +4,12 @@ image, built here under QEMU, classifies a sample and validates the K3s config a
 The split (pyproject's `agent` and `hub` extras, docs/deploy.md "Images") holds only if the
 agent never imports the Kubernetes client and the hub never imports OpenCV, at import time or
 later inside a function: checked here with the other package blocked in a real interpreter, and
-in the source. The slow test builds the agent image with scripts/build-image.sh (base, wheels
-and layers cached under .cache/image, so a second run takes seconds) and runs it with podman as
-uid 10001 with a read-only root filesystem, no network and no capabilities.
+in the source. Object tracking (the `tracking` extra, its own image) is optional in the same
+way: without norfair every module imports, and a config whose cameras publish events is
+refused by `validate-config` and `run` (exit 2, naming the image to use). The slow test
+builds the agent image with scripts/build-image.sh (base, wheels and layers cached under
+.cache/image, so a second run takes seconds) and runs it with podman as uid 10001 with a
+read-only root filesystem, no network and no capabilities.
 """
 
 from __future__ import annotations
@@ -106,8 +109,82 @@ def test_the_extras_split_the_heavy_dependencies() -> None:
     assert "kubernetes" not in common and "opencv" not in common
     assert "opencv-python-headless" in names["agent"] and "kubernetes" not in names["agent"]
     assert "kubernetes" in names["hub"] and "opencv" not in names["hub"]
-    # development and the tests get both programs
-    assert "edge-inference-agent[agent,hub]" in names["dev"]
+    # tracking (norfair and the scipy it pulls) is its own extra and image, not the agent's
+    assert "norfair" in names["tracking"] and "norfair" not in names["agent"] + common
+    # development and the tests get both programs, and tracking
+    assert "edge-inference-agent[agent,hub,tracking]" in names["dev"]
+
+
+# ------------------------------------------------------------ an agent image without tracking
+
+EVENTS_CONFIG = """
+node: box-1
+models: [{name: det, manifest: models/out/yolov8n-like/manifest.json}]
+cameras:
+  - {name: door, url: models/out/samples/bikes.mp4, model: det}
+  - {name: yard, url: models/out/samples/carphone.mp4, model: det, publish: events}
+pipeline: {sink: jsonl, jsonl_path: /nonexistent/results.jsonl}
+"""
+
+
+@pytest.fixture
+def without_tracker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """norfair as if not installed (the plain agent image): its import fails in this process."""
+    from edge_agent.config import tracking
+
+    monkeypatch.setitem(sys.modules, tracking.TRACKER_MODULE, None)
+
+
+def test_without_tracking_a_camera_publishing_events_is_a_config_error(
+        without_tracker: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from edge_agent import cli
+
+    path = tmp_path / "agent.yaml"
+    path.write_text(EVENTS_CONFIG)
+    for argv in (["validate-config", "--no-files", str(path)], ["run", "--config", str(path)]):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        # the camera that tracks, why, and what to run instead; the one publishing frames is fine
+        assert "cameras.1.publish" in err and "'events'" in err, err
+        assert "edge-agent-tracking image" in err and "[agent,tracking]" in err, err
+        assert "cameras.0" not in err, err
+    # publishing frames only needs no tracker
+    path.write_text(EVENTS_CONFIG.replace(", publish: events", ""))
+    assert cli.main(["validate-config", "--no-files", str(path)]) == 0
+    assert capsys.readouterr().out.startswith("ok: node=box-1")
+
+
+def test_with_tracking_installed_the_same_config_is_valid(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from edge_agent import cli
+
+    path = tmp_path / "agent.yaml"
+    path.write_text(EVENTS_CONFIG)
+    assert cli.main(["validate-config", "--no-files", str(path)]) == 0
+    assert capsys.readouterr().out.startswith("ok: node=box-1 models=1 cameras=2")
+
+
+def test_without_tracking_the_tracker_says_which_image_to_run(without_tracker: None) -> None:
+    from edge_agent.config.tracking import TrackingSettings
+    from edge_agent.tracking.tracker import ObjectTracker
+
+    with pytest.raises(ImportError, match="edge-agent-tracking image") as caught:
+        ObjectTracker(TrackingSettings(), next_id=1)
+    assert caught.value.name == "norfair"
+
+
+def test_the_agent_runs_without_the_tracking_extra() -> None:
+    # every module imports with norfair (and so scipy) absent: it is loaded only to track
+    r = blocked("norfair", "--import-all", "edge_agent")
+    assert r.returncode == 0, r.stderr[-3000:]
+    found = imports_in(ROOT / "edge_agent")
+    assert "scipy" not in found
+    # only the tracker names it (for types, and in the function that imports it on first use)
+    assert {where.split(":")[0] for where in found["norfair"]} == {
+        "edge_agent/tracking/tracker.py"}
+    r = blocked("norfair", "edge_agent", "validate-config", "--no-files",
+                "k3s/base/agent/config.yaml")
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr[-3000:]
 
 
 def pod_files(config: Path, folder: Path) -> dict[str, Path]:
@@ -154,7 +231,8 @@ def test_arm64_agent_image_runs_like_a_pod(tmp_path: Path) -> None:
     # the smoke test ran in this build, or its layer (which exists only if it passed) was reused
     step = r.stderr.split('Dockerfile.arm64.smoke "$EXTRAS"')[-1].split("STEP")[0]
     assert "Using cache" in step or (
-        "smoke: agent: modules load, edge-agent starts, kubernetes absent" in step
+        "smoke: agent: modules load, edge-agent starts" in step
+        and "smoke: absent: kubernetes, norfair" in step
         and "smoke: onnxruntime" in step and "smoke: opencv" in step), step[-3000:]
 
     models = ROOT / "models" / "out"

@@ -59,11 +59,12 @@ TARGETS = {
     "mig": K3S / "overlays" / "mig",
     "ha": K3S / "overlays" / "ha",
     "ha-migrate": K3S / "overlays" / "ha" / "migrate",
+    "tracking": K3S / "overlays" / "tracking",
 }
 #: The deployable targets (ha-migrate is a one-off Job applied beside ha).
 DEPLOYMENTS = ["base", "gpu", "mig", "ha"]
 #: Workloads per target: agent, hub, broker, batch job (+ PostgreSQL in ha; the Job alone).
-WORKLOADS = {"base": 4, "gpu": 4, "mig": 4, "ha": 5, "ha-migrate": 1}
+WORKLOADS = {"base": 4, "gpu": 4, "mig": 4, "ha": 5, "ha-migrate": 1, "tracking": 4}
 
 
 def find(objs: list[Obj], kind: str, name: str) -> Obj:
@@ -684,3 +685,14 @@ def test_the_documented_migration_selector_applies_storage_and_no_hub(
         ("NetworkPolicy", PG), ("NetworkPolicy", "edge-hub-to-postgresql"),
         ("PersistentVolumeClaim", "edge-hub-artifacts"),
     }
+
+
+def test_the_tracking_overlay_runs_the_agent_with_tracking(rendered: dict[str, list[Obj]]) -> None:
+    """Cameras that publish events need norfair: the overlay swaps only the agent's image."""
+    _, spec, agent = agent_objects(rendered["tracking"])
+    assert agent["image"].startswith("edge-agent-tracking:")
+    _, _, plain = agent_objects(rendered["base"])
+    assert plain["image"].startswith("edge-agent:")
+    hub = [c for o, s in workloads(rendered["tracking"]) if o["metadata"]["name"] == "edge-hub"
+           for c in s["containers"]]
+    assert hub and all(c["image"].startswith("edge-hub:") for c in hub)
