@@ -689,7 +689,7 @@ def test_the_documented_migration_selector_applies_storage_and_no_hub(
 
 def test_the_tracking_overlay_runs_the_agent_with_tracking(rendered: dict[str, list[Obj]]) -> None:
     """Cameras that publish events need norfair: the overlay swaps only the agent's image."""
-    _, spec, agent = agent_objects(rendered["tracking"])
+    _, _, agent = agent_objects(rendered["tracking"])
     assert agent["image"].startswith("edge-agent-tracking:")
     _, _, plain = agent_objects(rendered["base"])
     assert plain["image"].startswith("edge-agent:")
