@@ -314,6 +314,15 @@ class RolloutStore:
 
         return await self.db.run(op)
 
+    async def commands_waiting(self) -> bool:
+        """Whether a command waits for the leader (a cheap read, not fenced)."""
+
+        def op(c: Tx) -> bool:
+            return c.execute("SELECT 1 FROM rollout_commands WHERE taken_at IS NULL AND "
+                             "done_at IS NULL LIMIT 1").fetchone() is not None
+
+        return await self.db.run(op)
+
     async def take_commands(self, limit: int = 20) -> list[Command]:
         """Claim the oldest waiting commands (the leader; fenced, so only it takes them)."""
 

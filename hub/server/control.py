@@ -177,7 +177,8 @@ class ControlPlane:
         """On the leader: execute the rollout commands followers recorded."""
         while True:
             try:
-                for cmd in await self.store.take_commands():
+                waiting = await self.store.commands_waiting()
+                for cmd in await self.store.take_commands() if waiting else []:
                     await self.store.finish_command(cmd.id, await self._execute(cmd))
             except Exception as exc:
                 log.warning("forwarded_commands_failed", error=str(exc)[:200])
