@@ -12,7 +12,7 @@
 #
 # build  --arch arm64|amd64 (default arm64), --image agent|agent-tracking|hub|full (default
 #        agent and hub; agent-tracking = the agent with object tracking, for cameras that
-#        publish track events (norfair, scipy: k3s/overlays/tracking); full = agent and hub in
+#        publish track events (norfair, scipy: k3s/overlays/tracking); full = agent, tracking and hub in
 #        one image, the size baseline). Tags localhost/edge-IMAGE:VERSION-ARCH. --sizes prints each image's unpacked and compressed
 #        (gzip layers, as a registry stores them) size and its biggest Python packages.
 #        --save DIR writes DIR/edge-IMAGE-VERSION-ARCH.tar, named edge-IMAGE:VERSION as the K3s
@@ -56,7 +56,7 @@ qemu_arch() { case $1 in arm64) echo aarch64 ;; amd64) echo x86_64 ;; *) die "un
 native_arch() { case $(uname -m) in aarch64) echo arm64 ;; x86_64) echo amd64 ;; *) uname -m ;; esac; }
 extras_of() {
   case $1 in
-    agent) echo agent ;; agent-tracking) echo agent,tracking ;; hub) echo hub ;; full) echo agent,hub ;;
+    agent) echo agent ;; agent-tracking) echo agent,tracking ;; hub) echo hub ;; full) echo agent,hub,tracking ;;
     *) die "unknown image $1 (agent, agent-tracking, hub, full)" ;;
   esac
 }

@@ -186,6 +186,7 @@ def test_kill9_of_the_leader_mid_wave(replicas: Replicas, nodes: list[str]) -> N
     rest = [h for h in env.hubs if h is not leader]
     env.wait(lambda: len(env.leaders(rest)) == 1, 10, "a new leader")
     takeover_s = time.monotonic() - killed_at
+    print(f"kill -9: a new leader after {takeover_s:.2f} s (lease {LEASE_S} s)")
     # a killed leader's session closes with its socket: the lock is free at once, and a
     # follower tries every quarter lease
     assert takeover_s <= LEASE_S + TICK_S, takeover_s
@@ -209,6 +210,7 @@ def test_sigstop_of_the_leader_fences_it(replicas: Replicas, nodes: list[str]) -
     env.wait(lambda: len(env.leaders(rest)) == 1, 3 * LEASE_S + 5, "a new leader")
     # the paused leader's session ends after one lease of silence
     takeover_s = time.monotonic() - stopped_at
+    print(f"SIGSTOP: a new leader after {takeover_s:.2f} s (lease {LEASE_S} s)")
     assert takeover_s <= LEASE_S + LEASE_S / 4 + 1.0, takeover_s
     env.wait(lambda: env.rollout(rest[0], rid)["state"] == "succeeded", 60, "completed")
     os.kill(leader.proc.pid, signal.SIGCONT)
