@@ -34,8 +34,8 @@ from tests.support.hub_client import (
 )
 
 BOOTSTRAP = "/v1/pki/bootstrap"
-#: What anyone may call: liveness and the API's description.
-OPEN = {("get", "/healthz"), ("get", "/v1/openapi.json"),
+#: What anyone may call: liveness, readiness and the API's description.
+OPEN = {("get", "/healthz"), ("get", "/readyz"), ("get", "/v1/openapi.json"),
         # the fleet page's static files: public, no data (tests/security/test_http_auth.py)
         ("get", "/"), ("get", "/ui/{name}")}
 _PARAMS = {"name": "tiny", "version": "1", "id": "1", "node": "node-x", "command": "pause"}

@@ -33,8 +33,9 @@ from tests.support.hub_client import (
 from tests.support.hub_models import write_model
 from tests.support.pki import TestPki
 
-#: Paths anyone may read: liveness and the API's own description.
-OPEN = {("get", "/healthz"), ("get", "/v1/openapi.json")}
+#: Paths anyone may read: liveness, readiness (the kubelet asks without a token; it says only
+#: whether the database answers and whether this replica leads) and the API's own description.
+OPEN = {("get", "/healthz"), ("get", "/readyz"), ("get", "/v1/openapi.json")}
 #: The fleet page and its static files: public like any login page, they hold no data (every
 #: figure on the page comes from the API with the person's token).
 PAGE = {("get", "/"), ("get", "/ui/{name}")}
