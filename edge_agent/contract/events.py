@@ -40,10 +40,9 @@ afford pydantic models); subscribers parse with ``decode_event`` / ``decode_zone
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from edge_agent.contract import protocol
 
@@ -115,9 +114,6 @@ def parse_event_topic(prefix: str, topic: str) -> tuple[str, Literal["events", "
 
 class _Msg(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=False)
-
-
-_M = TypeVar("_M", bound=BaseModel)
 
 
 Box = tuple[float, float, float, float]
@@ -204,34 +200,14 @@ class ZoneOccupancy(_Msg):
     labels: dict[str, int] = Field(default_factory=dict)
 
 
-def _decode(payload: bytes, model: type[_M]) -> _M:
-    if len(payload) > protocol.MAX_PAYLOAD_BYTES:
-        raise protocol.ProtocolError(
-            f"payload of {len(payload)} bytes exceeds {protocol.MAX_PAYLOAD_BYTES}")
-    try:
-        data = orjson.loads(payload)
-    except orjson.JSONDecodeError as exc:
-        raise protocol.ProtocolError(f"payload is not JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise protocol.ProtocolError("payload is not a JSON object")
-    if data.get("v") != protocol.PROTOCOL_VERSION:
-        raise protocol.ProtocolError(f"unsupported protocol version {data.get('v')!r}")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise protocol.ProtocolError(f"{model.__name__}: {where}: {first['msg']}") from exc
-
-
 def decode_event(payload: bytes) -> EventMessage:
     """Parse an events payload; raise ``protocol.ProtocolError`` when it breaks the contract."""
-    return _decode(payload, EventMessage)
+    return protocol.decode_model(payload, EventMessage)
 
 
 def decode_zone(payload: bytes) -> ZoneOccupancy:
     """Parse a zone occupancy payload; raise ``protocol.ProtocolError`` when it breaks it."""
-    return _decode(payload, ZoneOccupancy)
+    return protocol.decode_model(payload, ZoneOccupancy)
 
 
 # --------------------------------------------------------------------------------- the builders

@@ -395,7 +395,9 @@ def encode_dict(obj: dict[str, Any]) -> bytes:
 _M = TypeVar("_M", bound=BaseModel)
 
 
-def _decode(payload: bytes, model: type[_M]) -> _M:
+def decode_model(payload: bytes, model: type[_M]) -> _M:
+    """Parse one payload of the contract into ``model``: bounded size, a JSON object of this
+    protocol version, the model's fields; ``ProtocolError`` naming the first bad field."""
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise ProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
     try:
@@ -416,22 +418,22 @@ def _decode(payload: bytes, model: type[_M]) -> _M:
 
 def decode_result(payload: bytes) -> ResultMessage:
     """Parse a results payload; raise ProtocolError when it breaks the contract."""
-    return _decode(payload, ResultMessage)
+    return decode_model(payload, ResultMessage)
 
 
 def decode_telemetry(payload: bytes) -> TelemetryMessage:
     """Parse a telemetry payload; raise ProtocolError when it breaks the contract."""
-    return _decode(payload, TelemetryMessage)
+    return decode_model(payload, TelemetryMessage)
 
 
 def decode_state(payload: bytes) -> StateMessage:
     """Parse a state payload; raise ProtocolError when it breaks the contract."""
-    return _decode(payload, StateMessage)
+    return decode_model(payload, StateMessage)
 
 
 def decode_desired(payload: bytes) -> DesiredMessage:
     """Parse a desired-state payload; raise ProtocolError when it breaks the contract."""
-    return _decode(payload, DesiredMessage)
+    return decode_model(payload, DesiredMessage)
 
 
 def signing_payload(manifest_sha256: str, artifact_sha256: str) -> bytes:

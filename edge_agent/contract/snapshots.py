@@ -28,8 +28,7 @@ import base64
 import binascii
 from typing import Any, Literal
 
-import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from edge_agent.contract import protocol
 
@@ -94,23 +93,7 @@ class SnapshotMessage(BaseModel):
 def decode_snapshot(payload: bytes, *, max_jpeg_bytes: int = MAX_JPEG_BYTES) -> SnapshotMessage:
     """Parse a snapshot payload; raise ``protocol.ProtocolError`` when it breaks the contract
     (not JSON, wrong fields, ``jpeg`` not base64 or not a JPEG, or over ``max_jpeg_bytes``)."""
-    if len(payload) > protocol.MAX_PAYLOAD_BYTES:
-        raise protocol.ProtocolError(
-            f"payload of {len(payload)} bytes exceeds {protocol.MAX_PAYLOAD_BYTES}")
-    try:
-        data = orjson.loads(payload)
-    except orjson.JSONDecodeError as exc:
-        raise protocol.ProtocolError(f"payload is not JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise protocol.ProtocolError("payload is not a JSON object")
-    if data.get("v") != protocol.PROTOCOL_VERSION:
-        raise protocol.ProtocolError(f"unsupported protocol version {data.get('v')!r}")
-    try:
-        msg = SnapshotMessage.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise protocol.ProtocolError(f"SnapshotMessage: {where}: {first['msg']}") from exc
+    msg = protocol.decode_model(payload, SnapshotMessage)
     try:
         jpeg = base64.b64decode(msg.jpeg, validate=True)
     except (binascii.Error, ValueError) as exc:
