@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from hub.registry.service import Registry
 from hub.server.control import ControlPlane
 from tests.support.broker import HUB, Broker, wait_port
 from tests.support.fake_k8s import FakeKube
-from tests.support.hub_client import default_pki, tls_api
+from tests.support.hub_client import client_ssl, default_pki, tls_api
 from tests.support.inproc import Result, run_main
 from tests.support.postgres import storage_for
 from tests.support.sim_agents import Behaviour, SimAgent
@@ -191,6 +193,19 @@ class HubProc:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def api(self, method: str, path: str, body: Any = None,
+            timeout: float = 10) -> tuple[int, Any]:
+        """One JSON call to this hub as admin: (status, parsed body)."""
+        req = urllib.request.Request(self.url + path, method=method,
+                                     headers={"Authorization": f"Bearer {TOKEN}",
+                                              "Content-Type": "application/json"},
+                                     data=json.dumps(body).encode() if body is not None else None)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout, context=client_ssl()) as resp:
+                return resp.status, json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"null")
 
 
 def cli(hub_url: str, *args: str, timeout: float = 60) -> Any:

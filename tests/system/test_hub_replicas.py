@@ -6,7 +6,6 @@ twice; commands and reads work through any replica."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
@@ -53,15 +52,8 @@ class Replicas:
 
     def api(self, hub: HubProc, method: str, path: str, body: Any = None,
             timeout: float = 20) -> tuple[int, Any]:
-        req = urllib.request.Request(hub.url + path, method=method,
-                                     headers={"Authorization": f"Bearer {TOKEN}",
-                                              "Content-Type": "application/json"},
-                                     data=json.dumps(body).encode() if body is not None else None)
         try:
-            with urllib.request.urlopen(req, timeout=timeout, context=client_ssl()) as resp:
-                return resp.status, json.loads(resp.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"null")
+            return hub.api(method, path, body, timeout)
         except OSError as exc:  # a stopped or killed replica
             return 0, str(exc)
 

@@ -43,15 +43,7 @@ class Env:
     prefix: str
 
     def api(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        req = urllib.request.Request(self.hub.url + path, method=method,
-                                     headers={"Authorization": f"Bearer {TOKEN}",
-                                              "Content-Type": "application/json"},
-                                     data=json.dumps(body).encode() if body is not None else None)
-        try:
-            with urllib.request.urlopen(req, timeout=10, context=client_ssl()) as resp:
-                return resp.status, json.loads(resp.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"null")
+        return self.hub.api(method, path, body)
 
     def rollout(self, rid: int) -> dict[str, Any]:
         status, body = self.api("GET", f"/v1/rollouts/{rid}")
