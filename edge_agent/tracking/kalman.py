@@ -57,9 +57,17 @@ class BoxKalman:
         ``r`` must be None (the default noise); ``h``, norfair's measurement matrix, must
         measure every position (its diagonal all ones).
         """
-        dz = self.dim_z
-        if r is not None or (h is not None and h.trace() != dz):
+        if r is not None or (h is not None and h.trace() != self.dim_z):
             raise ValueError("BoxKalman measures whole boxes with the default noise only")
+        self._fold(z)
+
+    def update_box(self, points: NDArray[np.float64]) -> None:
+        """``update`` for a whole box given as norfair holds it (points x dimensions): the
+        fast path of ``boxes.BoxTrackedObject.hit`` (no ``H`` to build or check)."""
+        self._fold(points.reshape(self.dim_z, 1))
+
+    def _fold(self, z: NDArray[np.float64]) -> None:
+        dz = self.dim_z
         pv, pvc, vv = self.pos_variance, self.pos_vel_covariance, self.vel_variance
         # the innovation's variance, and the gains for position and velocity
         cross = pvc + vv

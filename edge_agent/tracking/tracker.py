@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edge_agent.config.tracking import TRACKER_MISSING, TRACKER_MODULE, TrackingSettings
-from edge_agent.tracking import kalman
+from edge_agent.tracking import boxes, kalman
 
 if TYPE_CHECKING:
     from norfair.tracker import TrackedObject
@@ -99,6 +99,11 @@ class ObjectTracker:
         # norfair object -> our id (confirmed), and our id -> last time it was matched
         self._ids: dict[TrackedObject, int] = {}
         self._seen: dict[int, float] = {}
+
+    @property
+    def norfair(self) -> Any:
+        """The norfair ``Tracker`` inside (its objects: ``norfair.tracked_objects``)."""
+        return self._tracker
 
     @property
     def active(self) -> list[int]:
@@ -174,7 +179,7 @@ class ObjectTracker:
 
     def _new_norfair(self) -> Any:
         # norfair's Kalman model through a filter specialised to whole boxes (``kalman``)
-        return _norfair().Tracker(
+        tracker = _norfair().Tracker(
             distance_function="iou",
             distance_threshold=self.settings.max_distance,
             hit_counter_max=self._frames_for_age(),
@@ -182,3 +187,6 @@ class ObjectTracker:
             past_detections_length=0,
             filter_factory=kalman.BoxKalmanFactory(),
         )
+        # and its objects specialised to whole boxes (``boxes``: same bookkeeping, cheaper)
+        boxes.install(tracker)
+        return tracker
