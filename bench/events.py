@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import sys
@@ -218,6 +219,10 @@ class StockNorfairTracker(ObjectTracker):
 
     def _new_norfair(self) -> Any:
         import norfair  # noqa: PLC0415 - the tracker imports it on first use too
+
+        # its "iou" warns of every estimated box that came out inverted (a track's estimate
+        # over a few frames of noise); ours computes the same distance without the warning
+        logging.getLogger("norfair.distances").setLevel(logging.ERROR)
 
         return norfair.Tracker(distance_function="iou",
                                distance_threshold=self.settings.max_distance,
