@@ -20,7 +20,7 @@ PROGRAM = cli.Program(
     description="Edge inference agent: cameras -> ONNX Runtime -> results over MQTT.",
     version=__version__,
     commands="edge_agent.commands",
-    verbs=("run", "infer", "batch", "validate_config"),
+    verbs=("run", "infer", "batch", "validate_config", "schemas"),
     error=AgentError,
 )
 
