@@ -3,6 +3,8 @@ and distance do, frame by frame, and steps aside where it does not apply."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -145,5 +147,9 @@ def test_an_unchecked_norfair_version_keeps_norfair_as_it_is(
 
 
 def test_the_pinned_norfair_is_a_checked_one() -> None:
-    # the images pin the version this was read against; a bump must come with a re-check
+    # the images pin the version this was read against (and so does this environment): a
+    # bump must come with a re-check of BoxTrackedObject.hit against norfair's
     assert boxes.checked(), (boxes.norfair_version(), sorted(boxes.CHECKED_VERSIONS))
+    constraints = (Path(__file__).resolve().parents[3] / "Dockerfile.arm64.constraints")
+    pins = re.findall(r"^norfair-enough==(\S+)", constraints.read_text(), flags=re.M)
+    assert len(pins) == 1 and pins[0] in boxes.CHECKED_VERSIONS, pins
