@@ -40,6 +40,9 @@ _STEPS_PER_TICK = 4
 #: that a dashboard sees their end: a series that vanishes with the rollout marks nothing.
 ENDED_KEPT = 50
 ENDED_KEPT_S = 86400.0
+#: How long ``aclose`` lets a step in progress finish (a wave's label patches on a large
+#: fleet take seconds) before cancelling it; within Kubernetes' default 30 s grace period.
+STOP_WAIT_S = 15.0
 
 
 class UnknownVersion(InvalidRequest, code="unknown_model_version"):
@@ -84,14 +87,31 @@ class RolloutController:
         self._ended = {r.id: r for r in ended if not r.active}
 
     async def aclose(self) -> None:
-        """Stop stepping (a leader stepping down, or shutdown); ``start`` again to resume."""
+        """Stop stepping (a leader stepping down, or shutdown); ``start`` again to resume.
+
+        A step in progress finishes first (up to ``STOP_WAIT_S``): a transition it made in
+        memory is written with it, so what the API last showed is what a restart resumes
+        from. One that takes longer is cancelled; its rollouts resume from what it wrote.
+        """
         self.leading = False
         self.ready.clear()
-        if self._task is not None:
-            self._task.cancel()
+        task, self._task = self._task, None
+        if task is None:
+            return
+        # tick() and operator commands hold the lock for their whole step
+        try:
+            await asyncio.wait_for(self._lock.acquire(), STOP_WAIT_S)
+            locked = True
+        except TimeoutError:
+            locked = False
+            log.warning("rollouts_stop_cut_short", waited_s=STOP_WAIT_S)
+        try:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
+        finally:
+            if locked:
+                self._lock.release()
 
     def wake(self) -> None:
         """Step soon (a node's state changed, a command arrived)."""

@@ -170,7 +170,8 @@ class SqliteDatabase(Database):
                 self._conn = None
 
         await asyncio.get_running_loop().run_in_executor(self._pool, op)
-        self._pool.shutdown(wait=True)
+        # the worker is idle now; joining it is still a wait, so not on the event loop
+        await asyncio.to_thread(self._pool.shutdown, wait=True)
 
 
 class PostgresDatabase(Database):

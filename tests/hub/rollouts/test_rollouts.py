@@ -3,7 +3,9 @@ a real broker, a real registry, simulated agents that speak the wire contract.""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 from blockbuster import blockbuster_ctx
@@ -11,6 +13,7 @@ from blockbuster import blockbuster_ctx
 from hub.config import HubSettings
 from hub.registry.service import Registry
 from hub.rollouts.model import RolloutSpec
+from hub.rollouts.store import RolloutStore
 from tests.support.fake_k8s import FakeKube
 from tests.support.rollout_env import (
     LABEL,
@@ -256,3 +259,47 @@ async def test_nothing_blocks_the_event_loop(
         finally:
             await cp.aclose()
     assert all(kube.labels(n)[LABEL] == "1.0" for n in NODES[:3])
+
+
+async def test_a_stop_lets_the_step_in_progress_write_what_it_decided(
+    settings: HubSettings, kube: FakeKube, registry: Registry, fleet: Fleet,
+) -> None:
+    # the API shows a rollout "succeeded" the moment the step decides it; a shutdown right
+    # then must not leave the database saying otherwise (a restart resumes from it)
+    add_camera_nodes(kube, NODES[:2], site="a")
+    for n in NODES[:2]:
+        fleet.add(n)
+    cp = await control_plane(settings, registry)
+    entered, release = asyncio.Event(), asyncio.Event()
+    save = cp.store.save
+
+    async def held_save(r: Any, *args: Any, **kwargs: Any) -> None:
+        if r.state == "succeeded":
+            entered.set()
+            await release.wait()  # the write is slow: the stop comes while it is pending
+        await save(r, *args, **kwargs)
+
+    cp.store.save = held_save  # type: ignore[method-assign]
+    closing: asyncio.Task[None] | None = None
+    try:
+        await until(lambda: all(cp.fleet.online(n) for n in NODES[:2]))
+        rid = (await cp.controller.create(spec(canary=1, waves=[100])))["id"]
+        await until(entered.is_set, 30, "the step deciding success")
+        assert cp.controller.rollouts[rid].state == "succeeded"
+        closing = asyncio.create_task(cp.aclose())
+        done, _ = await asyncio.wait({closing}, timeout=0.5)
+        assert not done  # the stop waits for the step ...
+        release.set()
+        await closing  # ... which then writes it
+    finally:
+        release.set()
+        if closing is None:
+            await cp.aclose()
+    store = RolloutStore.from_settings(settings.storage)
+    await store.open()
+    try:
+        persisted = (await store.load(rid=rid))[0]
+        assert persisted.state == "succeeded"
+        assert [e["kind"] for e in await store.events(rid)][-1] == "succeeded"
+    finally:
+        await store.close()
