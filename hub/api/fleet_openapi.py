@@ -55,6 +55,26 @@ SCHEMAS: dict[str, Any] = {
                         "description": "model@version -> fps, error_rate, p50/p95/p99_ms "
                                        "(exact: from merged sketches), detections_per_frame, "
                                        "score_p50, top classes"},
+            "cameras": {"type": "array", "items": {"$ref": "#/components/schemas/Camera"},
+                        "description": "each camera as of the node's last telemetry (empty "
+                                       "before the first)"},
+        },
+    },
+    "Camera": {
+        "type": "object", "required": ["camera", "connected"],
+        "description": "one camera over the node's last telemetry window (docs/protocol.md)",
+        "properties": {
+            "camera": {"type": "string"},
+            "connected": {"type": "boolean"},
+            "fps": {"type": "number"},
+            "drops": {"type": "integer"},
+            "frames_still": {"type": "integer"},
+            "active_tracks": {"type": "integer", "nullable": True,
+                              "description": "confirmed tracks open now (tracking cameras)"},
+            "events_per_s": {"type": "number", "nullable": True,
+                             "description": "track events per second over the window"},
+            "snapshots": {"type": "integer", "nullable": True},
+            "snapshots_dropped": {"type": "integer", "nullable": True},
         },
     },
     "NodeList": {"type": "object", "required": ["nodes"],

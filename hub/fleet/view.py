@@ -35,6 +35,7 @@ from typing import Any
 import structlog
 
 from edge_agent.contract.protocol import ModelState, StateMessage, TelemetryMessage
+from edge_agent.contract.telemetry import CameraTelemetry
 from hub.config import TelemetrySettings
 from hub.fleet import aggregate as figures
 from hub.fleet import series as windows
@@ -219,6 +220,11 @@ class Fleet:
             return None
         ordered = sorted(self.lags)
         return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+    def cameras(self, node: str) -> list[CameraTelemetry]:
+        """The node's cameras as of its last telemetry (empty before the first)."""
+        h = self.nodes.get(node)
+        return list(h.telemetry.cameras) if h is not None and h.telemetry is not None else []
 
     def describe(self, node: str) -> dict[str, Any]:
         """JSON view of a node for the API: online, state, per-version metrics."""

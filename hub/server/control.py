@@ -329,6 +329,7 @@ class ControlPlane:
             "providers": health["providers"],
             "models": health["models"],
             "metrics": health["metrics"],
+            "cameras": health.get("cameras", []),
         }
 
     def _rollout_view(self, r: Rollout) -> dict[str, Any]:

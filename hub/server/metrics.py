@@ -13,6 +13,10 @@ falls back to a mean of per-window percentiles), detections per frame and the me
 Label cardinality stays bounded: only versions some node's labels assign are exported (the hub
 sets those labels; a version string an agent makes up never becomes a label), at most
 ``MAX_VERSIONS`` per model, and class histograms stay in the API, never in labels.
+
+Per camera of each online node (``edge_hub_camera_*``: connected, fps, drops, and for cameras
+that track objects, active tracks and events per second): camera names come from the agent, so
+only names valid in the contract are exported, at most ``MAX_CAMERAS_PER_NODE`` per node.
 """
 
 from __future__ import annotations
@@ -23,15 +27,61 @@ from typing import TYPE_CHECKING
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from edge_agent.contract import protocol
 from hub.fleet import aggregate
 from hub.rollouts.desired import assigned_models
 
 #: Versions of one model exported per scrape (the most widely assigned first).
 MAX_VERSIONS = 20
+#: Cameras of one node exported per scrape (in the order its telemetry lists them).
+MAX_CAMERAS_PER_NODE = 32
 
 if TYPE_CHECKING:
+    from edge_agent.contract.telemetry import CameraTelemetry
     from hub.rollouts.model import Rollout
     from hub.server.control import ControlPlane
+
+
+class CameraFamilies:
+    """``edge_hub_camera_*``, one series per (node, camera)."""
+
+    def __init__(self) -> None:
+        self.families = {
+            name: GaugeMetricFamily(f"edge_hub_camera_{name}", help_, labels=["node", "camera"])
+            for name, help_ in (
+                ("connected", "1 while the camera delivers frames (online nodes only)"),
+                ("fps", "frames per second over the node's telemetry window"),
+                ("drops", "frames dropped in the node's telemetry window"),
+                ("active_tracks", "confirmed object tracks open now (tracking cameras)"),
+                ("events_per_second", "track events per second over the window (tracking "
+                                      "cameras)"),
+            )
+        }
+
+    def add(self, node: str, cameras: list[CameraTelemetry]) -> None:
+        f = self.families
+        for cam in exported_cameras(cameras):
+            labels = [node, cam.camera]
+            f["connected"].add_metric(labels, 1.0 if cam.connected else 0.0)
+            f["fps"].add_metric(labels, cam.fps)
+            f["drops"].add_metric(labels, float(cam.drops))
+            if cam.active_tracks is not None:
+                f["active_tracks"].add_metric(labels, float(cam.active_tracks))
+            if cam.events_per_s is not None:
+                f["events_per_second"].add_metric(labels, cam.events_per_s)
+
+
+def exported_cameras(cameras: list[CameraTelemetry]) -> list[CameraTelemetry]:
+    """The cameras that become label values: valid names, unique, at most the cap."""
+    out: list[CameraTelemetry] = []
+    seen: set[str] = set()
+    for cam in cameras:
+        if len(out) == MAX_CAMERAS_PER_NODE:
+            break
+        if protocol.is_valid_name(cam.camera) and cam.camera not in seen:
+            seen.add(cam.camera)
+            out.append(cam)
+    return out
 
 
 class FleetCollector(Collector):
@@ -59,9 +109,14 @@ class FleetCollector(Collector):
                 ("latency_p99_ms", "p99 end-to-end latency over the window, ms"),
             )
         }
+        cams = CameraFamilies()
         per_version: dict[tuple[str, str], list[aggregate.Metrics]] = {}
         for name, node in sorted(c.cluster.nodes().items()):
-            online.add_metric([name], 1.0 if c.fleet.online(name) else 0.0)
+            is_online = c.fleet.online(name)
+            online.add_metric([name], 1.0 if is_online else 0.0)
+            # an offline node's cameras are unknown: no series rather than stale ones
+            if is_online:
+                cams.add(name, c.fleet.cameras(name))
             row = c.dispatcher.desired(name)
             gens.add_metric([name, "desired"], float(row.generation if row else 0))
             gens.add_metric([name, "applied"], float(c.fleet.generation(name)))
@@ -80,6 +135,7 @@ class FleetCollector(Collector):
         yield online
         yield gens
         yield from figures.values()
+        yield from cams.families.values()
         yield from version_families(per_version)
         rollouts = GaugeMetricFamily("edge_hub_rollout_wave",
                                      "current wave of each active rollout (state as label)",

@@ -86,6 +86,9 @@ class Behaviour:
     shadow_fail: set[str] = field(default_factory=set)
     #: Compared frames per telemetry message (0: the frames of the window).
     shadow_samples: int = 0
+    #: Its camera's tracking figures in telemetry (None: a camera that does not track).
+    active_tracks: int | None = None
+    events_per_s: float | None = None
 
 
 class SimAgent:
@@ -257,7 +260,9 @@ class SimAgent:
                     shadow=self._shadow_telemetry(m, frames)))
         return TelemetryMessage(
             node=self.node, ts=time.time(), interval_s=self.interval_s, agent_version="sim",
-            models=models, cameras=[CameraTelemetry(camera="cam0", connected=True, fps=b.fps)])
+            models=models, cameras=[CameraTelemetry(camera="cam0", connected=True, fps=b.fps,
+                                                    active_tracks=b.active_tracks,
+                                                    events_per_s=b.events_per_s)])
 
     def _shadow_telemetry(self, m: ModelState, frames: int) -> ShadowTelemetry | None:
         """The shadow's window (None unless a candidate is loaded beside an active version)."""

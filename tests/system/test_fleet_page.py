@@ -112,7 +112,10 @@ def env(tmp_path_factory: pytest.TempPathFactory, broker: Broker,
     hub = HubProc(config, port, tmp / "hub.log").start()
     fleet = Fleet(broker, prefix)
     for name in NODES:
-        fleet.add(name, behaviour=Behaviour(latency_ms=dict(LATENCY)), interval_s=0.1)
+        # the first node's camera tracks objects (publish: events): its figures are shown
+        tracking = {"active_tracks": 3, "events_per_s": 0.4} if name == NODES[0] else {}
+        fleet.add(name, behaviour=Behaviour(latency_ms=dict(LATENCY), **tracking),
+                  interval_s=0.1)
     e = Env(hub, fleet, f"http://127.0.0.1:{port}")
 
     def all_online() -> bool:
@@ -221,6 +224,13 @@ def test_page_shows_fleet_then_follows_rollouts_live(env: Env, browser: Any,
     wait_until(lambda: "4 nodes" in text_of(driver, "[data-model=det][data-version='1.0']"),
                10, "versions per model: 4 nodes on 1.0")
     assert text_of(driver, "#count-online") == "4"
+    # each node's camera: connected, its rate; tracks and events only where it tracks
+    tracker_cam = f"[data-node='{NODES[0]}'] [data-camera=cam0]"
+    wait_until(lambda: "3 tracks" in text_of(driver, tracker_cam), 10, "the camera's tracks")
+    assert "connected" in text_of(driver, tracker_cam)
+    assert "0.4 ev/s" in text_of(driver, tracker_cam)
+    plain_cam = text_of(driver, f"[data-node='{NODES[1]}'] [data-camera=cam0]")
+    assert "fps" in plain_cam and "track" not in plain_cam
     assert "3.0" in text_of(driver, "#registry")
     assert text_of(driver, "#stream") == "live"
     driver.execute_script("window.__noReload = 'still here'")

@@ -42,6 +42,25 @@ function modelCell(node) {
   return out.length ? out : h("span", { class: "muted" }, "no model");
 }
 
+// Each camera as of the node's last telemetry: whether it delivers frames, its rate and drops,
+// and for cameras that track objects the tracks open now and the events per second.
+function cameraCell(node) {
+  const cams = node.cameras || [];
+  if (!cams.length) return h("span", { class: "muted" }, node.online ? "no camera" : "–");
+  return cams.map((c) => {
+    const parts = [`${fmtNum(c.fps)} fps`];
+    if (c.drops) parts.push(`${c.drops} dropped`);
+    if (c.active_tracks !== null && c.active_tracks !== undefined) {
+      parts.push(`${c.active_tracks} track${c.active_tracks === 1 ? "" : "s"}`);
+      parts.push(`${fmtNum(c.events_per_s)} ev/s`);
+    }
+    return h("div", { class: "camera", "data-camera": c.camera },
+      h("span", { class: "mv" }, `${c.camera} `),
+      badge(c.connected ? "connected" : "disconnected", c.connected ? "online" : "offline"),
+      h("div", { class: "muted small" }, parts.join(" · ")));
+  });
+}
+
 export function fleetTable(nodes, error) {
   if (error) return h("p", { class: "err", id: "nodes-error" }, error);
   if (nodes === null) return h("p", { class: "muted" }, "loading nodes…");
@@ -50,6 +69,7 @@ export function fleetTable(nodes, error) {
     h("td", { "data-label": "node" }, h("b", {}, n.name)),
     h("td", { "data-label": "online" }, n.online ? badge("online") : badge("offline")),
     h("td", { "data-label": "models" }, modelCell(n)),
+    h("td", { "data-label": "cameras" }, cameraCell(n)),
     h("td", { "data-label": "agent" }, n.agent_version || "–"),
     h("td", { "data-label": "seen" }, fmtTime(n.last_seen)),
     h("td", { "data-label": "labels", class: "labels" },
@@ -58,7 +78,7 @@ export function fleetTable(nodes, error) {
     nodes.length > MAX_ROWS ? h("p", { class: "muted" },
       `showing ${MAX_ROWS} of ${nodes.length} nodes: narrow with a selector`) : null,
     h("table", { class: "rows", id: "nodes" },
-      h("thead", {}, h("tr", {}, ["node", "online", "models", "agent", "seen", "labels"].map((c) => h("th", {}, c)))),
+      h("thead", {}, h("tr", {}, ["node", "online", "models", "cameras", "agent", "seen", "labels"].map((c) => h("th", {}, c)))),
       h("tbody", {}, rows)),
   ];
 }

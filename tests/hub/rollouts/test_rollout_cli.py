@@ -194,6 +194,9 @@ def test_commands_conflicts_and_views(env: Env) -> None:
     with urllib.request.urlopen(scrape, timeout=10, context=client_ssl()) as resp:
         text = resp.read().decode()
     assert 'edge_hub_node_online{node="a-0"} 1.0' in text
+    assert 'edge_hub_camera_connected{camera="cam0",node="a-0"} 1.0' in text
+    assert 'edge_hub_camera_fps{camera="cam0",node="a-0"}' in text
+    assert "edge_hub_camera_active_tracks{" not in text  # no simulated camera tracks
     assert 'edge_hub_model_latency_p99_ms{model="det",node="a-0",version="2.0"}' in text
     assert 'edge_hub_rollout_wave{model="det",rollout="1",state="baking",version="2.0"} 1.0' \
         in text
