@@ -1,8 +1,9 @@
 """``edge-hub nodes``: the fleet as the hub sees it.
 
 One line per camera node: online or not, the model versions its labels assign, what the agent
-reports running (with loading/failed states), desired vs applied generation, and the health of
-each assigned version over the telemetry window (p99 latency, error rate, fps). With
+reports running (with loading/failed states), desired vs applied generation, the health of
+each assigned version over the telemetry window (p99 latency, error rate, fps), and its cameras
+(``(down)`` when one delivers no frames, ``:N trk`` the tracks open on one that tracks). With
 ``--versions``, a second table: per model version over the listed nodes, the merged figures
 (latency percentiles of all their frames, detections per frame, median score, top classes); a
 ``~`` marks a percentile that is a mean of per-window percentiles (agents without sketches).
@@ -71,6 +72,18 @@ def _health(node: dict[str, Any]) -> tuple[str, str, str]:
     return " ".join(p99) or "-", " ".join(err) or "-", " ".join(fps) or "-"
 
 
+def _cameras(node: dict[str, Any]) -> str:
+    """Each camera: its name, ``(down)`` when it delivers no frames, and ``:N trk`` with the
+    tracks open now where it tracks objects."""
+    parts = []
+    for c in node.get("cameras", []):
+        text = c["camera"] + ("" if c.get("connected") else "(down)")
+        if c.get("active_tracks") is not None:
+            text += f":{c['active_tracks']}trk"
+        parts.append(text)
+    return " ".join(parts) or "-"
+
+
 def _ms(m: dict[str, Any], key: str) -> str:
     value = m.get(key)
     if value is None:
@@ -131,7 +144,7 @@ def _console() -> Console:
 def _node_table(out: dict[str, Any], labels: bool) -> Table:
     """One row per node (``GET /v1/nodes``)."""
     table = Table(box=None, header_style="bold", pad_edge=False)
-    cols = ["NODE", "ONLINE", "ASSIGNED", "RUNNING", "GEN", "P99 MS", "ERR %", "FPS"]
+    cols = ["NODE", "ONLINE", "ASSIGNED", "RUNNING", "GEN", "P99 MS", "ERR %", "FPS", "CAMERAS"]
     if labels:
         cols.append("LABELS")
     for c in cols:
@@ -141,7 +154,8 @@ def _node_table(out: dict[str, Any], labels: bool) -> Table:
         p99, err, fps = _health(n)
         row = [n["name"], "yes" if n["online"] else "no",
                " ".join(f"{k}={v}" for k, v in sorted(n["assigned"].items())) or "-",
-               _running(n), f"{gen['applied']}/{gen['desired']}", p99, err, fps]
+               _running(n), f"{gen['applied']}/{gen['desired']}", p99, err, fps,
+               _cameras(n)]
         if labels:
             row.append(",".join(f"{k}={v}" for k, v in sorted(n["labels"].items())))
         table.add_row(*row)

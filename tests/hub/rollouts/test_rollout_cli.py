@@ -187,6 +187,7 @@ def test_commands_conflicts_and_views(env: Env) -> None:
     rows = {ln.split()[0]: ln.split() for ln in res.stdout.splitlines()[1:]}
     assert set(rows) == {"a-0", "a-1", "a-2", "a-3"}
     assert rows["a-0"][1] == "yes" and rows["a-0"][2] == "det=2.0"
+    assert rows["a-0"][-1] == "cam0"  # its camera, connected, not tracking
     nodes = json.loads(cli_inproc(url, "nodes", "--json").stdout)["nodes"]
     assert {n["name"] for n in nodes} == {"a-0", "a-1", "a-2", "a-3", "b-0"}
     scrape = urllib.request.Request(url + "/metrics",
