@@ -79,9 +79,15 @@ class LineSettings(common_settings.Section):
         return self
 
 
+#: When a snapshot is taken (``SnapshotSettings.at``).
+SnapshotMoment = Literal["new", "end"]
+DEFAULT_MOMENTS: tuple[SnapshotMoment, ...] = ("end",)
+
+
 class SnapshotSettings(common_settings.Section):
-    """A JPEG crop of each track's best frame, sent when the track ends (``cameras[].snapshot``;
-    ``edge_agent.contract.snapshots``, docs/events.md). Needs ``publish: events`` or ``both``.
+    """A JPEG crop of each track's best frame, sent when the track ends, and optionally of the
+    frame that confirmed it, at once (``cameras[].snapshot``; ``edge_agent.contract.snapshots``,
+    docs/events.md). Needs ``publish: events`` or ``both``.
     """
 
     #: Send snapshots. Default false: the image leaves the site, and a camera owner says so.
@@ -95,6 +101,18 @@ class SnapshotSettings(common_settings.Section):
     #: Margin added around the box on each side, as a fraction of the box's width and height.
     #: Default 0.2: some context (where the object stood) without much background.
     padding: float = Field(0.2, ge=0.0, le=2.0)
+    #: When to send one: ``end`` (the best frame of the whole track, when it ends) and/or
+    #: ``new`` (the frame that confirmed the track, with its ``new`` event: a picture for an
+    #: alert, seconds or minutes before the track ends). Default ``[end]``: one per track.
+    at: list[SnapshotMoment] = Field(default_factory=lambda: list(DEFAULT_MOMENTS),
+                                     min_length=1, max_length=2)
+
+    @field_validator("at")
+    @classmethod
+    def _unique(cls, v: list[SnapshotMoment]) -> list[SnapshotMoment]:
+        if len(set(v)) != len(v):
+            raise ValueError("each of new and end at most once")
+        return v
 
 
 #: What a camera publishes: a result per frame, track events and zone occupancy, or both.

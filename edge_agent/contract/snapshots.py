@@ -84,6 +84,10 @@ class SnapshotMessage(BaseModel):
     height: int = Field(gt=0)
     #: The JPEG, base64 (standard alphabet, padded).
     jpeg: str
+    #: When it was taken: ``end`` (the best frame of the whole track, sent when it ended; what
+    #: agents before this field sent) or ``new`` (the frame that confirmed the track, sent at
+    #: once with its ``new`` event, for an alert's picture; ``cameras[].snapshot.at``).
+    at: Literal["new", "end"] = "end"
 
     def image_bytes(self) -> bytes:
         """The JPEG bytes (``decode_snapshot`` checked they decode)."""
@@ -107,9 +111,10 @@ def decode_snapshot(payload: bytes, *, max_jpeg_bytes: int = MAX_JPEG_BYTES) -> 
 
 
 def build_snapshot(*, node: str, camera: str, track: int, label: str, ts: float, score: float,
-                   box: Box, crop: Box, width: int, height: int,
-                   jpeg: bytes) -> dict[str, Any]:
+                   box: Box, crop: Box, width: int, height: int, jpeg: bytes,
+                   at: str = "end") -> dict[str, Any]:
     """One snapshot payload (without ``seq``: the outbox adds it at commit)."""
     return {"v": protocol.PROTOCOL_VERSION, "node": node, "camera": camera, "track": track,
             "label": label, "ts": ts, "score": score, "box": list(box), "crop": list(crop),
-            "width": width, "height": height, "jpeg": base64.b64encode(jpeg).decode("ascii")}
+            "width": width, "height": height, "jpeg": base64.b64encode(jpeg).decode("ascii"),
+            "at": at}

@@ -15,7 +15,8 @@ changed. Rules (settings ``tracking``):
   ``close_all``). Open zone visits are closed at the last time the object was seen.
 
 With ``snapshots`` (a camera's ``snapshot.enabled``), each improvement of a track's best keeps
-that frame's crop, and its ``end`` brings the snapshot payload (``Observed.snapshots``).
+that frame's crop, and its ``end`` brings the snapshot payload (``Observed.snapshots``); with
+``snapshot.at`` including ``new``, its ``new`` event brings one of the confirming frame too.
 
 ``state()`` is what the outbox keeps with the events (the next track id and each open track as
 of its last event), so a restarted agent can close them (``restart_ends``). The clock is the
@@ -133,6 +134,10 @@ class CameraTracks:
             moved = tr.path.move(self.scene, geo.anchor(tr.box), ts)
             if tid in new:
                 self._emit(out, tr, "new", ts, None)
+                if self.snapshots is not None:
+                    shot = self.snapshots.first(tid)
+                    if shot is not None:
+                        out.snapshots.append(shot)
             else:
                 self._maybe_update(out, tr, ts, moved)
         for tid in step.ended:

@@ -1,4 +1,5 @@
-"""A track's best frame, kept as a crop while it is open and sent as a JPEG when it ends.
+"""A track's best frame, kept as a crop while it is open and sent as a JPEG when it ends (and,
+where the camera asks for it, the frame that confirmed it, at once).
 
 Why here: the tracker knows when a track's best score improves and when the track ends; the
 frame is in hand only at the first moment (the pipeline hands it with the result, under
@@ -7,6 +8,8 @@ copies the region (the box plus ``padding`` on each side, clipped to the frame) 
 track's best improves, at most ``KEEP_MAX_SIDE`` pixels on its longer side so an open track
 holds at most about a megabyte, and encodes it once, when the track ends (``take``): at
 ``quality`` first, then lower qualities, then scaled down, until the JPEG fits ``max_bytes``.
+With ``at: [new, ...]`` the crop kept at the track's confirmation is also encoded then
+(``first``): the ``new`` event's picture, before the best is known.
 A crop that cannot fit even small is dropped, counted and logged. Encoding runs on the event
 loop thread: a few milliseconds for a crop of this size, once per track.
 """
@@ -128,8 +131,21 @@ class Snapshots:
 
     def take(self, track: int) -> dict[str, Any] | None:
         """The track ended: its snapshot payload (``contract.snapshots.build_snapshot``), or
-        None (nothing kept, or no JPEG fits; counted)."""
+        None (not asked for at ``end``, nothing kept, or no JPEG fits; the last two counted).
+        The kept crop is let go either way."""
         kept = self._kept.pop(track, None)
+        if "end" not in self.settings.at:
+            return None
+        return self._payload(track, kept, "end")
+
+    def first(self, track: int) -> dict[str, Any] | None:
+        """The track was just confirmed: the snapshot of the frame that confirmed it (what is
+        kept now), when the camera asks for one at ``new``; the crop stays kept for ``take``."""
+        if "new" not in self.settings.at:
+            return None
+        return self._payload(track, self._kept.get(track), "new")
+
+    def _payload(self, track: int, kept: _Kept | None, at: str) -> dict[str, Any] | None:
         if kept is None:
             self._drop("no_frame", track)
             return None
@@ -142,7 +158,7 @@ class Snapshots:
         h, w = kept.crop.shape[:2]
         return wire.build_snapshot(node=self.node, camera=self.camera, track=track,
                                    label=kept.label, ts=kept.ts, score=kept.score, box=kept.box,
-                                   crop=kept.region, width=w, height=h, jpeg=jpeg)
+                                   crop=kept.region, width=w, height=h, jpeg=jpeg, at=at)
 
     def _drop(self, reason: str, track: int) -> None:
         d = self.counts.dropped

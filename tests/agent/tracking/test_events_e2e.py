@@ -115,15 +115,17 @@ def test_events_from_a_real_detector_survive_kill9(
     assert zones and all(z.zone == "middle" and z.camera == "street" for z in zones)
 
 
-def test_a_track_that_ends_sends_one_snapshot_of_its_best_frame(
+def test_a_track_sends_a_snapshot_when_confirmed_and_one_of_its_best_frame_at_its_end(
     broker: Broker, topic_prefix: str, tmp_path: Path, models_dir: Path
 ) -> None:
-    """A subscriber receives a decodable JPEG under the cap, cut from a real frame of the clip
+    """A subscriber receives decodable JPEGs under the cap, cut from real frames of the clip
     where the object was: the pixels match that frame's region, and the box matches where the
-    script put a face in it."""
+    script put a face in it; one with the track's ``new`` event (``snapshot.at: [new, end]``)
+    and one of its best frame after its ``end``."""
     cap = 12_000
     cfg = _config(tmp_path, models_dir, broker, topic_prefix,
-                  snapshot={"enabled": True, "max_bytes": cap, "quality": 90, "padding": 0.2})
+                  snapshot={"enabled": True, "max_bytes": cap, "quality": 90, "padding": 0.2,
+                            "at": ["new", "end"]})
     rec = Recorder(broker, [wire.events_filter(topic_prefix),
                             snaps.snapshots_filter(topic_prefix)]).start()
 
@@ -134,23 +136,29 @@ def test_a_track_that_ends_sends_one_snapshot_of_its_best_frame(
     try:
         agent = AgentProcess(tmp_path, cfg).start("/readyz", timeout=120)
         try:
-            rec.wait(lambda: len(shots()) >= 2, 90, "two snapshots")
+            rec.wait(lambda: sum(s.at == "end" for s in shots()) >= 2, 90,
+                     "two tracks' end snapshots")
         finally:
             assert agent.stop() == 0, agent.log_text()[-3000:]
     finally:
         rec.stop()
     evs = _events(rec)
     ended = {e.track: e for e in evs if e.type == "end"}
+    confirmed = {e.track: e for e in evs if e.type == "new"}
     truth = Truth.load(models_dir / "samples" / "faces-street.json")
     frames = _clip_frames(models_dir / "samples" / CLIP)
     h, w = frames[0].shape[:2]
-    per_track = Counter(s.track for s in shots())
-    assert set(per_track.values()) == {1}, per_track  # once per track (no redelivery here)
+    per_track = Counter((s.track, s.at) for s in shots())
+    assert set(per_track.values()) == {1}, per_track  # once each (no redelivery here)
+    assert {t for t, at in per_track if at == "end"} <= {t for t, at in per_track if at == "new"}
     for shot in shots():
-        assert shot.track in ended and shot.camera == "street" and shot.node == NODE
-        end = ended[shot.track]  # sent after its track's end, with the end's best
-        assert (shot.label, shot.score, shot.ts) == (end.label, end.best.score, end.best.ts)
-        assert shot.box == pytest.approx(end.best.box)
+        assert shot.camera == "street" and shot.node == NODE
+        # "end": sent after its track's end, with the end's best; "new": with the new event,
+        # of the frame that confirmed the track (its best so far)
+        event = ended[shot.track] if shot.at == "end" else confirmed[shot.track]
+        assert (shot.label, shot.score, shot.ts) == (event.label, event.best.score,
+                                                     event.best.ts)
+        assert shot.box == pytest.approx(event.best.box)
         img = cv2.imdecode(np.frombuffer(shot.image_bytes(), np.uint8), cv2.IMREAD_COLOR)
         assert img is not None and img.shape[:2] == (shot.height, shot.width)
         x1, y1, x2, y2 = (round(shot.crop[0] * w), round(shot.crop[1] * h),

@@ -15,9 +15,11 @@ import pytest
 from pydantic import ValidationError
 
 from edge_agent.config import AgentSettings, ConfigError, check_settings
-from edge_agent.config.tracking import SnapshotSettings
+from edge_agent.config.tracking import SnapshotSettings, TrackingSettings
 from edge_agent.contract import protocol
 from edge_agent.contract import snapshots as wire
+from edge_agent.tracking import camera as cams
+from edge_agent.tracking import scene as geo
 from edge_agent.tracking import snapshots as shots
 
 
@@ -99,7 +101,8 @@ def test_the_decoder_refuses_what_is_not_a_capped_jpeg(image: np.ndarray) -> Non
 
 def test_snapshot_settings_are_validated() -> None:
     for bad in ({"max_bytes": 10}, {"max_bytes": 10**6}, {"quality": 0}, {"padding": -1},
-                {"colour": True}):
+                {"colour": True}, {"at": []}, {"at": ["end", "end"]}, {"at": ["start"]},
+                {"at": "end"}):
         with pytest.raises(ValidationError):
             SnapshotSettings.model_validate(bad)
     with pytest.raises(ValidationError) as info:
@@ -118,3 +121,44 @@ def test_snapshot_settings_are_validated() -> None:
     # a snapshot of what? a camera publishing frames has no tracks
     assert snapshot_errors(cam) == [("cameras.0.snapshot.enabled", True)]
     assert snapshot_errors({**cam, "publish": "events"}) == []
+
+
+def test_at_new_sends_the_confirming_frame_at_once_and_the_best_at_the_end(
+        image: np.ndarray) -> None:
+    settings = TrackingSettings(min_hits=2)
+    both = shots.Snapshots("n", "cam", SnapshotSettings(enabled=True, at=["new", "end"]))
+    tracks = cams.CameraTracks("n", "cam", settings, geo.Scene.from_settings([], []),
+                               next_id=1, snapshots=both)
+    h, w = image.shape[:2]
+
+    def frame(k: int, score: float) -> dict[str, object]:
+        x = 0.3 + 0.01 * k
+        return {"ts": 100.0 + k, "frame": {"width": w, "height": h},
+                "detections": [{"label": "face", "score": score,
+                                "box": [x, 0.1, x + 0.3, 0.5]}]}
+
+    seen = [tracks.observe(frame(0, 0.6), image), tracks.observe(frame(1, 0.7), image)]
+    assert [e["type"] for e in seen[1].events] == ["new"]
+    (first,) = seen[1].snapshots  # with the new event, before the track ends
+    assert (first["at"], first["score"], first["ts"]) == ("new", 0.7, 101.0)
+    seen.append(tracks.observe(frame(2, 0.95), image))
+    seen.append(tracks.observe(frame(3, 0.8), image))
+    assert not seen[2].snapshots and not seen[3].snapshots
+    end = tracks.close_all("stopped", 104.0)
+    (last,) = end.snapshots
+    assert (last["at"], last["score"], last["ts"]) == ("end", 0.95, 102.0)  # the best
+    for shot in (first, last):
+        msg = wire.decode_snapshot(protocol.encode_dict({**shot, "seq": 0}))
+        assert msg.track == end.events[0]["track"] and msg.at == shot["at"]
+    assert both.counts.sent == 2 and both.counts.dropped == {}
+    # new only: nothing at the end, and nothing counted as dropped for it
+    only_new = shots.Snapshots("n", "cam", SnapshotSettings(enabled=True, at=["new"]))
+    tracks = cams.CameraTracks("n", "cam", settings, geo.Scene.from_settings([], []),
+                               next_id=1, snapshots=only_new)
+    got = [s for k in range(3) for s in tracks.observe(frame(k, 0.9), image).snapshots]
+    got += tracks.close_all("stopped", 104.0).snapshots
+    assert [s["at"] for s in got] == ["new"]
+    assert only_new.counts.sent == 1 and only_new.counts.dropped == {}
+    # an older agent's snapshot (no field) reads as one taken at the end
+    legacy = {k: v for k, v in last.items() if k != "at"}
+    assert wire.decode_snapshot(protocol.encode_dict({**legacy, "seq": 1})).at == "end"
