@@ -89,9 +89,9 @@ def events_stream(camera: str) -> str:
     return f"events/{camera}"
 
 
-def parse_event_topic(prefix: str, topic: str) -> tuple[str, Literal["events", "zones"], str,
-                                                         str | None]:
-    """Split an events or zones topic into (node, kind, camera, zone or None).
+def parse_event_topic(prefix: str, topic: str) -> tuple[
+        str, Literal["events", "zones", "snapshots"], str, str | None]:
+    """Split an events, zones or snapshots topic into (node, kind, camera, zone or None).
 
     Raises ``protocol.ProtocolError`` for any other topic, or a level that is not a valid
     node, camera or zone name (a hub or consumer identity's own topics never parse).
@@ -106,7 +106,9 @@ def parse_event_topic(prefix: str, topic: str) -> tuple[str, Literal["events", "
     if (len(parts) == 4 and parts[1] == "zones" and protocol.is_valid_name(parts[2])
             and protocol.is_valid_name(parts[3])):
         return parts[0], "zones", parts[2], parts[3]
-    raise protocol.ProtocolError(f"topic {topic!r} is not an events or zones topic")
+    if len(parts) == 3 and parts[1] == "snapshots" and protocol.is_valid_name(parts[2]):
+        return parts[0], "snapshots", parts[2], None
+    raise protocol.ProtocolError(f"topic {topic!r} is not an events, zones or snapshots topic")
 
 
 # ------------------------------------------------------------------------------------- payloads

@@ -11,21 +11,30 @@ de-duplicator, gap and reset reports, manual acknowledgements) with the events' 
 decoder. Zone occupancy is state, not a stream: retained, re-published on every change, no seq;
 each message is delivered as it comes (the latest one is the truth).
 
+With ``snapshots=True`` it also takes the JPEG snapshots of tracks
+(``{prefix}/{node}/snapshots/{camera}``, ``edge_agent.contract.snapshots``): through the outbox
+too, in a seq series of their own per camera, so de-duplicated and gap-checked apart from the
+events (the gap and reset reports name the series ``snapshots/{camera}``).
+
 ``label`` and ``zone`` filter on the consumer's side, after de-duplication (so a filtered event
 still closes a gap): an event passes ``label`` when its track's label is it, and ``zone`` when
 the track is in that zone now or has visited it (an ``end`` after a visit passes too); an
-occupancy message passes ``zone`` by its zone and ``label`` when that label is counted in it.
+occupancy message passes ``zone`` by its zone and ``label`` when that label is counted in it; a
+snapshot passes ``label`` by its label and ``zone`` when an event of its track passed it before
+(a track's ``new`` snapshot, taken before it entered the zone, does not).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.contract import events as contract
 from edge_agent.contract.protocol import DEFAULT_TOPIC_PREFIX, ProtocolError, is_valid_name
+from edge_agent.contract.snapshots import SnapshotMessage, decode_snapshot, snapshots_filter
 from hub.client import stream
 from hub.client.seqs import Gap, Reset
 from hub.client.stream import BrokerUnavailableError, SubscriberStats
@@ -59,7 +68,26 @@ class Occupancy:
     retained: bool = False
 
 
-Item = Event | Occupancy
+@dataclass(frozen=True)
+class Snapshot:
+    """One de-duplicated snapshot (a JPEG crop of a track's frame; ``snapshots=True``)."""
+
+    topic: str
+    payload: bytes
+    message: SnapshotMessage
+    late: bool = False
+    reset: bool = False
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        """The de-duplication key (node, camera, seq) on the snapshots topic."""
+        return (self.message.node, self.message.camera, self.message.seq)
+
+
+Item = Event | Occupancy | Snapshot
+
+#: Tracks remembered as having passed ``zone`` (their snapshots pass it too), most recent kept.
+ZONE_TRACKS_KEPT = 100_000
 
 _log_gap = stream.gap_logger("events")
 _log_reset = stream.reset_logger("events")
@@ -72,7 +100,7 @@ class EventSubscriber(stream.SeqSubscriber[Item]):
     delivered (see the module docstring). The rest is as ``hub.client.results.ResultSubscriber``:
     ``group`` for a shared subscription, ``on_gap`` / ``on_reset`` (default: an ``events_gap`` /
     ``events_stream_reset`` warning), ``receive_maximum``, ``session_expiry_s``, TLS by default.
-    ``get()`` returns an ``Event`` or an ``Occupancy``.
+    ``get()`` returns an ``Event``, an ``Occupancy`` or (``snapshots``) a ``Snapshot``.
     """
 
     kind = "events"
@@ -89,6 +117,7 @@ class EventSubscriber(stream.SeqSubscriber[Item]):
         label: str | None = None,
         zone: str | None = None,
         occupancy: bool = False,
+        snapshots: bool = False,
         group: str | None = None,
         username: str | None = None,
         password: str | None = None,
@@ -112,6 +141,8 @@ class EventSubscriber(stream.SeqSubscriber[Item]):
         if occupancy:
             filters.append(contract.zones_filter(topic_prefix, node or "+", camera or "+",
                                                  zone or "+"))
+        if snapshots:
+            filters.append(snapshots_filter(topic_prefix, node or "+", camera or "+"))
         super().__init__(
             host, port, filters=filters, group=group, username=username, password=password,
             password_file=password_file, tls=tls, ca_file=ca_file, cert_file=cert_file,
@@ -122,9 +153,17 @@ class EventSubscriber(stream.SeqSubscriber[Item]):
         self.prefix = topic_prefix
         self.label = label
         self.zone = zone
+        #: (node, camera, track) of events that passed ``zone``: their snapshots pass it too
+        self._zone_tracks: OrderedDict[tuple[str, str, int], None] = OrderedDict()
 
     def _decode(self, raw: stream.Raw) -> Item:
         node, kind, camera, zone = contract.parse_event_topic(self.prefix, raw.topic)
+        if kind == "snapshots":
+            shot = decode_snapshot(raw.payload)
+            if (node, camera) != (shot.node, shot.camera):
+                raise ProtocolError(f"payload names {shot.node}/{shot.camera} but came on "
+                                    f"{raw.topic!r}")
+            return Snapshot(raw.topic, raw.payload, shot)
         if kind == "zones":
             occ = contract.decode_zone(raw.payload)
             if (node, camera, zone) != (occ.node, occ.camera, occ.zone):
@@ -141,25 +180,42 @@ class EventSubscriber(stream.SeqSubscriber[Item]):
             return None
         m = item.message
         mark = m.seq_reset
-        return stream.SeqKey(m.node, m.camera, m.seq, m.ts,
+        # snapshots count in a seq series of their own per camera (the outbox's
+        # ``snapshots/{camera}``): keyed apart from the same camera's events
+        series = f"snapshots/{m.camera}" if isinstance(item, Snapshot) else m.camera
+        return stream.SeqKey(m.node, series, m.seq, m.ts,
                              None if mark is None else mark.first,
                              None if mark is None else mark.reason)
 
     def _flag(self, item: Item, *, late: bool, reset: bool) -> Item:
-        return dataclasses.replace(item, late=late, reset=reset) if isinstance(item, Event) \
-            else item
+        return dataclasses.replace(item, late=late, reset=reset) \
+            if isinstance(item, Event | Snapshot) else item
 
     def _wanted(self, item: Item) -> bool:
         if isinstance(item, Occupancy):
             occ = item.message
             return ((self.zone is None or occ.zone == self.zone)
                     and (self.label is None or self.label in occ.labels))
+        if isinstance(item, Snapshot):
+            shot = item.message
+            return ((self.label is None or shot.label == self.label)
+                    and (self.zone is None
+                         or (shot.node, shot.camera, shot.track) in self._zone_tracks))
         m = item.message
         if self.label is not None and m.label != self.label:
             return False
-        return (self.zone is None or self.zone in m.in_zones
-                or any(v.zone == self.zone for v in m.zones))
+        passed = (self.zone is None or self.zone in m.in_zones
+                  or any(v.zone == self.zone for v in m.zones))
+        if passed and self.zone is not None:
+            self._remember((m.node, m.camera, m.track))
+        return passed
+
+    def _remember(self, track: tuple[str, str, int]) -> None:
+        self._zone_tracks[track] = None
+        self._zone_tracks.move_to_end(track)
+        while len(self._zone_tracks) > ZONE_TRACKS_KEPT:
+            self._zone_tracks.popitem(last=False)
 
 
 __all__ = ["BrokerUnavailableError", "Event", "EventSubscriber", "Gap", "Item", "Occupancy",
-           "Reset", "SubscriberStats"]
+           "Reset", "Snapshot", "SubscriberStats"]

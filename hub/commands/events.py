@@ -8,11 +8,13 @@ flags, logging set-up and tail loop it shares); the work is done by :mod:`hub.cl
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from edge_agent.common import cli
-from hub.client.events import Event, EventSubscriber, Item
+from edge_agent.contract.snapshots import SnapshotMessage
+from hub.client.events import Event, EventSubscriber, Item, Snapshot
 from hub.commands import results
 from hub.errors import InvalidRequest
 
@@ -30,7 +32,8 @@ def register(sub: Any) -> None:
         "not a loss) on stderr, and print each event (a line per event, or JSON lines with "
         "--json or --output). --label and --zone filter on this side, after de-duplication: "
         "an event passes --zone when its object is in that zone or has been. --occupancy adds "
-        "the retained per-zone counts. Ends after --count items or --timeout seconds, or on "
+        "the retained per-zone counts; --snapshots DIR the tracks' JPEG snapshots, saved into DIR. "
+        "Ends after --count items or --timeout seconds, or on "
         "Ctrl-C, with a summary on stderr. Exit 1 when --count items did not arrive within "
         "--timeout, 3 when the broker is unreachable or refuses the login or the subscription.",
     )
@@ -41,6 +44,9 @@ def register(sub: Any) -> None:
     t.add_argument("--zone", help="only objects that are or were in this zone")
     t.add_argument("--occupancy", action="store_true",
                    help="also print each zone's occupancy (retained counts by label)")
+    t.add_argument("--snapshots", type=Path, metavar="DIR",
+                   help="also take the tracks' snapshots and save each JPEG into DIR (made if "
+                        "missing) as NODE_CAMERA_TRACK_AT.jpg")
     t.add_argument(
         "--group", help="shared subscription group: consumers in one group split the events"
     )
@@ -52,7 +58,31 @@ def register(sub: Any) -> None:
     t.add_argument("--timeout", type=float, help="stop after this many seconds")
 
 
-def _line(item: Item) -> str:
+def _snapshot_file(shot: SnapshotMessage) -> str:
+    # node, camera: names the contract checked (no '/' or '..'); track: an integer
+    return f"{shot.node}_{shot.camera}_{shot.track}_{shot.at}.jpg"
+
+
+def _saver(directory: Path) -> Callable[[Item], None]:
+    """Write each snapshot's JPEG into ``directory`` (whole files only: written aside, then
+    renamed into place)."""
+    def save(item: Item) -> None:
+        if isinstance(item, Snapshot):
+            path = directory / _snapshot_file(item.message)
+            tmp = path.with_name(path.name + ".part")
+            tmp.write_bytes(item.message.image_bytes())
+            tmp.replace(path)
+    return save
+
+
+def _line(item: Item, directory: Path | None = None) -> str:
+    if isinstance(item, Snapshot):
+        s = item.message
+        late = " (late)" if item.late else " (new series)" if item.reset else ""
+        saved = f" saved={directory / _snapshot_file(s)}" if directory is not None else ""
+        return (f"{s.node}/{s.camera} seq={s.seq}{late} snapshot({s.at}) track={s.track} "
+                f"label={s.label} score={s.score:.2f} {s.width}x{s.height} "
+                f"jpeg={len(s.image_bytes())}B{saved}")
     if not isinstance(item, Event):
         o = item.message
         labels = " ".join(f"{k}={v}" for k, v in o.labels.items())
@@ -72,9 +102,17 @@ def run(args: argparse.Namespace) -> int:
     try:
         sub = EventSubscriber(
             **results.broker_kwargs(args), node=args.node, camera=args.camera,
-            label=args.label, zone=args.zone, occupancy=args.occupancy, group=args.group,
+            label=args.label, zone=args.zone, occupancy=args.occupancy,
+            snapshots=args.snapshots is not None, group=args.group,
             on_gap=results.print_gap, on_reset=results.print_reset,
         )
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from exc
-    return results.tail(sub, args, _line, "events")
+    directory = args.snapshots
+    if directory is not None:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InvalidRequest(f"--snapshots {directory}: {exc.strerror or exc}") from exc
+    return results.tail(sub, args, lambda item: _line(item, directory), "events",
+                        each=_saver(directory) if directory is not None else None)

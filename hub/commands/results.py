@@ -162,9 +162,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def tail(sub: SeqSubscriber[T], args: argparse.Namespace, line: Callable[[T], str],
-         what: str) -> int:
+         what: str, each: Callable[[T], None] | None = None) -> int:
     """Start ``sub``, print what it delivers (``line`` per item, or the payload as a JSON line
-    with --json/--output) until --count, --timeout or Ctrl-C; the summary on stderr."""
+    with --json/--output) until --count, --timeout or Ctrl-C; the summary on stderr.
+    ``each`` is called with every delivered item first (e.g. to save a snapshot's JPEG)."""
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     delivered = 0
     with contextlib.ExitStack() as stack:
@@ -185,6 +186,8 @@ def tail(sub: SeqSubscriber[T], args: argparse.Namespace, line: Callable[[T], st
                 if r is None:
                     continue
                 delivered += 1
+                if each is not None:
+                    each(r)
                 if as_json:
                     # the payload exactly as the agent sent it (fields newer than ours included)
                     out.write(orjson.dumps(orjson.loads(r.payload)) + b"\n")

@@ -4,17 +4,21 @@ still closes a gap), retained zone occupancy delivered, malformed payloads count
 
 from __future__ import annotations
 
+import base64
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
 import orjson
 import pytest
 
 from edge_agent.contract import events as contract
-from hub.client.events import Event, EventSubscriber, Item, Occupancy
+from edge_agent.contract import snapshots as snaps
+from hub.client.events import Event, EventSubscriber, Item, Occupancy, Snapshot
 from hub.client.seqs import Gap, Reset
 from hub.client.stream import BrokerUnavailableError
 from tests.support.broker import CONSUMER, Broker, Publishers, free_port
@@ -282,3 +286,96 @@ def test_cli_tail_unreachable_broker_exits_3() -> None:
     proc = _cli("--port", str(free_port()), "--no-tls", "--timeout", "1")
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 3 and "no connection" in stderr
+
+
+def snapshot(node: str, camera: str, seq: int, *, track: int = 7, at: str = "end",
+             label: str = "person", jpeg: bytes | None = None) -> bytes:
+    """A snapshot payload as an agent sends it (a real JPEG unless ``jpeg`` says otherwise)."""
+    if jpeg is None:
+        ok, buf = cv2.imencode(".jpg", np.full((24, 16, 3), 40 + seq, np.uint8))
+        assert ok
+        jpeg = buf.tobytes()
+    msg = snaps.build_snapshot(node=node, camera=camera, track=track, label=label, ts=T0 + seq,
+                               score=0.9, box=(0.1, 0.2, 0.3, 0.4), crop=(0.05, 0.1, 0.35, 0.5),
+                               width=16, height=24, jpeg=jpeg, at=at)
+    msg["seq"] = seq
+    return orjson.dumps(msg)
+
+
+def test_snapshots_have_their_own_series_beside_the_events(
+    broker: Broker, publisher: Publishers, topic_prefix: str
+) -> None:
+    gaps: list[Gap] = []
+    ev_t = contract.events_topic(topic_prefix, "n1", "a")
+    shot_t = snaps.snapshots_topic(topic_prefix, "n1", "a")
+    with subscriber(broker, topic_prefix=topic_prefix, snapshots=True,
+                    on_gap=gaps.append) as sub:
+        # the same seq numbers on both topics: two series, no false duplicate
+        publisher.publish(ev_t, event("n1", "a", 0, type="new"))
+        publisher.publish(shot_t, snapshot("n1", "a", 0, at="new"))
+        publisher.publish(ev_t, event("n1", "a", 1, type="end", reason="lost"))
+        publisher.publish(shot_t, snapshot("n1", "a", 1))
+        publisher.publish(shot_t, snapshot("n1", "a", 1))  # redelivered
+        publisher.publish(shot_t, snapshot("n1", "a", 3, track=8))  # 2 lost
+        # an attack and a broken one: another node's name on n1's topic, not a JPEG
+        publisher.publish(shot_t, snapshot("n2", "a", 4))
+        publisher.publish(shot_t, snapshot("n1", "a", 5, jpeg=b"<script>"))
+        got = collect(sub, 8)
+    shots = [i for i in got if isinstance(i, Snapshot)]
+    assert [(s.message.seq, s.message.at, s.message.track) for s in shots] == [
+        (0, "new", 7), (1, "end", 7), (3, "end", 8)]
+    assert [e.seq for e in events_of(got)] == [0, 1]
+    assert shots[0].key == ("n1", "a", 0)
+    assert cv2.imdecode(np.frombuffer(shots[1].message.image_bytes(), np.uint8),
+                        cv2.IMREAD_COLOR).shape[:2] == (24, 16)
+    assert gaps == [Gap("n1", "snapshots/a", 2, 2)]
+    assert (sub.stats.duplicates, sub.stats.malformed) == (1, 2)
+
+
+def test_a_snapshot_passes_the_zone_filter_when_its_track_did(
+    broker: Broker, publisher: Publishers, topic_prefix: str
+) -> None:
+    ev_t = contract.events_topic(topic_prefix, "n1", "a")
+    shot_t = snaps.snapshots_topic(topic_prefix, "n1", "a")
+    with subscriber(broker, topic_prefix=topic_prefix, snapshots=True, zone="dock",
+                    label="person") as sub:
+        publisher.publish(ev_t, event("n1", "a", 0, type="new", track=7))
+        publisher.publish(shot_t, snapshot("n1", "a", 0, at="new", track=7))  # not in yet
+        publisher.publish(ev_t, event("n1", "a", 1, track=7, zones=("dock",),
+                                      in_zones=("dock",), reason="zone"))
+        publisher.publish(ev_t, event("n1", "a", 2, type="end", track=9, zones=("yard",)))
+        publisher.publish(shot_t, snapshot("n1", "a", 1, track=9))  # never in the dock
+        publisher.publish(shot_t, snapshot("n1", "a", 2, track=7))  # was in the dock
+        publisher.publish(shot_t, snapshot("n1", "a", 3, track=7, label="car"))  # label
+        got = collect(sub, 7)
+    assert [(i.message.seq, i.message.track) for i in got if isinstance(i, Snapshot)] == [
+        (2, 7)]
+    assert sub.stats.filtered == 5
+
+
+def test_cli_tail_saves_each_snapshot_as_a_jpeg(
+    broker: Broker, publisher: Publishers, topic_prefix: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "shots"
+    proc = _cli(*broker.cli_args(), "--prefix", topic_prefix, "--snapshots", str(out),
+                "--count", "3", "--timeout", "30")
+    try:
+        head = _subscribed(proc)
+        publisher.publish(contract.events_topic(topic_prefix, "n1", "a"),
+                          event("n1", "a", 0, type="new", track=7))
+        shot_t = snaps.snapshots_topic(topic_prefix, "n1", "a")
+        new, end = snapshot("n1", "a", 0, at="new"), snapshot("n1", "a", 1)
+        publisher.publish(shot_t, new)
+        publisher.publish(shot_t, end)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "snapshots/" in head
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["n1_a_7_end.jpg", "n1_a_7_new.jpg"]
+    for name, payload in (("n1_a_7_new.jpg", new), ("n1_a_7_end.jpg", end)):
+        assert (out / name).read_bytes() == base64.b64decode(orjson.loads(payload)["jpeg"])
+    lines = stdout.splitlines()
+    assert lines[1].startswith("n1/a seq=0 snapshot(new) track=7 label=person score=0.90 16x24")
+    assert lines[2].endswith(f"saved={out / 'n1_a_7_end.jpg'}")
