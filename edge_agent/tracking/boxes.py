@@ -42,8 +42,10 @@ CHECKED_VERSIONS = frozenset({"2.4.3"})
 DISTRIBUTION = "norfair-enough"
 
 
+@functools.cache
 def norfair_version() -> str | None:
-    """The installed norfair-enough's version (None: not installed)."""
+    """The installed norfair-enough's version (None: not installed); read once per process
+    (each camera's tracker asks)."""
     try:
         return importlib.metadata.version(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:

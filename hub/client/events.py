@@ -34,7 +34,12 @@ from pathlib import Path
 
 from edge_agent.contract import events as contract
 from edge_agent.contract.protocol import DEFAULT_TOPIC_PREFIX, ProtocolError, is_valid_name
-from edge_agent.contract.snapshots import SnapshotMessage, decode_snapshot, snapshots_filter
+from edge_agent.contract.snapshots import (
+    SnapshotMessage,
+    decode_snapshot,
+    snapshots_filter,
+    snapshots_stream,
+)
 from hub.client import stream
 from hub.client.seqs import Gap, Reset
 from hub.client.stream import BrokerUnavailableError, SubscriberStats
@@ -180,9 +185,9 @@ class EventSubscriber(stream.SeqSubscriber[Item]):
             return None
         m = item.message
         mark = m.seq_reset
-        # snapshots count in a seq series of their own per camera (the outbox's
-        # ``snapshots/{camera}``): keyed apart from the same camera's events
-        series = f"snapshots/{m.camera}" if isinstance(item, Snapshot) else m.camera
+        # snapshots count in a seq series of their own per camera (the outbox's): keyed apart
+        # from the same camera's events
+        series = snapshots_stream(m.camera) if isinstance(item, Snapshot) else m.camera
         return stream.SeqKey(m.node, series, m.seq, m.ts,
                              None if mark is None else mark.first,
                              None if mark is None else mark.reason)
