@@ -193,6 +193,9 @@ class Camera:
         if now - since <= self.settings.stall_timeout_s:
             return False
         self.stalls += 1
+        # said here too, not only when the thread's read times out: a reader of the state
+        # between the two must not see the stall with the previous outage's error
+        self.last_error = f"stalled: no frame for {now - since:.1f} s"
         self._set_state("stalled", silent_s=round(now - since, 2))
         return True
 

@@ -232,3 +232,19 @@ def test_stalled_stream_is_detected_and_reconnected(cameras: list[Camera]) -> No
         wait_until(lambda: c.state == "connected" and c.frames_read > n + 3, what="flowing again")
     finally:
         server.stop()
+
+
+def test_the_watchdog_names_the_stall_before_the_read_times_out() -> None:
+    """The pipeline's watchdog may see the stall before the capture thread's read timeout does:
+    the state it reports then says "stalled", not the error of an earlier outage."""
+    c = Camera(cam("rtsp://127.0.0.1:1/cam", stall_timeout_s=2.0), Slot())  # never started
+    c.last_error = "cannot open stream source rtsp://127.0.0.1:1/cam"  # the previous outage
+    c.state, c.state_since = "connected", time.monotonic()  # as its first frame leaves it
+    c.last_frame_at = c.state_since
+    assert c.check_stall(now=c.state_since + 1.5) is False
+    assert c.last_error.startswith("cannot open")  # not silent long enough yet: unchanged
+    assert c.check_stall(now=c.state_since + 2.5) is True
+    snap = c.snapshot()
+    assert (snap["state"], snap["stalls"], snap["connected"]) == ("stalled", 1, False)
+    assert snap["last_error"] == "stalled: no frame for 2.5 s"
+    assert c.check_stall(now=c.state_since + 3.0) is False  # counted once
