@@ -22,7 +22,7 @@ from pydantic import AfterValidator, Field, field_validator, model_validator
 from edge_agent.common import geometry
 from edge_agent.common import settings as common_settings
 from edge_agent.contract.protocol import Name
-from edge_agent.contract.snapshots import MAX_JPEG_BYTES
+from edge_agent.contract.snapshots import MAX_JPEG_BYTES, MAX_ZONES
 
 #: A coordinate as a fraction of the frame's width or height: 0 = left/top, 1 = right/bottom.
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -172,7 +172,7 @@ def _unique(what: str) -> AfterValidator:
 
 _Named = TypeVar("_Named", ZoneSettings, LineSettings)
 #: A camera's zones (``cameras[].zones``): at most 64, names unique.
-Zones = Annotated[list[ZoneSettings], Field(max_length=64), _unique("zones")]
+Zones = Annotated[list[ZoneSettings], Field(max_length=MAX_ZONES), _unique("zones")]
 #: A camera's lines (``cameras[].lines``): at most 64, names unique.
 Lines = Annotated[list[LineSettings], Field(max_length=64), _unique("lines")]
 

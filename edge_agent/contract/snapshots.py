@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -37,6 +38,8 @@ FRAME_KEY = "_frame"
 #: Largest JPEG a snapshot may carry (bytes): base64 makes it 4/3 larger, and the message must
 #: stay under ``protocol.MAX_PAYLOAD_BYTES`` with its other fields.
 MAX_JPEG_BYTES = 180_000
+#: Most zones a snapshot names: a camera has at most this many (``cameras[].zones``).
+MAX_ZONES = 64
 #: A JPEG starts with SOI and ends with EOI.
 _SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
 
@@ -88,6 +91,11 @@ class SnapshotMessage(BaseModel):
     #: agents before this field sent) or ``new`` (the frame that confirmed the track, sent at
     #: once with its ``new`` event, for an alert's picture; ``cameras[].snapshot.at``).
     at: Literal["new", "end"] = "end"
+    #: The zones the track had been in (after their dwell) when the snapshot was taken, in the
+    #: order it first entered them: for ``end`` every zone of its visits, for ``new`` those it
+    #: was in at confirmation. Lets a consumer filter snapshots by zone without having seen the
+    #: track's events (absent from agents before this field: read as none).
+    zones: list[str] = Field(default_factory=list, max_length=MAX_ZONES)
 
     def image_bytes(self) -> bytes:
         """The JPEG bytes (``decode_snapshot`` checked they decode)."""
@@ -112,9 +120,9 @@ def decode_snapshot(payload: bytes, *, max_jpeg_bytes: int = MAX_JPEG_BYTES) -> 
 
 def build_snapshot(*, node: str, camera: str, track: int, label: str, ts: float, score: float,
                    box: Box, crop: Box, width: int, height: int, jpeg: bytes,
-                   at: str = "end") -> dict[str, Any]:
+                   at: str = "end", zones: Sequence[str] = ()) -> dict[str, Any]:
     """One snapshot payload (without ``seq``: the outbox adds it at commit)."""
     return {"v": protocol.PROTOCOL_VERSION, "node": node, "camera": camera, "track": track,
             "label": label, "ts": ts, "score": score, "box": list(box), "crop": list(crop),
             "width": width, "height": height, "jpeg": base64.b64encode(jpeg).decode("ascii"),
-            "at": at}
+            "at": at, "zones": list(zones)}

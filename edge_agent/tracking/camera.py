@@ -135,7 +135,7 @@ class CameraTracks:
             if tid in new:
                 self._emit(out, tr, "new", ts, None)
                 if self.snapshots is not None:
-                    shot = self.snapshots.first(tid)
+                    shot = self.snapshots.first(tid, tr.path.zones_visited())
                     if shot is not None:
                         out.snapshots.append(shot)
             else:
@@ -189,7 +189,7 @@ class CameraTracks:
         out.events.append(wire.build_event(node=self.node, camera=self.camera, type="end",
                                            ts=ts, track=tr.wire(tr.last_seen), reason=reason))
         if self.snapshots is not None:
-            shot = self.snapshots.take(tid)
+            shot = self.snapshots.take(tid, tr.path.zones_visited())
             if shot is not None:
                 out.snapshots.append(shot)
 

@@ -155,6 +155,10 @@ class Path:
         self.pending.clear()
         return left
 
+    def zones_visited(self) -> list[str]:
+        """Every zone the object has been in (after its dwell), in the order it first entered."""
+        return list(dict.fromkeys(v["zone"] for v in self.visits))
+
     def in_zones(self) -> list[str]:
         """Zones the object is in now (after their dwell)."""
         return list(self.inside)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,23 +130,25 @@ class Snapshots:
             crop = crop.copy()  # the frame itself is not ours to keep
         self._kept[track] = _Kept(crop, (x1 / w, y1 / h, x2 / w, y2 / h), b, ts, score, label)
 
-    def take(self, track: int) -> dict[str, Any] | None:
-        """The track ended: its snapshot payload (``contract.snapshots.build_snapshot``), or
-        None (not asked for at ``end``, nothing kept, or no JPEG fits; the last two counted).
-        The kept crop is let go either way."""
+    def take(self, track: int, zones: Sequence[str] = ()) -> dict[str, Any] | None:
+        """The track ended: its snapshot payload (``contract.snapshots.build_snapshot``; ``zones``
+        every zone it visited), or None (not asked for at ``end``, nothing kept, or no JPEG
+        fits; the last two counted). The kept crop is let go either way."""
         kept = self._kept.pop(track, None)
         if "end" not in self.settings.at:
             return None
-        return self._payload(track, kept, "end")
+        return self._payload(track, kept, "end", zones)
 
-    def first(self, track: int) -> dict[str, Any] | None:
+    def first(self, track: int, zones: Sequence[str] = ()) -> dict[str, Any] | None:
         """The track was just confirmed: the snapshot of the frame that confirmed it (what is
-        kept now), when the camera asks for one at ``new``; the crop stays kept for ``take``."""
+        kept now; ``zones`` those it is in), when the camera asks for one at ``new``; the crop
+        stays kept for ``take``."""
         if "new" not in self.settings.at:
             return None
-        return self._payload(track, self._kept.get(track), "new")
+        return self._payload(track, self._kept.get(track), "new", zones)
 
-    def _payload(self, track: int, kept: _Kept | None, at: str) -> dict[str, Any] | None:
+    def _payload(self, track: int, kept: _Kept | None, at: str,
+                 zones: Sequence[str]) -> dict[str, Any] | None:
         if kept is None:
             self._drop("no_frame", track)
             return None
@@ -158,7 +161,8 @@ class Snapshots:
         h, w = kept.crop.shape[:2]
         return wire.build_snapshot(node=self.node, camera=self.camera, track=track,
                                    label=kept.label, ts=kept.ts, score=kept.score, box=kept.box,
-                                   crop=kept.region, width=w, height=h, jpeg=jpeg, at=at)
+                                   crop=kept.region, width=w, height=h, jpeg=jpeg, at=at,
+                                   zones=zones)
 
     def _drop(self, reason: str, track: int) -> None:
         d = self.counts.dropped

@@ -20,8 +20,10 @@ events (the gap and reset reports name the series ``snapshots/{camera}``).
 still closes a gap): an event passes ``label`` when its track's label is it, and ``zone`` when
 the track is in that zone now or has visited it (an ``end`` after a visit passes too); an
 occupancy message passes ``zone`` by its zone and ``label`` when that label is counted in it; a
-snapshot passes ``label`` by its label and ``zone`` when an event of its track passed it before
-(a track's ``new`` snapshot, taken before it entered the zone, does not).
+snapshot passes ``label`` by its label and ``zone`` when it names the zone (the zones its track
+had been in when it was taken; a consumer needs none of the track's events for that) or, from
+an agent older than that field, when an event of its track passed the zone before (a track's
+``new`` snapshot, taken before it entered the zone, does not).
 """
 
 from __future__ import annotations
@@ -204,7 +206,7 @@ class EventSubscriber(stream.SeqSubscriber[Item]):
         if isinstance(item, Snapshot):
             shot = item.message
             return ((self.label is None or shot.label == self.label)
-                    and (self.zone is None
+                    and (self.zone is None or self.zone in shot.zones
                          or (shot.node, shot.camera, shot.track) in self._zone_tracks))
         m = item.message
         if self.label is not None and m.label != self.label:

@@ -82,7 +82,7 @@ def _line(item: Item, directory: Path | None = None) -> str:
         saved = f" saved={directory / _snapshot_file(s)}" if directory is not None else ""
         return (f"{s.node}/{s.camera} seq={s.seq}{late} snapshot({s.at}) track={s.track} "
                 f"label={s.label} score={s.score:.2f} {s.width}x{s.height} "
-                f"jpeg={len(s.image_bytes())}B{saved}")
+                f"jpeg={len(s.image_bytes())}B zones={','.join(s.zones) or '-'}{saved}")
     if not isinstance(item, Event):
         o = item.message
         labels = " ".join(f"{k}={v}" for k, v in o.labels.items())

@@ -15,7 +15,7 @@ import pytest
 from pydantic import ValidationError
 
 from edge_agent.config import AgentSettings, ConfigError, check_settings
-from edge_agent.config.tracking import SnapshotSettings, TrackingSettings
+from edge_agent.config.tracking import SnapshotSettings, TrackingSettings, ZoneSettings
 from edge_agent.contract import protocol
 from edge_agent.contract import snapshots as wire
 from edge_agent.tracking import camera as cams
@@ -162,3 +162,37 @@ def test_at_new_sends_the_confirming_frame_at_once_and_the_best_at_the_end(
     # an older agent's snapshot (no field) reads as one taken at the end
     legacy = {k: v for k, v in last.items() if k != "at"}
     assert wire.decode_snapshot(protocol.encode_dict({**legacy, "seq": 1})).at == "end"
+
+
+def test_a_snapshot_names_the_zones_its_track_had_been_in(image: np.ndarray) -> None:
+    """So a consumer filtering by zone needs none of the track's events: the ``new`` snapshot
+    names the zones the track is in at confirmation, the ``end`` one every zone it visited."""
+    def zone(name: str, polygon: list[list[float]]) -> ZoneSettings:
+        return ZoneSettings(name=name, polygon=polygon)
+
+    scene = geo.Scene.from_settings([
+        zone("left", [[0, 0], [0.5, 0], [0.5, 1], [0, 1]]),
+        zone("right", [[0.5, 0], [1, 0], [1, 1], [0.5, 1]]),
+        zone("top", [[0, 0], [1, 0], [1, 0.3], [0, 0.3]]),  # the anchor (y 0.5) never in it
+    ], [])
+    both = shots.Snapshots("n", "cam", SnapshotSettings(enabled=True, at=["new", "end"]))
+    tracks = cams.CameraTracks("n", "cam", TrackingSettings(min_hits=2), scene, next_id=1,
+                               snapshots=both)
+    h, w = image.shape[:2]
+    got = []
+    for k in (0, 1, 2, 3, 4, 6, 7, 8, 9):  # the box's bottom centre from x 0.45 to 0.54
+        x = 0.3 + 0.01 * k
+        got += tracks.observe({"ts": 100.0 + k, "frame": {"width": w, "height": h},
+                               "detections": [{"label": "face", "score": 0.9,
+                                               "box": [x, 0.1, x + 0.3, 0.5]}]},
+                              image).snapshots
+    end = tracks.close_all("stopped", 110.0)
+    got += end.snapshots
+    msgs = [wire.decode_snapshot(protocol.encode_dict({**s, "seq": i}))
+            for i, s in enumerate(got)]
+    assert [(m.at, m.zones) for m in msgs] == [("new", ["left"]),
+                                                ("end", ["left", "right"])]
+    assert [v["zone"] for v in end.events[0]["zones"]] == ["left", "right"]  # as its event
+    # an older agent's snapshot (no field) names none
+    legacy = {k: v for k, v in got[1].items() if k != "zones"}
+    assert wire.decode_snapshot(protocol.encode_dict({**legacy, "seq": 2})).zones == []

@@ -289,16 +289,20 @@ def test_cli_tail_unreachable_broker_exits_3() -> None:
 
 
 def snapshot(node: str, camera: str, seq: int, *, track: int = 7, at: str = "end",
-             label: str = "person", jpeg: bytes | None = None) -> bytes:
-    """A snapshot payload as an agent sends it (a real JPEG unless ``jpeg`` says otherwise)."""
+             label: str = "person", jpeg: bytes | None = None, zones: tuple[str, ...] = (),
+             legacy: bool = False) -> bytes:
+    """A snapshot payload as an agent sends it (a real JPEG unless ``jpeg`` says otherwise;
+    ``legacy``: as agents sent it before snapshots named their zones)."""
     if jpeg is None:
         ok, buf = cv2.imencode(".jpg", np.full((24, 16, 3), 40 + seq, np.uint8))
         assert ok
         jpeg = buf.tobytes()
     msg = snaps.build_snapshot(node=node, camera=camera, track=track, label=label, ts=T0 + seq,
                                score=0.9, box=(0.1, 0.2, 0.3, 0.4), crop=(0.05, 0.1, 0.35, 0.5),
-                               width=16, height=24, jpeg=jpeg, at=at)
+                               width=16, height=24, jpeg=jpeg, at=at, zones=zones)
     msg["seq"] = seq
+    if legacy:
+        del msg["zones"]
     return orjson.dumps(msg)
 
 
@@ -332,7 +336,28 @@ def test_snapshots_have_their_own_series_beside_the_events(
     assert (sub.stats.duplicates, sub.stats.malformed) == (1, 2)
 
 
-def test_a_snapshot_passes_the_zone_filter_when_its_track_did(
+def test_a_snapshot_passes_the_zone_filter_by_the_zones_it_names(
+    broker: Broker, publisher: Publishers, topic_prefix: str
+) -> None:
+    """A consumer started after the track's events (it saw none of them) still gets the
+    snapshots of tracks that were in its zone: a snapshot names its track's zones."""
+    shot_t = snaps.snapshots_topic(topic_prefix, "n1", "a")
+    with subscriber(broker, topic_prefix=topic_prefix, snapshots=True, zone="dock",
+                    label="person") as sub:
+        publisher.publish(shot_t, snapshot("n1", "a", 0, at="new", track=7))  # not in yet
+        publisher.publish(shot_t, snapshot("n1", "a", 1, track=9, zones=("yard",)))
+        publisher.publish(shot_t, snapshot("n1", "a", 2, track=7, zones=("yard", "dock")))
+        publisher.publish(shot_t, snapshot("n1", "a", 3, track=8, zones=("dock",),
+                                           label="car"))  # the label filter still holds
+        publisher.publish(shot_t, snapshot("n1", "a", 4, track=5, at="new", zones=("dock",)))
+        got = collect(sub, 5)
+    assert [(i.message.seq, i.message.track, i.message.zones)
+            for i in got if isinstance(i, Snapshot)] == [
+        (2, 7, ["yard", "dock"]), (4, 5, ["dock"])]
+    assert sub.stats.filtered == 3
+
+
+def test_an_older_agents_snapshot_passes_the_zone_filter_when_its_track_did(
     broker: Broker, publisher: Publishers, topic_prefix: str
 ) -> None:
     ev_t = contract.events_topic(topic_prefix, "n1", "a")
@@ -340,13 +365,13 @@ def test_a_snapshot_passes_the_zone_filter_when_its_track_did(
     with subscriber(broker, topic_prefix=topic_prefix, snapshots=True, zone="dock",
                     label="person") as sub:
         publisher.publish(ev_t, event("n1", "a", 0, type="new", track=7))
-        publisher.publish(shot_t, snapshot("n1", "a", 0, at="new", track=7))  # not in yet
+        publisher.publish(shot_t, snapshot("n1", "a", 0, at="new", track=7, legacy=True))
         publisher.publish(ev_t, event("n1", "a", 1, track=7, zones=("dock",),
                                       in_zones=("dock",), reason="zone"))
         publisher.publish(ev_t, event("n1", "a", 2, type="end", track=9, zones=("yard",)))
-        publisher.publish(shot_t, snapshot("n1", "a", 1, track=9))  # never in the dock
-        publisher.publish(shot_t, snapshot("n1", "a", 2, track=7))  # was in the dock
-        publisher.publish(shot_t, snapshot("n1", "a", 3, track=7, label="car"))  # label
+        publisher.publish(shot_t, snapshot("n1", "a", 1, track=9, legacy=True))  # not in it
+        publisher.publish(shot_t, snapshot("n1", "a", 2, track=7, legacy=True))  # was in it
+        publisher.publish(shot_t, snapshot("n1", "a", 3, track=7, label="car", legacy=True))
         got = collect(sub, 7)
     assert [(i.message.seq, i.message.track) for i in got if isinstance(i, Snapshot)] == [
         (2, 7)]
@@ -364,7 +389,7 @@ def test_cli_tail_saves_each_snapshot_as_a_jpeg(
         publisher.publish(contract.events_topic(topic_prefix, "n1", "a"),
                           event("n1", "a", 0, type="new", track=7))
         shot_t = snaps.snapshots_topic(topic_prefix, "n1", "a")
-        new, end = snapshot("n1", "a", 0, at="new"), snapshot("n1", "a", 1)
+        new, end = snapshot("n1", "a", 0, at="new"), snapshot("n1", "a", 1, zones=("dock",))
         publisher.publish(shot_t, new)
         publisher.publish(shot_t, end)
         stdout, stderr = proc.communicate(timeout=30)
@@ -378,4 +403,5 @@ def test_cli_tail_saves_each_snapshot_as_a_jpeg(
         assert (out / name).read_bytes() == base64.b64decode(orjson.loads(payload)["jpeg"])
     lines = stdout.splitlines()
     assert lines[1].startswith("n1/a seq=0 snapshot(new) track=7 label=person score=0.90 16x24")
-    assert lines[2].endswith(f"saved={out / 'n1_a_7_end.jpg'}")
+    assert " zones=- saved=" in lines[1]
+    assert lines[2].endswith(f" zones=dock saved={out / 'n1_a_7_end.jpg'}")
