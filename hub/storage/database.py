@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -122,6 +123,36 @@ class Database:
                          f"{current}); the write was refused")
 
 
+#: How long a SQLite connection waits for another's lock before "database is locked".
+BUSY_TIMEOUT_S = 10.0
+
+
+def enable_wal(conn: sqlite3.Connection, *, timeout_s: float = BUSY_TIMEOUT_S) -> None:
+    """Put the file in WAL mode, waiting up to ``timeout_s`` for other connections.
+
+    Switching a new file to WAL needs its exclusive lock, and SQLite answers "database is
+    locked" at once, without its busy timeout, when connections opening the same new file at
+    the same moment would otherwise wait on each other (the hub's stores open together at
+    start: 2 of 200 trials of 8 such connections failed). So the switch is retried, with a
+    short growing pause, until it succeeds or ``timeout_s`` has passed.
+    """
+    deadline = time.monotonic() + timeout_s
+    pause = 0.005
+    while True:
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause)  # on the database's own thread, never the event loop
+            pause = min(pause * 2, 0.1)
+            continue
+        if str(mode).lower() != "wal":
+            raise sqlite3.OperationalError(f"the database stayed in journal mode {mode!r}, "
+                                           "not WAL")
+        return
+
+
 class SqliteDatabase(Database):
     """One SQLite file, one connection, one thread."""
 
@@ -134,11 +165,14 @@ class SqliteDatabase(Database):
 
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=10.0,
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_S,
                                check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA busy_timeout=10000")
+        try:
+            enable_wal(conn)
+            conn.execute("PRAGMA synchronous=FULL")
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     async def run(self, fn: Callable[[Tx], T], *, fenced: bool = False) -> T:

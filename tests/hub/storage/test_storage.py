@@ -4,6 +4,8 @@ migrations (concurrent starts, a newer schema refused), and leadership with its 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -13,11 +15,11 @@ import pytest
 from hub.config import ConfigError, StorageSettings, load_settings
 from hub.registry.metadata import SqlMetadataStore
 from hub.rollouts.store import DesiredRow, RolloutStore
-from hub.storage.database import Database, Fenced, PostgresDatabase, open_database
+from hub.storage.database import Database, Fenced, PostgresDatabase, enable_wal, open_database
 from hub.storage.leader import LEADER_LOCK, PostgresLeadership
 from hub.storage.migrations import SchemaTooNew
 from tests.support.postgres import PostgresServer
-from tests.support.waiting import until
+from tests.support.waiting import until, wait_until
 
 
 def storage(kind: str, tmp_path: Path, pg: PostgresServer | None) -> StorageSettings:
@@ -185,3 +187,51 @@ def test_a_bad_database_url_names_the_field_and_never_echoes_a_password(url: str
     ((field, message, value),) = info.value.errors
     assert field == "storage.database_url" and why in message.lower()
     assert "s3cr3t-pw" not in f"{message} {value} {info.value}"
+
+
+def test_sqlite_waits_for_a_writer_to_switch_a_new_file_to_wal(tmp_path: Path) -> None:
+    """SQLite refuses the switch to WAL at once, busy timeout or not, while another connection
+    writes (as when the hub's stores open together and one migrates): the switch is retried
+    until the writer commits, and gives up with the error after its timeout."""
+    path = tmp_path / "hub.db"
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("CREATE TABLE t (a)")
+    writer.execute("BEGIN IMMEDIATE")  # a write transaction in progress
+    conn = sqlite3.connect(path, isolation_level=None, timeout=5, check_same_thread=False)
+    tries: list[str] = []
+    conn.set_trace_callback(lambda sql: tries.append(sql) if "journal_mode" in sql else None)
+    done: list[BaseException | None] = []
+
+    def switch() -> None:
+        try:
+            enable_wal(conn)
+            done.append(None)
+        except BaseException as exc:
+            done.append(exc)
+
+    thread = threading.Thread(target=switch)
+    thread.start()
+    try:
+        wait_until(lambda: len(tries) >= 2 or bool(done), timeout=10,
+                   what="a second try while the writer holds the file")
+        assert not done, f"gave up at once: {done}"
+    finally:
+        writer.execute("COMMIT")
+    thread.join(timeout=10)
+    assert done == [None]
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+
+    # a writer that never lets go: the error, after the timeout, not before
+    other = tmp_path / "other.db"
+    writer2 = sqlite3.connect(other, isolation_level=None)
+    writer2.execute("CREATE TABLE t (a)")
+    writer2.execute("BEGIN IMMEDIATE")
+    late = sqlite3.connect(other, isolation_level=None, timeout=0.05)
+    t0 = time.monotonic()
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        enable_wal(late, timeout_s=0.3)
+    assert time.monotonic() - t0 >= 0.2
+    writer2.execute("ROLLBACK")
+    for c in (late, writer2, writer):
+        c.close()
