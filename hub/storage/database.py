@@ -133,7 +133,7 @@ def enable_wal(conn: sqlite3.Connection, *, timeout_s: float = BUSY_TIMEOUT_S) -
     Switching a new file to WAL needs its exclusive lock, and SQLite answers "database is
     locked" at once, without its busy timeout, when connections opening the same new file at
     the same moment would otherwise wait on each other (the hub's stores open together at
-    start: 2 of 200 trials of 8 such connections failed). So the switch is retried, with a
+    start: 2 to 7 of 200 trials of 8 such connections failed here). So the switch is retried, with a
     short growing pause, until it succeeds or ``timeout_s`` has passed.
     """
     deadline = time.monotonic() + timeout_s
