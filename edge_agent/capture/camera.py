@@ -47,6 +47,11 @@ CAMERA_STATES: tuple[CameraState, ...] = (
 P = TypeVar("P")
 
 
+def _stalled(silent_s: float) -> str:
+    """``last_error`` of a stall, whichever noticed it (the watchdog or the read timeout)."""
+    return f"stalled: no frame for {silent_s:.1f} s"
+
+
 @dataclass(slots=True)
 class Frame(Generic[P]):
     """One captured frame on its way to inference.
@@ -195,7 +200,7 @@ class Camera:
         self.stalls += 1
         # said here too, not only when the thread's read times out: a reader of the state
         # between the two must not see the stall with the previous outage's error
-        self.last_error = f"stalled: no frame for {now - since:.1f} s"
+        self.last_error = _stalled(now - since)
         self._set_state("stalled", silent_s=round(now - since, 2))
         return True
 
@@ -344,7 +349,7 @@ class Camera:
             if self.state != "stalled":
                 self.stalls += 1
                 self._set_state("stalled", silent_s=round(silent, 2))
-            self.last_error = f"stalled: no frame for {silent:.1f} s"
+            self.last_error = _stalled(silent)
         else:
             self.last_error = "read failed" if got_any else "no frame from source"
         return "failed"

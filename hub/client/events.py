@@ -47,22 +47,8 @@ from hub.client.seqs import Gap, Reset
 from hub.client.stream import BrokerUnavailableError, SubscriberStats
 
 
-@dataclass(frozen=True)
-class Event:
+class Event(stream.Delivered[contract.EventMessage]):
     """One de-duplicated track event: the parsed message, its topic and the payload as sent."""
-
-    topic: str
-    payload: bytes
-    message: contract.EventMessage
-    #: True when this seq had been reported missing and arrived after all.
-    late: bool = False
-    #: True when this event started a new series of its stream.
-    reset: bool = False
-
-    @property
-    def key(self) -> tuple[str, str, int]:
-        """The de-duplication key (node, camera, seq) on the events topic."""
-        return (self.message.node, self.message.camera, self.message.seq)
 
 
 @dataclass(frozen=True)
@@ -75,20 +61,9 @@ class Occupancy:
     retained: bool = False
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    """One de-duplicated snapshot (a JPEG crop of a track's frame; ``snapshots=True``)."""
-
-    topic: str
-    payload: bytes
-    message: SnapshotMessage
-    late: bool = False
-    reset: bool = False
-
-    @property
-    def key(self) -> tuple[str, str, int]:
-        """The de-duplication key (node, camera, seq) on the snapshots topic."""
-        return (self.message.node, self.message.camera, self.message.seq)
+class Snapshot(stream.Delivered[SnapshotMessage]):
+    """One de-duplicated snapshot (a JPEG crop of a track's frame; ``snapshots=True``); its key
+    is on the snapshots topic, a seq series of its own."""
 
 
 Item = Event | Occupancy | Snapshot
@@ -196,7 +171,7 @@ class EventSubscriber(stream.SeqSubscriber[Item]):
 
     def _flag(self, item: Item, *, late: bool, reset: bool) -> Item:
         return dataclasses.replace(item, late=late, reset=reset) \
-            if isinstance(item, Event | Snapshot) else item
+            if isinstance(item, stream.Delivered) else item
 
     def _wanted(self, item: Item) -> bool:
         if isinstance(item, Occupancy):

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.contract.protocol import (
@@ -62,22 +61,8 @@ class ResultsUnavailableError(stream.BrokerUnavailableError):
     """
 
 
-@dataclass(frozen=True)
-class Received:
+class Received(stream.Delivered[ResultMessage]):
     """One de-duplicated result: the parsed message, its topic and the payload as sent."""
-
-    topic: str
-    payload: bytes
-    message: ResultMessage
-    #: True when this seq had been reported missing and arrived after all.
-    late: bool = False
-    #: True when this result started a new series of its stream (see ``Reset``).
-    reset: bool = False
-
-    @property
-    def key(self) -> tuple[str, str, int]:
-        """The de-duplication key (node, camera, seq)."""
-        return (self.message.node, self.message.camera, self.message.seq)
 
 
 _log_gap = stream.gap_logger("results")

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import paho.mqtt.client as paho
 import structlog
@@ -52,6 +52,39 @@ class BrokerUnavailableError(HubError, code="broker_unavailable", http_status=50
 
     Exit 3 as the hub client's "unreachable": scripts tell "no broker" from "nothing came" (1).
     """
+
+
+class Sequenced(Protocol):
+    """What a message in a seq series has (a result, an event, a snapshot)."""
+
+    @property
+    def node(self) -> str: ...
+    @property
+    def camera(self) -> str: ...
+    @property
+    def seq(self) -> int: ...
+
+
+M = TypeVar("M", bound=Sequenced)
+
+
+@dataclass(frozen=True)
+class Delivered(Generic[M]):
+    """One de-duplicated message of a seq series: the parsed message, its topic and the payload
+    as sent (``hub.client.results.Received``, ``hub.client.events.Event`` and ``Snapshot``)."""
+
+    topic: str
+    payload: bytes
+    message: M
+    #: True when this seq had been reported missing and arrived after all.
+    late: bool = False
+    #: True when this message started a new series of its stream (see ``seqs.Reset``).
+    reset: bool = False
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        """The de-duplication key (node, camera, seq) on the message's topic."""
+        return (self.message.node, self.message.camera, self.message.seq)
 
 
 @dataclass(frozen=True)
